@@ -1,0 +1,1 @@
+"""Training side: models, sampling, metrics and DilateQuant calibration up to the checkpoint q.pt."""

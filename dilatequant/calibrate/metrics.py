@@ -1,0 +1,93 @@
+"""Quality metrics every report uses: noise-prediction error, image fidelity, digit-FID."""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .digit_classifier import classify
+from .digits import load_digits
+
+
+def mse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return torch.mean((x.double() - ref.double()) ** 2).item()
+
+
+def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Signal (ref) to quantization-noise (x - ref) ratio in dB; inf when identical."""
+    noise = torch.sum((x.double() - ref.double()) ** 2).item()
+    signal = torch.sum(ref.double() ** 2).item()
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def psnr_db(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
+    """PSNR for images in [-1, 1] (data_range 2); inf when identical."""
+    err = mse(x, ref)
+    return math.inf if err == 0.0 else 10.0 * math.log10(data_range**2 / err)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
+    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) over [N,C,H,W]."""
+    x, ref = x.double(), ref.double()
+    c = x.shape[1]
+    win = _gaussian_window().to(x).expand(c, 1, -1, -1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, win, groups=c)
+
+    mu_x, mu_y = blur(x), blur(ref)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(ref * ref) - mu_y**2
+    cov = blur(x * ref) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.mean().item()
+
+
+def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (the FID formula)."""
+    a = np.asarray(feats_a, dtype=np.float64)
+    b = np.asarray(feats_b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # tr(sqrt(A B)) = sum of sqrt(eigenvalues of sqrt(A) B sqrt(A)), which is symmetric PSD.
+    w, v = np.linalg.eigh(cov_a)
+    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    eig = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
+    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
+
+
+def digit_scores(images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+    """Digit-FID against held-out real digits, classifier confidence, class histogram, label accuracy."""
+    feats, probs = classify(images)
+    real_feats = held_out_features()
+    conf, pred = probs.max(-1)
+    hist = torch.bincount(pred, minlength=10).double() / len(pred)
+    out = {
+        "digit_fid": frechet_distance(feats.numpy(), real_feats),
+        "classifier_mean_confidence": conf.mean().item(),
+        "class_share": [round(v, 4) for v in hist.tolist()],
+        "num_samples": len(images),
+    }
+    if labels is not None:
+        out["class_accuracy"] = (pred == labels.to(pred.device)).double().mean().item()
+    return out
+
+
+@lru_cache(maxsize=1)
+def held_out_features() -> np.ndarray:
+    """Classifier features of the 1,000 held-out real digits (the digit-FID reference)."""
+    return classify(load_digits().test_images)[0].numpy()

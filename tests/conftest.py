@@ -1,0 +1,38 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from dilatequant.calibrate.models import ClassTokenEncoder, DiffusionModel, default_scheduler
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_uncond() -> DiffusionModel:
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+    return DiffusionModel(unet, default_scheduler(), None, source="tiny-random")
+
+
+def tiny_cond() -> DiffusionModel:
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, attention_head_dim=2, cross_attention_dim=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+    return DiffusionModel(unet, default_scheduler(), ClassTokenEncoder(num_tokens=2, dim=16).eval(), source="tiny-random")
+
+
+@pytest.fixture
+def uncond_model() -> DiffusionModel:
+    return tiny_uncond()
+
+
+@pytest.fixture
+def cond_model() -> DiffusionModel:
+    return tiny_cond()
