@@ -1,0 +1,124 @@
+"""q.pt: everything needed to rebuild the fake-quant model, loadable with weights_only=True.
+
+Layout (a plain dict of str/int/float/list/tensor): format, version, base model (class, config,
+source, FP weight fingerprint), quantization config, sampling schedule (scheduler config, T,
+timesteps in order: what each t_index means), the QuantUNet state dict (dilated weights, weight
+scales, 1/s vectors, TPQ tables, folded norms), the class encoder and a calibration summary.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from ..errors import UserError
+from .models import ClassTokenEncoder, DiffusionModel
+from .quant_config import QuantConfig
+from .quant_unet import QuantUNet
+from .reporting import atomic_write_bytes
+
+FORMAT = "dilatequant.q.pt"
+VERSION = 1
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+
+
+@dataclass
+class QuantCheckpoint:
+    qunet: QuantUNet
+    model: DiffusionModel      # the FP architecture with the checkpoint's class encoder and scheduler
+    timesteps: list[int]       # t_index i <-> timesteps[i]
+    source: str
+    source_fingerprint: str
+    summary: dict
+
+
+def _config_json(cfg) -> str:
+    return json.dumps(dict(cfg), default=list, sort_keys=True)
+
+
+def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, timesteps: list[int],
+                    source_fingerprint: str, summary: dict) -> Path:
+    if len(timesteps) != qunet.config.num_steps:
+        raise ValueError(f"{len(timesteps)} timesteps for a model calibrated on {qunet.config.num_steps} steps")
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base_model": {
+            "unet_class": type(qunet.unet).__name__,
+            "unet_config": _config_json(qunet.unet.config),
+            "source": model.source,
+            "fp_fingerprint": source_fingerprint,
+            "class_encoder_config": _config_json(model.class_encoder.config) if model.class_encoder else "",
+        },
+        "quant_config": qunet.config.to_json(),
+        "schedule": {"scheduler_config": _config_json(model.scheduler.config), "num_steps": len(timesteps),
+                     "timesteps": [int(t) for t in timesteps], "sampler": "DDIM"},
+        "state_dict": {k: v.detach().clone() for k, v in qunet.state_dict().items()},
+        "class_encoder": {k: v.clone() for k, v in model.class_encoder.state_dict().items()} if model.class_encoder else {},
+        "summary": json.dumps(summary, default=str),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist; create one with dq-calibrate --out {path}")
+    try:
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise UserError(f"'{path}' holds Python objects other than tensors and plain data; refusing to unpickle it "
+                        "(only q.pt files written by dq-calibrate load)") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UserError(f"'{path}' is not a readable checkpoint (truncated or corrupt: {err}); "
+                        "re-run dq-calibrate to write it again") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not a DilateQuant checkpoint (no '{FORMAT}' format tag); "
+                        "pass a q.pt written by dq-calibrate")
+    if payload.get("version", 0) > VERSION:
+        raise UserError(f"'{path}' is format version {payload['version']}; this dilatequant reads up to {VERSION}: upgrade it")
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> QuantCheckpoint:
+    path = Path(path)
+    p = _read(path)
+    base = p["base_model"]
+    cls = UNET_CLASSES.get(base["unet_class"])
+    if cls is None:
+        raise UserError(f"'{path}' was made from a {base['unet_class']}, which this version cannot rebuild")
+    unet = cls.from_config(json.loads(base["unet_config"]))
+    config = QuantConfig.from_json(p["quant_config"])
+    qunet = QuantUNet(unet, config)
+    missing, unexpected = qunet.load_state_dict(p["state_dict"], strict=False)
+    if missing or unexpected:
+        raise UserError(f"'{path}' does not match the model it names (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); it was written by an incompatible version")
+    qunet.eval()
+    qunet.set_quant(weights=True, acts="quant")
+    encoder = None
+    if base["class_encoder_config"]:
+        encoder = ClassTokenEncoder.from_config(json.loads(base["class_encoder_config"]))
+        encoder.load_state_dict(p["class_encoder"])
+        encoder.eval()
+    scheduler = DDPMScheduler.from_config(json.loads(p["schedule"]["scheduler_config"]))
+    model = DiffusionModel(qunet.unet, scheduler, encoder, source=base["source"])
+    return QuantCheckpoint(qunet, model, list(p["schedule"]["timesteps"]), base["source"], base["fp_fingerprint"],
+                           json.loads(p["summary"]))
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

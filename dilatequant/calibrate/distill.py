@@ -1,0 +1,250 @@
+"""Block-wise Knowledge Distillation (BKD), resumable, and full-model QAT for the cost comparison.
+
+Block k of the quantized model learns to reproduce FP block k's output, fed with the input that the
+already-quantized blocks before it produce (errors propagate, as in the paper). Only one block's
+activations are held for backprop. After every block a progress file is written atomically, so an
+interrupted run continues at the next unfinished block.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import UserError
+from .calibration_data import CalibrationSet
+from .quant_unet import QuantLayer, QuantUNet
+from .reporting import atomic_write_bytes
+
+PROGRESS_FORMAT = "dilatequant.bkd-progress"
+
+
+@dataclass
+class DistillConfig:
+    iters: int = 200              # per block (BKD) or in total (full-model QAT)
+    batch: int = 32
+    lr_weight: float = 1e-5
+    lr_weight_scale: float = 1e-4
+    lr_act: float = 1e-4
+    full_model: bool = False
+    seed: int = 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _merge(chunks: list[Any], sizes: list[int]) -> Any:
+    """Concatenate captured call arguments along the batch; anything else must be the same every call."""
+    first = chunks[0]
+    if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == sizes[0]:
+        return torch.cat(chunks)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_merge([c[i] for c in chunks], sizes) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _merge([c[k] for c in chunks], sizes) for k in first}
+    return first
+
+
+def _index(obj: Any, idx: torch.Tensor, n: int) -> Any:
+    if isinstance(obj, torch.Tensor) and obj.dim() > 0 and obj.shape[0] == n:
+        return obj[idx]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_index(o, idx, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _index(v, idx, n) for k, v in obj.items()}
+    return obj
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@torch.no_grad()
+def capture(run: Callable[[dict], Any], unit: nn.Module, data: CalibrationSet, batch: int, want_output: bool):
+    """Run the model over the calibration set and keep unit's call (args, kwargs) or its output."""
+    got: list[Any] = []
+
+    def pre(mod, args, kwargs):
+        if not want_output:
+            got.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                        {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+            raise _Stop
+
+    def post(mod, args, kwargs, output):
+        got.append(_first_tensor(output).detach())
+        raise _Stop
+
+    h = unit.register_forward_pre_hook(pre, with_kwargs=True) if not want_output else \
+        unit.register_forward_hook(post, with_kwargs=True)
+    sizes = []
+    try:
+        for chunk in data.chunks(batch * 4):
+            sizes.append(len(chunk["t_index"]))
+            try:
+                run(chunk)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(got) != len(sizes):
+        raise RuntimeError(f"block {type(unit).__name__} was not called once per forward pass")
+    return torch.cat(got) if want_output else _merge(got, sizes)
+
+
+def fp_runner(fp_unet: nn.Module) -> Callable[[dict], Any]:
+    def run(chunk):
+        kw = {"encoder_hidden_states": chunk["encoder_hidden_states"]} if "encoder_hidden_states" in chunk else {}
+        return fp_unet(chunk["sample"], chunk["timestep"], return_dict=False, **kw)
+    return run
+
+
+def quant_runner(qunet: QuantUNet) -> Callable[[dict], Any]:
+    def run(chunk):
+        return qunet(chunk["sample"], chunk["timestep"], chunk["t_index"], chunk.get("encoder_hidden_states"))
+    return run
+
+
+def _param_groups(qunet: QuantUNet, layer_names: list[str], cfg: DistillConfig) -> list[dict]:
+    layers = qunet.layers()
+    weights, wscales, acts = [], [], []
+    seen: set[int] = set()
+    for n in layer_names:
+        layer: QuantLayer = layers[n]
+        weights += [p for p in (layer.weight, layer.bias) if p is not None]
+        wscales.append(layer.weight_quantizer.scale)
+        q = layer.input_quantizer
+        if id(q) not in seen:
+            seen.add(id(q))
+            acts += [p for p in (q.delta, q.zero_point) if p is not None]
+    return [{"params": weights, "lr": cfg.lr_weight}, {"params": wscales, "lr": cfg.lr_weight_scale},
+            {"params": acts, "lr": cfg.lr_act}]
+
+
+def _attn_quantizers(qunet: QuantUNet, unit: str) -> list[nn.Parameter]:
+    prefix = unit.replace(".", "/") + "/"
+    return [p for k, q in qunet.act_quantizers.items() if k.startswith(prefix) and "/attn_" in k
+            for p in (q.delta, q.zero_point) if p is not None]
+
+
+@torch.no_grad()
+def _keep_valid(qunet: QuantUNet) -> None:
+    for q in qunet.act_quantizers.values():
+        q.delta.clamp_(min=1e-8)
+        if q.zero_point is not None:
+            q.zero_point.clamp_(q.range.qmin, q.range.qmax)
+    for layer in qunet.layers().values():
+        layer.weight_quantizer.scale.clamp_(min=1e-8)
+
+
+def _train(qunet, groups, step_loss, iters, desc) -> list[float]:
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(groups)
+    losses = []
+    for _ in tqdm(range(iters), desc=desc, leave=False, mininterval=2):
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _keep_valid(qunet)
+        losses.append(loss.item())
+    for p in params:
+        p.requires_grad_(False)
+    return losses
+
+
+def _save_progress(path: Path, qunet: QuantUNet, done: list[str], losses: dict, fingerprint: str) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": PROGRESS_FORMAT, "fingerprint": fingerprint, "completed": done,
+                "block_losses": losses, "state_dict": qunet.state_dict()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_progress(path: Path, qunet: QuantUNet, fingerprint: str) -> tuple[list[str], dict]:
+    try:
+        d = torch.load(path, weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read progress file '{path}' ({err}); delete it to start over") from err
+    if not isinstance(d, dict) or d.get("format") != PROGRESS_FORMAT:
+        raise UserError(f"'{path}' is not a dq-calibrate progress file; delete it to start over")
+    if d["fingerprint"] != fingerprint:
+        raise UserError(f"'{path}' was written for other settings or another model; delete it or rerun "
+                        "with the settings it was started with")
+    qunet.load_state_dict(d["state_dict"])
+    return list(d["completed"]), dict(d["block_losses"])
+
+
+def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: DistillConfig,
+            progress_path: Path | None = None, resume: bool = False, fingerprint: str = "") -> dict:
+    """Train qunet (quantizers in 'quant' mode) against fp_unet; returns losses, times, settings."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    qunet.requires_grad_(False)
+    qunet.set_quant(weights=True, acts="quant")
+    start = time.perf_counter()
+    if cfg.full_model:
+        losses = _distill_full(qunet, fp_unet, data, cfg, gen)
+        return {"mode": "full-model QAT", "final_loss": losses[-1] if losses else None,
+                "loss_first_last": [losses[0], losses[-1]] if losses else None,
+                "wall_s": time.perf_counter() - start, "config": asdict(cfg)}
+    done: list[str] = []
+    block_losses: dict[str, list[float]] = {}
+    if resume and progress_path is not None and progress_path.is_file():
+        done, block_losses = load_progress(progress_path, qunet, fingerprint)
+        print(f"resuming: {len(done)} of {len(qunet.unit_order)} blocks already distilled")
+    modules = dict(qunet.unet.named_modules())
+    fp_modules = dict(fp_unet.named_modules())
+    layers_of: dict[str, list[str]] = {}
+    for layer, unit in qunet.unit_of_layer.items():
+        layers_of.setdefault(unit, []).append(layer)
+    for k, unit in enumerate(qunet.unit_order):
+        if unit in done:
+            continue
+        target = capture(fp_runner(fp_unet), fp_modules[unit], data, cfg.batch, want_output=True)
+        args, kwargs = capture(quant_runner(qunet), modules[unit], data, cfg.batch, want_output=False)
+        groups = _param_groups(qunet, layers_of[unit], cfg)
+        groups[2]["params"] += _attn_quantizers(qunet, unit)
+        n, block = len(data), modules[unit]
+
+        def step_loss():
+            idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
+            qunet.ctx.t_index = data.t_index[idx]
+            try:
+                out = _first_tensor(block(*_index(args, idx, n), **_index(kwargs, idx, n)))
+            finally:
+                qunet.ctx.t_index = None
+            return torch.nn.functional.mse_loss(out, target[idx])
+
+        losses = _train(qunet, groups, step_loss, cfg.iters, f"BKD {k + 1}/{len(qunet.unit_order)} {unit}")
+        block_losses[unit] = [losses[0], losses[-1]] if losses else []
+        done.append(unit)
+        if progress_path is not None:
+            _save_progress(progress_path, qunet, done, block_losses, fingerprint)
+    return {"mode": "block-wise distillation", "blocks": len(qunet.unit_order), "block_losses": block_losses,
+            "wall_s": time.perf_counter() - start, "config": asdict(cfg)}
+
+
+def _distill_full(qunet, fp_unet, data, cfg, gen) -> list[float]:
+    with torch.no_grad():
+        run = fp_runner(fp_unet)
+        target = torch.cat([run(c)[0] for c in data.chunks(cfg.batch * 4)])
+    groups = _param_groups(qunet, list(qunet.layers()), cfg)
+    groups[2]["params"] += [p for k, q in qunet.act_quantizers.items() if "/attn_" in k
+                            for p in (q.delta, q.zero_point) if p is not None]
+    n = len(data)
+
+    def step_loss():
+        idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
+        c = data.inputs(idx)
+        out = qunet(c["sample"], c["timestep"], c["t_index"], c.get("encoder_hidden_states"))
+        return torch.nn.functional.mse_loss(out, target[idx])
+
+    return _train(qunet, groups, step_loss, cfg.iters, "full-model QAT")

@@ -1,0 +1,67 @@
+"""Every quantization choice in one dataclass that round-trips through JSON (stored inside q.pt)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import UserError
+from .timestep_quantizer import INIT_METHODS
+from .weight_dilation import SCALING_METHODS
+
+
+@dataclass
+class QuantConfig:
+    weight_bits: int = 4
+    act_bits: int = 8
+    symmetric: bool = False          # paper: asymmetric activations; True is what TensorRT runs
+    first_last_bits: int | None = 8  # conv_in / conv_out (weights and inputs); None = same as the rest
+    scaling: str = "dilation"        # none | smoothquant | dilation
+    smoothquant_alpha: float = 0.5
+    dilation_cap: float | None = None  # None -> 2^weight_bits
+    tpq: bool = True                 # False: one activation row for all timesteps (static scale)
+    num_steps: int = 50              # T: sampling steps the tables are calibrated for
+    attn_matmul: bool = False        # quantize q, k, v and softmax output (per head)
+    act_init: str = "mse"            # mse | percentile | minmax
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "act_bits") + (("first_last_bits",) if self.first_last_bits else ()):
+            if not 2 <= getattr(self, name) <= 8:
+                raise UserError(f"{name} must be in 2..8, got {getattr(self, name)}")
+        if self.scaling not in SCALING_METHODS:
+            raise UserError(f"unknown scaling '{self.scaling}': choose one of {', '.join(SCALING_METHODS)}")
+        if self.act_init not in INIT_METHODS:
+            raise UserError(f"unknown activation init '{self.act_init}': choose one of {', '.join(INIT_METHODS)}")
+        if self.num_steps < 1:
+            raise UserError(f"num_steps must be >= 1, got {self.num_steps}")
+
+    @property
+    def table_rows(self) -> int:
+        return self.num_steps if self.tpq else 1
+
+    @property
+    def cap(self) -> float:
+        return self.dilation_cap or float(2**self.weight_bits)
+
+    @property
+    def bits_name(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits}"
+
+    @staticmethod
+    def parse_bits(text: str) -> tuple[int, int]:
+        m = re.fullmatch(r"[Ww](\d)[Aa](\d)", text.strip())
+        if not m:
+            raise UserError(f"bits must look like W4A8 (weight bits, activation bits), got '{text}'")
+        return int(m.group(1)), int(m.group(2))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UserError(f"quantization config has unknown fields {sorted(unknown)}; was q.pt written by a newer version?")
+        return cls(**data)

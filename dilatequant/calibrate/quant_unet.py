@@ -1,0 +1,271 @@
+"""A diffusers UNet with every Conv2d and Linear fake-quantized, driven by a per-sample t_index.
+
+Layers that read the same tensor inside one block (q/k/v of self-attention, k/v of cross-attention)
+share one input quantizer and one dilation vector: in a deployed graph that is one Q/DQ pair, which
+is also what lets TensorRT fuse the QKV GEMMs. Nothing else in the model changes.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+
+from ..errors import UserError
+from .quant_config import QuantConfig
+from .quantizers import WeightQuantizer
+from .timestep_quantizer import StepContext, TimestepActQuantizer
+
+UNIT_TYPES = (ResnetBlock2D, Transformer2DModel, Attention, Downsample2D, Upsample2D, TimestepEmbedding)
+FIRST_LAST = ("conv_in", "conv_out")
+
+
+class QuantLayer(nn.Module):
+    """Shared part of QuantConv2d / QuantLinear: (dilated) weight, its quantizer, a shared input quantizer."""
+
+    def __init__(self, src: nn.Conv2d | nn.Linear, weight_bits: int, input_quantizer: TimestepActQuantizer):
+        super().__init__()
+        self.weight = nn.Parameter(src.weight.detach().clone())
+        self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().clone())
+        self.weight_quantizer = WeightQuantizer(src.weight.shape[0], weight_bits)
+        object.__setattr__(self, "input_quantizer", input_quantizer)  # owned by QuantUNet.act_quantizers
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+
+class QuantConv2d(QuantLayer):
+    def __init__(self, src: nn.Conv2d, weight_bits: int, input_quantizer: TimestepActQuantizer):
+        super().__init__(src, weight_bits, input_quantizer)
+        self.stride, self.padding, self.dilation, self.groups = src.stride, src.padding, src.dilation, src.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.input_quantizer(x), self.quantized_weight(), self.bias,
+                        self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantLinear(QuantLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantAttnProcessor:
+    """Explicit attention with per-head TPQ on q, k, v and the softmax output (the attn-matmul switch)."""
+
+    def __init__(self, q: TimestepActQuantizer, k: TimestepActQuantizer, v: TimestepActQuantizer,
+                 p: TimestepActQuantizer) -> None:
+        self.q, self.k, self.v, self.p = q, k, v, p
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        if attention_mask is not None or attn.spatial_norm is not None:
+            raise UserError("attention masks and spatial norms are not supported with --attn-matmul")
+        residual = hidden_states
+        ndim = hidden_states.ndim
+        if ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        scores = self.q(q) @ self.k(k).transpose(-1, -2) * attn.scale
+        out = self.p(scores.softmax(-1)) @ self.v(v)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@dataclass
+class InputGroup:
+    """Quantized layers that read one tensor, with their one input quantizer."""
+
+    key: str
+    unit: str
+    layers: list[str]
+    fold_norm: str | None  # a norm whose affine can absorb 1/s exactly, if any
+
+
+def _fold_patterns(unet: nn.Module) -> dict[frozenset, str]:
+    """Declared places where 1/s folds exactly into the affine of the norm right before the layers."""
+    out: dict[frozenset, str] = {}
+    for name, m in unet.named_modules():
+        p = f"{name}." if name else ""
+        if isinstance(m, Attention) and m.group_norm is not None and m.group_norm.affine \
+                and not m.is_cross_attention and m.spatial_norm is None:
+            out[frozenset(f"{p}to_{x}" for x in "qkv")] = f"{p}group_norm"
+        elif isinstance(m, BasicTransformerBlock) and m.norm_type == "layer_norm" and m.pos_embed is None:
+            if not m.only_cross_attention and m.norm1.elementwise_affine:
+                out[frozenset(f"{p}attn1.to_{x}" for x in "qkv")] = f"{p}norm1"
+            if m.attn2 is not None and m.norm2.elementwise_affine:
+                out[frozenset([f"{p}attn2.to_q"])] = f"{p}norm2"
+            if m.norm3.elementwise_affine and hasattr(m.ff.net[0], "proj"):
+                out[frozenset([f"{p}ff.net.0.proj"])] = f"{p}norm3"
+        elif isinstance(m, Transformer2DModel) and getattr(m, "norm", None) is not None and m.norm.affine:
+            out[frozenset([f"{p}proj_in"])] = f"{p}norm"
+    return out
+
+
+def _unit_of(name: str, units: set[str]) -> str:
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if ".".join(parts[:i]) in units:
+            return ".".join(parts[:i])
+    return name
+
+
+def example_inputs(unet: nn.Module, batch: int = 1) -> dict[str, torch.Tensor]:
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    inputs = {"sample": torch.randn(batch, cfg.in_channels, size, size), "timestep": torch.full((batch,), 500)}
+    if isinstance(unet, UNet2DConditionModel):
+        inputs["encoder_hidden_states"] = torch.randn(batch, 4, cfg.cross_attention_dim)
+    return inputs
+
+
+def _trace(unet: nn.Module) -> tuple[list[str], dict[str, int], list[str]]:
+    """One forward with hooks: which layer reads which tensor, and the order units run in."""
+    readers: dict[str, int] = {}
+    keep: list[torch.Tensor] = []
+    order: list[str] = []
+    hooks = []
+    unit_names = {n for n, m in unet.named_modules() if isinstance(m, UNIT_TYPES) and n}
+    for name, m in unet.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            def pre(mod, args, name=name):
+                readers[name] = id(args[0])
+                keep.append(args[0])
+                unit = _unit_of(name, unit_names)
+                if unit not in order:
+                    order.append(unit)
+            hooks.append(m.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            unet(**example_inputs(unet))
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = list(readers)
+    return layers, readers, order
+
+
+class QuantUNet(nn.Module):
+    """forward(sample, timestep, t_index, encoder_hidden_states=None) -> noise prediction."""
+
+    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, config: QuantConfig) -> None:
+        super().__init__()
+        if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
+            raise UserError(f"unsupported model {type(unet).__name__}: expected a diffusers UNet2DModel or UNet2DConditionModel")
+        self.config = config
+        self.ctx = StepContext()
+        self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
+        self.act_quantizers = nn.ModuleDict()
+        layers, readers, self.unit_order = _trace(self.unet)
+        modules = dict(self.unet.named_modules())
+        unit_names = {n for n, m in modules.items() if isinstance(m, UNIT_TYPES) and n}
+        by_input: dict[tuple[str, int], list[str]] = {}
+        for name in layers:
+            by_input.setdefault((_unit_of(name, unit_names), readers[name]), []).append(name)
+        folds = _fold_patterns(self.unet)
+        self.groups: list[InputGroup] = []
+        for (unit, _), names in by_input.items():
+            key = "+".join(names).replace(".", "/")
+            self.groups.append(InputGroup(key, unit, names, folds.get(frozenset(names))))
+            self._wrap_group(self.groups[-1], modules)
+        if config.attn_matmul:
+            self._wrap_attention(modules)
+        self.unit_of_layer = {n: g.unit for g in self.groups for n in g.layers}
+
+    def _bits(self, layer: str) -> tuple[int, int]:
+        if layer in FIRST_LAST and self.config.first_last_bits:
+            return self.config.first_last_bits, self.config.first_last_bits
+        return self.config.weight_bits, self.config.act_bits
+
+    def _wrap_group(self, group: InputGroup, modules: dict[str, nn.Module]) -> None:
+        first = modules[group.layers[0]]
+        conv = isinstance(first, nn.Conv2d)
+        w_bits, a_bits = self._bits(group.layers[0])
+        q = TimestepActQuantizer(self.ctx, self.config.table_rows, a_bits, self.config.symmetric,
+                                 channels=first.weight.shape[1], channel_dim=1 if conv else -1)
+        self.act_quantizers[group.key] = q
+        for name in group.layers:
+            src = modules[name]
+            if isinstance(src, nn.Conv2d):
+                if src.groups != 1 or src.padding_mode != "zeros" or isinstance(src.padding, str):
+                    raise UserError(f"unsupported layer {name}: grouped convs, non-zero or string padding cannot be quantized")
+                new = QuantConv2d(src, w_bits, q)
+            else:
+                new = QuantLinear(src, w_bits, q)
+            parent, _, attr = name.rpartition(".")
+            setattr(modules[parent] if parent else self.unet, attr, new)
+
+    def _wrap_attention(self, modules: dict[str, nn.Module]) -> None:
+        for name, m in modules.items():
+            if isinstance(m, Attention):
+                qs = []
+                for part in "qkvp":
+                    q = TimestepActQuantizer(self.ctx, self.config.table_rows, self.config.act_bits,
+                                             self.config.symmetric, heads=m.heads)
+                    self.act_quantizers[f"{name.replace('.', '/')}/attn_{part}"] = q
+                    qs.append(q)
+                m.set_processor(QuantAttnProcessor(*qs))
+
+    # ---- modes -----------------------------------------------------------------------------
+    def layers(self) -> dict[str, QuantLayer]:
+        return {n: m for n, m in self.unet.named_modules() if isinstance(m, QuantLayer)}
+
+    def set_quant(self, weights: bool, acts: str) -> None:
+        """acts: off | observe | quant."""
+        for layer in self.layers().values():
+            layer.weight_quantizer.enabled = weights
+        for q in self.act_quantizers.values():
+            q.mode = acts
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, t_index: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        t_index = torch.as_tensor(t_index, dtype=torch.long).reshape(-1)
+        if len(t_index) == 1 and sample.shape[0] > 1:
+            t_index = t_index.expand(sample.shape[0])
+        if t_index.min() < 0 or t_index.max() >= self.config.num_steps:
+            raise UserError(f"t_index out of range: got {t_index.tolist()}, this model is calibrated for "
+                            f"0..{self.config.num_steps - 1} ({self.config.num_steps} steps)")
+        self.ctx.t_index = t_index
+        try:
+            kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+            return self.unet(sample, timestep, return_dict=False, **kwargs)[0]
+        finally:
+            self.ctx.t_index = None
+
+    def predictor(self):
+        """This model as a sampling.NoisePredictor."""
+
+        @torch.no_grad()
+        def predict(x, timestep, t_index, encoder_hidden_states=None):
+            return self(x, timestep, t_index, encoder_hidden_states)
+
+        return predict

@@ -1,0 +1,163 @@
+"""DilateQuant end to end: wrap -> scale (WD / SmoothQuant) -> initialise quantizers -> distill."""
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .calibration_data import CalibrationSet, build_calibration_set, model_fingerprint
+from .checkpoint import save_checkpoint
+from .distill import DistillConfig, distill, fp_runner, quant_runner
+from .metrics import mse, sqnr_db
+from .models import load_model
+from .quant_config import QuantConfig
+from .quant_unet import QuantUNet
+from .reporting import ensure_writable_dir, environment
+from .sampling import sampling_timesteps
+from .weight_dilation import dilate, dilation_scales, scale_weight, smoothquant_scales
+
+
+@torch.no_grad()
+def input_channel_absmax(qunet: QuantUNet, data: CalibrationSet, batch: int = 64) -> dict[str, torch.Tensor]:
+    """max |x| per input channel of every input group over the calibration set (for SmoothQuant)."""
+    out: dict[str, torch.Tensor] = {}
+    hooks = []
+    layers = qunet.layers()
+    for g in qunet.groups:
+        q = qunet.act_quantizers[g.key]
+
+        def pre(mod, args, key=g.key, dim=q.channel_dim):
+            x = args[0].detach().abs()
+            x = x.movedim(dim, -1).reshape(-1, x.shape[dim]).amax(0)
+            out[key] = torch.maximum(out[key], x) if key in out else x
+
+        hooks.append(layers[g.layers[0]].register_forward_pre_hook(pre))
+    qunet.set_quant(weights=False, acts="off")
+    try:
+        for chunk in data.chunks(batch):
+            quant_runner(qunet)(chunk)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+@torch.no_grad()
+def apply_scaling(qunet: QuantUNet, data: CalibrationSet | None = None) -> dict:
+    """Multiply weights by s per input channel; put 1/s into the norm before (exact) or the input quantizer."""
+    cfg = qunet.config
+    if cfg.scaling == "none":
+        return {"scaling": "none"}
+    absmax = input_channel_absmax(qunet, data) if cfg.scaling == "smoothquant" else {}
+    layers, modules = qunet.layers(), dict(qunet.unet.named_modules())
+    folded, stats = 0, []
+    for g in qunet.groups:
+        weights = [layers[n].weight for n in g.layers]
+        if cfg.scaling == "dilation":
+            s = dilation_scales(weights, cap=cfg.cap)
+            for n in g.layers:
+                layers[n].weight.copy_(dilate(layers[n].weight, s))
+        else:
+            s = smoothquant_scales(weights, absmax[g.key], cfg.smoothquant_alpha)
+            for n in g.layers:
+                layers[n].weight.copy_(scale_weight(layers[n].weight, s))
+        stats.append(s.mean().item())
+        if g.fold_norm is not None:
+            norm = modules[g.fold_norm]
+            norm.weight.div_(s)
+            norm.bias.div_(s)
+            folded += 1
+        else:
+            qunet.act_quantizers[g.key].inv_scale.copy_(1.0 / s)
+    return {"scaling": cfg.scaling, "groups": len(qunet.groups), "folded_into_norms": folded,
+            "mean_scale": sum(stats) / len(stats)}
+
+
+@torch.no_grad()
+def init_quantizers(qunet: QuantUNet, data: CalibrationSet, batch: int = 64) -> None:
+    """Weight scales by MSE search; activation tables per timestep from that step's activations."""
+    for layer in qunet.layers().values():
+        layer.weight_quantizer.init_from(layer.weight)
+    qunet.set_quant(weights=True, acts="observe")
+    for chunk in tqdm(list(data.chunks(batch)), desc="observe activations", leave=False):
+        quant_runner(qunet)(chunk)
+    for q in qunet.act_quantizers.values():
+        q.init_from_observations(qunet.config.act_init)
+    qunet.set_quant(weights=True, acts="quant")
+
+
+def prepare(unet: torch.nn.Module, config: QuantConfig, data: CalibrationSet) -> tuple[QuantUNet, dict]:
+    """A calibrated-but-untrained fake-quant model (this alone is the PTQ baselines)."""
+    qunet = QuantUNet(unet, config)
+    info = apply_scaling(qunet, data)
+    init_quantizers(qunet, data)
+    return qunet, info
+
+
+def run_fingerprint(source_fingerprint: str, config: QuantConfig, distill_cfg: DistillConfig, data_key: str) -> str:
+    """Identifies one calibration run, so --resume refuses a progress file from different settings."""
+    text = f"{source_fingerprint}|{config.to_json()}|{sorted(asdict(distill_cfg).items())}|{data_key}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class CalibrationJob:
+    model: str = "default"
+    config: QuantConfig = field(default_factory=QuantConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    calib_samples: int = 512
+    bkd: bool = True
+    guidance_scale: float = 3.0
+    out: Path = Path("q.pt")
+    resume: bool = False
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@torch.no_grad()
+def noise_error(qunet: QuantUNet, fp_unet: torch.nn.Module, data: CalibrationSet, batch: int = 64) -> dict:
+    """Noise-prediction MSE and SQNR of the fake-quant model against FP on the given inputs."""
+    q = torch.cat([quant_runner(qunet)(c) for c in data.chunks(batch)])
+    f = torch.cat([fp_runner(fp_unet)(c)[0] for c in data.chunks(batch)])
+    return {"noise_mse": mse(q, f), "noise_sqnr_db": sqnr_db(q, f)}
+
+
+def run_calibration(job: CalibrationJob) -> dict:
+    """Calibration data -> WD/TPQ init -> BKD (resumable) -> q.pt; returns the run summary."""
+    start = time.perf_counter()
+    torch.manual_seed(job.distill.seed)
+    ensure_writable_dir(job.out.parent if str(job.out.parent) else Path("."))
+    model = load_model(job.model)
+    steps = job.config.num_steps
+    data = build_calibration_set(model, job.calib_samples, steps, seed=job.distill.seed,
+                                 guidance_scale=job.guidance_scale)
+    val = build_calibration_set(model, max(steps, 100), steps, seed=job.distill.seed + 1000,
+                                guidance_scale=job.guidance_scale)
+    fingerprint = model_fingerprint(model)
+    qunet, scaling = prepare(model.unet, job.config, data)
+    before = noise_error(qunet, model.unet, val)
+    distilled = {"mode": "none (PTQ)"}
+    progress = Path(f"{job.out}.progress")
+    if job.bkd:
+        key = run_fingerprint(fingerprint, job.config, job.distill, f"{job.calib_samples}|{job.guidance_scale}")
+        distilled = distill(qunet, model.unet, data, job.distill, progress_path=progress, resume=job.resume,
+                            fingerprint=key)
+    after = noise_error(qunet, model.unet, val)
+    summary = {
+        "model": job.model, "bits": job.config.bits_name, "quant_config": json.loads(job.config.to_json()),
+        "calib_samples": job.calib_samples, "bkd": job.bkd, "scaling": scaling, "distill": distilled,
+        "val_before_training": before, "val_after_training": after,
+        "wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "environment": environment(),
+    }
+    save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint, summary)
+    progress.unlink(missing_ok=True)
+    return summary

@@ -1,0 +1,60 @@
+import pickle
+
+import pytest
+import torch
+
+from dilatequant.calibrate.calibration_data import build_calibration_set
+from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
+from dilatequant.calibrate.quant_config import QuantConfig
+from dilatequant.calibrate.recipe import prepare
+from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.errors import UserError
+
+
+@pytest.fixture(params=[False, True], ids=["asym", "sym-attn"])
+def saved(request, cond_model, tmp_path):
+    data = build_calibration_set(cond_model, 16, 4, use_cache=False)
+    cfg = QuantConfig(num_steps=4, symmetric=request.param, attn_matmul=request.param)
+    q, _ = prepare(cond_model.unet, cfg, data)
+    path = save_checkpoint(tmp_path / "q.pt", q, cond_model, sampling_timesteps(cond_model, 4), "fp-hash", {"k": 1})
+    return q, data, path
+
+
+def test_round_trip_is_bit_identical(saved):
+    q, data, path = saved
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "dilatequant.q.pt" and raw["schedule"]["timesteps"] == [750, 500, 250, 0]
+    ck = load_checkpoint(path)
+    c = data.inputs(slice(None))
+    with torch.no_grad():
+        a = q(c["sample"], c["timestep"], c["t_index"], c["encoder_hidden_states"])
+        b = ck.qunet(c["sample"], c["timestep"], c["t_index"], c["encoder_hidden_states"])
+    assert torch.equal(a, b)
+    assert ck.qunet.config == q.config and ck.timesteps == [750, 500, 250, 0]
+    assert ck.summary == {"k": 1} and ck.source_fingerprint == "fp-hash"
+    assert ck.model.class_encoder is not None
+
+
+def test_truncated_file_is_a_clear_error(saved, tmp_path):
+    _, _, path = saved
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_checkpoint(bad)
+
+
+def test_foreign_checkpoints_are_refused(tmp_path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "sd.pt")
+    with pytest.raises(UserError, match="not a DilateQuant checkpoint"):
+        load_checkpoint(tmp_path / "sd.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(UserError):
+        load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from dilatequant.calibrate import distill as distill_mod
+from dilatequant.calibrate.calibration_data import build_calibration_set
+from dilatequant.calibrate.distill import DistillConfig, distill
+from dilatequant.calibrate.quant_config import QuantConfig
+from dilatequant.calibrate.recipe import noise_error, prepare
+
+
+@pytest.fixture
+def setup(cond_model):
+    data = build_calibration_set(cond_model, 32, 4, use_cache=False)
+    q, _ = prepare(cond_model.unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=4), data)
+    return cond_model, data, q
+
+
+def test_bkd_lowers_noise_error(setup):
+    model, data, q = setup
+    before = noise_error(q, model.unet, data)["noise_mse"]
+    report = distill(q, model.unet, data, DistillConfig(iters=30, batch=8, lr_weight=1e-3, lr_act=1e-3))
+    after = noise_error(q, model.unet, data)["noise_mse"]
+    assert report["blocks"] == len(q.unit_order) == len(report["block_losses"])
+    assert after < before
+    assert not any(p.requires_grad for p in q.parameters()), "training leaves nothing trainable behind"
+
+
+def test_resume_continues_at_next_unfinished_block(setup, tmp_path, monkeypatch):
+    model, data, q = setup
+    cfg = DistillConfig(iters=2, batch=8)
+    progress = tmp_path / "q.pt.progress"
+    real_train, calls = distill_mod._train, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args[3])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(distill_mod, "_train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill(q, model.unet, data, cfg, progress_path=progress, fingerprint="run-a")
+    assert progress.is_file()
+    monkeypatch.setattr(distill_mod, "_train", lambda *a, **k: calls.append(a[3]) or real_train(*a, **k))
+    report = distill(q, model.unet, data, cfg, progress_path=progress, resume=True, fingerprint="run-a")
+    assert len(calls) == len(q.unit_order), "every block trained exactly once across both runs"
+    assert len(report["block_losses"]) == len(q.unit_order)
+    with pytest.raises(Exception, match="other settings"):
+        distill(q, model.unet, data, cfg, progress_path=progress, resume=True, fingerprint="run-b")
+
+
+def test_full_model_qat_runs(setup):
+    model, data, q = setup
+    report = distill(q, model.unet, data, DistillConfig(iters=3, batch=8, full_model=True))
+    assert report["mode"] == "full-model QAT" and len(report["loss_first_last"]) == 2
