@@ -87,3 +87,48 @@ def calibrate_main(argv: list[str] | None = None) -> None:
             print(f"  {block:<48} loss {first:.3g} -> {last:.3g}")
 
     _run(go)
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    from .dq_export.qdq_graph import PRECISIONS, ExportConfig
+
+    p = argparse.ArgumentParser(prog="dq-export", description="q.pt -> QDQ ONNX with a t_index input "
+                                "(TensorRT-legal per-timestep scales), checked and verified")
+    p.add_argument("--ckpt", type=Path, help="q.pt written by dq-calibrate")
+    p.add_argument("--onnx", type=Path, help="output graph")
+    p.add_argument("--precision", default="int8", help=f"{' | '.join(PRECISIONS)} (int4: weight-only INT4 GEMMs)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 (FP16 for everything not quantized)")
+    p.add_argument("--static-scales", action="store_true", help="one scale per activation, no t_index (the ModelOpt-style twin)")
+    p.add_argument("--static-shapes", action="store_true", help="fix batch and spatial sizes")
+    p.add_argument("--batch", type=int, default=2, help="example batch (the fixed one with --static-shapes)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
+    p.add_argument("--check", type=Path, metavar="FILE", help="only check FILE against the TensorRT rules")
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        from .dq_export.trt_rules import check_file
+
+        if a.check:
+            violations = check_file(a.check)
+            for v in violations:
+                print(v)
+            if violations:
+                raise UserError(f"{len(violations)} TensorRT rule violation(s) in {a.check}")
+            print(f"{a.check}: passes every TensorRT rule")
+            return
+        if not a.ckpt or not a.onnx:
+            raise UserError("pass --ckpt q.pt --onnx out.onnx (or --check FILE)")
+        from .dq_export.pipeline import export_and_verify
+
+        cfg = ExportConfig(precision=a.precision, dtype=a.dtype, static_scales=a.static_scales,
+                           static_shapes=a.static_shapes, batch=a.batch)
+        s = export_and_verify(a.ckpt, a.onnx, cfg, verify=not a.no_verify)
+        print(f"wrote {a.onnx} ({s['bytes'] / 1e6:.2f} MB, {s['precision']}, {s['dtype']}, inputs "
+              f"{', '.join(s['inputs'])}) in {s['export_s']} s; TensorRT rules: {s['trt_rules']}")
+        par = s.get("parity")
+        if isinstance(par, dict):
+            print(f"  ORT vs PyTorch fake-quant over {len(par['per_t_index'])} t_index values: min SQNR "
+                  f"{par['min_sqnr_db']:.1f} dB, median {par['median_sqnr_db']:.1f} dB, max |err| {par['max_abs_error']:.2e}")
+        print(f"  report: {a.onnx}.export.json")
+
+    _run(go)

@@ -41,6 +41,12 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 
+    def _finish(self, y: torch.Tensor, delta: torch.Tensor | None, bias_shape: tuple) -> torch.Tensor:
+        """Step size after the op (f(delta q) = delta f(q)), then bias: the deployed graph's order."""
+        if delta is not None:
+            y = y * delta
+        return y if self.bias is None else y + self.bias.view(bias_shape)
+
 
 class QuantConv2d(QuantLayer):
     def __init__(self, src: nn.Conv2d, weight_bits: int, input_quantizer: TimestepActQuantizer):
@@ -48,13 +54,15 @@ class QuantConv2d(QuantLayer):
         self.stride, self.padding, self.dilation, self.groups = src.stride, src.padding, src.dilation, src.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.input_quantizer(x), self.quantized_weight(), self.bias,
-                        self.stride, self.padding, self.dilation, self.groups)
+        v, delta = self.input_quantizer.levels(x)
+        y = F.conv2d(v, self.quantized_weight(), None, self.stride, self.padding, self.dilation, self.groups)
+        return self._finish(y, delta, (1, -1, 1, 1))
 
 
 class QuantLinear(QuantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        v, delta = self.input_quantizer.levels(x)
+        return self._finish(torch.matmul(v, self.quantized_weight().t()), delta, (-1,))
 
 
 class QuantAttnProcessor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .quantizers import IntRange, fake_quant, lsq_factor, scale_grad
+from .quantizers import IntRange, lsq_factor, round_ste, scale_grad
 
 INIT_METHODS = ("mse", "percentile", "minmax")
 _RESERVOIR = 4096  # values kept per (t_index, head) row for initialisation
@@ -90,16 +90,39 @@ class TimestepActQuantizer(nn.Module):
         return g.view(g.shape[0], self.heads, *([1] * (x.dim() - 2)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._scaled(x)
+        v, delta = self.levels(x)
+        return v if delta is None else v * delta
+
+    def levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(integer levels minus zero point, per-sample step) in quant mode; (scaled x, None) otherwise.
+
+        Layers multiply the step in after their conv/matmul, in the order the deployed graph does, so
+        PyTorch and every runtime round the very same float values.
+        """
         if self.mode == "off":
-            return x
+            return self._scaled(x), None
         rows = self.rows(x.shape[0])
         if self.mode == "observe":
+            x = self._scaled(x)
             self._observe(x.detach(), rows)
-            return x
-        delta = scale_grad(self.delta, lsq_factor(x[0].numel() // self.heads, self.range))
-        z = None if self.zero_point is None else self._per_sample(self.zero_point, rows, x)
-        return fake_quant(x, self._per_sample(delta, rows, x), z, self.range)
+            return x, None
+        delta = self._per_sample(scale_grad(self.delta, lsq_factor(x[0].numel() // self.heads, self.range)), rows, x)
+        u = x * self._multiplier(delta, x)
+        if self.zero_point is None:
+            return torch.clamp(round_ste(u), self.range.qmin, self.range.qmax), delta
+        # Asymmetric levels [0, 2^b-1] are shifted by 2^(b-1) into int8's signed range before rounding,
+        # as the graph must do for TensorRT (zero point 0), so both round the very same float values.
+        half = 2 ** (self.bits - 1)
+        z = round_ste(self._per_sample(self.zero_point, rows, x))
+        return torch.clamp(round_ste(u + (z - half)), -half, half - 1) + (half - z), delta
+
+    def _multiplier(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(1/s) / delta as one factor: the exported graph multiplies by exactly this table."""
+        if self.inv_scale.numel() == 0:
+            return 1.0 / delta
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        return self.inv_scale.view(shape) / delta
 
     def _observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         for r in rows.unique().tolist():

@@ -54,7 +54,10 @@ def test_foreign_checkpoints_are_refused(tmp_path):
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"x": Evil()}, f)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="refusing to unpickle"):
         load_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "text.pt")
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,179 @@
+"""Deployment form of a quantized layer: integer weights, constant unit-scale Q/DQ, hoisted step sizes.
+
+TensorRT needs constant Q/DQ scales and zero points of 0, while TPQ needs a step size per timestep.
+Conv and linear are linear in their input, so f(delta * q) = delta * f(q): the runtime factor moves
+into ordinary Muls around a Q/DQ pair whose own scale is the constant 1 (deployment.md):
+
+    u = x * F[t]  (+ z[t] - 2^(b-1))  -> Clip to b bits -> Q(1, 0) -> DQ(1, 0)
+    y = (op(v, DQ(W_int, w_scale)) (+ c[t] * op(ones, sum_c W))) * delta[t] + bias
+
+F[t, c] = (1/s_c) / delta[t] merges the dilation (or SmoothQuant) vector with the step size, so an
+unfolded 1/s costs nothing. Asymmetric zero points are shifted into int8 and corrected after the op
+with c[t] = 2^(b-1) - z[t]; for convs the correction is op(ones, sum_c W), which is exact at zero-padded
+borders. A Gather on t_index feeds only these Muls/Adds, never a Q/DQ scale.
+"""
+from __future__ import annotations
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibrate.quant_unet import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantUNet
+from ..calibrate.timestep_quantizer import TimestepActQuantizer
+
+qd = torch.ops.quantized_decomposed
+
+
+class StepTables(nn.Module):
+    """Per-timestep multiplier, shift and correction tables of one activation quantizer."""
+
+    def __init__(self, q: TimestepActQuantizer, static: bool) -> None:
+        super().__init__()
+        delta = q.delta.detach().clone()  # [T, H]
+        z = None if q.zero_point is None else torch.round(q.zero_point.detach())
+        if static:
+            delta, z = _static_row(delta, z, q)
+        half = 2 ** (q.bits - 1)
+        self.lo, self.hi = -half, half - 1
+        inv = q.inv_scale.detach() if q.inv_scale.numel() else torch.ones(1)
+        heads = delta.shape[1]
+        self.register_buffer("delta", delta.reshape(len(delta), -1) if heads > 1 else delta[:, 0:1])
+        # the same float expression as TimestepActQuantizer._multiplier, so both round identical values
+        self.register_buffer("mult", (inv[None, :] / delta) if q.inv_scale.numel() else 1.0 / delta)
+        self.asymmetric = z is not None
+        if z is not None:
+            self.register_buffer("shift", z - half)     # added before the clip
+            self.register_buffer("correction", half - z)  # added back after the op
+        self.static = static
+
+    def rows(self, table: torch.Tensor, t_index: torch.Tensor | None) -> torch.Tensor:
+        if self.static or t_index is None:
+            return table[0:1]
+        return torch.index_select(table, 0, t_index)
+
+    def to_int_domain(self, x: torch.Tensor, t_index, layout: str) -> torch.Tensor:
+        """x -> the b-bit integer grid (as float), through a unit-scale int8 Q/DQ pair."""
+        u = x * _broadcast(self.rows(self.mult, t_index), x, layout)
+        if self.asymmetric:
+            u = u + _broadcast(self.rows(self.shift, t_index), x, layout)
+        u = torch.clamp(u, self.lo, self.hi)
+        q = qd.quantize_per_tensor(u, 1.0, 0, -128, 127, torch.int8)
+        return qd.dequantize_per_tensor(q, 1.0, 0, -128, 127, torch.int8)
+
+
+def _static_row(delta, z, q: TimestepActQuantizer):
+    """One row covering the union of every timestep's clipping range (the static-scale twin)."""
+    r = q.range
+    if z is None:
+        d = delta.amax(0, keepdim=True)
+        return d, None
+    lo = ((r.qmin - z) * delta).amin(0, keepdim=True)
+    hi = ((r.qmax - z) * delta).amax(0, keepdim=True)
+    d = (hi - lo) / r.levels
+    return d, torch.clamp(torch.round(-lo / d), r.qmin, r.qmax)
+
+
+def _broadcast(rows: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B or 1, C|H|1] rows -> a shape that broadcasts against x."""
+    if layout == "conv":      # x [B, C, H, W]
+        return rows.reshape(rows.shape[0], -1, 1, 1)
+    if layout == "heads":     # x [B, H, N, d]
+        return rows.reshape(rows.shape[0], -1, 1, 1)
+    if x.dim() == 3:          # linear on [B, N, C]
+        return rows.reshape(rows.shape[0], 1, -1)
+    return rows               # linear on [B, C]
+
+
+class DeployLayer(nn.Module):
+    """A QuantConv2d / QuantLinear in deployment form; numerically the same function."""
+
+    def __init__(self, layer: QuantLayer, tables: StepTables, ctx_holder: "ExportContext") -> None:
+        super().__init__()
+        self.tables, self.ctx = tables, ctx_holder
+        self.is_conv = isinstance(layer, QuantConv2d)
+        wq = layer.weight_quantizer
+        w_int = wq.integer_weight(layer.weight.detach()).to(torch.int8)
+        self.w_bits = wq.bits
+        self.w_range = (wq.range.qmin, wq.range.qmax)
+        self.register_buffer("w_scale", wq.scale.detach().clone())
+        if self.is_conv:
+            self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+            self.register_buffer("w_int", w_int)
+        else:  # stored [in, out] so the graph is DQ(axis=1) -> MatMul, TensorRT's GEMM weight layout
+            self.register_buffer("w_int", w_int.t().contiguous())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        if tables.asymmetric:
+            w_real = w_int.float() * self.w_scale.view(-1, *([1] * (w_int.dim() - 1)))
+            self.register_buffer("w_sum", w_real.sum(1, keepdim=True) if self.is_conv else w_real.sum(1))
+
+    def weight(self) -> torch.Tensor:
+        axis = 0 if self.is_conv else 1
+        zp = torch.zeros(self.w_scale.numel(), dtype=torch.int32)
+        return qd.dequantize_per_channel(self.w_int, self.w_scale, zp, axis, self.w_range[0], self.w_range[1], torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.ctx.t_index
+        layout = "conv" if self.is_conv else "linear"
+        v = self.tables.to_int_domain(x, t, layout)
+        if self.is_conv:
+            y = F.conv2d(v, self.weight(), None, self.stride, self.padding, self.dilation)
+        else:
+            y = torch.matmul(v, self.weight())
+        if self.tables.asymmetric:
+            c = _broadcast(self.tables.rows(self.tables.correction, t), y, layout)
+            if self.is_conv:
+                ones = torch.ones_like(x[:1, :1])
+                y = y + c * F.conv2d(ones, self.w_sum, None, self.stride, self.padding, self.dilation)
+            else:
+                y = y + c * self.w_sum
+        y = y * _broadcast(self.tables.rows(self.tables.delta, t), y, layout)
+        return y if self.bias is None else y + (self.bias.view(1, -1, 1, 1) if self.is_conv else self.bias)
+
+
+class DeployAttnProcessor(QuantAttnProcessor):
+    """q, k, v and softmax output through unit-scale Q/DQ; step sizes multiplied back before the matmuls."""
+
+    def __init__(self, tables: list[StepTables], ctx_holder: "ExportContext") -> None:
+        fakes = [_DequantizedOperand(t, ctx_holder) for t in tables]
+        super().__init__(*fakes)
+
+
+class _DequantizedOperand(nn.Module):
+    def __init__(self, tables: StepTables, ctx_holder: "ExportContext") -> None:
+        super().__init__()
+        self.tables, self.ctx = tables, ctx_holder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.ctx.t_index
+        v = self.tables.to_int_domain(x, t, "heads")
+        if self.tables.asymmetric:
+            v = v + _broadcast(self.tables.rows(self.tables.correction, t), x, "heads")
+        return v * _broadcast(self.tables.rows(self.tables.delta, t), x, "heads")
+
+
+class ExportContext:
+    def __init__(self) -> None:
+        self.t_index: torch.Tensor | None = None
+
+
+def deploy_unet(qunet: QuantUNet, static: bool = False) -> tuple[nn.Module, ExportContext]:
+    """A copy of qunet.unet with every quantized layer in deployment form (shared tables per input)."""
+    import copy
+
+    ctx = ExportContext()
+    unet = copy.deepcopy(qunet.unet)
+    layers = dict(unet.named_modules())
+    tables = {key: StepTables(q, static) for key, q in qunet.act_quantizers.items()}
+    for group in qunet.groups:
+        for name in group.layers:
+            parent, _, attr = name.rpartition(".")
+            setattr(layers[parent] if parent else unet, attr, DeployLayer(layers[name], tables[group.key], ctx))
+    if qunet.config.attn_matmul:
+        from diffusers.models.attention_processor import Attention
+
+        for name, m in layers.items():
+            if isinstance(m, Attention):
+                prefix = name.replace(".", "/")
+                m.set_processor(DeployAttnProcessor([tables[f"{prefix}/attn_{p}"] for p in "qkvp"], ctx))
+    return unet, ctx

@@ -1,0 +1,24 @@
+"""dq-export as a library call: export -> TensorRT-rules check -> ONNX Runtime parity -> JSON report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..calibrate.checkpoint import load_checkpoint
+from ..calibrate.reporting import write_json
+from .parity import parity_report
+from .qdq_graph import ExportConfig, export_onnx
+from .trt_rules import enforce
+
+
+def export_and_verify(ckpt: Path, onnx_path: Path, cfg: ExportConfig, verify: bool = True,
+                      per_step: int = 2) -> dict:
+    summary = export_onnx(ckpt, onnx_path, cfg)
+    enforce(onnx_path)
+    summary["trt_rules"] = "passed"
+    if verify:
+        if cfg.dtype == "fp16":
+            summary["parity"] = "skipped: FP16 graphs are compared against FP32 by dq-verify"
+        else:
+            summary["parity"] = parity_report(onnx_path, load_checkpoint(ckpt), per_step=per_step)
+    write_json(Path(f"{onnx_path}.export.json"), summary)
+    return summary

@@ -1,0 +1,127 @@
+"""q.pt -> QDQ ONNX: the deployment-form UNet exported with torch.onnx (dynamo), then annotated."""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
+from ..calibrate.reporting import atomic_write_bytes
+from ..errors import UserError
+from .fold import ExportContext, deploy_unet
+from .graph_passes import finalize_graph, simplify
+
+FORMAT_VERSION = "1"
+PRECISIONS = ("int8", "int4")
+OPSET = 21
+
+
+@dataclass
+class ExportConfig:
+    precision: str = "int8"         # int8 | int4 (weight-only INT4 blocks for MatMul/Gemm)
+    static_scales: bool = False     # one constant scale per activation, no t_index input
+    dtype: str = "fp32"             # fp32 | fp16 (FP16 fallback for everything not quantized)
+    static_shapes: bool = False
+    batch: int = 2                  # example batch for tracing (and the fixed batch with static_shapes)
+    int4_block: int = 32
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision '{self.precision}': choose one of {', '.join(PRECISIONS)}")
+        if self.dtype not in ("fp32", "fp16"):
+            raise UserError(f"unknown dtype '{self.dtype}': choose fp32 or fp16")
+
+
+class ExportWrapper(nn.Module):
+    """Graph interface: (sample, timestep, t_index[, encoder_hidden_states]) -> noise_pred."""
+
+    def __init__(self, unet: nn.Module, ctx: ExportContext, num_steps: int, use_t_index: bool) -> None:
+        super().__init__()
+        self.unet, self.ctx, self.num_steps, self.use_t_index = unet, ctx, num_steps, use_t_index
+
+    def forward(self, sample, timestep, t_index=None, encoder_hidden_states=None):
+        # An out-of-range t_index must never index out of bounds in any runtime: clamp in the graph.
+        self.ctx.t_index = torch.clamp(t_index, 0, self.num_steps - 1) if self.use_t_index else None
+        kw = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+        return self.unet(sample, timestep, return_dict=False, **kw)[0]
+
+
+def input_names(conditional: bool, use_t_index: bool) -> list[str]:
+    names = ["sample", "timestep"] + (["t_index"] if use_t_index else [])
+    return names + (["encoder_hidden_states"] if conditional else [])
+
+
+def example_inputs(ck: QuantCheckpoint, batch: int, use_t_index: bool) -> dict[str, torch.Tensor]:
+    c, h, w = ck.model.sample_shape
+    gen = torch.Generator().manual_seed(0)
+    ins = {"sample": torch.randn(batch, c, h, w, generator=gen),
+           "timestep": torch.tensor(ck.timesteps[:batch] + ck.timesteps[: max(0, batch - len(ck.timesteps))])[:batch]}
+    if use_t_index:
+        ins["t_index"] = torch.arange(batch) % len(ck.timesteps)
+    if ck.model.is_conditional:
+        labels = torch.arange(batch) % 10
+        with torch.no_grad():
+            ins["encoder_hidden_states"] = ck.model.class_encoder(labels)
+    return ins
+
+
+def _dynamic_shapes(names: list[str], static: bool):
+    if static:
+        return None
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    shapes = {"sample": {0: batch}, "timestep": {0: batch}, "t_index": {0: batch}, "encoder_hidden_states": {0: batch}}
+    return {n: shapes[n] for n in names}
+
+
+def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig) -> dict:
+    """Write the QDQ ONNX graph; returns a summary (the caller runs checks and parity)."""
+    start = time.perf_counter()
+    ck = load_checkpoint(ckpt_path)
+    use_t = not cfg.static_scales and ck.qunet.config.tpq
+    unet, ctx = deploy_unet(ck.qunet, static=cfg.static_scales)
+    wrapper = ExportWrapper(unet.eval(), ctx, len(ck.timesteps), use_t).eval()
+    names = input_names(ck.model.is_conditional, use_t)
+    ins = example_inputs(ck, cfg.batch, use_t)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                wrapper, tuple(ins[n] for n in names), input_names=names, output_names=["noise_pred"],
+                dynamo=True, opset_version=OPSET, dynamic_shapes=_dynamic_shapes(names, cfg.static_shapes),
+                verbose=False, optimize=False)
+        except Exception as err:  # the exporter's own errors are long; keep the cause
+            raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    model = simplify(program.model)
+    model = finalize_graph(model, ck, cfg, checkpoint_hash(ckpt_path), use_t)
+    data = model.SerializeToString()
+    if len(data) > 2**31 - 1:
+        raise UserError("graph over 2 GB: external-data export is not supported yet for such models")
+    atomic_write_bytes(onnx_path, data)
+    return {"onnx": str(onnx_path), "bytes": len(data), "inputs": names, "precision": cfg.precision,
+            "static_scales": cfg.static_scales, "dtype": cfg.dtype, "export_s": round(time.perf_counter() - start, 2),
+            "config": asdict(cfg)}
+
+
+def metadata(ck: QuantCheckpoint, cfg: ExportConfig, ckpt_hash: str, use_t: bool) -> dict[str, str]:
+    qc = ck.qunet.config
+    return {
+        "dilatequant.format_version": FORMAT_VERSION,
+        "dilatequant.source_checkpoint_sha256": ckpt_hash,
+        "dilatequant.bits": qc.bits_name,
+        "dilatequant.symmetric": str(qc.symmetric).lower(),
+        "dilatequant.timesteps": json.dumps(ck.timesteps),
+        "dilatequant.num_steps": str(len(ck.timesteps)),
+        "dilatequant.t_index_input": str(use_t).lower(),
+        "dilatequant.precision": cfg.precision,
+        "dilatequant.dtype": cfg.dtype,
+        "dilatequant.static_scales": str(cfg.static_scales).lower(),
+        "dilatequant.conditional": str(ck.model.is_conditional).lower(),
+        "dilatequant.sample_shape": json.dumps(list(ck.model.sample_shape)),
+        "dilatequant.base_model": ck.source,
+    }
