@@ -132,3 +132,16 @@ def export_main(argv: list[str] | None = None) -> None:
         print(f"  report: {a.onnx}.export.json")
 
     _run(go)
+
+
+def main() -> None:
+    """`python -m dilatequant.cli <command> ...` for environments without the console scripts."""
+    commands = {"demo": demo_main, "calibrate": calibrate_main, "export": export_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(f"usage: python -m dilatequant.cli {{{','.join(commands)}}} ...", file=sys.stderr)
+        sys.exit(2)
+    commands[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

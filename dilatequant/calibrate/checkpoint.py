@@ -74,7 +74,7 @@ def _read(path: Path) -> dict:
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        if "Unsupported global" in str(err):
             raise UserError(f"'{path}' holds Python objects other than tensors and plain data; refusing to unpickle "
                             "it (only q.pt files written by dq-calibrate load)") from err
         raise UserError(f"'{path}' is not a readable checkpoint (truncated or corrupt: {str(err).splitlines()[0]}); "

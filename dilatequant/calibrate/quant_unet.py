@@ -22,14 +22,22 @@ from torch import nn
 from ..errors import UserError
 from .quant_config import QuantConfig
 from .quantizers import WeightQuantizer
-from .timestep_quantizer import StepContext, TimestepActQuantizer
+from .timestep_quantizer import Levels, StepContext, TimestepActQuantizer
 
 UNIT_TYPES = (ResnetBlock2D, Transformer2DModel, Attention, Downsample2D, Upsample2D, TimestepEmbedding)
 FIRST_LAST = ("conv_in", "conv_out")
 
 
 class QuantLayer(nn.Module):
-    """Shared part of QuantConv2d / QuantLinear: (dilated) weight, its quantizer, a shared input quantizer."""
+    """Shared part of QuantConv2d / QuantLinear: (dilated) weight, its quantizer, a shared input quantizer.
+
+    The forward pass runs in the order of the deployed graph (dq_export/fold.py): op on the integer
+    grid, zero-point correction, then step sizes, then bias. With asymmetric activations the op runs on
+    integer weights and the per-channel weight scale follows it, so the correction (a difference of two
+    large terms) is computed exactly in integers, in PyTorch and in every runtime alike.
+    """
+
+    out_shape: tuple[int, ...] = (-1,)
 
     def __init__(self, src: nn.Conv2d | nn.Linear, weight_bits: int, input_quantizer: TimestepActQuantizer):
         super().__init__()
@@ -41,28 +49,48 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 
-    def _finish(self, y: torch.Tensor, delta: torch.Tensor | None, bias_shape: tuple) -> torch.Tensor:
-        """Step size after the op (f(delta q) = delta f(q)), then bias: the deployed graph's order."""
-        if delta is not None:
-            y = y * delta
-        return y if self.bias is None else y + self.bias.view(bias_shape)
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ones_response(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """op(all-ones input): what a constant shift of the input adds (exact at zero-padded borders)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lv = self.input_quantizer.levels(x)
+        if lv.correction is None:
+            y = self.op(lv.v, self.quantized_weight())
+        elif self.weight_quantizer.enabled:
+            w_int, w_scale = self.weight_quantizer.integer_ste(self.weight)
+            y = self.op(lv.v, w_int) + lv.correction * self.ones_response(x, w_int)
+            y = y * w_scale.view(self.out_shape)
+        else:
+            y = self.op(lv.v, self.weight) + lv.correction * self.ones_response(x, self.weight)
+        if lv.delta is not None:
+            y = y * lv.delta
+        return y if self.bias is None else y + self.bias.view(self.out_shape)
 
 
 class QuantConv2d(QuantLayer):
+    out_shape = (1, -1, 1, 1)
+
     def __init__(self, src: nn.Conv2d, weight_bits: int, input_quantizer: TimestepActQuantizer):
         super().__init__(src, weight_bits, input_quantizer)
         self.stride, self.padding, self.dilation, self.groups = src.stride, src.padding, src.dilation, src.groups
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v, delta = self.input_quantizer.levels(x)
-        y = F.conv2d(v, self.quantized_weight(), None, self.stride, self.padding, self.dilation, self.groups)
-        return self._finish(y, delta, (1, -1, 1, 1))
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def ones_response(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.op(torch.ones_like(x[:1, :1]), w.sum(1, keepdim=True))
 
 
 class QuantLinear(QuantLayer):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v, delta = self.input_quantizer.levels(x)
-        return self._finish(torch.matmul(v, self.quantized_weight().t()), delta, (-1,))
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, w.t())
+
+    def ones_response(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w.sum(1)
 
 
 class QuantAttnProcessor:

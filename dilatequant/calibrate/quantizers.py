@@ -96,6 +96,12 @@ class WeightQuantizer(nn.Module):
         s = scale_grad(self.scale, lsq_factor(weight[0].numel(), self.range)).view(shape)
         return fake_quant(weight, s, None, self.range)
 
+    def integer_ste(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer levels as float with STE, per-channel scale with LSQ gradient), for exact integer ops."""
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        s = scale_grad(self.scale, lsq_factor(weight[0].numel(), self.range))
+        return torch.clamp(round_ste(weight / s.view(shape)), self.range.qmin, self.range.qmax), s
+
     @torch.no_grad()
     def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer levels a deployed graph stores (int8 container, any bit width)."""

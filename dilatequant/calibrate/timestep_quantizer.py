@@ -19,6 +19,13 @@ INIT_METHODS = ("mse", "percentile", "minmax")
 _RESERVOIR = 4096  # values kept per (t_index, head) row for initialisation
 
 
+@dataclass
+class Levels:
+    v: torch.Tensor
+    delta: torch.Tensor | None
+    correction: torch.Tensor | None
+
+
 class StepContext:
     """The per-sample t_index of the forward pass in flight, shared by every quantizer of one model."""
 
@@ -90,31 +97,35 @@ class TimestepActQuantizer(nn.Module):
         return g.view(g.shape[0], self.heads, *([1] * (x.dim() - 2)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v, delta = self.levels(x)
-        return v if delta is None else v * delta
+        lv = self.levels(x)
+        if lv.delta is None:
+            return lv.v
+        v = lv.v if lv.correction is None else lv.v + lv.correction
+        return v * lv.delta
 
-    def levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(integer levels minus zero point, per-sample step) in quant mode; (scaled x, None) otherwise.
+    def levels(self, x: torch.Tensor) -> "Levels":
+        """The input on the integer grid, in the exact float order of the deployed graph.
 
-        Layers multiply the step in after their conv/matmul, in the order the deployed graph does, so
-        PyTorch and every runtime round the very same float values.
+        Quant mode: v = clamp(round(x * (1/s) / delta + z - 2^(b-1))) (int8-range integers, as the graph's
+        unit-scale Q/DQ produces them), the per-sample step delta, and the correction c = 2^(b-1) - z that
+        turns v back into the level minus zero point (None when symmetric). Layers apply delta and c after
+        their conv/matmul, as the graph does, so PyTorch and every runtime round the same float values.
+        Other modes: v is the (scaled) input and delta is None.
         """
         if self.mode == "off":
-            return self._scaled(x), None
+            return Levels(self._scaled(x), None, None)
         rows = self.rows(x.shape[0])
         if self.mode == "observe":
             x = self._scaled(x)
             self._observe(x.detach(), rows)
-            return x, None
+            return Levels(x, None, None)
         delta = self._per_sample(scale_grad(self.delta, lsq_factor(x[0].numel() // self.heads, self.range)), rows, x)
         u = x * self._multiplier(delta, x)
         if self.zero_point is None:
-            return torch.clamp(round_ste(u), self.range.qmin, self.range.qmax), delta
-        # Asymmetric levels [0, 2^b-1] are shifted by 2^(b-1) into int8's signed range before rounding,
-        # as the graph must do for TensorRT (zero point 0), so both round the very same float values.
+            return Levels(torch.clamp(round_ste(u), self.range.qmin, self.range.qmax), delta, None)
         half = 2 ** (self.bits - 1)
         z = round_ste(self._per_sample(self.zero_point, rows, x))
-        return torch.clamp(round_ste(u + (z - half)), -half, half - 1) + (half - z), delta
+        return Levels(torch.clamp(round_ste(u + (z - half)), -half, half - 1), delta, half - z)
 
     def _multiplier(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(1/s) / delta as one factor: the exported graph multiplies by exactly this table."""

@@ -86,49 +86,54 @@ def _broadcast(rows: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor
 
 
 class DeployLayer(nn.Module):
-    """A QuantConv2d / QuantLinear in deployment form; numerically the same function."""
+    """A QuantConv2d / QuantLinear in deployment form: the same function, in the same float order.
+
+    Symmetric activations: weights DQ(int8, per-channel scale, explicit axis) straight into the op.
+    Asymmetric: weights DQ(int8, unit scale) so op(v) and its zero-point correction are exact integer
+    sums; the per-channel weight scale is a constant Mul after the op.
+    """
 
     def __init__(self, layer: QuantLayer, tables: StepTables, ctx_holder: "ExportContext") -> None:
         super().__init__()
         self.tables, self.ctx = tables, ctx_holder
         self.is_conv = isinstance(layer, QuantConv2d)
         wq = layer.weight_quantizer
-        w_int = wq.integer_weight(layer.weight.detach()).to(torch.int8)
-        self.w_bits = wq.bits
+        w_int = wq.integer_weight(layer.weight.detach())
         self.w_range = (wq.range.qmin, wq.range.qmax)
+        self.out_shape = layer.out_shape
         self.register_buffer("w_scale", wq.scale.detach().clone())
         if self.is_conv:
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
-            self.register_buffer("w_int", w_int)
+            self.register_buffer("w_int", w_int.to(torch.int8))
         else:  # stored [in, out] so the graph is DQ(axis=1) -> MatMul, TensorRT's GEMM weight layout
-            self.register_buffer("w_int", w_int.t().contiguous())
+            self.register_buffer("w_int", w_int.t().contiguous().to(torch.int8))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-        if tables.asymmetric:
-            w_real = w_int.float() * self.w_scale.view(-1, *([1] * (w_int.dim() - 1)))
-            self.register_buffer("w_sum", w_real.sum(1, keepdim=True) if self.is_conv else w_real.sum(1))
+        if tables.asymmetric:  # integer sums, as QuantLayer.ones_response computes them
+            self.register_buffer("w_sum", w_int.sum(1, keepdim=True) if self.is_conv else w_int.sum(1))
 
     def weight(self) -> torch.Tensor:
-        axis = 0 if self.is_conv else 1
+        lo, hi = self.w_range
+        if self.tables.asymmetric:
+            return qd.dequantize_per_tensor(self.w_int, 1.0, 0, lo, hi, torch.int8)
         zp = torch.zeros(self.w_scale.numel(), dtype=torch.int32)
-        return qd.dequantize_per_channel(self.w_int, self.w_scale, zp, axis, self.w_range[0], self.w_range[1], torch.int8)
+        return qd.dequantize_per_channel(self.w_int, self.w_scale, zp, 0 if self.is_conv else 1, lo, hi, torch.int8)
+
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.is_conv:
+            return F.conv2d(x, w, None, self.stride, self.padding, self.dilation)
+        return torch.matmul(x, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.ctx.t_index
         layout = "conv" if self.is_conv else "linear"
         v = self.tables.to_int_domain(x, t, layout)
-        if self.is_conv:
-            y = F.conv2d(v, self.weight(), None, self.stride, self.padding, self.dilation)
-        else:
-            y = torch.matmul(v, self.weight())
+        y = self.op(v, self.weight())
         if self.tables.asymmetric:
             c = _broadcast(self.tables.rows(self.tables.correction, t), y, layout)
-            if self.is_conv:
-                ones = torch.ones_like(x[:1, :1])
-                y = y + c * F.conv2d(ones, self.w_sum, None, self.stride, self.padding, self.dilation)
-            else:
-                y = y + c * self.w_sum
+            ones = self.op(torch.ones_like(x[:1, :1]), self.w_sum) if self.is_conv else self.w_sum
+            y = (y + c * ones) * self.w_scale.view(self.out_shape)
         y = y * _broadcast(self.tables.rows(self.tables.delta, t), y, layout)
-        return y if self.bias is None else y + (self.bias.view(1, -1, 1, 1) if self.is_conv else self.bias)
+        return y if self.bias is None else y + self.bias.view(self.out_shape)
 
 
 class DeployAttnProcessor(QuantAttnProcessor):

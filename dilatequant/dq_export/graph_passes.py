@@ -1,6 +1,7 @@
 """Rewrites on the exported graph: metadata, INT4 weight blocks, clean-up."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -66,12 +67,11 @@ def int4_weights(model: onnx.ModelProto, block: int) -> int:
         if arr.min() < -8 or arr.max() > 7 or k % block:
             continue
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        w4 = helper.make_tensor(w.name + "_int4", onnx.TensorProto.INT4, [k, n_out], arr.astype(np.int8).flatten().tolist())
+        w4 = numpy_helper.from_array(arr.astype(ml_dtypes.int4), w.name + "_int4")
         s4 = numpy_helper.from_array(np.tile(scale[None, :], (k // block, 1)), w.name + "_int4_scale")
-        z4 = helper.make_tensor(w.name + "_int4_zp", onnx.TensorProto.INT4, [k // block, n_out], [0] * (k // block * n_out))
-        model.graph.initializer.extend([w4, s4, z4])
+        model.graph.initializer.extend([w4, s4])
         del node.input[:]
-        node.input.extend([w4.name, s4.name, z4.name])
+        node.input.extend([w4.name, s4.name])  # no zero point: 0
         del node.attribute[:]
         node.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", block)])
         converted += 1

@@ -1,5 +1,3 @@
-import pickle
-
 import pytest
 import torch
 
@@ -52,8 +50,7 @@ def test_foreign_checkpoints_are_refused(tmp_path):
         def __reduce__(self):
             return (print, ("unpickled!",))
 
-    with open(tmp_path / "evil.pt", "wb") as f:
-        pickle.dump({"x": Evil()}, f)
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="refusing to unpickle"):
         load_checkpoint(tmp_path / "evil.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint")

@@ -1,0 +1,101 @@
+"""Ablation grid of the DilateQuant method on the default models (a benchmark, never a test).
+
+Every variant is calibrated in its own subprocess (so peak memory is its own) through the same code
+path as dq-calibrate, then evaluated against the FP model on the same noise:
+per-step noise MSE/SQNR, image PSNR/SSIM, digit-FID (and class accuracy for default-cond).
+
+    python benchmarks/ablation.py --models default default-cond --bits W4A8 --out benchmarks/results/ablation_w4a8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dilatequant.calibrate.checkpoint import load_checkpoint
+from dilatequant.calibrate.evaluation import compare_to_fp, fp_reference
+from dilatequant.calibrate.metrics import digit_scores
+from dilatequant.calibrate.models import load_model
+from dilatequant.calibrate.reporting import environment, write_json, write_text
+
+VARIANTS = {
+    "naive-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd", "--act-init", "minmax"],
+    "static-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd"],
+    "wd+tpq (no bkd)": ["--no-bkd"],
+    "no-scaling": ["--scaling", "none"],
+    "smoothquant": ["--scaling", "smoothquant"],
+    "no-tpq (static scale)": ["--no-tpq"],
+    "dilatequant": [],
+    "full-model-qat": ["--full-qat"],
+}
+
+
+def calibrate(model: str, bits: str, variant: str, args, out: Path) -> dict:
+    ckpt = out / f"{model}_{bits}_{variant.replace(' ', '_').replace('(', '').replace(')', '').replace('+', '')}.q.pt"
+    iters = args.iters * args.full_qat_factor if variant == "full-model-qat" else args.iters
+    cmd = [sys.executable, "-m", "dilatequant.cli", "calibrate", "--model", model, "--bits", bits, "--out", str(ckpt),
+           "--calib-samples", str(args.calib_samples), "--iters", str(iters), "--steps", str(args.steps),
+           "--seed", str(args.seed)] + (["--sym"] if args.sym else []) + VARIANTS[variant]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    ck = load_checkpoint(ckpt)
+    s = ck.summary
+    return {"checkpoint": str(ckpt), "wall_s": round(time.perf_counter() - start, 1), "calib_wall_s": s["wall_s"],
+            "peak_rss_mb": s["peak_rss_mb"], "distill_mode": s["distill"]["mode"], "cmd": " ".join(cmd[1:])}, ck
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["default", "default-cond"])
+    p.add_argument("--bits", nargs="+", default=["W4A8"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--sym", action="store_true")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--calib-samples", type=int, default=512)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--full-qat-factor", type=int, default=20, help="full QAT runs iters x this many steps")
+    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/ablation"))
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    results = {"settings": vars(a) | {"out": str(a.out)}, "environment": environment(), "runs": []}
+    for model_name in a.models:
+        model = load_model(model_name)
+        guidance = 3.0 if model.is_conditional else 1.0
+        fp_images, fp_traj = fp_reference(model, a.eval_samples, a.steps, a.seed + 100, guidance)
+        fp_row = {"model": model_name, "bits": "FP32", "variant": "fp", **digit_scores(fp_images.images, fp_images.labels)}
+        results["runs"].append(fp_row)
+        for bits in a.bits:
+            for variant in a.variants:
+                cal, ck = calibrate(model_name, bits, variant, a, a.out)
+                metrics, _ = compare_to_fp(model, ck.qunet.predictor(), fp_images, fp_traj, a.steps, a.seed + 100, guidance)
+                results["runs"].append({"model": model_name, "bits": bits, "variant": variant, **cal, **metrics})
+                write_json(a.out / "ablation.json", results)
+                print(json.dumps({k: v for k, v in results["runs"][-1].items() if k != "noise_per_step"}), flush=True)
+    write_text(a.out / "ablation.md", markdown(results))
+
+
+def markdown(results: dict) -> str:
+    lines = ["| model | bits | variant | noise MSE | noise SQNR dB | image PSNR dB | SSIM | digit-FID | class acc | "
+             "calib s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        f = lambda k, fmt: (fmt.format(r[k]) if k in r and r[k] is not None else "-")  # noqa: E731
+        lines.append(f"| {r['model']} | {r['bits']} | {r['variant']} | {f('noise_mean_mse', '{:.5f}')} | "
+                     f"{f('noise_mean_sqnr_db', '{:.2f}')} | {f('image_psnr_db', '{:.2f}')} | {f('image_ssim', '{:.3f}')} | "
+                     f"{f('digit_fid', '{:.2f}')} | {f('class_accuracy', '{:.3f}')} | {f('calib_wall_s', '{:.0f}')} | "
+                     f"{f('peak_rss_mb', '{:.0f}')} |")
+    s = results["settings"]
+    lines += ["", f"Settings: {s['calib_samples']} calibration samples, {s['iters']} BKD iterations per block, "
+              f"{s['eval_samples']} evaluation samples, DDIM-{s['steps']}, seed {s['seed']}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(torch.get_num_threads())
+    main()

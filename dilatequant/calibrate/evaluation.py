@@ -1,0 +1,48 @@
+"""How close a quantized noise predictor is to the FP model: per-step noise error and final images."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .metrics import digit_scores, mse, psnr_db, sqnr_db, ssim
+from .models import DiffusionModel
+from .sampling import NoisePredictor, SampleResult, fp_predictor, sample
+
+
+def per_step_noise_error(model: DiffusionModel, predict: NoisePredictor, reference: SampleResult) -> dict:
+    """Noise-prediction MSE/SQNR against FP on the FP trajectory's own inputs, at every t_index."""
+    traj = reference.trajectory
+    fp = fp_predictor(model)
+    rows = []
+    for i in range(traj.sample.shape[0]):
+        x, t, ti = traj.sample[i], traj.timestep[i], traj.t_index[i]
+        ehs = None if traj.encoder_hidden_states is None else traj.encoder_hidden_states[i]
+        with torch.no_grad():
+            ref, out = fp(x, t, ti, ehs), predict(x, t, ti, ehs)
+        rows.append({"t_index": i, "timestep": int(t[0]), "mse": mse(out, ref), "sqnr_db": sqnr_db(out, ref)})
+    return {"per_step": rows, "mean_mse": sum(r["mse"] for r in rows) / len(rows),
+            "mean_sqnr_db": sum(r["sqnr_db"] for r in rows) / len(rows)}
+
+
+def fp_reference(model: DiffusionModel, num_samples: int, steps: int, seed: int, guidance: float,
+                 traj_samples: int = 16) -> tuple[SampleResult, SampleResult]:
+    """FP images for num_samples seeds, and a short FP trajectory set for per-step errors."""
+    images = sample(model, num_samples=num_samples, steps=steps, seed=seed, guidance_scale=guidance)
+    traj = sample(model, num_samples=traj_samples, steps=steps, seed=seed + 7, guidance_scale=guidance,
+                  return_trajectory=True, progress=False)
+    return images, traj
+
+
+def compare_to_fp(model: DiffusionModel, predict: NoisePredictor, fp_images: SampleResult, fp_traj: SampleResult,
+                  steps: int, seed: int, guidance: float) -> tuple[dict, torch.Tensor]:
+    """Per-step noise error, image PSNR/SSIM vs FP from the same noise, digit metrics."""
+    start = time.perf_counter()
+    noise = per_step_noise_error(model, predict, fp_traj)
+    res = sample(model, predict, num_samples=len(fp_images.images), steps=steps, seed=seed,
+                 labels=fp_images.labels, guidance_scale=guidance)
+    out = {"noise_mean_mse": noise["mean_mse"], "noise_mean_sqnr_db": noise["mean_sqnr_db"],
+           "noise_per_step": noise["per_step"],
+           "image_psnr_db": psnr_db(res.images, fp_images.images), "image_ssim": ssim(res.images, fp_images.images),
+           **digit_scores(res.images, res.labels), "eval_s": round(time.perf_counter() - start, 1)}
+    return out, res.images

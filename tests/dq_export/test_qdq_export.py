@@ -1,0 +1,116 @@
+"""Export of tiny random models: interface, metadata, integer weights, t_index use, parity with PyTorch."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dilatequant.calibrate.calibration_data import build_calibration_set
+from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
+from dilatequant.calibrate.quant_config import QuantConfig
+from dilatequant.calibrate.recipe import prepare
+from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.dq_export.parity import ort_session, parity_inputs, run_ort
+from dilatequant.dq_export.pipeline import export_and_verify
+from dilatequant.dq_export.qdq_graph import ExportConfig
+from dilatequant.errors import UserError
+
+from conftest import tiny_cond, tiny_uncond
+
+STEPS = 4
+
+
+def _checkpoint(tmp, model, **cfg):
+    torch.manual_seed(0)
+    data = build_calibration_set(model, 16, STEPS, use_cache=False)
+    q, _ = prepare(model.unet, QuantConfig(num_steps=STEPS, **cfg), data)
+    return save_checkpoint(tmp / "q.pt", q, model, sampling_timesteps(model, STEPS), "fp", {})
+
+
+@pytest.fixture(scope="module")
+def cond_asym(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cond")
+    ck = _checkpoint(tmp, tiny_cond(), weight_bits=4, act_bits=8, symmetric=False, attn_matmul=True)
+    summary = export_and_verify(ck, tmp / "unet.onnx", ExportConfig(), per_step=3)
+    return ck, tmp / "unet.onnx", summary
+
+
+@pytest.fixture(scope="module")
+def uncond_sym(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uncond")
+    ck = _checkpoint(tmp, tiny_uncond(), weight_bits=8, act_bits=8, symmetric=True)
+    summary = export_and_verify(ck, tmp / "unet.onnx", ExportConfig(), per_step=3)
+    return ck, tmp / "unet.onnx", summary
+
+
+@pytest.mark.parametrize("which", ["cond_asym", "uncond_sym"])
+def test_parity_with_fake_quant_at_every_t_index(request, which):
+    _, _, summary = request.getfixturevalue(which)
+    par = summary["parity"]
+    assert [r["t_index"] for r in par["per_t_index"]] == list(range(STEPS))
+    assert par["min_sqnr_db"] >= 50, par
+    assert summary["trt_rules"] == "passed"
+
+
+def test_interface_and_metadata(cond_asym):
+    ck_path, onnx_path, _ = cond_asym
+    m = onnx.load(str(onnx_path))
+    ins = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    assert list(ins) == ["sample", "timestep", "t_index", "encoder_hidden_states"]
+    assert ins["sample"][0] == ins["t_index"][0] == ins["encoder_hidden_states"][0] == "batch"
+    assert m.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [o.name for o in m.graph.output] == ["noise_pred"]
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(meta["dilatequant.timesteps"]) == [750, 500, 250, 0]
+    assert meta["dilatequant.bits"] == "W4A8" and meta["dilatequant.precision"] == "int8"
+    assert len(meta["dilatequant.source_checkpoint_sha256"]) == 64
+
+
+def test_quantized_weights_are_stored_as_integers(cond_asym):
+    _, onnx_path, _ = cond_asym
+    m = onnx.load(str(onnx_path))
+    inits = {i.name: i for i in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[1] in producers:
+            src = producers[n.input[1]]
+            if src.op_type == "DequantizeLinear" and src.input[0] in inits:
+                assert inits[src.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    weights_from_dq = [n for n in convs if producers.get(n.input[1]) is not None
+                       and producers[n.input[1]].op_type == "DequantizeLinear"]
+    # every conv but the all-ones zero-point correction convs reads an int8 DequantizeLinear weight
+    assert len(weights_from_dq) >= len(convs) // 2
+    assert not [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4
+                and i.dims[1] > 1], "no float copy of a quantized conv weight remains"
+
+
+def test_t_index_selects_the_tables_and_is_clamped(cond_asym):
+    ck_path, onnx_path, _ = cond_asym
+    ck = load_checkpoint(ck_path)
+    ins = parity_inputs(ck, per_step=1)
+    sess = ort_session(onnx_path)
+    base = run_ort(sess, ins)
+    wrong = dict(ins, t_index=(ins["t_index"] + 1) % STEPS)
+    assert (run_ort(sess, wrong) - base).abs().max() > 1e-3, "a wrong t_index must change the output"
+    last = dict(ins, t_index=torch.full_like(ins["t_index"], STEPS - 1))
+    over = dict(ins, t_index=torch.full_like(ins["t_index"], 10_000))
+    assert torch.equal(run_ort(sess, over), run_ort(sess, last)), "out-of-range t_index is clamped in the graph"
+
+
+def test_int4_and_static_variants(cond_asym, tmp_path):
+    ck_path, onnx_path, _ = cond_asym
+    s4 = export_and_verify(ck_path, tmp_path / "int4.onnx", ExportConfig(precision="int4"), per_step=1)
+    m4 = onnx.load(str(tmp_path / "int4.onnx"))
+    int4_dq = [n for n in m4.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    assert int4_dq, "W4 linear weights become INT4 blocks"
+    assert s4["parity"]["min_sqnr_db"] >= 50
+    st = export_and_verify(ck_path, tmp_path / "static.onnx", ExportConfig(static_scales=True), verify=False)
+    assert st["inputs"] == ["sample", "timestep", "encoder_hidden_states"] and st["trt_rules"] == "passed"
+
+
+def test_bad_precision_is_a_clear_error():
+    with pytest.raises(UserError, match="unknown precision"):
+        ExportConfig(precision="fp8")
