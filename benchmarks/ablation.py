@@ -22,6 +22,7 @@ from dilatequant.calibrate.evaluation import compare_to_fp, fp_reference
 from dilatequant.calibrate.metrics import digit_scores
 from dilatequant.calibrate.models import load_model
 from dilatequant.calibrate.reporting import environment, write_json, write_text
+from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE
 
 VARIANTS = {
     "naive-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd", "--act-init", "minmax"],
@@ -67,7 +68,7 @@ def main() -> None:
     results = {"settings": vars(a) | {"out": str(a.out)}, "environment": environment(), "runs": []}
     for model_name in a.models:
         model = load_model(model_name)
-        guidance = 3.0 if model.is_conditional else 1.0
+        guidance = DEFAULT_GUIDANCE if model.is_conditional else 1.0
         fp_images, fp_traj = fp_reference(model, a.eval_samples, a.steps, a.seed + 100, guidance)
         fp_row = {"model": model_name, "bits": "FP32", "variant": "fp", **digit_scores(fp_images.images, fp_images.labels)}
         results["runs"].append(fp_row)

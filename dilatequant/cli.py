@@ -29,11 +29,16 @@ def demo_main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=DemoConfig.steps, help="DDIM steps")
     p.add_argument("--seed", type=int, default=DemoConfig.seed)
     p.add_argument("--models", nargs="+", default=list(DemoConfig.models))
+    p.add_argument("--quant-model", default=DemoConfig.quant_model, help="model to calibrate, export and verify")
+    p.add_argument("--bits", default=DemoConfig.bits)
+    p.add_argument("--iters", type=int, default=DemoConfig.iters, help="BKD iterations per block")
+    p.add_argument("--no-quant", action="store_true", help="FP sampling and metrics only")
     a = p.parse_args(argv)
 
     def go() -> None:
         out = run_demo(DemoConfig(report_dir=a.report, models=tuple(a.models), num_samples=a.samples,
-                                  steps=a.steps, seed=a.seed))
+                                  steps=a.steps, seed=a.seed, quant_model="" if a.no_quant else a.quant_model,
+                                  bits=a.bits, iters=a.iters))
         print(f"report written to {out}/README.md")
 
     _run(go)
@@ -43,6 +48,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     from .calibrate.distill import DistillConfig
     from .calibrate.quant_config import QuantConfig
     from .calibrate.recipe import CalibrationJob, run_calibration
+    from .calibrate.sampling import DEFAULT_GUIDANCE
     from .calibrate.weight_dilation import SCALING_METHODS
 
     d, q = DistillConfig(), QuantConfig()
@@ -65,7 +71,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn-matmul", action="store_true", help="also quantize q, k, v and softmax output per head")
     p.add_argument("--act-init", choices=("mse", "percentile", "minmax"), default=q.act_init)
     p.add_argument("--first-last-bits", type=int, default=q.first_last_bits, help="0: same as the rest")
-    p.add_argument("--guidance", type=float, default=3.0, help="CFG scale of the calibration trajectories")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale of the calibration trajectories")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run at its next unfinished block")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

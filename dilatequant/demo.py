@@ -15,7 +15,7 @@ from .calibrate.models import DiffusionModel, load_model
 from .calibrate.reporting import environment, ensure_writable_dir, save_grid, write_json, write_text
 from .calibrate.quant_config import QuantConfig
 from .calibrate.recipe import CalibrationJob, run_calibration
-from .calibrate.sampling import sample
+from .calibrate.sampling import DEFAULT_GUIDANCE, sample
 from .dq_export.pipeline import export_and_verify
 from .dq_export.qdq_graph import ExportConfig
 
@@ -26,7 +26,7 @@ class DemoConfig:
     models: tuple[str, ...] = ("default", "default-cond")
     num_samples: int = 200
     steps: int = 50
-    guidance_scale: float = 3.0
+    guidance_scale: float = DEFAULT_GUIDANCE
     seed: int = 0
     quant_model: str = "default"   # the model the demo calibrates, exports and verifies
     bits: str = "W4A8"

@@ -13,7 +13,7 @@ import torch
 from ..errors import UserError
 from .models import DiffusionModel
 from .reporting import atomic_write_bytes
-from .sampling import sample
+from .sampling import DEFAULT_GUIDANCE, sample
 
 CACHE_ENV = "DQ_CACHE_DIR"
 
@@ -66,7 +66,7 @@ def cache_dir() -> Path:
 
 
 def build_calibration_set(model: DiffusionModel, num_samples: int, steps: int, seed: int = 0,
-                          guidance_scale: float = 3.0, use_cache: bool = True) -> CalibrationSet:
+                          guidance_scale: float = DEFAULT_GUIDANCE, use_cache: bool = True) -> CalibrationSet:
     """num_samples UNet inputs, an equal share from every one of the `steps` steps (stratified uniform)."""
     guidance = guidance_scale if model.is_conditional else 1.0
     key = hashlib.sha256(f"{model_fingerprint(model)}|{num_samples}|{steps}|{seed}|{guidance}".encode()).hexdigest()[:20]

@@ -1,6 +1,8 @@
 """Train the embedded full-precision models from scratch (done once; the results ship in assets/).
 
-    python -m dilatequant.calibrate.fp_training --model default --iters 3500 --seed 0
+    python -m dilatequant.calibrate.fp_training --model default --iters 3500 --seed 0 --out /tmp/default-stage1
+    python -m dilatequant.calibrate.fp_training --model default --iters 1500 --seed 1 --lr 3e-4 \
+        --init-from /tmp/default-stage1
     python -m dilatequant.calibrate.fp_training --model default-cond --iters 3000 --seed 0
 """
 from __future__ import annotations
@@ -18,16 +20,18 @@ import torch
 from tqdm import tqdm
 
 from .digits import load_digits
-from .models import EMBEDDED_MODELS, DiffusionModel, embedded_model_dir, new_model
+from .models import EMBEDDED_MODELS, DiffusionModel, embedded_model_dir, load_model, new_model
 
 COND_DROPOUT = 0.1
 
 
-def train(name: str, iters: int, seed: int, batch: int, lr: float, ema_decay: float, out: Path, threads: int) -> dict:
+def train(name: str, iters: int, seed: int, batch: int, lr: float, ema_decay: float, out: Path, threads: int,
+          init_from: Path | None = None) -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     data = load_digits()
-    model = new_model(name)
+    model = load_model(init_from) if init_from else new_model(name)
+    lineage = json.loads((init_from / "training.json").read_text()) if init_from else None
     modules = torch.nn.ModuleList([model.unet] + ([model.class_encoder] if model.class_encoder else []))
     ema = copy.deepcopy(modules).requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0)
@@ -76,6 +80,7 @@ def train(name: str, iters: int, seed: int, batch: int, lr: float, ema_decay: fl
         "wall_s": round(time.time() - start, 1), "threads": threads,
         "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
         "parameters": sum(p.numel() for p in ema[0].parameters()),
+        "continued_from": lineage,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2))
     return record
@@ -91,9 +96,10 @@ def main() -> None:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="default: the package's assets/<model>")
+    p.add_argument("--init-from", type=Path, default=None, help="continue training a saved model folder")
     a = p.parse_args()
     out = a.out or embedded_model_dir(a.model)
-    rec = train(a.model, a.iters, a.seed, a.batch, a.lr, a.ema_decay, out, a.threads)
+    rec = train(a.model, a.iters, a.seed, a.batch, a.lr, a.ema_decay, out, a.threads, a.init_from)
     print(json.dumps({k: v for k, v in rec.items() if k != "loss_every_100"}, indent=2))
 
 

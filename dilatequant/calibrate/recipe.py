@@ -19,7 +19,7 @@ from .models import load_model
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
 from .reporting import ensure_writable_dir, environment
-from .sampling import sampling_timesteps
+from .sampling import DEFAULT_GUIDANCE, sampling_timesteps
 from .weight_dilation import dilate, dilation_scales, scale_weight, smoothquant_scales
 
 
@@ -113,7 +113,7 @@ class CalibrationJob:
     distill: DistillConfig = field(default_factory=DistillConfig)
     calib_samples: int = 512
     bkd: bool = True
-    guidance_scale: float = 3.0
+    guidance_scale: float = DEFAULT_GUIDANCE
     out: Path = Path("q.pt")
     resume: bool = False
 

@@ -9,7 +9,7 @@ import torch
 
 from ..calibrate.checkpoint import QuantCheckpoint
 from ..calibrate.metrics import sqnr_db
-from ..calibrate.sampling import sample
+from ..calibrate.sampling import DEFAULT_GUIDANCE, sample
 
 # ORT 1.32 rejects some opset-21 QDQ graphs in this pass ("output_dtype INT8 does not match y_zero_point");
 # it also moves Q/DQ around, which a parity proof does not want.
@@ -27,7 +27,7 @@ def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
 def parity_inputs(ck: QuantCheckpoint, per_step: int = 2, seed: int = 1234) -> dict[str, torch.Tensor]:
     """per_step UNet inputs at every t_index, from trajectories of the fake-quant model itself."""
     traj = sample(ck.model, ck.qunet.predictor(), num_samples=per_step, steps=len(ck.timesteps), seed=seed,
-                  guidance_scale=3.0 if ck.model.is_conditional else 1.0, return_trajectory=True,
+                  guidance_scale=DEFAULT_GUIDANCE if ck.model.is_conditional else 1.0, return_trajectory=True,
                   progress=False).trajectory
     flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731  [steps, B, ...] -> [steps*B, ...]
     out = {"sample": flat(traj.sample), "timestep": flat(traj.timestep), "t_index": flat(traj.t_index)}

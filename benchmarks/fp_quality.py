@@ -1,0 +1,58 @@
+"""Quality of the embedded FP models (issue 2's acceptance numbers): DDIM samples -> digit metrics.
+
+    python benchmarks/fp_quality.py --samples 1000 --steps 50 --out benchmarks/results/fp_quality
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from dilatequant.calibrate.digits import load_digits
+from dilatequant.calibrate.metrics import digit_scores
+from dilatequant.calibrate.models import load_model
+from dilatequant.calibrate.reporting import environment, save_grid, write_json, write_text
+from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE, sample
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--models", nargs="+", default=["default", "default-cond"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/fp_quality"))
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    out = {"settings": {k: str(v) for k, v in vars(a).items()}, "environment": environment(), "models": {}}
+    real = load_digits().train_images[: a.samples]  # the floor: real training digits vs held-out digits
+    out["real_train_digits"] = digit_scores(real, load_digits().train_labels[: a.samples])
+    for name in a.models:
+        model = load_model(name)
+        start = time.perf_counter()
+        g = a.guidance if model.is_conditional else 1.0
+        res = sample(model, num_samples=a.samples, steps=a.steps, seed=a.seed, guidance_scale=g)
+        scores = digit_scores(res.images, res.labels)
+        scores.update(sampling_s=round(time.perf_counter() - start, 1), guidance_scale=g)
+        save_grid(a.out / f"{name}_samples.png", res.images[:100])
+        out["models"][name] = scores
+        print(name, {k: v for k, v in scores.items() if k != "class_share"}, flush=True)
+    write_json(a.out / "fp_quality.json", out)
+    rows = ["| model | samples | guidance | digit-FID | mean confidence | class share min..max | class accuracy |",
+            "|---|---|---|---|---|---|---|"]
+    for name, s in out["models"].items():
+        acc = f"{s['class_accuracy']:.3f}" if "class_accuracy" in s else "-"
+        rows.append(f"| {name} | {s['num_samples']} | {s['guidance_scale']} | {s['digit_fid']:.2f} | "
+                    f"{s['classifier_mean_confidence']:.3f} | {min(s['class_share']):.3f}..{max(s['class_share']):.3f} | {acc} |")
+    r = out["real_train_digits"]
+    rows.append(f"| real digits (train split) | {r['num_samples']} | - | {r['digit_fid']:.2f} | "
+                f"{r['classifier_mean_confidence']:.3f} | {min(r['class_share']):.3f}..{max(r['class_share']):.3f} | "
+                f"{r['class_accuracy']:.3f} |")
+    write_text(a.out / "fp_quality.md", "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

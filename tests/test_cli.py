@@ -1,0 +1,61 @@
+"""The console entry points: bad input gives one clear line, exit code 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dilatequant.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_unknown_model(tmp_path):
+    assert_clean_error(run("demo", "--models", "no-such-model", "--report", str(tmp_path / "r")), "no-such-model")
+
+
+def test_folder_that_is_not_a_diffusers_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run("demo", "--models", str(tmp_path / "empty"), "--report", str(tmp_path / "r")),
+                       "not a diffusers model")
+
+
+def test_unwritable_report_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    assert_clean_error(run("demo", "--report", str(blocker / "report")), "cannot write")
+
+
+def test_calibrate_bad_bits_and_export_bad_inputs(tmp_path):
+    assert_clean_error(run("calibrate", "--bits", "W9A8"), "weight_bits")
+    assert_clean_error(run("calibrate", "--bits", "8bit"), "W4A8")
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    assert_clean_error(run("export", "--ckpt", str(tmp_path / "junk.pt"), "--onnx", str(tmp_path / "x.onnx")),
+                       "not a readable checkpoint")
+    assert_clean_error(run("export", "--ckpt", str(tmp_path / "junk.pt"), "--onnx", str(tmp_path / "x.onnx"),
+                           "--precision", "fp8"), "unknown precision")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+def test_demo_quick_run_writes_report(tmp_path):
+    proc = run("demo", "--report", str(tmp_path / "r"), "--samples", "8", "--steps", "4", "--no-quant", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    for name in ("default", "default-cond"):
+        fp = report["models"][name]["fp"]
+        assert fp["num_samples"] == 8 and fp["digit_fid"] > 0
+        assert (tmp_path / "r" / fp["grid"]).stat().st_size > 100
+    assert "class_accuracy" in report["models"]["default-cond"]["fp"]
+    assert (tmp_path / "r" / "README.md").read_text().startswith("# DilateQuant demo report")
