@@ -60,7 +60,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=d.iters, help="BKD iterations per block (full QAT: in total)")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr-weight", type=float, default=d.lr_weight)
-    p.add_argument("--lr-quant", type=float, default=d.lr_act, help="learning rate of step sizes and zero points")
+    p.add_argument("--lr-quant", type=float, default=d.lr_act, help="relative learning rate of step sizes (fraction of their size per step)")
     p.add_argument("--out", type=Path, default=Path("q.pt"))
     p.add_argument("--sym", action="store_true", help="symmetric activations (zero point 0, what TensorRT runs)")
     p.add_argument("--scaling", choices=SCALING_METHODS, default=q.scaling)

@@ -39,7 +39,9 @@ class QuantCheckpoint:
 
 
 def _config_json(cfg) -> str:
-    return json.dumps(dict(cfg), default=list, sort_keys=True)
+    """A diffusers config as JSON; where it was loaded from is not part of it."""
+    data = {k: v for k, v in dict(cfg).items() if k != "_name_or_path"}
+    return json.dumps(data, default=lambda o: str(o) if isinstance(o, Path) else list(o), sort_keys=True)
 
 
 def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, timesteps: list[int],

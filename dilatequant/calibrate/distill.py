@@ -30,8 +30,9 @@ class DistillConfig:
     iters: int = 200              # per block (BKD) or in total (full-model QAT)
     batch: int = 32
     lr_weight: float = 1e-5
-    lr_weight_scale: float = 1e-4
-    lr_act: float = 1e-4
+    lr_weight_scale: float = 5e-3   # relative: each step-size tensor moves ~this fraction of its size per step
+    lr_act: float = 5e-3            # relative, for activation step sizes; zero points use lr_zero_point
+    lr_zero_point: float = 1e-2
     full_model: bool = False
     seed: int = 0
 
@@ -111,26 +112,35 @@ def quant_runner(qunet: QuantUNet) -> Callable[[dict], Any]:
     return run
 
 
-def _param_groups(qunet: QuantUNet, layer_names: list[str], cfg: DistillConfig) -> list[dict]:
+def _relative(params: list[nn.Parameter], lr: float) -> list[dict]:
+    """One Adam group per step-size tensor, its lr scaled to the tensor's magnitude.
+
+    Step sizes span orders of magnitude (an 8-bit conv_out weight step ~1e-3, a 4-bit one ~1e-1);
+    Adam moves every parameter by about lr per step, so one absolute lr is either frozen or wild.
+    """
+    return [{"params": [p], "lr": lr * p.detach().abs().mean().clamp_min(1e-8).item()} for p in params]
+
+
+def _param_groups(qunet: QuantUNet, layer_names: list[str], cfg: DistillConfig,
+                  extra_quantizers: list[nn.Module] = ()) -> list[dict]:
     layers = qunet.layers()
-    weights, wscales, acts = [], [], []
-    seen: set[int] = set()
+    weights, wscales = [], []
+    quantizers: dict[int, nn.Module] = {id(q): q for q in extra_quantizers}
     for n in layer_names:
         layer: QuantLayer = layers[n]
         weights += [p for p in (layer.weight, layer.bias) if p is not None]
         wscales.append(layer.weight_quantizer.scale)
-        q = layer.input_quantizer
-        if id(q) not in seen:
-            seen.add(id(q))
-            acts += [p for p in (q.delta, q.zero_point) if p is not None]
-    return [{"params": weights, "lr": cfg.lr_weight}, {"params": wscales, "lr": cfg.lr_weight_scale},
-            {"params": acts, "lr": cfg.lr_act}]
+        quantizers.setdefault(id(layer.input_quantizer), layer.input_quantizer)
+    deltas = [q.delta for q in quantizers.values()]
+    zps = [q.zero_point for q in quantizers.values() if q.zero_point is not None]
+    groups = [{"params": weights, "lr": cfg.lr_weight}] + _relative(wscales, cfg.lr_weight_scale)
+    groups += _relative(deltas, cfg.lr_act)
+    return groups + ([{"params": zps, "lr": cfg.lr_zero_point}] if zps else [])
 
 
-def _attn_quantizers(qunet: QuantUNet, unit: str) -> list[nn.Parameter]:
-    prefix = unit.replace(".", "/") + "/"
-    return [p for k, q in qunet.act_quantizers.items() if k.startswith(prefix) and "/attn_" in k
-            for p in (q.delta, q.zero_point) if p is not None]
+def _attn_quantizers(qunet: QuantUNet, unit: str | None) -> list[nn.Module]:
+    prefix = "" if unit is None else unit.replace(".", "/") + "/"
+    return [q for k, q in qunet.act_quantizers.items() if k.startswith(prefix) and "/attn_" in k]
 
 
 @torch.no_grad()
@@ -210,8 +220,7 @@ def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: Dis
             continue
         target = capture(fp_runner(fp_unet), fp_modules[unit], data, cfg.batch, want_output=True)
         args, kwargs = capture(quant_runner(qunet), modules[unit], data, cfg.batch, want_output=False)
-        groups = _param_groups(qunet, layers_of[unit], cfg)
-        groups[2]["params"] += _attn_quantizers(qunet, unit)
+        groups = _param_groups(qunet, layers_of[unit], cfg, _attn_quantizers(qunet, unit))
         n, block = len(data), modules[unit]
 
         def step_loss():
@@ -236,9 +245,7 @@ def _distill_full(qunet, fp_unet, data, cfg, gen) -> list[float]:
     with torch.no_grad():
         run = fp_runner(fp_unet)
         target = torch.cat([run(c)[0] for c in data.chunks(cfg.batch * 4)])
-    groups = _param_groups(qunet, list(qunet.layers()), cfg)
-    groups[2]["params"] += [p for k, q in qunet.act_quantizers.items() if "/attn_" in k
-                            for p in (q.delta, q.zero_point) if p is not None]
+    groups = _param_groups(qunet, list(qunet.layers()), cfg, _attn_quantizers(qunet, None))
     n = len(data)
 
     def step_loss():
