@@ -9,13 +9,13 @@ import torch
 
 from .calibrate.checkpoint import load_checkpoint
 from .calibrate.distill import DistillConfig
-from .calibrate.evaluation import compare_to_fp, fp_reference
+from .calibrate.evaluation import compare_to_fp, fp_reference, fp_trajectories
 from .calibrate.metrics import digit_scores
 from .calibrate.models import DiffusionModel, load_model
 from .calibrate.reporting import environment, ensure_writable_dir, save_grid, write_json, write_text
 from .calibrate.quant_config import QuantConfig
 from .calibrate.recipe import CalibrationJob, run_calibration
-from .calibrate.sampling import DEFAULT_GUIDANCE, sample
+from .calibrate.sampling import DEFAULT_GUIDANCE, SampleResult, sample
 from .dq_export.pipeline import export_and_verify
 from .dq_export.qdq_graph import ExportConfig
 
@@ -24,18 +24,18 @@ from .dq_export.qdq_graph import ExportConfig
 class DemoConfig:
     report_dir: Path = Path("dq-report")
     models: tuple[str, ...] = ("default", "default-cond")
-    num_samples: int = 200
+    num_samples: int = 100
     steps: int = 50
     guidance_scale: float = DEFAULT_GUIDANCE
     seed: int = 0
     quant_model: str = "default"   # the model the demo calibrates, exports and verifies
     bits: str = "W4A8"
     symmetric: bool = True         # what TensorRT runs
-    calib_samples: int = 256
-    iters: int = 40                # BKD iterations per block: a short demo run
+    calib_samples: int = 128
+    iters: int = 20                # BKD iterations per block: a short demo run (benchmarks train longer)
 
 
-def fp_section(name: str, model: DiffusionModel, cfg: DemoConfig) -> tuple[dict, torch.Tensor]:
+def fp_section(name: str, model: DiffusionModel, cfg: DemoConfig) -> tuple[dict, SampleResult]:
     """FP samples from seeded noise and their digit metrics: the reference every later stage compares to."""
     start = time.perf_counter()
     guidance = cfg.guidance_scale if model.is_conditional else 1.0
@@ -46,10 +46,10 @@ def fp_section(name: str, model: DiffusionModel, cfg: DemoConfig) -> tuple[dict,
         "model": name, "source": model.source, "steps": cfg.steps, "guidance_scale": guidance,
         "seed": cfg.seed, "sampling_s": round(time.perf_counter() - start, 2),
         "parameters": sum(p.numel() for p in model.unet.parameters()), "grid": grid.name, **scores,
-    }, result.images
+    }, result
 
 
-def quant_section(cfg: DemoConfig) -> dict:
+def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
     """calibrate -> q.pt -> export -> parity -> fake-quant vs FP images, for cfg.quant_model."""
     w_bits, a_bits = QuantConfig.parse_bits(cfg.bits)
     qcfg = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=cfg.symmetric, num_steps=cfg.steps)
@@ -61,7 +61,10 @@ def quant_section(cfg: DemoConfig) -> dict:
     export = export_and_verify(ckpt, onnx_path, ExportConfig())
     model = load_model(cfg.quant_model)
     guidance = cfg.guidance_scale if model.is_conditional else 1.0
-    fp_images, fp_traj = fp_reference(model, cfg.num_samples, cfg.steps, cfg.seed, guidance)
+    if fp_images is None:
+        fp_images, fp_traj = fp_reference(model, cfg.num_samples, cfg.steps, cfg.seed, guidance)
+    else:
+        fp_traj = fp_trajectories(model, cfg.steps, cfg.seed, guidance)
     fq, images = compare_to_fp(model, load_checkpoint(ckpt).qunet.predictor(), fp_images, fp_traj,
                                cfg.steps, cfg.seed, guidance)
     save_grid(cfg.report_dir / "quantized_samples.png", torch.cat([fp_images.images[:20], images[:20]]))
@@ -79,11 +82,12 @@ def run_demo(cfg: DemoConfig) -> Path:
     start = time.perf_counter()
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
               "environment": environment(), "models": {}}
+    fp_results = {}
     for name in cfg.models:
-        section, _ = fp_section(name, load_model(name), cfg)
+        section, fp_results[name] = fp_section(name, load_model(name), cfg)
         report["models"][name] = {"fp": section}
     if cfg.quant_model:
-        report["quantized"] = quant_section(cfg)
+        report["quantized"] = quant_section(cfg, fp_results.get(cfg.quant_model))
     report["wall_s"] = round(time.perf_counter() - start, 1)
     write_json(cfg.report_dir / "report.json", report)
     write_text(cfg.report_dir / "README.md", summary_markdown(report))

@@ -25,13 +25,17 @@ def per_step_noise_error(model: DiffusionModel, predict: NoisePredictor, referen
             "mean_sqnr_db": sum(r["sqnr_db"] for r in rows) / len(rows)}
 
 
+def fp_trajectories(model: DiffusionModel, steps: int, seed: int, guidance: float, num: int = 16) -> SampleResult:
+    """A short set of FP trajectories: the inputs at which per-step noise errors are measured."""
+    return sample(model, num_samples=num, steps=steps, seed=seed + 7, guidance_scale=guidance,
+                  return_trajectory=True, progress=False)
+
+
 def fp_reference(model: DiffusionModel, num_samples: int, steps: int, seed: int, guidance: float,
                  traj_samples: int = 16) -> tuple[SampleResult, SampleResult]:
     """FP images for num_samples seeds, and a short FP trajectory set for per-step errors."""
     images = sample(model, num_samples=num_samples, steps=steps, seed=seed, guidance_scale=guidance)
-    traj = sample(model, num_samples=traj_samples, steps=steps, seed=seed + 7, guidance_scale=guidance,
-                  return_trajectory=True, progress=False)
-    return images, traj
+    return images, fp_trajectories(model, steps, seed, guidance, traj_samples)
 
 
 def compare_to_fp(model: DiffusionModel, predict: NoisePredictor, fp_images: SampleResult, fp_traj: SampleResult,
