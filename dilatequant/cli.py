@@ -135,6 +135,8 @@ def export_main(argv: list[str] | None = None) -> None:
         if isinstance(par, dict):
             print(f"  ORT vs PyTorch fake-quant over {len(par['per_t_index'])} t_index values: min SQNR "
                   f"{par['min_sqnr_db']:.1f} dB, median {par['median_sqnr_db']:.1f} dB, max |err| {par['max_abs_error']:.2e}")
+            print(f"  (PyTorch vs itself at batch 1, the float-order floor: min {par['torch_self_min_sqnr_db']:.1f} dB, "
+                  f"median {par['torch_self_median_sqnr_db']:.1f} dB)")
         print(f"  report: {a.onnx}.export.json")
 
     _run(go)

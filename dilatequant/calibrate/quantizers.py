@@ -43,8 +43,13 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """x forward, gradient multiplied by factor backward (LSQ's step-size gradient scaling)."""
-    return (x - x * factor).detach() + x * factor
+    """x forward (bit-exact), gradient multiplied by factor backward (LSQ's step-size gradient scaling).
+
+    The usual (x - x*f).detach() + x*f changes x by an ulp, enough to flip roundings against the
+    exported graph, which uses the exact table values; x + (y - y.detach()) adds an exact zero.
+    """
+    y = x * factor
+    return x.detach() + (y - y.detach())
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, r: IntRange) -> torch.Tensor:
