@@ -109,6 +109,8 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=2, help="example batch (the fixed one with --static-shapes)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
     p.add_argument("--check", type=Path, metavar="FILE", help="only check FILE against the TensorRT rules")
+    p.add_argument("--fp16-from", type=Path, metavar="FILE", help="only run the FP16 fallback pass on an FP32 QDQ "
+                   "ONNX FILE, writing --onnx")
     a = p.parse_args(argv)
 
     def go() -> None:
@@ -122,6 +124,17 @@ def export_main(argv: list[str] | None = None) -> None:
                 raise UserError(f"{len(violations)} TensorRT rule violation(s) in {a.check}")
             print(f"{a.check}: passes every TensorRT rule")
             return
+        if a.fp16_from:
+            from .dq_export.fp16 import convert_file
+            from .dq_export.trt_rules import enforce
+
+            if not a.onnx:
+                raise UserError("pass --onnx OUT.onnx for the FP16 graph")
+            s = convert_file(a.fp16_from, a.onnx)
+            enforce(a.onnx)
+            print(f"wrote {a.onnx} ({s['bytes'] / 1e6:.2f} MB): {s['fp32_nodes']} of {s['nodes']} nodes kept in FP32, "
+                  f"{s['cast_nodes']} casts; TensorRT rules: passed")
+            return
         if not a.ckpt or not a.onnx:
             raise UserError("pass --ckpt q.pt --onnx out.onnx (or --check FILE)")
         from .dq_export.pipeline import export_and_verify
@@ -134,7 +147,9 @@ def export_main(argv: list[str] | None = None) -> None:
         par = s.get("parity")
         if isinstance(par, dict):
             print(f"  ORT vs PyTorch fake-quant over {len(par['per_t_index'])} t_index values: min SQNR "
-                  f"{par['min_sqnr_db']:.1f} dB, median {par['median_sqnr_db']:.1f} dB, max |err| {par['max_abs_error']:.2e}")
+                  f"{par['min_sqnr_db']:.1f} dB (median-sample {par['min_median_sample_sqnr_db']:.1f} dB), median "
+                  f"{par['median_sqnr_db']:.1f} dB, max |err| {par['max_abs_error']:.2e}; {par['samples_below']} of "
+                  f"{par['samples']} samples below {par['threshold_db']:.0f} dB")
             print(f"  (PyTorch vs itself at batch 1, the float-order floor: min {par['torch_self_min_sqnr_db']:.1f} dB, "
                   f"median {par['torch_self_median_sqnr_db']:.1f} dB)")
         print(f"  report: {a.onnx}.export.json")

@@ -71,7 +71,9 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
     return {"model": cfg.quant_model, "bits": cfg.bits, "symmetric": cfg.symmetric, "checkpoint": ckpt.name,
             "calibration": {k: calib[k] for k in ("wall_s", "peak_rss_mb", "val_before_training", "val_after_training")},
             "export": {k: export[k] for k in ("onnx", "bytes", "export_s", "trt_rules")},
-            "parity": {k: export["parity"][k] for k in ("min_sqnr_db", "median_sqnr_db", "max_abs_error")},
+            "parity": {k: export["parity"][k] for k in ("min_sqnr_db", "median_sqnr_db", "min_median_sample_sqnr_db",
+                                                        "samples_below", "samples", "max_abs_error",
+                                                        "torch_self_min_sqnr_db")},
             "fake_quant_vs_fp": {k: v for k, v in fq.items() if k != "noise_per_step"},
             "grid": "quantized_samples.png"}
 
@@ -120,6 +122,8 @@ def summary_markdown(report: dict) -> str:
                   f"- export: `{Path(q['export']['onnx']).name}` ({q['export']['bytes'] / 1e6:.2f} MB) in "
                   f"{q['export']['export_s']} s, TensorRT rules {q['export']['trt_rules']}",
                   f"- ONNX Runtime vs PyTorch fake-quant at every t_index: min SQNR {par['min_sqnr_db']:.1f} dB, "
-                  f"median {par['median_sqnr_db']:.1f} dB, max abs error {par['max_abs_error']:.2e}",
+                  f"median {par['median_sqnr_db']:.1f} dB, max abs error {par['max_abs_error']:.2e}; "
+                  f"{par['samples_below']} of {par['samples']} samples below 50 dB; PyTorch against itself at batch "
+                  f"1 (float-order floor): min {par['torch_self_min_sqnr_db']:.1f} dB",
                   "", f"FP (top two rows) and fake-quant from the same noise (bottom two): ![]({q['grid']})", ""]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ def _never_fold_qdq(node) -> bool | None:
 def simplify(model: ir.Model) -> onnx.ModelProto:
     """Cheap clean-up of the raw export (the exporter's full optimizer takes minutes on a UNet)."""
     fold_constants(model, should_fold=_never_fold_qdq)
-    for p in (common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(size_limit=16),
+    for p in (common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(size_limit=1),
               common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
               common.IdentityEliminationPass(), common.RemoveUnusedNodesPass(),
               common.ClearMetadataAndDocStringPass()):

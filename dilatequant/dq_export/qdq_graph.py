@@ -15,6 +15,7 @@ from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkp
 from ..calibrate.reporting import atomic_write_bytes
 from ..errors import UserError
 from .fold import ExportContext, deploy_unet
+from .fp16 import to_fp16
 from .graph_passes import finalize_graph, simplify
 
 FORMAT_VERSION = "1"
@@ -71,12 +72,21 @@ def example_inputs(ck: QuantCheckpoint, batch: int, use_t_index: bool) -> dict[s
     return ins
 
 
-def _dynamic_shapes(names: list[str], static: bool):
+def _dynamic_shapes(names: list[str], static: bool, spatial_multiple: int):
+    """Dynamic batch and spatial sizes; H and W stay multiples of the UNet's total downsampling factor."""
     if static:
         return None
     batch = torch.export.Dim("batch", min=1, max=1024)
-    shapes = {"sample": {0: batch}, "timestep": {0: batch}, "t_index": {0: batch}, "encoder_hidden_states": {0: batch}}
+    h = spatial_multiple * torch.export.Dim("h_blocks", min=1, max=4096 // spatial_multiple)
+    w = spatial_multiple * torch.export.Dim("w_blocks", min=1, max=4096 // spatial_multiple)
+    shapes = {"sample": {0: batch, 2: h, 3: w}, "timestep": {0: batch}, "t_index": {0: batch},
+              "encoder_hidden_states": {0: batch}}
     return {n: shapes[n] for n in names}
+
+
+def spatial_multiple(unet: nn.Module) -> int:
+    """2^(number of downsampling blocks): the sizes a diffusers UNet accepts without padding."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
 def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig) -> dict:
@@ -93,12 +103,15 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
         try:
             program = torch.onnx.export(
                 wrapper, tuple(ins[n] for n in names), input_names=names, output_names=["noise_pred"],
-                dynamo=True, opset_version=OPSET, dynamic_shapes=_dynamic_shapes(names, cfg.static_shapes),
+                dynamo=True, opset_version=OPSET,
+                dynamic_shapes=_dynamic_shapes(names, cfg.static_shapes, spatial_multiple(ck.qunet.unet)),
                 verbose=False, optimize=False)
         except Exception as err:  # the exporter's own errors are long; keep the cause
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
     model = finalize_graph(model, ck, cfg, checkpoint_hash(ckpt_path), use_t)
+    if cfg.dtype == "fp16":
+        model = to_fp16(model)
     data = model.SerializeToString()
     if len(data) > 2**31 - 1:
         raise UserError("graph over 2 GB: external-data export is not supported yet for such models")
