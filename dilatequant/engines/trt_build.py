@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..calibrate.reporting import atomic_write_bytes, ensure_writable_dir, environment, write_json
 from ..errors import UserError
@@ -178,10 +178,10 @@ def build_with_tensorrt(trt: ModuleType, onnx_path: Path, profile: ProfileShapes
         try:
             data = build()
         except (PolygraphyException, RuntimeError, TypeError) as err:
-            raise UserError(build_error_message(onnx_path, errors, err)) from err
+            raise UserError(build_error_message(onnx_path, errors(), err)) from err
+        if not data:
+            raise UserError(build_error_message(onnx_path, errors(), None))
     build_s = time.perf_counter() - start
-    if not data:
-        raise UserError(build_error_message(onnx_path, errors, None))
     engine_bytes = bytes(data)
     layers = inspect_engine(trt, engine_bytes) if cfg.inspect else None
     tc = None
@@ -231,22 +231,21 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @contextlib.contextmanager
-def polygraphy_errors() -> Iterator[list[str]]:
-    """Collect Polygraphy's (and through it TensorRT's) error lines while a build runs."""
+def polygraphy_errors() -> Iterator[Callable[[], list[str]]]:
+    """Record Polygraphy's log (TensorRT's messages go through it) while a build runs; yields a reader that
+    returns the error lines logged so far."""
     from polygraphy.logger import G_LOGGER
 
-    errors: list[str] = []
     if G_LOGGER.log_file:  # someone else's log file: leave it alone, report the exception text only
-        yield errors
+        yield lambda: []
         return
     fd, path = tempfile.mkstemp(prefix="dq-trt-", suffix=".log")
     os.close(fd)
     G_LOGGER.log_file = path
     try:
-        yield errors
+        yield lambda: error_lines(Path(path).read_text(errors="replace"))
     finally:
         G_LOGGER.log_file = None
-        errors.extend(error_lines(Path(path).read_text(errors="replace")))
         Path(path).unlink(missing_ok=True)
 
 

@@ -1,6 +1,8 @@
 """dq-build-engine without a GPU: profiles, shape checks, sidecar, FP16-pass wiring, the no-TensorRT path, and
 a static guard against TensorRT 10-only APIs. The real build runs only where TensorRT 11 and a GPU exist."""
 import hashlib
+import importlib
+import importlib.machinery
 import io
 import json
 import re
@@ -229,11 +231,19 @@ def test_nvidia_smi_parsing():
 # ---------------------------------------------------------------- build wiring without TensorRT
 
 
+def _module(name, **attrs):
+    """A stand-in module with a spec (torch._dynamo's import scan calls find_spec on 'tensorrt')."""
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    return mod
+
+
 @pytest.fixture
 def fake_trt(monkeypatch):
     """A stand-in TensorRT 11 and GPU, and a recording stand-in for the Polygraphy build."""
-    mod = types.ModuleType("tensorrt")
-    mod.__version__ = "11.1.0"
+    mod = _module("tensorrt", __version__="11.1.0")
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
     monkeypatch.setattr(trt_env, "detect_gpu", lambda: GpuInfo("Fake GPU", "9.0", "test"))
     calls = []
@@ -254,8 +264,7 @@ def _fake_fp16_module(monkeypatch, writes_graph):
         onnx.save(writes_graph, str(dst))
         return {"converted_initializers": 7, "casts_inserted": 3}
 
-    mod = types.ModuleType("dilatequant.dq_export.fp16")
-    mod.convert_file = convert_file
+    mod = _module("dilatequant.dq_export.fp16", convert_file=convert_file)
     monkeypatch.setitem(sys.modules, "dilatequant.dq_export.fp16", mod)
     return calls
 
@@ -312,8 +321,7 @@ def test_fp16_graph_from_export_is_not_converted_twice(tmp_path, fake_trt, monke
 
 
 def test_missing_gpu_and_old_tensorrt_are_one_clear_error(tmp_path, onnx_file, monkeypatch):
-    mod = types.ModuleType("tensorrt")
-    mod.__version__ = "11.0.1"
+    mod = _module("tensorrt", __version__="11.0.1")
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
     monkeypatch.setattr(trt_env, "detect_gpu", lambda: None)
     with pytest.raises(UserError, match="no CUDA GPU found.*NVIDIA GPU"):
@@ -358,6 +366,244 @@ def test_cli_reports_bad_flags_before_looking_for_tensorrt(tmp_path, onnx_file, 
         err = capsys.readouterr().err.strip()
         assert ex.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
         assert (needle or "TensorRT 11 is not installed") in err, err
+
+
+# ---------------------------------------------------------------- the Polygraphy path against a recording fake TensorRT 11
+
+
+class _Enum:
+    """A TensorRT-style enum namespace: attribute per member, `__members__`, int() of a member."""
+
+    def __init__(self, name, members):
+        self.__members__ = {}
+        for i, m in enumerate(members):
+            val = type(f"{name}.{m}", (), {"name": m, "__int__": lambda self, i=i: i,
+                                           "__repr__": lambda self, n=f"{name}.{m}": n})()
+            setattr(self, m, val)
+            self.__members__[m] = val
+
+
+class _HostMemory(bytes):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fake_tensorrt(record, fail=None):
+    """Enough of TensorRT 11's Python API for Polygraphy's loaders, recording every call that matters.
+
+    What TensorRT 11 removed is absent here too (no FP16/INT8 builder flags, no EXPLICIT_BATCH, no int8_calibrator),
+    so using it fails the way it would on a real TensorRT 11."""
+    trt = _module("tensorrt", __version__="11.1.0")
+    trt.BuilderFlag = _Enum("BuilderFlag", ["TF32", "REFIT", "SPARSE_WEIGHTS", "STRIP_PLAN"])
+    trt.NetworkDefinitionCreationFlag = _Enum("NetworkDefinitionCreationFlag", ["STRONGLY_TYPED"])
+    trt.MemoryPoolType = _Enum("MemoryPoolType", ["WORKSPACE", "TACTIC_SHARED_MEMORY"])
+    trt.ProfilingVerbosity = _Enum("ProfilingVerbosity", ["LAYER_NAMES_ONLY", "NONE", "DETAILED"])
+    trt.LayerInformationFormat = _Enum("LayerInformationFormat", ["ONELINE", "JSON"])
+    trt.DeviceType = _Enum("DeviceType", ["GPU", "DLA"])
+    trt.LayerType = _Enum("LayerType", ["SHAPE", "QUANTIZE", "DEQUANTIZE"])
+    trt.OnnxParserFlag = _Enum("OnnxParserFlag", ["NATIVE_INSTANCENORM"])
+
+    class ILogger:
+        def __init__(self):
+            pass
+
+    class Logger(ILogger):
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+    trt.ILogger, trt.Logger = ILogger, Logger
+    trt.init_libnvinfer_plugins = lambda logger, ns: True
+
+    class Tensor:
+        def __init__(self, name, shape, dtype):
+            self.name, self.shape, self.dtype, self.is_shape_tensor = name, tuple(shape), dtype, False
+
+    class Network:
+        def __init__(self):
+            self.inputs = []
+
+        num_inputs = property(lambda self: len(self.inputs))
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_flag(self, flag):
+            return False
+
+        def __iter__(self):
+            return iter([])
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.network, self.flags, self.num_errors = network, 0, 0
+
+        def parse_from_file(self, path):
+            record["parsed"] = path
+            if fail == "parse":
+                self.num_errors = 1
+                return False
+            m = onnx.load(path, load_external_data=False)
+            for i in m.graph.input:
+                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim]
+                self.network.inputs.append(Tensor(i.name, dims, i.type.tensor_type.elem_type))
+            return True
+
+        def get_error(self, i):
+            return "In node 3 (importQuantizeLinear): UNSUPPORTED_NODE: scale must be a build-time constant"
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = bytes(data)
+
+        def combine(self, other, ignore_mismatch):
+            self.data = other.data + b"+" + self.data
+            return True
+
+        def serialize(self):
+            return _HostMemory(self.data)
+
+    class OptimizationProfile:
+        def set_shape(self, name, min, opt, max):
+            record.setdefault("shapes", {})[name] = (tuple(min), tuple(opt), tuple(max))
+
+    class Config:
+        DLA_core, num_optimization_profiles = -1, 0
+        default_device_type = trt.DeviceType.GPU
+
+        def __init__(self):
+            self.flags, self.cache = set(), None
+            record["config"] = self
+
+        def set_flag(self, flag):
+            record.setdefault("set_flag", []).append(flag.name)
+            self.flags.add(flag.name)
+
+        def clear_flag(self, flag):
+            self.flags.discard(flag.name)
+
+        def get_flag(self, flag):
+            return flag.name in self.flags
+
+        def add_optimization_profile(self, profile):
+            self.num_optimization_profiles += 1
+
+        def set_memory_pool_limit(self, pool, size):
+            record["pools"] = {pool.name: size}
+
+        def get_memory_pool_limit(self, pool):
+            return record.get("pools", {}).get(pool.name, 0)
+
+        def create_timing_cache(self, data):
+            return TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            record["cache_loaded"] = cache.data
+            self.cache = cache
+
+        def get_timing_cache(self):
+            self.cache.data += b"new-tactics"
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags=0):
+            record["network_flags"] = flags
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return OptimizationProfile()
+
+        def build_serialized_network(self, network, config):
+            record["built"] = {"verbosity": config.profiling_verbosity.name,
+                               "level": config.builder_optimization_level}
+            if fail == "build":
+                self.logger.log(Logger.ERROR, "[builder.cpp::build] Error Code 2: no implementation for QLinearConv")
+                return None
+            return _HostMemory(b"SERIALIZED-PLAN")
+
+    class Inspector:
+        def get_engine_information(self, fmt):
+            record["inspector_format"] = fmt.name
+            return json.dumps({"Layers": [{"Name": "conv", "LayerType": "CaskConvolution",
+                                           "Outputs": [{"Format/Datatype": "Int8"}]}]})
+
+    class Engine:
+        def create_engine_inspector(self):
+            return Inspector()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            record["deserialized"] = bytes(data)
+            return Engine()
+
+    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, Parser, Runtime
+    return trt
+
+
+@pytest.fixture
+def polygraphy_on_fake_trt(monkeypatch):
+    """Point Polygraphy's TensorRT modules at a fake (restored afterwards, so a real TensorRT is not shadowed)."""
+    def install(fail=None):
+        record = {}
+        trt = _fake_tensorrt(record, fail)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        for name in ("polygraphy.backend.trt.loader", "polygraphy.backend.trt.config", "polygraphy.backend.trt.util",
+                     "polygraphy.util.util"):
+            monkeypatch.setattr(importlib.import_module(name), "trt", trt)
+        monkeypatch.setattr(importlib.import_module("polygraphy.backend.trt.util"), "TRT_LOGGER", None)
+        monkeypatch.setattr(trt_env, "detect_gpu", lambda: GpuInfo("Fake GPU", "9.0", "test"))
+        return record
+
+    return install
+
+
+def test_polygraphy_build_sets_profile_cache_level_pool_and_verbosity_without_precision_flags(
+        tmp_path, onnx_file, polygraphy_on_fake_trt):
+    record = polygraphy_on_fake_trt()
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    engine = tmp_path / "unet.plan"
+    s = build_engine(BuildConfig(onnx=onnx_file, engine=engine, max_shapes="sample:8x1x8x8", timing_cache=cache,
+                                 opt_level=5, workspace_gb=1.5, inspect=True))
+    assert record["parsed"] == str(onnx_file) and record["network_flags"] == 0  # create_network() with no flags
+    assert record["shapes"] == {"sample": ((1, 1, 8, 8), (4, 1, 8, 8), (8, 1, 8, 8)), "timestep": ((1,), (4,), (8,)),
+                                "t_index": ((1,), (4,), (8,)),
+                                "encoder_hidden_states": ((1, 2, 16), (4, 2, 16), (8, 2, 16))}
+    assert record["built"] == {"verbosity": "DETAILED", "level": 5}
+    assert record["pools"] == {"WORKSPACE": int(1.5 * 2**30)}
+    assert record.get("set_flag", []) == [] and not record["config"].flags  # no precision (or TF32) flags
+    assert record["cache_loaded"] == b"old" and cache.read_bytes() == b"old+oldnew-tactics"  # loaded, merged, saved
+    assert s["builder"]["timing_cache"] == {"path": str(cache), "bytes_before": 3, "bytes_after": 18}
+    assert engine.read_bytes() == b"SERIALIZED-PLAN" == record["deserialized"]
+    assert record["inspector_format"] == "JSON"
+    assert s["layers"]["layers"] == 1 and s["layers"]["output_formats"] == {"Int8": 1}
+    assert json.loads((tmp_path / "unet.plan.layers.json").read_text())["Layers"][0]["Name"] == "conv"
+
+
+@pytest.mark.parametrize("fail, needle", [
+    ("build", "[builder.cpp::build] Error Code 2: no implementation for QLinearConv"),
+    ("parse", "In node 3 (importQuantizeLinear): UNSUPPORTED_NODE: scale must be a build-time constant"),
+])
+def test_polygraphy_failure_is_one_userror_with_the_tensorrt_errors(tmp_path, onnx_file, polygraphy_on_fake_trt,
+                                                                    fail, needle):
+    record = polygraphy_on_fake_trt(fail=fail)
+    with pytest.raises(UserError) as err:
+        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
+    msg = str(err.value)
+    assert msg.startswith(f"TensorRT could not build an engine from '{onnx_file}': ") and needle in msg, msg
+    assert "\n" not in msg and "dq-export --check" in msg
+    assert ("built" in record) == (fail == "build")
+    assert not (tmp_path / "unet.plan").exists() and not (tmp_path / "unet.plan.json").exists()
 
 
 # ---------------------------------------------------------------- no TensorRT 10-only API in the code
