@@ -152,7 +152,8 @@ def build_engine_main(argv: list[str] | None = None) -> None:
     for level in ("min", "opt", "max"):
         p.add_argument(f"--{level}-shapes", metavar="NAME:BxCxHxW,...", help=f"{level} shapes of the optimization "
                        "profile; inputs sharing a dimension (batch) follow; default batch 1/4/16, rest from the graph")
-    p.add_argument("--timing-cache", type=Path, metavar="FILE", help="tactic timing cache: loaded if present, saved after")
+    p.add_argument("--timing-cache", type=Path, metavar="FILE",
+                   help="tactic timing cache: loaded if present, saved (merged) after the build")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default: %(default)s)")
     p.add_argument("--workspace-gb", type=float, help="workspace memory pool limit in GiB (default: TensorRT's)")
     p.add_argument("--inspect", action="store_true", help="detailed profiling verbosity and the engine inspector's "
@@ -171,8 +172,9 @@ def build_engine_main(argv: list[str] | None = None) -> None:
         prof = s["profiles"][0]
         shapes = ", ".join(f"{n} {'/'.join('x'.join(map(str, v[lv])) for lv in ('min', 'opt', 'max'))}"
                            for n, v in prof.items())
-        print(f"wrote {a.engine} ({s['engine_bytes'] / 1e6:.2f} MB) with TensorRT {s['tensorrt']} on {s['gpu']['name']} "
-              f"(sm {s['gpu']['compute_capability']}) in {s['build_s']} s; fp16 fallback: {s['fp16_fallback']}")
+        gpu = s["gpu"]
+        print(f"wrote {a.engine} ({s['engine_bytes'] / 1e6:.2f} MB) with TensorRT {s['tensorrt']} on {gpu['name']} "
+              f"(compute {gpu['compute_capability']}) in {s['build_s']} s; fp16 fallback: {s['fp16_fallback']}")
         print(f"  profile min/opt/max: {shapes}")
         if s.get("layers"):
             print(f"  {s['layers']['layers']} engine layers, output formats {s['layers']['output_formats']}; "

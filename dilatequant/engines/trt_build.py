@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterator
 
 from ..calibrate.reporting import atomic_write_bytes, ensure_writable_dir, environment, write_json
+from ..dq_export.trt_rules import enforce
 from ..errors import UserError
 from .trt_env import GpuInfo, require_trt_and_gpu
 from .trt_profiles import ProfileShapes, graph_inputs, graph_metadata, load_onnx, profile_from_flags
@@ -119,8 +120,6 @@ def build_engine(cfg: BuildConfig) -> dict:
     built, fp16 = cfg.onnx, None
     if cfg.fp16_fallback:
         built, fp16 = fp16_pass(cfg.onnx, fp16_graph_path(cfg.engine), metadata)
-    from ..dq_export.trt_rules import enforce
-
     enforce(built)  # the graph TensorRT gets must pass every explicit-quantization rule
     result = build_with_tensorrt(trt, built, profile, cfg)
 
@@ -129,11 +128,16 @@ def build_engine(cfg: BuildConfig) -> dict:
     if cfg.inspect and result.layers is not None:
         write_json(layers_path(cfg.engine), result.layers)
         summary = layer_summary(result.layers)
+    else:  # a layer table or FP16 graph from an earlier build of this plan would now describe another engine
+        layers_path(cfg.engine).unlink(missing_ok=True)
+    if built != fp16_graph_path(cfg.engine):
+        fp16_graph_path(cfg.engine).unlink(missing_ok=True)
     env = environment()
     env["tensorrt"] = result.trt_version
     info = BuildInfo(cfg=cfg, trt_version=result.trt_version, gpu=gpu, profile=profile, inputs=inputs,
                      metadata=metadata, onnx_sha256=sha256_file(cfg.onnx), built_onnx=built,
-                     built_onnx_sha256=sha256_file(built), engine_sha256=hashlib.sha256(result.engine_bytes).hexdigest(),
+                     built_onnx_sha256=sha256_file(built),
+                     engine_sha256=hashlib.sha256(result.engine_bytes).hexdigest(),
                      engine_bytes=len(result.engine_bytes), build_s=result.build_s, fp16_pass=fp16,
                      timing_cache=result.timing_cache, layer_summary=summary, env=env,
                      built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -224,7 +228,8 @@ def layer_summary(info: dict) -> dict:
                 fmt = out.get("Format/Datatype") or out.get("DataType") or out.get("Format")
                 if fmt:
                     formats[str(fmt)] += 1
-    return {"layers": len(layers), "layer_types": dict(types.most_common()), "output_formats": dict(formats.most_common())}
+    return {"layers": len(layers), "layer_types": dict(types.most_common()),
+            "output_formats": dict(formats.most_common())}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

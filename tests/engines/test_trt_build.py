@@ -283,7 +283,8 @@ def test_fp16_fallback_runs_the_pass_then_builds_the_converted_graph(tmp_path, o
     side = json.loads(sidecar_path(engine).read_text())
     assert side == json.loads(json.dumps(s))
     assert side["fp16_fallback"] is True
-    assert side["fp16_pass"] == {"converted_initializers": 7, "casts_inserted": 3, "graph": str(fp16_graph_path(engine))}
+    assert side["fp16_pass"] == {"converted_initializers": 7, "casts_inserted": 3,
+                                 "graph": str(fp16_graph_path(engine))}
     assert side["source_onnx_sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
     assert side["built_onnx_sha256"] == hashlib.sha256(fp16_graph_path(engine).read_bytes()).hexdigest()
     assert side["built_onnx_sha256"] != side["source_onnx_sha256"]
@@ -305,11 +306,13 @@ def test_fp16_pass_output_is_checked_against_the_trt_rules(tmp_path, onnx_file, 
 
 def test_without_fp16_fallback_the_source_graph_is_built(tmp_path, onnx_file, fake_trt, monkeypatch):
     fp16_calls = _fake_fp16_module(monkeypatch, _unet_like())
+    for stale in ("unet.plan.layers.json", "unet.plan.fp16.onnx"):  # left by an earlier --inspect --fp16-fallback
+        (tmp_path / stale).write_text("old")
     s = build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
     assert fp16_calls == [] and [c["onnx"] for c in fake_trt] == [onnx_file]
     assert s["fp16_fallback"] is False and s["fp16_pass"] is None and s["built_onnx"] == str(onnx_file)
     assert s["builder"]["profiling_verbosity"] == "LAYER_NAMES_ONLY" and s["layers"] is None
-    assert not (tmp_path / "unet.plan.layers.json").exists()
+    assert not (tmp_path / "unet.plan.layers.json").exists() and not (tmp_path / "unet.plan.fp16.onnx").exists()
 
 
 def test_fp16_graph_from_export_is_not_converted_twice(tmp_path, fake_trt, monkeypatch):
@@ -368,7 +371,7 @@ def test_cli_reports_bad_flags_before_looking_for_tensorrt(tmp_path, onnx_file, 
         assert (needle or "TensorRT 11 is not installed") in err, err
 
 
-# ---------------------------------------------------------------- the Polygraphy path against a recording fake TensorRT 11
+# ---------------------------------------------------------------- Polygraphy path, recording fake TensorRT 11
 
 
 class _Enum:
