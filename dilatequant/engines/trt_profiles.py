@@ -19,7 +19,7 @@ from ..errors import UserError
 LEVELS = ("min", "opt", "max")
 DEFAULT_BATCH = {"min": 1, "opt": 4, "max": 16}
 Shape = tuple[int, ...]
-_ENTRY = re.compile(r"^\s*([^:\s][^:]*?)\s*:\s*(\d+(?:\s*x\s*\d+)*)\s*$")
+_DIMS = re.compile(r"^\d+(?:x\d+)*$")
 
 
 @dataclass(frozen=True)
@@ -84,23 +84,21 @@ def parse_shapes(text: str | None, flag: str = "--opt-shapes") -> dict[str, Shap
     if text is None or not text.strip():
         return {}
     out: dict[str, Shape] = {}
-    for entry in _split_entries(text):
-        m = _ENTRY.match(entry)
-        if not m:
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, _, spec = entry.rpartition(":")  # rpartition: tensor names may contain ':' themselves
+        name, spec = name.strip(), spec.replace(" ", "")
+        if not name or not _DIMS.match(spec):
             raise UserError(f"{flag}: cannot read '{entry}'; write name:BxCxHxW entries separated by commas, "
                             "e.g. sample:4x1x28x28,timestep:4")
-        name, dims = m.group(1), tuple(int(d) for d in m.group(2).split("x"))
+        dims = tuple(int(d) for d in spec.split("x"))
         if name in out:
             raise UserError(f"{flag}: input '{name}' is given twice; give each input once")
         if any(d <= 0 for d in dims):
-            raise UserError(f"{flag}: {name}:{m.group(2)} has a dimension <= 0; every dimension must be >= 1")
+            raise UserError(f"{flag}: {name}:{spec} has a dimension <= 0; every dimension must be >= 1")
         out[name] = dims
     return out
-
-
-def _split_entries(text: str) -> list[str]:
-    # commas separate entries; an entry may not contain ':' twice, so 'a:1x2,b:3' splits cleanly
-    return [e for e in (p.strip() for p in text.split(",")) if e]
 
 
 def resolve_profile(inputs: list[GraphInput], flags: dict[str, dict[str, Shape]],

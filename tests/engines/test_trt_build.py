@@ -62,6 +62,7 @@ def test_parse_shapes_values_and_syntax_errors():
     assert parse_shapes("sample:4x1x28x28, timestep:4,t_index : 4") == {
         "sample": (4, 1, 28, 28), "timestep": (4,), "t_index": (4,)}
     assert parse_shapes(None) == {} and parse_shapes("  ") == {}
+    assert parse_shapes("input:0:2x3 x4") == {"input:0": (2, 3, 4)}
     for bad, needle in [("sample=4x1", "cannot read"), ("sample:4x", "cannot read"), ("sample:4x-1", "cannot read"),
                         ("sample:0x1", "<= 0"), ("a:1,a:2", "twice"), (":4", "cannot read")]:
         with pytest.raises(UserError, match=needle):
