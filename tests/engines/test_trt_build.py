@@ -324,6 +324,13 @@ def test_fp16_graph_from_export_is_not_converted_twice(tmp_path, fake_trt, monke
     assert fp16_calls == [] and fake_trt[0]["onnx"] == path and "already" in s["fp16_pass"]["skipped"]
 
 
+def test_fp16_fallback_without_the_fp16_pass_module_is_a_clear_error(tmp_path, onnx_file, fake_trt, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dilatequant.dq_export.fp16", None)  # as if this install lacked the pass
+    with pytest.raises(UserError, match="needs the Q/DQ-aware FP16 pass"):
+        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan", fp16_fallback=True))
+    assert fake_trt == [] and not (tmp_path / "unet.plan").exists()
+
+
 def test_missing_gpu_and_old_tensorrt_are_one_clear_error(tmp_path, onnx_file, monkeypatch):
     mod = _module("tensorrt", __version__="11.0.1")
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
