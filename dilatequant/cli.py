@@ -157,9 +157,52 @@ def export_main(argv: list[str] | None = None) -> None:
     _run(go)
 
 
+def build_engine_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="dq-build-engine", description="QDQ ONNX -> TensorRT 11 engine (strongly typed: "
+                                "precision comes from the graph) + <engine>.json sidecar; needs TensorRT 11 and a GPU")
+    p.add_argument("--onnx", type=Path, help="graph written by dq-export")
+    p.add_argument("--engine", type=Path, help="plan to write, e.g. unet.plan")
+    p.add_argument("--fp16-fallback", action="store_true", help="run the Q/DQ-aware FP16 pass first: everything "
+                   "not quantized runs in FP16 (the graph built is kept as <engine>.fp16.onnx)")
+    for level in ("min", "opt", "max"):
+        p.add_argument(f"--{level}-shapes", metavar="NAME:BxCxHxW,...", help=f"{level} shapes of the optimization "
+                       "profile; inputs sharing a dimension (batch) follow; default batch 1/4/16, rest from the graph")
+    p.add_argument("--timing-cache", type=Path, metavar="FILE",
+                   help="tactic timing cache: loaded if present, saved (merged) after the build")
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default: %(default)s)")
+    p.add_argument("--workspace-gb", type=float, help="workspace memory pool limit in GiB (default: TensorRT's)")
+    p.add_argument("--inspect", action="store_true", help="detailed profiling verbosity and the engine inspector's "
+                   "layer table as <engine>.layers.json")
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        if not a.onnx or not a.engine:
+            raise UserError("pass --onnx unet.onnx --engine unet.plan")
+        from .engines.trt_build import BuildConfig, build_engine, sidecar_path
+
+        cfg = BuildConfig(onnx=a.onnx, engine=a.engine, fp16_fallback=a.fp16_fallback, min_shapes=a.min_shapes,
+                          opt_shapes=a.opt_shapes, max_shapes=a.max_shapes, timing_cache=a.timing_cache,
+                          opt_level=a.opt_level, workspace_gb=a.workspace_gb, inspect=a.inspect)
+        s = build_engine(cfg)
+        prof = s["profiles"][0]
+        shapes = ", ".join(f"{n} {'/'.join('x'.join(map(str, v[lv])) for lv in ('min', 'opt', 'max'))}"
+                           for n, v in prof.items())
+        gpu = s["gpu"]
+        print(f"wrote {a.engine} ({s['engine_bytes'] / 1e6:.2f} MB) with TensorRT {s['tensorrt']} on {gpu['name']} "
+              f"(compute {gpu['compute_capability']}) in {s['build_s']} s; fp16 fallback: {s['fp16_fallback']}")
+        print(f"  profile min/opt/max: {shapes}")
+        if s.get("layers"):
+            print(f"  {s['layers']['layers']} engine layers, output formats {s['layers']['output_formats']}; "
+                  f"layer table: {s['layers']['file']}")
+        print(f"  sidecar: {sidecar_path(a.engine)}")
+
+    _run(go)
+
+
 def main() -> None:
     """`python -m dilatequant.cli <command> ...` for environments without the console scripts."""
-    commands = {"demo": demo_main, "calibrate": calibrate_main, "export": export_main}
+    commands = {"demo": demo_main, "calibrate": calibrate_main, "export": export_main,
+                "build-engine": build_engine_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m dilatequant.cli {{{','.join(commands)}}} ...", file=sys.stderr)
         sys.exit(2)
