@@ -68,6 +68,17 @@ class _Graph:
         return p is not None and p.op_type in ("Gather", "Reshape", "Unsqueeze", "Expand") and bool(p.input) \
             and self.is_table_or_constant(p.input[0])
 
+    def is_step_size(self, name: str) -> bool:
+        """delta[t_index] gathered from its table, or the single constant delta of a static-scale graph."""
+        if name in self.inits:
+            return int(np.prod(self.inits[name].dims)) == 1
+        p = self.producer.get(name)
+        if p is None or not p.input:
+            return False
+        if p.op_type == "Gather":
+            return p.input[0] in self.inits
+        return p.op_type in ("Reshape", "Unsqueeze", "Expand") and self.is_step_size(p.input[0])
+
     def array(self, name: str) -> np.ndarray | None:
         return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
 
@@ -117,11 +128,14 @@ def fp32_nodes(model: onnx.ModelProto, opts: Fp16Options) -> set[str]:
                 return
             n = users[0]
             keep.add(n.name)
-            for i in n.input:  # the correction term's own constant chain
-                p = g.producer.get(i)
-                if p is not None and i != op.output[0] and p.op_type in ("Mul", "Conv") and p.name not in keep:
+            # the zero-point correction c[t] * op(ones, sum W): integer sums FP16 cannot hold exactly
+            stack = [i for i in n.input if i != op.output[0]]
+            while stack:
+                p = g.producer.get(stack.pop())
+                if p is not None and p.op_type in ("Mul",) + QUANT_OPS and p.name not in keep:
                     keep.add(p.name)
-            if n.op_type == "Mul" and any(g.is_table_or_constant(i) and i not in g.inits for i in n.input):
+                    stack += list(p.input)
+            if n.op_type == "Mul" and any(g.is_step_size(i) for i in n.input):
                 return
 
     for n in model.graph.node:
