@@ -66,7 +66,8 @@ def int4_weights(model: onnx.ModelProto, block: int) -> int:
         k, n_out = arr.shape
         if arr.min() < -8 or arr.max() > 7 or k % block:
             continue
-        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        # per-channel [N], or the unit per-tensor scale of integer-weight layers: either becomes [N]
+        scale = np.broadcast_to(numpy_helper.to_array(inits[node.input[1]]).astype(np.float32).reshape(-1), (n_out,))
         w4 = numpy_helper.from_array(arr.astype(ml_dtypes.int4), w.name + "_int4")
         s4 = numpy_helper.from_array(np.tile(scale[None, :], (k // block, 1)), w.name + "_int4_scale")
         model.graph.initializer.extend([w4, s4])
