@@ -5,7 +5,7 @@ Conv and linear are linear in their input, so f(delta * q) = delta * f(q): the r
 into ordinary Muls around a Q/DQ pair whose own scale is the constant 1 (deployment.md):
 
     u = x * F[t]  (+ z[t] - 2^(b-1))  -> Clip to b bits -> Q(1, 0) -> DQ(1, 0)
-    y = (op(v, DQ(W_int, w_scale)) (+ c[t] * op(ones, sum_c W))) * delta[t] + bias
+    y = (op(v, DQ(W_int, 1)) (+ c[t] * op(ones, sum_c W))) * w_scale * delta[t] + bias
 
 F[t, c] = (1/s_c) / delta[t] merges the dilation (or SmoothQuant) vector with the step size, so an
 unfolded 1/s costs nothing. Asymmetric zero points are shifted into int8 and corrected after the op
@@ -88,9 +88,9 @@ def _broadcast(rows: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor
 class DeployLayer(nn.Module):
     """A QuantConv2d / QuantLinear in deployment form: the same function, in the same float order.
 
-    Symmetric activations: weights DQ(int8, per-channel scale, explicit axis) straight into the op.
-    Asymmetric: weights DQ(int8, unit scale) so op(v) and its zero-point correction are exact integer
-    sums; the per-channel weight scale is a constant Mul after the op.
+    Weights are DQ(int8, unit scale) so op(v) (and the asymmetric zero-point correction) are exact integer
+    sums in any runtime; the per-channel weight scale is a constant Mul after the op, a pointwise epilogue
+    like the step-size Mul and the bias Add (what TensorRT fuses is visible in dq-build-engine --inspect).
     """
 
     def __init__(self, layer: QuantLayer, tables: StepTables, ctx_holder: "ExportContext") -> None:
@@ -113,10 +113,7 @@ class DeployLayer(nn.Module):
 
     def weight(self) -> torch.Tensor:
         lo, hi = self.w_range
-        if self.tables.asymmetric:
-            return qd.dequantize_per_tensor(self.w_int, 1.0, 0, lo, hi, torch.int8)
-        zp = torch.zeros(self.w_scale.numel(), dtype=torch.int32)
-        return qd.dequantize_per_channel(self.w_int, self.w_scale, zp, 0 if self.is_conv else 1, lo, hi, torch.int8)
+        return qd.dequantize_per_tensor(self.w_int, 1.0, 0, lo, hi, torch.int8)
 
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.is_conv:
@@ -131,7 +128,8 @@ class DeployLayer(nn.Module):
         if self.tables.asymmetric:
             c = _broadcast(self.tables.rows(self.tables.correction, t), y, layout)
             ones = self.op(torch.ones_like(x[:1, :1]), self.w_sum) if self.is_conv else self.w_sum
-            y = (y + c * ones) * self.w_scale.view(self.out_shape)
+            y = y + c * ones
+        y = y * self.w_scale.view(self.out_shape)
         y = y * _broadcast(self.tables.rows(self.tables.delta, t), y, layout)
         return y if self.bias is None else y + self.bias.view(self.out_shape)
 
