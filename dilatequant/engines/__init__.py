@@ -1,0 +1,1 @@
+"""Runtime side: run, build and serve exported UNet graphs."""
