@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -59,7 +60,28 @@ def _prepend(env: dict[str, str], key: str, paths: list[str]) -> None:
     env[key] = os.pathsep.join(dict.fromkeys(paths + old))
 
 
-def server_command(repo: Path, http_port: int, grpc_port: int, binary: str | None = None,
+def python_backend_dir(root: Path, dest: Path) -> Path:
+    """A backend directory for the bundled server: its python backend plus the stub for this Python.
+
+    pytriton ships one triton_python_backend_stub per Python version; the stub must match the
+    interpreter whose site-packages the model.py files import from.
+    """
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        have = sorted(p.name for p in (root / "python_backend_stubs").iterdir())
+        raise UserError(f"nvidia-pytriton has no Python-backend stub for Python {version} (it has {', '.join(have)}); "
+                        "run dq-serve from one of those Python versions")
+    target = dest / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in (root / "backends" / "python").iterdir():
+        if f.is_file():
+            shutil.copy2(f, target / f.name)
+    shutil.copy2(stub, target / stub.name)
+    return dest
+
+
+def server_command(repo: Path, http_port: int, grpc_port: int, workdir: Path, binary: str | None = None,
                    log_verbose: int = 0) -> ServerCommand:
     env = dict(os.environ)
     _prepend(env, "PYTHONPATH", [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
@@ -72,9 +94,8 @@ def server_command(repo: Path, http_port: int, grpc_port: int, binary: str | Non
             raise UserError("no Triton server found: put tritonserver on PATH (NVIDIA's container has it) or "
                             "install the bundled one: pip install 'dilatequant[serve]' (nvidia-pytriton)")
         found = str(root / "bin" / "tritonserver")
-        extra = ["--backend-directory", str(root / "backends")]
-        libs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent.parent / "nvidia_pytriton.libs"),
-                str(root / "external_libs"), str(root / "lib")]
+        extra = ["--backend-directory", str(python_backend_dir(root, workdir / "backends"))]
+        libs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent.parent / "nvidia_pytriton.libs")]
         _prepend(env, "LD_LIBRARY_PATH", [p for p in libs if p and Path(p).is_dir()])
         source = "pytriton"
     argv = [found, "--model-repository", str(Path(repo).resolve()),
@@ -97,6 +118,7 @@ class TritonServer:
     log_path: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
     source: str = ""
+    _workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -112,7 +134,8 @@ class TritonServer:
             raise UserError(f"'{repo}' holds no model (no */config.pbtxt); write one with dq-triton --repo {repo}")
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
-        cmd = server_command(repo, self.http_port, self.grpc_port, self.binary)
+        self._workdir = tempfile.TemporaryDirectory(prefix="dq-serve-")
+        cmd = server_command(repo, self.http_port, self.grpc_port, Path(self._workdir.name), self.binary)
         self.source = cmd.source
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(cmd.argv, env=cmd.env, stdout=log, stderr=subprocess.STDOUT,
@@ -144,23 +167,24 @@ class TritonServer:
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM (Triton drains and unloads), then SIGKILL of the whole process group if it hangs."""
         p = self.process
-        if p is None or p.poll() is not None:
-            return
         try:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=10)
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            if p is not None:
+                # Python-backend stubs share the server's session; none may outlive it.
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                p.wait(timeout=10)
         finally:
-            # Python-backend stubs are children in the same session; none may outlive the server.
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            if self._workdir is not None:
+                self._workdir.cleanup()
+                self._workdir = None
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
