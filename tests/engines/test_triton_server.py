@@ -31,7 +31,7 @@ TIMEOUT_S = 60
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("triton")
-    ckpt, graph = tiny_cond_export(tmp)
+    ckpt, graph = tiny_cond_export(tmp_path_factory)
     # 50 ms queue delay: two concurrent unet requests are sure to meet in one dynamic batch
     write_repository(RepositoryConfig(repo=tmp / "repo", onnx=graph, ckpt=ckpt, kind="cpu", max_batch=8,
                                       max_queue_delay_us=50_000, intra_op_threads=1, pipeline_instances=2))

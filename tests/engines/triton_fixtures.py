@@ -16,8 +16,15 @@ from conftest import tiny_cond
 STEPS = 4
 
 
-def tiny_cond_export(tmp: Path) -> tuple[Path, Path]:
-    """(q.pt, unet.onnx) of a tiny random class-conditional UNet, W8A8 symmetric, 4 calibrated steps."""
+def tiny_cond_export(tmp_path_factory) -> tuple[Path, Path]:
+    """(q.pt, unet.onnx) of a tiny random class-conditional UNet, W8A8 symmetric, 4 calibrated steps.
+
+    Made once per test session (the export is the slow part) in the session's base temp folder.
+    """
+    tmp = tmp_path_factory.getbasetemp() / "tiny-cond-export"
+    if (tmp / "unet.onnx").is_file():
+        return tmp / "q.pt", tmp / "unet.onnx"
+    tmp.mkdir(exist_ok=True)
     torch.manual_seed(0)
     model = tiny_cond()
     data = build_calibration_set(model, 16, STEPS, use_cache=False)

@@ -5,7 +5,8 @@ nvidia-pytriton, which has only the Python backend and needs, on our machines, L
 Python's LIBDIR (else model load fails with "'_thread.RLock' object has no attribute
 '_recursion_count'") and site-packages/nvidia_pytriton.libs, plus --backend-directory pointing at
 its python backend. PYTHONPATH carries this interpreter's site-packages into the backend stubs, so
-model.py files import the same numpy/onnxruntime/torch/diffusers.
+model.py files import the same numpy/onnxruntime/torch/diffusers, and PATH starts with this
+interpreter's bin folder (the stub's embedded Python locates its prefix, a venv included, from it).
 """
 from __future__ import annotations
 
@@ -60,6 +61,15 @@ def _prepend(env: dict[str, str], key: str, paths: list[str]) -> None:
     env[key] = os.pathsep.join(dict.fromkeys(paths + old))
 
 
+def _require_numpy_1() -> None:
+    from importlib.metadata import version
+
+    if int(version("numpy").split(".")[0]) >= 2:
+        raise UserError(f"numpy {version('numpy')} is installed, but nvidia-pytriton's Python backend is built against "
+                        "numpy 1 and would return empty tensors; pip install 'numpy<2' (the dilatequant[serve] extra "
+                        "pins it) or put NVIDIA's tritonserver on PATH")
+
+
 def python_backend_dir(root: Path, dest: Path) -> Path:
     """A backend directory for the bundled server: its python backend plus the stub for this Python.
 
@@ -85,6 +95,8 @@ def server_command(repo: Path, http_port: int, grpc_port: int, workdir: Path, bi
                    log_verbose: int = 0) -> ServerCommand:
     env = dict(os.environ)
     _prepend(env, "PYTHONPATH", [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    # The backend stub's embedded Python finds its prefix (and a venv's pyvenv.cfg) from `python3` on PATH.
+    _prepend(env, "PATH", [str(Path(sys.executable).parent)])
     found = binary or shutil.which("tritonserver")
     extra: list[str] = []
     source = "PATH"
@@ -93,6 +105,7 @@ def server_command(repo: Path, http_port: int, grpc_port: int, workdir: Path, bi
         if root is None:
             raise UserError("no Triton server found: put tritonserver on PATH (NVIDIA's container has it) or "
                             "install the bundled one: pip install 'dilatequant[serve]' (nvidia-pytriton)")
+        _require_numpy_1()
         found = str(root / "bin" / "tritonserver")
         extra = ["--backend-directory", str(python_backend_dir(root, workdir / "backends"))]
         libs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent.parent / "nvidia_pytriton.libs")]
