@@ -46,7 +46,7 @@ def _unet_inputs(ck, t_index, n=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
     ehs = ck.model.class_encoder(torch.arange(n) % 10).detach().numpy()
     return {"sample": torch.randn(n, 1, 8, 8, generator=gen).numpy(),
-            "timestep": np.array([[ck.timesteps[t]] for t in t_index], np.int64),
+            "timestep": np.array([[ck.timesteps[min(t, len(ck.timesteps) - 1)]] for t in t_index], np.int64),
             "t_index": np.array([[t] for t in t_index], np.int64), "encoder_hidden_states": ehs}
 
 
@@ -160,6 +160,7 @@ def test_bad_pipeline_request_gets_an_error_and_server_keeps_serving(served, kwa
 
 def _listening(pid):
     """(ip, port) of the TCP sockets process `pid` listens on (Linux /proc; IPv6 too)."""
+    import ipaddress
     import os
 
     inodes = set()
@@ -181,11 +182,12 @@ def _listening(pid):
             if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
                 continue
             hexip, hexport = f[1].split(":")
-            raw = bytes.fromhex(hexip)
+            raw = bytes.fromhex(hexip)  # 32-bit words in host (little-endian) order
             if v6:
-                ip = ":".join(raw[i:i + 4][::-1].hex() for i in range(0, 16, 4))
+                addr = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+                ip = str(addr.ipv4_mapped or addr)  # gRPC binds 127.0.0.1 as ::ffff:127.0.0.1
             else:
-                ip = ".".join(str(b) for b in raw[::-1])
+                ip = str(ipaddress.IPv4Address(raw[::-1]))
             found.add((ip, int(hexport, 16)))
     return found
 
