@@ -2,7 +2,6 @@
 tiny conditional model, on 127.0.0.1 only, always torn down: pipeline == direct ORT sampler, dynamic
 batches mixing t_index == separate requests, bad requests -> errors naming the problem."""
 import concurrent.futures as cf
-import shutil
 
 import numpy as np
 import pytest
@@ -17,15 +16,15 @@ from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE, sample  # noqa: E40
 from dilatequant.dq_export.parity import ort_session  # noqa: E402
 from dilatequant.engines.triton.client import InferenceFailed, connect, generate, infer  # noqa: E402
 from dilatequant.engines.triton.repository import RepositoryConfig, write_repository  # noqa: E402
-from dilatequant.engines.triton.server import TritonServer, _pytriton_root  # noqa: E402
+from dilatequant.engines.triton.server import TritonServer, unavailable_reason  # noqa: E402
 
 from triton_fixtures import STEPS, ort_predictor, tiny_cond_export, to_uint8  # noqa: E402
 
-if shutil.which("tritonserver") is None and _pytriton_root() is None:
-    pytest.skip("no Triton server: neither tritonserver on PATH nor nvidia-pytriton installed "
-                "(pip install 'dilatequant[serve]')", allow_module_level=True)
+if unavailable_reason():
+    pytest.skip(f"no Triton server can start here: {unavailable_reason()}", allow_module_level=True)
 
 TIMEOUT_S = 60
+pytestmark = pytest.mark.slow  # one real server for the module: ~10 s on an idle machine plus the shared tiny export
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,23 @@ def _prepend(env: dict[str, str], key: str, paths: list[str]) -> None:
     env[key] = os.pathsep.join(dict.fromkeys(paths + old))
 
 
+def unavailable_reason() -> str | None:
+    """Why no Triton server can start here (None when one can): what tests print when they skip."""
+    if shutil.which("tritonserver"):
+        return None
+    root = _pytriton_root()
+    if root is None:
+        return "neither tritonserver on PATH nor nvidia-pytriton installed (pip install 'dilatequant[serve]')"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if not (root / "python_backend_stubs" / version / "triton_python_backend_stub").is_file():
+        return f"nvidia-pytriton has no Python-backend stub for Python {version}"
+    try:
+        _require_numpy_1()
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def _require_numpy_1() -> None:
     from importlib.metadata import version
 
