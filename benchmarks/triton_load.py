@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +82,7 @@ def main() -> None:
         url = server.http_url if a.protocol == "http" else server.grpc_url
         _client(url, a.protocol, 0, 2, a.steps, a.timeout)  # warm-up: model instances, ORT sessions
         before = _unet_stats(server.http_url, "unet")
+        load_before = os.getloadavg()[0]  # other processes on the machine skew latencies: record it
         start = time.perf_counter()
         with cf.ThreadPoolExecutor(a.clients) as pool:
             results = list(pool.map(lambda w: _client(url, a.protocol, w, a.requests, a.steps, a.timeout),
@@ -89,22 +91,23 @@ def main() -> None:
         after = _unet_stats(server.http_url, "unet")
     lat = np.array([x for r in results for x in r[0]]) * 1000
     errors = [e for r in results for e in r[1]]
-    unet_inf = after["inference_count"] - before["inference_count"]
+    unet_inf = after["inference_count"] - before["inference_count"]  # samples (batch elements), not requests
     unet_exe = after["execution_count"] - before["execution_count"]
     out = {
         "settings": {k: str(v) for k, v in vars(a).items()}, "environment": environment(),
+        "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "server": server.source, "requests": int(len(lat)), "errors": len(errors), "error_samples": errors[:5],
         "wall_s": round(wall, 2), "throughput_images_per_s": round(len(lat) / wall, 3),
         "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 1), "p90": round(float(np.percentile(lat, 90)), 1),
                        "p99": round(float(np.percentile(lat, 99)), 1), "mean": round(float(lat.mean()), 1),
                        "max": round(float(lat.max()), 1)},
-        "unet_requests": unet_inf, "unet_executions": unet_exe,
+        "unet_samples": unet_inf, "unet_executions": unet_exe,
         "unet_mean_batch": round(unet_inf / max(unet_exe, 1), 2),
     }
     write_json(a.out / "triton_load.json", out)
     L = out["latency_ms"]
     write_text(a.out / "triton_load.md",
-               "| clients x requests | protocol | images/s | p50 ms | p90 ms | p99 ms | errors | mean unet batch |\n"
+               "| clients x requests | protocol | images/s | p50 ms | p90 ms | p99 ms | errors | mean unet batch (samples) |\n"
                "|---|---|---|---|---|---|---|---|\n"
                f"| {a.clients} x {a.requests} | {a.protocol} | {out['throughput_images_per_s']} | {L['p50']} | "
                f"{L['p90']} | {L['p99']} | {out['errors']} | {out['unet_mean_batch']} |\n")
