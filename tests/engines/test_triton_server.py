@@ -73,7 +73,7 @@ def test_pipeline_equals_direct_ort_sampler(served, protocol):
                  labels=torch.tensor(labels), guidance_scale=DEFAULT_GUIDANCE, progress=False).images
     ref = to_uint8(ref)
     assert got.shape == ref.shape == (3, 8, 8, 1) and got.dtype == np.uint8
-    psnr = psnr_db(torch.from_numpy(got).float() / 127.5 - 1, torch.from_numpy(ref).float() / 127.5 - 1)
+    psnr = psnr_db(torch.tensor(got).float() / 127.5 - 1, torch.tensor(ref).float() / 127.5 - 1)
     assert psnr >= 40, f"PSNR {psnr:.1f} dB"
 
 
@@ -82,7 +82,7 @@ def test_other_step_counts_use_the_nearest_calibrated_t_index(served):
     got = generate(server.grpc_url, [2, 8], seed=3, steps=7, guidance=1.0, protocol="grpc", timeout_s=TIMEOUT_S)
     ref = sample(ck.model, ort_predictor(ort_session(graph), ck.timesteps), num_samples=2, steps=7, seed=3,
                  labels=torch.tensor([2, 8]), guidance_scale=1.0, progress=False).images
-    psnr = psnr_db(torch.from_numpy(got).float() / 127.5 - 1, torch.from_numpy(to_uint8(ref)).float() / 127.5 - 1)
+    psnr = psnr_db(torch.tensor(got).float() / 127.5 - 1, torch.tensor(to_uint8(ref)).float() / 127.5 - 1)
     assert psnr >= 40, f"PSNR {psnr:.1f} dB"
 
 
