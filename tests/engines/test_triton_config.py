@@ -135,3 +135,21 @@ def test_bad_arguments_are_user_errors(exported, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and "--ckpt" in err and err.count("\n") == 1
     assert not (tmp / "z").exists()
+
+
+def test_unconditional_pipeline_config_takes_num_images(tmp_path):
+    from dilatequant.engines.triton.repository import Conditioning, _pipeline_config, pipeline_io
+    from dilatequant.engines.triton.unet_spec import TensorSpec, UnetSpec
+
+    spec = UnetSpec([TensorSpec("sample", "float32", (-1, 1, 32, 32)), TensorSpec("timestep", "int64", (-1,)),
+                     TensorSpec("t_index", "int64", (-1,))], [TensorSpec("noise_pred", "float32", (-1, 1, 32, 32))],
+                    {"dilatequant.timesteps": "[900, 450, 0]", "dilatequant.sample_shape": "[1, 32, 32]",
+                     "dilatequant.conditional": "false"})
+    msg, doc, (ins, outs, optional) = _pipeline_config(RepositoryConfig(repo=tmp_path, onnx=tmp_path / "u.onnx"), spec,
+                                                       Conditioning({"num_train_timesteps": 1000}))
+    text = doc + C.to_text(msg)
+    cfg = C.validate(text, None, C.Expected(ins, outs, optional))
+    assert [(i.name, i.optional) for i in cfg.input] == [("SEED", False), ("STEPS", True), ("NUM_IMAGES", True)]
+    assert list(cfg.output[0].dims) == [-1, 32, 32, 1] and cfg.output[0].data_type == C.mc.TYPE_UINT8
+    assert cfg.parameters["conditional"].string_value == "false" and "NUM_IMAGES" in doc
+    assert [t.name for t in pipeline_io(spec)[0]] == ["SEED", "STEPS", "NUM_IMAGES"]
