@@ -196,13 +196,92 @@ def build_engine_main(argv: list[str] | None = None) -> None:
                   f"layer table: {s['layers']['file']}")
         print(f"  sidecar: {sidecar_path(a.engine)}")
 
+
+def triton_main(argv: list[str] | None = None) -> None:
+    from .engines.triton.repository import KINDS, RepositoryConfig
+
+    d = RepositoryConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="dq-triton", description="Write a Triton model repository: the UNet "
+                                "(TensorRT plan, ONNX Runtime, or Python+ORT for CPU) and a DDIM `pipeline` model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--engine", type=Path, help="TensorRT plan (with its <plan>.json sidecar)")
+    src.add_argument("--onnx", type=Path, help="QDQ ONNX graph written by dq-export")
+    p.add_argument("--repo", type=Path, required=True, help="repository folder to write")
+    p.add_argument("--ckpt", type=Path, help="q.pt the graph came from (class tokens, scheduler); "
+                   "default: the base model named in the graph's metadata")
+    p.add_argument("--max-batch", type=int, default=d["max_batch"].default, help="unet max_batch_size (%(default)s)")
+    p.add_argument("--instances", type=int, default=d["instances"].default, help="unet instances (%(default)s)")
+    p.add_argument("--pipeline-instances", type=int, default=d["pipeline_instances"].default,
+                   help="concurrent pipeline instances (%(default)s)")
+    p.add_argument("--kind", choices=KINDS, default="gpu", help="gpu: tensorrt_plan/onnxruntime_onnx on GPUs; "
+                   "cpu: Python backend running ONNX Runtime (pytriton's bundled server)")
+    p.add_argument("--name", default="unet", help="name of the UNet model (%(default)s)")
+    p.add_argument("--max-queue-delay-us", type=int, default=d["max_queue_delay_us"].default,
+                   help="dynamic batching delay (%(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="--kind cpu: ORT threads per unet instance (0: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        from .engines.triton.repository import write_repository
+
+        s = write_repository(RepositoryConfig(
+            repo=a.repo, onnx=a.onnx, engine=a.engine, ckpt=a.ckpt, kind=a.kind, name=a.name, max_batch=a.max_batch,
+            instances=a.instances, pipeline_instances=a.pipeline_instances, max_queue_delay_us=a.max_queue_delay_us,
+            intra_op_threads=a.threads, overwrite=a.overwrite))
+        print(f"wrote {s['repo']}: '{a.name}' ({s['unet_backend']}, max batch {s['max_batch']}, inputs "
+              f"{', '.join(s['inputs'])}) + 'pipeline' (DDIM over {len(s['timesteps'])} calibrated timesteps, "
+              f"{'class-conditional' if s['conditional'] else 'unconditional'}); configs validated")
+        print(f"  serve it: dq-serve --repo {s['repo']}")
+
+    _run(go)
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="dq-serve", description="Start Triton on a repository (127.0.0.1 only)")
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--log", type=Path, help="write the server log here")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        from .engines.triton.server import serve
+
+        serve(a.repo, a.http_port, a.grpc_port, a.log, a.timeout)
+
+    _run(go)
+
+
+def client_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="dq-client", description="Generate images with a served `pipeline` model")
+    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (HTTP 8000, gRPC 8001 by default)")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--label", type=int, nargs="+", help="class label(s), one image each (conditional models)")
+    p.add_argument("--num-images", type=int, default=1, help="unconditional models: images to generate")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the calibrated count)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the server's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="pipeline")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--out", type=Path, default=Path("img.png"))
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        from .engines.triton.client import generate, save_png
+
+        images = generate(a.url, a.label, a.seed, a.steps, a.guidance, a.num_images, a.protocol, a.model, a.timeout)
+        save_png(images, a.out)
+        print(f"wrote {a.out}: {len(images)} image(s) {images.shape[1]}x{images.shape[2]} (seed {a.seed})")
+
     _run(go)
 
 
 def main() -> None:
     """`python -m dilatequant.cli <command> ...` for environments without the console scripts."""
     commands = {"demo": demo_main, "calibrate": calibrate_main, "export": export_main,
-                "build-engine": build_engine_main}
+                "build-engine": build_engine_main, "triton": triton_main, "serve": serve_main, "client": client_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m dilatequant.cli {{{','.join(commands)}}} ...", file=sys.stderr)
         sys.exit(2)

@@ -1,1 +1,1 @@
-"""Runtime side: TensorRT engine builds, one runner interface over every backend, and verification reports."""
+"""Runtime side: TensorRT engine builds, one runner interface over every backend, verification reports, Triton serving."""

@@ -1,0 +1,1 @@
+"""Triton Inference Server: model repository writer, config validation, server launcher and client."""

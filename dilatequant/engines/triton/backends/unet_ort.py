@@ -1,0 +1,96 @@
+"""Triton Python-backend `unet` running the QDQ ONNX graph with ONNX Runtime (CPU).
+
+Copied into <repo>/<unet>/1/model.py by dq-triton --kind cpu, so a server that has only the Python
+backend (e.g. the one bundled in nvidia-pytriton) serves the same repository. Self-contained on
+purpose: it imports numpy, onnxruntime and Triton's utils only.
+
+Dynamic batching hands execute() several requests; they are concatenated into one ORT call (each
+sample carries its own timestep and t_index, so requests at different timesteps share a batch).
+A bad request gets an error response naming the problem; the others in the batch are still served.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+# ORT 1.32 rejects some opset-21 QDQ graphs in this pass (see dilatequant.dq_export.parity).
+DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
+ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; its message goes back to the client."""
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.num_steps = int(params["num_steps"])
+        options = ort.SessionOptions()
+        threads = int(params.get("intra_op_threads", "0"))
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / params.get("onnx_file", "model.onnx")), options,
+                                            providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS)
+        self.inputs = {i.name: (ORT_TO_NP[i.type], i.shape) for i in self.session.get_inputs()}
+        self.output = self.session.get_outputs()[0].name
+
+    def _read(self, request):
+        feeds = {}
+        n = None
+        for name, (dtype, shape) in self.inputs.items():
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise RequestError(f"missing input '{name}'")
+            arr = tensor.as_numpy()
+            if arr.dtype != dtype:
+                raise RequestError(f"input '{name}' has dtype {arr.dtype}, expected {np.dtype(dtype).name}")
+            if len(shape) == 1:  # [B] tensors arrive as [B, 1] (config dims [1]) or [B] (after reshape)
+                arr = arr.reshape(-1)
+            n = len(arr) if n is None else n
+            if len(arr) != n:
+                raise RequestError(f"input '{name}' has batch {len(arr)}, but 'sample' has {n}")
+            want = [n] + [d if isinstance(d, int) else -1 for d in shape[1:]]
+            if arr.ndim != len(want) or any(w not in (-1, a) for w, a in zip(want, arr.shape)):
+                raise RequestError(f"input '{name}' has shape {list(arr.shape)}, expected {want}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise RequestError(f"input '{name}' contains NaN or Inf values")
+            feeds[name] = arr
+        if "t_index" in feeds:
+            t = feeds["t_index"]
+            bad = t[(t < 0) | (t >= self.num_steps)]
+            if bad.size:
+                raise RequestError(f"t_index {int(bad[0])} out of range: this model was calibrated for "
+                                   f"{self.num_steps} steps, so t_index must be in 0..{self.num_steps - 1}")
+        return feeds
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        good, feeds = [], []
+        for i, request in enumerate(requests):
+            try:
+                feeds.append(self._read(request))
+                good.append(i)
+            except RequestError as err:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
+        if good:
+            batch = {k: np.concatenate([f[k] for f in feeds]) for k in self.inputs}
+            try:
+                out = self.session.run([self.output], batch)[0]
+            except Exception as err:  # ORT's own failure: report it to every request of the batch
+                msg = f"ONNX Runtime failed: {err}"
+                for i in good:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+                return responses
+            start = 0
+            for i, f in zip(good, feeds):
+                n = len(f["sample"])
+                tensor = pb_utils.Tensor(self.output, np.ascontiguousarray(out[start:start + n]))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])
+                start += n
+        return responses

@@ -1,0 +1,106 @@
+"""dq-client: ask the `pipeline` model for images over HTTP or gRPC (tritonclient)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import UserError
+
+PROTOCOLS = ("http", "grpc")
+
+
+class InferenceFailed(UserError):
+    """The server answered with an error (bad request, model failure); the message is the server's."""
+
+
+def _module(protocol: str):
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol '{protocol}': choose http or grpc")
+    try:
+        if protocol == "http":
+            import tritonclient.http as m
+        else:
+            import tritonclient.grpc as m
+    except ImportError as err:
+        raise UserError(f"tritonclient[{protocol}] is not installed ({err}); pip install 'dilatequant[serve]'") from err
+    return m
+
+
+def connect(url: str, protocol: str = "http", timeout_s: float = 300.0):
+    m = _module(protocol)
+    url = url.split("://", 1)[-1]
+    if protocol == "http":
+        return m.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+    return m.InferenceServerClient(url)
+
+
+def infer(client, protocol: str, model: str, arrays: dict[str, np.ndarray], outputs: list[str],
+          timeout_s: float = 300.0) -> dict[str, np.ndarray]:
+    """One request with numpy inputs; server errors become InferenceFailed with the server's message."""
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    m = _module(protocol)
+    inputs = []
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr)
+        t = m.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    outs = [m.InferRequestedOutput(o) for o in outputs]
+    try:
+        if protocol == "grpc":
+            result = client.infer(model, inputs, outputs=outs, client_timeout=timeout_s)
+        else:
+            result = client.infer(model, inputs, outputs=outs, timeout=int(timeout_s * 1e6))
+    except InferenceServerException as err:
+        raise InferenceFailed(f"server rejected the request to '{model}': {err.message()}") from err
+    return {o: result.as_numpy(o) for o in outputs}
+
+
+def pipeline_inputs(labels: list[int] | None, seed: int, steps: int | None = None,
+                    guidance: float | None = None, num_images: int = 1) -> dict[str, np.ndarray]:
+    arrays = {"SEED": np.array([seed], np.int64)}
+    if steps is not None:
+        arrays["STEPS"] = np.array([steps], np.int32)
+    if labels is not None:
+        arrays["CLASS_LABELS"] = np.asarray(labels, np.int64).reshape(-1)
+        if guidance is not None:
+            arrays["GUIDANCE_SCALE"] = np.array([guidance], np.float32)
+    else:
+        arrays["NUM_IMAGES"] = np.array([num_images], np.int32)
+    return arrays
+
+
+def generate(url: str, labels: list[int] | None = None, seed: int = 0, steps: int | None = None,
+             guidance: float | None = None, num_images: int = 1, protocol: str = "http",
+             model: str = "pipeline", timeout_s: float = 300.0) -> np.ndarray:
+    """Images [N, H, W, C] uint8 from the pipeline model (labels for conditional models)."""
+    client = connect(url, protocol, timeout_s)
+    try:
+        return infer(client, protocol, model, pipeline_inputs(labels, seed, steps, guidance, num_images),
+                     ["IMAGES"], timeout_s)["IMAGES"]
+    except InferenceFailed:
+        raise
+    except Exception as err:  # connection refused, timeouts: name the URL
+        raise UserError(f"cannot reach Triton at {url} over {protocol} ({type(err).__name__}: {err}); "
+                        "start it with dq-serve --repo DIR") from err
+    finally:
+        client.close()
+
+
+def save_png(images: np.ndarray, path: str | Path, scale: int = 4) -> Path:
+    """Images side by side in one PNG (grey or RGB), enlarged `scale` times for viewing."""
+    from PIL import Image
+
+    from ...calibrate.reporting import atomic_write_bytes
+
+    strip = np.concatenate(list(images), axis=1)
+    if strip.shape[-1] == 1:
+        strip = strip[..., 0]
+    img = Image.fromarray(strip)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())

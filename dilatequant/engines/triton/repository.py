@@ -1,0 +1,297 @@
+"""dq-triton: a Triton model repository for an exported UNet plus a DDIM `pipeline` model.
+
+    <repo>/unet/config.pbtxt      tensorrt_plan | onnxruntime_onnx (--kind gpu) or python+ORT (--kind cpu)
+    <repo>/unet/1/model.plan | model.onnx (a folder model.onnx/ when weights are external) | model.py+model.onnx
+    <repo>/pipeline/config.pbtxt  python backend: seed, steps, labels, guidance -> uint8 images
+    <repo>/pipeline/1/model.py, scheduler_config.json, class_tokens.npy (conditional models)
+
+Every config is built as a tritonclient ModelConfig message, written as text, parsed back and
+checked against the UNet's I/O before the repository is renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ...calibrate.reporting import atomic_write_bytes, write_text
+from ...errors import UserError
+from . import config as C
+from .unet_spec import TensorSpec, UnetSpec, spec_from_onnx, spec_from_plan
+
+KINDS = ("gpu", "cpu")
+PIPELINE = "pipeline"
+DEFAULT_GUIDANCE = 1.3  # calibrate.sampling.DEFAULT_GUIDANCE (not imported: keeps torch out of this module)
+
+
+@dataclass
+class RepositoryConfig:
+    repo: Path
+    onnx: Path | None = None
+    engine: Path | None = None
+    ckpt: Path | None = None           # q.pt: class encoder + scheduler (default: the base model the graph names)
+    kind: str = "gpu"
+    name: str = "unet"
+    max_batch: int = 16
+    instances: int = 1
+    pipeline_instances: int = 2
+    max_queue_delay_us: int = 2000
+    max_images: int = 64
+    intra_op_threads: int = 0          # --kind cpu: ORT threads per unet instance (0: ORT's default)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.repo = Path(self.repo)
+        if (self.onnx is None) == (self.engine is None):
+            raise UserError("pass exactly one of --onnx unet.onnx or --engine unet.plan")
+        if self.kind not in KINDS:
+            raise UserError(f"unknown --kind '{self.kind}': choose gpu (TensorRT/ORT backends) or cpu (Python backend)")
+        if self.kind == "cpu" and self.engine is not None:
+            raise UserError("--kind cpu runs ONNX Runtime in the Python backend: pass --onnx (a plan needs a GPU)")
+        if self.name == PIPELINE or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise UserError(f"--name '{self.name}' must be letters, digits, '-' or '_' and not '{PIPELINE}'")
+        for n, v in (("--max-batch", self.max_batch), ("--instances", self.instances),
+                     ("pipeline instances", self.pipeline_instances), ("max images", self.max_images)):
+            if v < 1:
+                raise UserError(f"{n} must be >= 1, got {v}")
+
+
+@dataclass
+class Conditioning:
+    """What the pipeline needs from the model beyond the graph: schedule and class-token table."""
+
+    scheduler_config: dict
+    class_tokens: np.ndarray | None = None   # [num_classes + 1, tokens * dim]; the last row is the null label
+    token_shape: tuple[int, int] | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def load_conditioning(spec_meta: dict[str, str], ckpt: Path | None) -> Conditioning:
+    """From the q.pt when given (checked against the graph's checkpoint hash), else the base model."""
+    if ckpt is not None:
+        from ...calibrate.checkpoint import checkpoint_hash, load_checkpoint
+
+        want = spec_meta.get("dilatequant.source_checkpoint_sha256")
+        if want and checkpoint_hash(ckpt) != want:
+            raise UserError(f"'{ckpt}' is not the checkpoint this graph was exported from (sha256 differs from the "
+                            "graph's dilatequant.source_checkpoint_sha256); pass the q.pt given to dq-export")
+        model, source = load_checkpoint(ckpt).model, str(ckpt)
+    else:
+        from ...calibrate.models import load_model
+
+        base = spec_meta.get("dilatequant.base_model", "")
+        try:
+            model = load_model(base)
+        except UserError as err:
+            raise UserError(f"the graph names base model '{base}', which cannot be loaded here ({err}); pass --ckpt "
+                            "q.pt (the checkpoint it was exported from)") from err
+        source = base
+    cfg = {k: v for k, v in dict(model.scheduler.config).items() if not k.startswith("_")}
+    cond = Conditioning(json.loads(json.dumps(cfg, default=list)), source=source)
+    if model.class_encoder is not None:
+        enc = model.class_encoder
+        cond.class_tokens = enc.table.weight.detach().float().numpy().copy()
+        cond.token_shape = (int(enc.config.num_tokens), int(enc.config.dim))
+    return cond
+
+
+def _unet_config(cfg: RepositoryConfig, spec: UnetSpec):
+    batched = cfg.max_batch > 0
+    m = C.mc.ModelConfig(name=cfg.name, max_batch_size=cfg.max_batch)
+    if cfg.kind == "cpu":
+        m.backend = "python"
+    else:
+        m.platform = "tensorrt_plan" if cfg.engine else "onnxruntime_onnx"
+    m.input.extend(C.model_input(t, batched) for t in spec.inputs)
+    m.output.extend(C.model_output(t, batched) for t in spec.outputs)
+    m.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
+    group = m.instance_group.add()
+    group.count = cfg.instances
+    group.kind = C.mc.ModelInstanceGroup.KIND_CPU if cfg.kind == "cpu" else C.mc.ModelInstanceGroup.KIND_GPU
+    params = {"num_steps": str(len(spec.timesteps)), "timesteps": json.dumps(spec.timesteps)}
+    if cfg.kind == "cpu":
+        params["intra_op_threads"] = str(cfg.intra_op_threads)
+    for k, v in params.items():
+        m.parameters[k].string_value = v
+    return m
+
+
+def _t(name, dtype, shape):
+    return TensorSpec(name, dtype, shape)
+
+
+def pipeline_io(spec: UnetSpec) -> tuple[list[TensorSpec], list[TensorSpec], tuple[str, ...]]:
+    """The pipeline's tensors (max_batch_size 0, so shapes are complete)."""
+    c, h, w = spec.sample_shape
+    ins = [_t("SEED", "int64", (1,)), _t("STEPS", "int32", (1,))]
+    optional = ("STEPS",)
+    if spec.conditional:
+        ins += [_t("CLASS_LABELS", "int64", (-1,)), _t("GUIDANCE_SCALE", "float32", (1,))]
+        optional += ("GUIDANCE_SCALE",)
+    else:
+        ins.append(_t("NUM_IMAGES", "int32", (1,)))
+        optional += ("NUM_IMAGES",)
+    return ins, [_t("IMAGES", "uint8", (-1, h, w, c))], optional
+
+
+PIPELINE_DOC = """\
+# DDIM sampling pipeline (Python backend) calling model '{unet}' through BLS.
+# Inputs:
+#   SEED            INT64 [1]   initial noise = torch.randn((N, {shape}), Generator().manual_seed(SEED))
+#   STEPS           INT32 [1]   optional; DDIM steps (default {steps}, the calibrated count; other counts use the
+#                               t_index of the nearest calibrated timestep)
+{cond_doc}# Output:
+#   IMAGES          UINT8 [N, H, W, C]
+# Parameters: timesteps = the calibrated schedule (t_index i <-> timesteps[i]); max_images per request.
+"""
+COND_DOC = """\
+#   CLASS_LABELS    INT64 [N]   one class label per image, 0..{last}
+#   GUIDANCE_SCALE  FP32  [1]   optional; classifier-free guidance (default {guidance}; 1.0 turns it off)
+"""
+UNCOND_DOC = "#   NUM_IMAGES      INT32 [1]   optional; images to generate (default 1)\n"
+
+
+def _pipeline_config(cfg: RepositoryConfig, spec: UnetSpec, cond: Conditioning):
+    ins, outs, optional = pipeline_io(spec)
+    m = C.mc.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
+    m.input.extend(C.model_input(t, False, optional=t.name in optional) for t in ins)
+    m.output.extend(C.model_output(t, False) for t in outs)
+    group = m.instance_group.add()
+    group.count = cfg.pipeline_instances
+    group.kind = C.mc.ModelInstanceGroup.KIND_CPU
+    params = {"unet_model": cfg.name, "unet_output": spec.outputs[0].name, "unet_max_batch": str(cfg.max_batch), "timesteps": json.dumps(spec.timesteps),
+              "sample_shape": json.dumps(list(spec.sample_shape)), "conditional": str(spec.conditional).lower(),
+              "t_index_input": str(spec.has_t_index).lower(), "default_guidance": str(DEFAULT_GUIDANCE),
+              "max_images": str(cfg.max_images), "torch_threads": "1", "source": cond.source}
+    if spec.conditional:
+        params["num_classes"] = str(len(cond.class_tokens) - 1)
+        params["token_shape"] = json.dumps(list(cond.token_shape))
+    for k, v in params.items():
+        m.parameters[k].string_value = v
+    doc = PIPELINE_DOC.format(
+        unet=cfg.name, shape=", ".join(map(str, spec.sample_shape)), steps=len(spec.timesteps),
+        cond_doc=COND_DOC.format(last=len(cond.class_tokens) - 2, guidance=DEFAULT_GUIDANCE)
+        if spec.conditional else UNCOND_DOC)
+    return m, doc, (ins, outs, optional)
+
+
+def _external_files(onnx_path: Path) -> list[Path]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                names.add(entry.value)
+    return [onnx_path.parent / n for n in sorted(names)]
+
+
+def _copy_onnx(src: Path, version_dir: Path, as_folder: bool) -> None:
+    """model.onnx in place; with external data, a folder `model.onnx/` holding the graph and its data files."""
+    extra = _external_files(src)
+    for f in extra:
+        if not f.is_file():
+            raise UserError(f"'{src}' refers to external data '{f}', which is missing; keep it beside the graph")
+    if extra and as_folder:
+        target = version_dir / "model.onnx"
+        target.mkdir()
+        shutil.copyfile(src, target / "model.onnx")
+    else:
+        target = version_dir
+        shutil.copyfile(src, version_dir / "model.onnx")
+    for f in extra:
+        (target / f.name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target / f.name)
+
+
+def _write_config(model_dir: Path, message, expected: C.Expected, header: str = "") -> None:
+    text = header + C.to_text(message)
+    write_text(model_dir / "config.pbtxt", text)
+    C.validate(text, model_dir, expected)
+
+
+def _backend_source(name: str) -> bytes:
+    return (resources.files("dilatequant.engines.triton.backends") / f"{name}.py").read_bytes()
+
+
+def write_repository(cfg: RepositoryConfig) -> dict:
+    """Write and validate the repository; returns a summary. The folder appears complete or not at all."""
+    C.require_tritonclient()
+    if cfg.onnx is not None:
+        spec = spec_from_onnx(cfg.onnx)
+    else:
+        spec = None
+    cond_meta = spec.metadata if spec else _sidecar_metadata(cfg.engine)
+    cond = load_conditioning(cond_meta, cfg.ckpt)
+    if spec is None:
+        spec = spec_from_plan(cfg.engine, cond.token_shape)
+    if spec.conditional:
+        if cond.class_tokens is None:
+            raise UserError(f"the graph is conditional but '{cond.source}' has no class encoder; pass --ckpt q.pt")
+        ehs = spec.input("encoder_hidden_states").shape[1:]
+        if tuple(ehs) != tuple(cond.token_shape):
+            raise UserError(f"encoder_hidden_states is {list(ehs)} per sample in the graph but the class encoder of "
+                            f"'{cond.source}' makes {list(cond.token_shape)}; pass the matching --ckpt")
+    if cfg.repo.exists() and any(cfg.repo.iterdir()) and not cfg.overwrite:
+        raise UserError(f"'{cfg.repo}' exists and is not empty; choose a new folder or pass --overwrite")
+    cfg.repo.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cfg.repo.parent, prefix=f".{cfg.repo.name}."))
+    try:
+        unet_dir = staging / cfg.name
+        (unet_dir / "1").mkdir(parents=True)
+        if cfg.engine is not None:
+            shutil.copyfile(cfg.engine, unet_dir / "1" / "model.plan")
+        else:
+            _copy_onnx(cfg.onnx, unet_dir / "1", as_folder=cfg.kind == "gpu")
+            if cfg.kind == "cpu":
+                atomic_write_bytes(unet_dir / "1" / "model.py", _backend_source("unet_ort"))
+        _write_config(unet_dir, _unet_config(cfg, spec), C.Expected(spec.inputs, spec.outputs))
+
+        pipe_dir = staging / PIPELINE
+        (pipe_dir / "1").mkdir(parents=True)
+        atomic_write_bytes(pipe_dir / "1" / "model.py", _backend_source("pipeline"))
+        (pipe_dir / "1" / "scheduler_config.json").write_text(json.dumps(cond.scheduler_config, indent=2) + "\n")
+        if spec.conditional:
+            np.save(pipe_dir / "1" / "class_tokens.npy", cond.class_tokens.astype(np.float32))
+        message, doc, (ins, outs, optional) = _pipeline_config(cfg, spec, cond)
+        _write_config(pipe_dir, message, C.Expected(ins, outs, optional), header=doc)
+        if cfg.repo.exists():
+            shutil.rmtree(cfg.repo)
+        staging.rename(cfg.repo)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"repo": str(cfg.repo), "kind": cfg.kind, "models": [cfg.name, PIPELINE],
+            "unet_backend": "python (ONNX Runtime)" if cfg.kind == "cpu" else
+            ("tensorrt_plan" if cfg.engine else "onnxruntime_onnx"),
+            "inputs": [t.name for t in spec.inputs], "timesteps": spec.timesteps, "conditional": spec.conditional,
+            "max_batch": cfg.max_batch, "source": cond.source}
+
+
+def _sidecar_metadata(engine: Path) -> dict[str, str]:
+    side = Path(str(engine) + ".json")
+    try:
+        return {str(k): str(v) for k, v in json.loads(side.read_text())["metadata"].items()}
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError):
+        return spec_from_plan(engine).metadata  # raises the detailed error
+
+
+def validate_repository(repo: str | Path) -> list[str]:
+    """Parse and sanity-check every config.pbtxt under repo (no model I/O to compare with); problems found."""
+    repo = Path(repo)
+    problems = []
+    for cfg_file in sorted(repo.glob("*/config.pbtxt")):
+        try:
+            parsed = C.parse(cfg_file.read_text(), str(cfg_file))
+        except C.ConfigError as err:
+            problems.append(str(err))
+            continue
+        problems += C.check_semantics(parsed, cfg_file.parent)
+    return problems

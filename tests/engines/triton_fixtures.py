@@ -1,0 +1,55 @@
+"""Shared by the Triton tests: a tiny conditional q.pt exported to ONNX, and an ORT NoisePredictor."""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dilatequant.calibrate.calibration_data import build_calibration_set
+from dilatequant.calibrate.checkpoint import save_checkpoint
+from dilatequant.calibrate.quant_config import QuantConfig
+from dilatequant.calibrate.recipe import prepare
+from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
+
+from conftest import tiny_cond
+
+STEPS = 4
+
+
+def tiny_cond_export(tmp_path_factory) -> tuple[Path, Path]:
+    """(q.pt, unet.onnx) of a tiny random class-conditional UNet, W8A8 symmetric, 4 calibrated steps.
+
+    Made once per test session (the export is the slow part) in the session's base temp folder.
+    """
+    tmp = tmp_path_factory.getbasetemp() / "tiny-cond-export"
+    if (tmp / "unet.onnx").is_file():
+        return tmp / "q.pt", tmp / "unet.onnx"
+    tmp.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    model = tiny_cond()
+    data = build_calibration_set(model, 16, STEPS, use_cache=False)
+    q, _ = prepare(model.unet, QuantConfig(num_steps=STEPS, weight_bits=8, act_bits=8, symmetric=True), data)
+    ckpt = save_checkpoint(tmp / "q.pt", q, model, sampling_timesteps(model, STEPS), "fp", {})
+    export_onnx(ckpt, tmp / "unet.onnx", ExportConfig())
+    return ckpt, tmp / "unet.onnx"
+
+
+def ort_predictor(session, timesteps: list[int] | None = None):
+    """A NoisePredictor over an ORT session; with `timesteps`, t_index = nearest calibrated timestep."""
+    names = {i.name for i in session.get_inputs()}
+    table = None if timesteps is None else np.asarray(timesteps)
+
+    def predict(x, timestep, t_index, ehs=None):
+        if table is not None:
+            t_index = torch.tensor([int(np.abs(table - int(t)).argmin()) for t in timestep])
+        feeds = {"sample": x.numpy(), "timestep": timestep.numpy(), "t_index": t_index.numpy()}
+        if "encoder_hidden_states" in names:
+            feeds["encoder_hidden_states"] = ehs.numpy()
+        return torch.from_numpy(session.run(None, {k: v for k, v in feeds.items() if k in names})[0])
+
+    return predict
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N,C,H,W] in [-1,1] -> [N,H,W,C] uint8, the pipeline's conversion."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
