@@ -1,0 +1,1 @@
+"""Runtime side: one runner interface over PyTorch, ONNX Runtime and TensorRT, schedule mapping, dq-verify."""
