@@ -153,9 +153,6 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 
 
 def verify_main(argv: list[str] | None = None) -> None:
-    from .engines.verify import VerifyConfig
-
-    d = VerifyConfig(ckpt=Path("q.pt"), runtime=Path("unet.onnx"))
     p = argparse.ArgumentParser(prog="dq-verify", description="Accuracy, speed and memory of an exported runtime "
                                 "(ONNX Runtime or TensorRT) against the PyTorch fake-quant and FP models")
     p.add_argument("--ckpt", type=Path, required=True, help="q.pt the runtime was exported from")
@@ -164,27 +161,31 @@ def verify_main(argv: list[str] | None = None) -> None:
     src.add_argument("--engine", type=Path, help="TensorRT engine written by dq-build-engine")
     p.add_argument("--report", type=Path, required=True, help="report folder")
     p.add_argument("--batch", default="1,4,8", help="batch sizes for UNet latency (default: %(default)s)")
-    p.add_argument("--device", default=d.device, help="cpu | cuda (ONNX Runtime CUDA EP, PyTorch baselines on cuda)")
-    p.add_argument("--samples", type=int, default=d.num_samples, help="DDIM images per runtime")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (ONNX Runtime CUDA EP, PyTorch baselines on cuda)")
+    p.add_argument("--samples", type=int, default=16, help="DDIM images per runtime")
     p.add_argument("--steps", type=int, help="DDIM steps for the images (default: the calibrated T)")
     p.add_argument("--mapped-steps", help="other step counts to measure schedule mapping at (default: T/2,2T)")
-    p.add_argument("--traj-samples", type=int, default=d.traj_samples, help="FP trajectories for per-step SQNR")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed UNet calls per batch size")
-    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--traj-samples", type=int, default=4, help="FP trajectories for per-step SQNR")
+    p.add_argument("--repeats", type=int, default=20, help="timed UNet calls per batch size")
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: torch's)")
     p.add_argument("--model", help="FP model (default: the one the checkpoint was calibrated from)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline on CUDA")
     a = p.parse_args(argv)
 
     def go() -> None:
-        from .engines.verify import run_verify
+        # cheap checks first: no torch import for a typo
+        batches = _int_list(a.batch, "--batch")
+        mapped = _int_list(a.mapped_steps, "--mapped-steps") if a.mapped_steps else None
+        if a.device not in ("cpu", "cuda"):
+            raise UserError(f"unknown device '{a.device}': choose cpu or cuda")
+        from .engines.verify import VerifyConfig, run_verify
 
-        cfg = VerifyConfig(ckpt=a.ckpt, runtime=a.onnx or a.engine, report_dir=a.report,
-                           batches=_int_list(a.batch, "--batch"), device=a.device, num_samples=a.samples,
-                           steps=a.steps, traj_samples=a.traj_samples, repeats=a.repeats, warmup=a.warmup,
-                           mapped_steps=_int_list(a.mapped_steps, "--mapped-steps") if a.mapped_steps else None,
-                           threads=a.threads, model=a.model, seed=a.seed, compile=not a.no_compile)
+        cfg = VerifyConfig(ckpt=a.ckpt, runtime=a.onnx or a.engine, report_dir=a.report, batches=batches,
+                           device=a.device, num_samples=a.samples, steps=a.steps, traj_samples=a.traj_samples,
+                           repeats=a.repeats, warmup=a.warmup, mapped_steps=mapped, threads=a.threads,
+                           model=a.model, seed=a.seed, compile=not a.no_compile)
         r = run_verify(cfg)
         sq, img = r["accuracy"]["noise_sqnr_db"], r["accuracy"]["images"]
         print(f"{r['runtime']['name']}: per-step noise SQNR vs fake-quant mean "

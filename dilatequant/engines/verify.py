@@ -97,7 +97,8 @@ def per_step_errors(fp: Runner, fq: Runner, rt: Runner, traj: SampleResult) -> l
 
 
 def _image_metrics(x: torch.Tensor, ref: torch.Tensor) -> dict:
-    return {"image_psnr_db": psnr_db(x, ref), "image_ssim": ssim(x, ref)}
+    """PSNR, and SSIM where the images are at least its 11x11 window (None below)."""
+    return {"image_psnr_db": psnr_db(x, ref), "image_ssim": ssim(x, ref) if min(x.shape[-2:]) >= 11 else None}
 
 
 def _digits(images: torch.Tensor, labels, shape) -> dict:
@@ -148,7 +149,7 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
     traj = fp_trajectories(fp_model, T, cfg.seed, guidance, cfg.traj_samples)
     rows = per_step_errors(fp, fq, rt, traj)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    images = {"fp": _sample(fp_model, fp, cfg, steps)}
+    images = {"fp": _sample(fp_model, ScheduleMapper(fp, ck.timesteps), cfg, steps)}
     labels = images["fp"].labels
     images["fake_quant"] = _sample(ck.model, ScheduleMapper(fq, ck.timesteps), cfg, steps, labels)
     images["runtime"] = _sample(ck.model, ScheduleMapper(rt, ck.timesteps), cfg, steps, labels)
@@ -172,7 +173,7 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
         if s == steps:
             fp_img, rt_img = images["fp"], images["runtime"]
         else:
-            fp_img = _sample(fp_model, fp, cfg, s)
+            fp_img = _sample(fp_model, ScheduleMapper(fp, ck.timesteps), cfg, s)
             rt_img = _sample(ck.model, ScheduleMapper(rt, ck.timesteps), cfg, s, fp_img.labels)
         schedule_rows.append({
             "steps": s, "mapping": "exact" if t_map == list(range(T)) and s == T else "nearest",
@@ -208,7 +209,7 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
     sampler = {}
     for r in (rt, fp, fq):
         model = fp_model if r is fp else ck.model
-        predict = r if r is fp else ScheduleMapper(r, ck.timesteps)
+        predict = ScheduleMapper(r, ck.timesteps)
         t0 = time.perf_counter()
         sample(model, predict, num_samples=sampler_batch, steps=steps, seed=cfg.seed, guidance_scale=guidance,
                batch_size=sampler_batch, progress=False)
@@ -268,7 +269,7 @@ def environment_device(device: str) -> str:
 
 
 def _f(v, nd=2) -> str:
-    return f"{v:.{nd}f}" if isinstance(v, (int, float)) else str(v)
+    return f"{v:.{nd}f}" if isinstance(v, (int, float)) else ("-" if v is None else str(v))
 
 
 def summary_markdown(r: dict) -> str:

