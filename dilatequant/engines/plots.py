@@ -32,11 +32,13 @@ def sqnr_plot(path: Path, per_step: list[dict], series: dict[str, str], title: s
     fig, ax = plt.subplots(figsize=(7.5, 4))
     x = [r["t_index"] for r in per_step]
     capped_any = False
-    for key, label in series.items():
+    styles = [dict(marker="o", ls="-"), dict(marker="x", ls="--", ms=7), dict(marker="s", ls=":", ms=4)]
+    for k, (key, label) in enumerate(series.items()):
         y = [r[key] for r in per_step]
         capped = [not math.isfinite(v) for v in y]
         capped_any |= any(capped)
-        ax.plot(x, [cap_db if c else v for v, c in zip(y, capped)], marker="o", ms=3, label=label)
+        style = {"ms": 4, **styles[k % len(styles)]}
+        ax.plot(x, [cap_db if c else v for v, c in zip(y, capped)], label=label, lw=1.6, **style)
     ax.set_xlabel("t_index (timestep)")
     ticks = x if len(x) <= 12 else x[:: max(1, len(x) // 10)]
     ax.set_xticks(ticks)
@@ -56,7 +58,7 @@ def latency_plot(path: Path, latency: dict[str, dict[str, dict]], title: str) ->
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(batches) * max(1, len(runners)) / 2), 4))
     width = 0.8 / max(1, len(runners))
     for k, name in enumerate(runners):
-        xs, med, err = [], [], []
+        xs, med, err, mins = [], [], [], []
         for j, b in enumerate(batches):
             row = latency[name].get(str(b))
             if not isinstance(row, dict):
@@ -64,13 +66,15 @@ def latency_plot(path: Path, latency: dict[str, dict[str, dict]], title: str) ->
             xs.append(j + (k - (len(runners) - 1) / 2) * width)
             med.append(row["median_ms"])
             err.append(row["p90_ms"] - row["median_ms"])
+            mins.append(row["min_ms"])
         bars = ax.bar(xs, med, width, yerr=[[0] * len(err), err], capsize=3, label=name)
+        ax.scatter(xs, mins, marker="_", s=120, color="black", zorder=3, label="min" if k == 0 else None)
         for bar, v in zip(bars, med):
             ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                         va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(batches)))
     ax.set_xticklabels([f"batch {b}" for b in batches])
-    ax.set_ylabel("UNet latency, median ms (bar) to p90 (whisker)")
+    ax.set_ylabel("UNet latency ms: median (bar), p90 (whisker), min (dash)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -97,10 +101,12 @@ def schedule_plot(path: Path, rows: list[dict], title: str) -> Path:
     xs = [r["steps"] for r in rows]
     ax.plot(xs, [r["runtime_vs_fp"]["image_psnr_db"] for r in rows], marker="o", label="runtime vs FP (same steps)")
     for r in rows:
-        ax.annotate("calibrated" if r["mapping"] == "exact" else "nearest t_index",
+        ax.annotate("calibrated schedule" if r["mapping"] == "exact" else
+                    f"nearest t_index ({r['distinct_t_index_used']} used)",
                     (r["steps"], r["runtime_vs_fp"]["image_psnr_db"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(xs)
     ax.set_xticklabels([str(x) for x in xs])
     ax.set_xlabel("DDIM steps at inference")

@@ -312,13 +312,13 @@ def summary_markdown(r: dict) -> str:
                      f"{_f(s['runtime_vs_fp']['image_psnr_db'])} | {_f(s['runtime_vs_fp']['image_ssim'], 4)} | "
                      f"{_f(s['runtime_digits'].get('digit_fid', '-'))} | {_f(s['fp_digits'].get('digit_fid', '-'))} |")
     lines += ["", f"![schedule mapping]({r['figures']['schedule']})", "", "## Speed", "",
-              f"UNet latency in ms (median / p90, {r['settings']['repeats']} repeats after {r['settings']['warmup']} "
+              f"UNet latency in ms (median / p90 / min, {r['settings']['repeats']} repeats after {r['settings']['warmup']} "
               "warmup calls), full `infer()` including input checks and host copies:", ""]
     lat = sp["unet_latency_ms"]
     batches = [str(b) for b in r["settings"]["batches"]]
     lines += ["| runner | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
     for name, per_b in lat.items():
-        cells = [f"{_f(per_b[b]['median_ms'])} / {_f(per_b[b]['p90_ms'])}" if "median_ms" in per_b.get(b, {})
+        cells = [f"{_f(per_b[b]['median_ms'])} / {_f(per_b[b]['p90_ms'])} / {_f(per_b[b]['min_ms'])}" if "median_ms" in per_b.get(b, {})
                  else per_b.get(b, {}).get("error", "-") for b in batches]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Runtime speedup (baseline median / runtime median, same run):", "",
