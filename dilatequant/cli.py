@@ -275,12 +275,67 @@ def client_main(argv: list[str] | None = None) -> None:
         save_png(images, a.out)
         print(f"wrote {a.out}: {len(images)} image(s) {images.shape[1]}x{images.shape[2]} (seed {a.seed})")
 
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers like 1,4,8, got '{text}'") from None
+    if not values:
+        raise UserError(f"{flag} takes comma-separated integers like 1,4,8, got '{text}'")
+    return values
+
+
+def verify_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="dq-verify", description="Accuracy, speed and memory of an exported runtime "
+                                "(ONNX Runtime or TensorRT) against the PyTorch fake-quant and FP models")
+    p.add_argument("--ckpt", type=Path, required=True, help="q.pt the runtime was exported from")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--onnx", type=Path, help="graph written by dq-export (runs in ONNX Runtime)")
+    src.add_argument("--engine", type=Path, help="TensorRT engine written by dq-build-engine")
+    p.add_argument("--report", type=Path, required=True, help="report folder")
+    p.add_argument("--batch", default="1,4,8", help="batch sizes for UNet latency (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (ONNX Runtime CUDA EP, PyTorch baselines on cuda)")
+    p.add_argument("--samples", type=int, default=16, help="DDIM images per runtime")
+    p.add_argument("--steps", type=int, help="DDIM steps for the images (default: the calibrated T)")
+    p.add_argument("--mapped-steps", help="other step counts to measure schedule mapping at (default: T/2,2T)")
+    p.add_argument("--traj-samples", type=int, default=4, help="FP trajectories for per-step SQNR")
+    p.add_argument("--repeats", type=int, default=20, help="timed UNet calls per batch size")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: torch's)")
+    p.add_argument("--model", help="FP model (default: the one the checkpoint was calibrated from)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline on CUDA")
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        # cheap checks first: no torch import for a typo
+        batches = _int_list(a.batch, "--batch")
+        mapped = _int_list(a.mapped_steps, "--mapped-steps") if a.mapped_steps else None
+        if a.device not in ("cpu", "cuda"):
+            raise UserError(f"unknown device '{a.device}': choose cpu or cuda")
+        from .engines.verify import VerifyConfig, run_verify
+
+        cfg = VerifyConfig(ckpt=a.ckpt, runtime=a.onnx or a.engine, report_dir=a.report, batches=batches,
+                           device=a.device, num_samples=a.samples, steps=a.steps, traj_samples=a.traj_samples,
+                           repeats=a.repeats, warmup=a.warmup, mapped_steps=mapped, threads=a.threads,
+                           model=a.model, seed=a.seed, compile=not a.no_compile)
+        r = run_verify(cfg)
+        sq, img = r["accuracy"]["noise_sqnr_db"], r["accuracy"]["images"]
+        print(f"{r['runtime']['name']}: per-step noise SQNR vs fake-quant mean "
+              f"{sq['runtime_vs_fake_quant_sqnr_db']['mean']:.1f} dB (min {sq['runtime_vs_fake_quant_sqnr_db']['min']:.1f}), "
+              f"vs FP {sq['runtime_vs_fp_sqnr_db']['mean']:.1f} dB; images PSNR vs fake-quant "
+              f"{img['runtime_vs_fake_quant']['image_psnr_db']:.1f} dB, vs FP {img['runtime_vs_fp']['image_psnr_db']:.1f} dB")
+        for name, per_b in r["speed"]["speedup_of_runtime"].items():
+            print(f"  speedup vs {name}: " + ", ".join(f"batch {b} {v:.2f}x" for b, v in per_b.items()))
+        print(f"report written to {a.report}/README.md")
+
     _run(go)
 
 
 def main() -> None:
     """`python -m dilatequant.cli <command> ...` for environments without the console scripts."""
-    commands = {"demo": demo_main, "calibrate": calibrate_main, "export": export_main,
+    commands = {"demo": demo_main, "calibrate": calibrate_main, "export": export_main, "verify": verify_main,
                 "build-engine": build_engine_main, "triton": triton_main, "serve": serve_main, "client": client_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m dilatequant.cli {{{','.join(commands)}}} ...", file=sys.stderr)

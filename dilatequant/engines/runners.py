@@ -1,0 +1,425 @@
+"""One runner interface over every runtime: PyTorch FP / fake-quant, ONNX Runtime, TensorRT.
+
+Shaped like Polygraphy's runners: a runner only runs (comparison lives in verify.py), loads its
+model lazily on first use (`activate()`), and describes itself with `RunnerMetadata`. Every runner
+checks its inputs before running, because a runtime given a wrong t_index silently uses the wrong
+activation scales (the exported graph clamps it) and a wrong shape fails deep inside the engine.
+
+    runner.infer(sample [B,C,H,W] float, timestep [B] int, t_index [B] int, cond [B,L,D] | None)
+        -> noise_pred [B,C,H,W] float32 on the CPU
+
+A runner is also a `sampling.NoisePredictor` (`__call__`), so `sampling.sample(model, runner)` runs
+on any of them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..calibrate.models import DiffusionModel
+from ..errors import UserError
+
+METADATA_PREFIX = "dilatequant."
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+TRT_INSTALL_HINT = ("install TensorRT 11 with `pip install dilatequant[trt]` (the wheels come from NVIDIA's index, "
+                    "https://pypi.nvidia.com) on a machine with an NVIDIA GPU")
+
+
+@dataclass(frozen=True)
+class RunnerMetadata:
+    """What a runner runs: t_index i means timesteps[i] of the calibrated schedule."""
+
+    name: str
+    runtime: str                      # torch | onnxruntime | tensorrt
+    device: str                       # cpu | cuda
+    dtype: str                        # fp32 | fp16 (the compute precision of what is not quantized)
+    num_steps: int
+    timesteps: tuple[int, ...]
+    conditional: bool
+    sample_shape: tuple[int, int, int]
+    has_t_index: bool                 # False: static-scale graphs and FP models ignore t_index
+    cond_dim: int | None = None       # last dim of encoder_hidden_states, when known
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["timesteps"], d["sample_shape"] = list(self.timesteps), list(self.sample_shape)
+        return d
+
+
+def metadata_from_props(props: dict[str, str], name: str, runtime: str, device: str, source: str) -> RunnerMetadata:
+    """RunnerMetadata from the graph's "dilatequant.*" metadata_props (ONNX, or an engine's sidecar)."""
+    try:
+        timesteps = tuple(int(t) for t in json.loads(props[METADATA_PREFIX + "timesteps"]))
+        num_steps = int(props.get(METADATA_PREFIX + "num_steps", len(timesteps)))
+        return RunnerMetadata(
+            name=name, runtime=runtime, device=device, dtype=props.get(METADATA_PREFIX + "dtype", "fp32"),
+            num_steps=num_steps, timesteps=timesteps,
+            conditional=props[METADATA_PREFIX + "conditional"] == "true",
+            sample_shape=tuple(int(v) for v in json.loads(props[METADATA_PREFIX + "sample_shape"])),
+            has_t_index=props.get(METADATA_PREFIX + "t_index_input", "true") == "true")
+    except KeyError as err:
+        raise UserError(f"'{source}' has no '{err.args[0]}' metadata: it was not written by dq-export; "
+                        "export the checkpoint with dq-export --ckpt q.pt --onnx unet.onnx") from err
+    except (ValueError, TypeError) as err:
+        raise UserError(f"'{source}' has malformed dilatequant.* metadata ({err}); re-export it with dq-export") from err
+
+
+def _check_device(device: str) -> str:
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{device}': choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but PyTorch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise UserError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    return x
+
+
+class Runner:
+    """Base: input validation, lazy activation, NoisePredictor protocol. Subclasses implement `_run`."""
+
+    def __init__(self, metadata: RunnerMetadata):
+        self.metadata = metadata
+        self._active = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def activate(self) -> "Runner":
+        if not self._active:
+            self._load()
+            self._active = True
+        return self
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "Runner":
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    # -- inference -------------------------------------------------------------------------------
+    def validate(self, sample, timestep, t_index, cond=None):
+        """Checked, normalised inputs: sample float [B,C,H,W], timestep/t_index int64 [B], cond [B,L,D] | None."""
+        m = self.metadata
+        sample, timestep, t_index = (_as_tensor(sample, "sample"), _as_tensor(timestep, "timestep"),
+                                     _as_tensor(t_index, "t_index"))
+        if not sample.is_floating_point():
+            raise UserError(f"sample must be a float tensor, got {sample.dtype}")
+        if sample.dim() != 4 or tuple(sample.shape[1:]) != m.sample_shape:
+            raise UserError(f"sample must have shape [B, {', '.join(map(str, m.sample_shape))}] for {m.name}, "
+                            f"got {list(sample.shape)}")
+        batch = sample.shape[0]
+        timestep = self._batch_vector(timestep, "timestep", batch)
+        t_index = self._batch_vector(t_index, "t_index", batch)
+        if timestep.numel() and timestep.min() < 0:
+            raise UserError(f"timestep must be >= 0, got {timestep.tolist()}")
+        if t_index.numel() and (t_index.min() < 0 or t_index.max() >= m.num_steps):
+            raise UserError(f"t_index out of range: got {t_index.tolist()}, {m.name} is calibrated for "
+                            f"t_index in [0, {m.num_steps}) ({m.num_steps} steps; map other schedules with "
+                            "engines.schedule.ScheduleMapper)")
+        if m.conditional and cond is None:
+            raise UserError(f"{m.name} is conditional: pass cond (encoder_hidden_states [B, L, D])")
+        if not m.conditional and cond is not None:
+            raise UserError(f"{m.name} is unconditional: pass cond=None")
+        if cond is not None:
+            cond = _as_tensor(cond, "cond")
+            if not cond.is_floating_point() or cond.dim() != 3:
+                raise UserError(f"cond must be a float tensor [B, L, D], got {cond.dtype} {list(cond.shape)}")
+            if cond.shape[0] != batch:
+                raise UserError(f"batch mismatch: sample has batch {batch}, cond has {cond.shape[0]}")
+            if m.cond_dim is not None and cond.shape[2] != m.cond_dim:
+                raise UserError(f"cond must have last dimension {m.cond_dim} for {m.name}, got {list(cond.shape)}")
+        return sample, timestep, t_index, cond
+
+    @staticmethod
+    def _batch_vector(x: torch.Tensor, name: str, batch: int) -> torch.Tensor:
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise UserError(f"{name} must be an integer tensor (int64), got {x.dtype}")
+        if x.dim() == 0 or (x.dim() == 1 and x.shape[0] == 1):
+            x = x.reshape(1).expand(batch)
+        if x.dim() != 1:
+            raise UserError(f"{name} must have shape [B], got {list(x.shape)}")
+        if x.shape[0] != batch:
+            raise UserError(f"batch mismatch: sample has batch {batch}, {name} has {x.shape[0]}")
+        return x.to(torch.int64).contiguous()
+
+    def infer(self, sample, timestep, t_index, cond=None) -> torch.Tensor:
+        args = self.validate(sample, timestep, t_index, cond)
+        self.activate()
+        out = self._run(*args)
+        return out.detach().to("cpu", torch.float32)
+
+    def _run(self, sample, timestep, t_index, cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, sample, timestep, t_index, encoder_hidden_states=None) -> torch.Tensor:
+        return self.infer(sample, timestep, t_index, encoder_hidden_states)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing)."""
+        if self.metadata.device == "cuda":
+            torch.cuda.synchronize()
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        return f"{type(self).__name__}({m.name}: {m.runtime} {m.device} {m.dtype}, T={m.num_steps})"
+
+
+class TorchRunner(Runner):
+    """A PyTorch module (FP UNet or fake-quant QuantUNet) on cpu/cuda in fp32/fp16.
+
+    `build` is called once, lazily, and returns fn(sample, timestep, t_index, cond) -> noise.
+    fp16 casts the whole module, tables included, the way a user would run `.half()`.
+    """
+
+    def __init__(self, metadata: RunnerMetadata, build: Callable[[], Callable], compile: bool = False):
+        super().__init__(metadata)
+        self._build, self._compile, self._fn = build, compile, None
+
+    def _load(self) -> None:
+        self._fn = self._build()
+
+    def _run(self, sample, timestep, t_index, cond):
+        m = self.metadata
+        dt = TORCH_DTYPES[m.dtype]
+        sample = sample.to(m.device, dt)
+        timestep, t_index = timestep.to(m.device), t_index.to(m.device)
+        cond = None if cond is None else cond.to(m.device, dt)
+        with torch.no_grad():
+            return self._fn(sample, timestep, t_index, cond)
+
+    @classmethod
+    def fp(cls, model: DiffusionModel, timesteps: list[int], device: str = "cpu", dtype: str = "fp32",
+           compile: bool = False, name: str = "torch-fp") -> "TorchRunner":
+        """The FP model; `timesteps` is the calibrated schedule its t_index inputs refer to (it ignores them)."""
+        _check_device(device)
+        if dtype not in TORCH_DTYPES:
+            raise UserError(f"unknown dtype '{dtype}': choose fp32 or fp16")
+        cond_dim = getattr(model.unet.config, "cross_attention_dim", None) if model.is_conditional else None
+        meta = RunnerMetadata(name=name + ("-compile" if compile else ""), runtime="torch", device=device, dtype=dtype,
+                              num_steps=len(timesteps), timesteps=tuple(int(t) for t in timesteps),
+                              conditional=model.is_conditional, sample_shape=tuple(model.sample_shape),
+                              has_t_index=False, cond_dim=cond_dim)
+
+        def build():
+            unet = _placed(model.unet, device, dtype)
+            call = torch.compile(unet) if compile else unet
+
+            def fn(x, t, ti, c):
+                kw = {} if c is None else {"encoder_hidden_states": c}
+                return call(x, t, return_dict=False, **kw)[0]
+            return fn
+
+        return cls(meta, build, compile)
+
+    @classmethod
+    def fake_quant(cls, ckpt: str | Path, device: str = "cpu", dtype: str = "fp32", compile: bool = False,
+                   name: str = "torch-fakequant") -> "TorchRunner":
+        """The PyTorch fake-quant model of a q.pt. Reads the schedule now; builds the model on first use."""
+        from ..calibrate.checkpoint import load_checkpoint
+
+        _check_device(device)
+        if dtype not in TORCH_DTYPES:
+            raise UserError(f"unknown dtype '{dtype}': choose fp32 or fp16")
+        ck = load_checkpoint(ckpt)  # validates the file up front; the module moves to the device lazily
+        return cls.from_checkpoint(ck, device, dtype, compile, name)
+
+    @classmethod
+    def from_checkpoint(cls, ck, device: str = "cpu", dtype: str = "fp32", compile: bool = False,
+                        name: str = "torch-fakequant") -> "TorchRunner":
+        model = ck.model
+        cond_dim = getattr(model.unet.config, "cross_attention_dim", None) if model.is_conditional else None
+        meta = RunnerMetadata(name=name + ("-compile" if compile else ""), runtime="torch", device=device, dtype=dtype,
+                              num_steps=len(ck.timesteps), timesteps=tuple(ck.timesteps),
+                              conditional=model.is_conditional, sample_shape=tuple(model.sample_shape),
+                              has_t_index=bool(ck.qunet.config.tpq), cond_dim=cond_dim)
+
+        def build():
+            qunet = _placed(ck.qunet, device, dtype)
+            call = torch.compile(qunet) if compile else qunet
+            return lambda x, t, ti, c: call(x, t, ti, c)
+
+        return cls(meta, build, compile)
+
+
+def _placed(module: torch.nn.Module, device: str, dtype: str) -> torch.nn.Module:
+    """The module on device/dtype; a copy unless that is where it already is (others may share it)."""
+    if (device, dtype) != ("cpu", "fp32"):
+        module = copy.deepcopy(module).to(device, TORCH_DTYPES[dtype])
+    return module.eval()
+
+
+class OrtRunner(Runner):
+    """An exported ONNX graph in ONNX Runtime. providers: cpu, cuda, tensorrt (ORT's execution providers)."""
+
+    PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int = 0, name: str | None = None):
+        import onnx
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"ONNX graph '{self.path}' does not exist; write one with dq-export --onnx {self.path}")
+        if provider not in self.PROVIDERS:
+            raise UserError(f"unknown ONNX Runtime provider '{provider}': choose one of {', '.join(self.PROVIDERS)}")
+        try:
+            proto = onnx.load(str(self.path), load_external_data=False)
+        except Exception as err:  # noqa: BLE001 - onnx raises DecodeError and others for a bad file
+            raise UserError(f"'{self.path}' is not a readable ONNX model ({type(err).__name__}); "
+                            "pass a graph written by dq-export") from err
+        props = {p.key: p.value for p in proto.metadata_props}
+        self.input_names = [i.name for i in proto.graph.input]
+        self._input_types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
+        cond_dim = None
+        for i in proto.graph.input:
+            if i.name == "encoder_hidden_states" and len(i.type.tensor_type.shape.dim) == 3:
+                cond_dim = i.type.tensor_type.shape.dim[2].dim_value or None
+        device = "cpu" if provider == "cpu" else "cuda"
+        meta = metadata_from_props(props, name or f"onnxruntime-{provider}", "onnxruntime", device, str(self.path))
+        super().__init__(replace(meta, cond_dim=cond_dim))
+        self.provider, self.threads, self.session = provider, threads, None
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        from ..dq_export.parity import ORT_DISABLED_OPTIMIZERS
+
+        available = ort.get_available_providers()
+        wanted = self.PROVIDERS[self.provider]
+        if wanted[0] not in available:
+            raise UserError(f"ONNX Runtime here has no {wanted[0]} (available: {', '.join(available)}); install "
+                            f"onnxruntime-gpu for cuda/tensorrt providers or use provider cpu")
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(str(self.path), so, providers=[p for p in wanted if p in available],
+                                            disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
+
+    def _feeds(self, sample, timestep, t_index, cond) -> dict[str, np.ndarray]:
+        import onnx
+
+        values = {"sample": sample, "timestep": timestep, "t_index": t_index, "encoder_hidden_states": cond}
+        feeds = {}
+        for name in self.input_names:
+            v = values[name]
+            np_type = onnx.helper.tensor_dtype_to_np_dtype(self._input_types[name])
+            feeds[name] = v.detach().cpu().numpy().astype(np_type, copy=False)
+        return feeds
+
+    def _run(self, sample, timestep, t_index, cond):
+        return torch.from_numpy(self.session.run(None, self._feeds(sample, timestep, t_index, cond))[0])
+
+
+class TensorRTRunner(Runner):
+    """A serialized TensorRT engine through Polygraphy (EngineFromBytes + TrtRunner), imported lazily.
+
+    Metadata comes from the engine's sidecar `<engine>.json` (written by engines/trt_build.py), whose
+    "metadata" key holds the source ONNX's metadata_props verbatim.
+    """
+
+    def __init__(self, path: str | Path, name: str = "tensorrt"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"engine '{self.path}' does not exist; build one with dq-build-engine --engine {self.path}")
+        sidecar = sidecar_path(self.path)
+        if not sidecar.is_file():
+            raise UserError(f"engine '{self.path}' has no sidecar '{sidecar.name}' (calibrated schedule, shapes); "
+                            "rebuild it with dq-build-engine, which writes both")
+        try:
+            props = json.loads(sidecar.read_text())["metadata"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"sidecar '{sidecar}' is not valid engine metadata ({err}); rebuild with dq-build-engine") from err
+        meta = metadata_from_props(props, name, "tensorrt", "cuda", str(sidecar))
+        super().__init__(meta)
+        from ..dq_export.qdq_graph import input_names
+
+        self.input_names = input_names(meta.conditional, meta.has_t_index)
+        self._runner, self._dtypes = None, {}
+
+    def _load(self) -> None:
+        require_tensorrt()
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from polygraphy.datatype import DataType
+
+        engine = EngineFromBytes(self.path.read_bytes())
+        self._runner = TrtRunner(engine, name=self.metadata.name)
+        self._runner.activate()
+        for name, (dtype, _shape) in self._runner.get_input_metadata().items():
+            self._dtypes[name] = DataType.to_dtype(DataType.from_dtype(dtype), "torch")
+
+    def _run(self, sample, timestep, t_index, cond):
+        values = {"sample": sample, "timestep": timestep, "t_index": t_index, "encoder_hidden_states": cond}
+        feeds = {n: values[n].to("cuda", self._dtypes.get(n, values[n].dtype)).contiguous() for n in self.input_names}
+        out = self._runner.infer(feeds, copy_outputs_to_host=True)
+        return out["noise_pred"] if "noise_pred" in out else next(iter(out.values()))
+
+    def __exit__(self, *exc) -> None:
+        if self._runner is not None:
+            self._runner.deactivate()
+            self._runner, self._active = None, False
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    return Path(f"{engine}.json")
+
+
+def require_tensorrt():
+    """Import TensorRT or fail with one line saying how to get it."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as err:  # ImportError, or the PyPI stub's own error when it cannot fetch the real wheel
+        raise UserError(f"TensorRT is not importable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        f"{TRT_INSTALL_HINT}") from err
+    if not torch.cuda.is_available():
+        raise UserError("TensorRT engines need an NVIDIA GPU and PyTorch with CUDA; none is visible here")
+    return tensorrt
+
+
+def open_runner(path_or_spec: str | Path, device: str = "cpu", dtype: str = "fp32", provider: str | None = None,
+                threads: int = 0, fp_model: DiffusionModel | None = None) -> Runner:
+    """Pick the runner from the file type: .onnx -> ONNX Runtime, .plan/.engine -> TensorRT, .pt -> fake-quant.
+
+    `fp:<q.pt>` gives the FP model the checkpoint was calibrated from (or `fp_model`) on its schedule.
+    """
+    spec = str(path_or_spec)
+    if spec.startswith("fp:"):
+        from ..calibrate.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(spec[3:])
+        return TorchRunner.fp(fp_model or fp_model_of(ck), ck.timesteps, device, dtype)
+    path = Path(spec)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return OrtRunner(path, provider or ("cpu" if device == "cpu" else "cuda"), threads)
+    if suffix in ENGINE_SUFFIXES:
+        return TensorRTRunner(path)
+    if suffix == ".pt":
+        return TorchRunner.fake_quant(path, device, dtype)
+    raise UserError(f"cannot tell the runtime of '{spec}' from its suffix: pass a .onnx graph, a "
+                    f"{'/'.join(ENGINE_SUFFIXES)} TensorRT engine, a q.pt checkpoint or fp:<q.pt>")
+
+
+def fp_model_of(ck) -> DiffusionModel:
+    """The FP model a checkpoint was calibrated from (embedded name or diffusers folder)."""
+    from ..calibrate.models import load_model
+
+    try:
+        return load_model(ck.source)
+    except UserError as err:
+        raise UserError(f"cannot load the checkpoint's FP model '{ck.source}' ({err}); pass --model with the "
+                        "FP model it was calibrated from") from err

@@ -1,0 +1,72 @@
+"""Latency and memory probes for dq-verify: warmup + repeats, medians and p90, peak RSS / GPU memory.
+
+Numbers are only compared when measured in the same process on the same device, one after another.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .runners import Runner
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    repeats: int
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+def unet_inputs(runner: Runner, batch: int, cond_len: int = 4, seed: int = 0):
+    """Representative inputs: mid-schedule timestep, matching t_index, random cond when conditional."""
+    m = runner.metadata
+    gen = torch.Generator().manual_seed(seed)
+    i = m.num_steps // 2
+    sample = torch.randn((batch, *m.sample_shape), generator=gen)
+    timestep = torch.full((batch,), m.timesteps[i], dtype=torch.int64)
+    t_index = torch.full((batch,), i, dtype=torch.int64)
+    cond = torch.randn((batch, cond_len, m.cond_dim or 64), generator=gen) if m.conditional else None
+    return sample, timestep, t_index, cond
+
+
+def measure(fn, sync, warmup: int, repeats: int) -> Latency:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    t = np.asarray(times)
+    return Latency(float(np.median(t)), float(np.percentile(t, 90)), float(t.min()), repeats)
+
+
+def unet_latency(runner: Runner, batch: int, warmup: int = 3, repeats: int = 20, cond_len: int = 4) -> Latency:
+    """One UNet call through the runner's full infer() (validation and host copies included)."""
+    args = unet_inputs(runner, batch, cond_len)
+    runner.activate()
+    return measure(lambda: runner.infer(*args), runner.synchronize, warmup, repeats)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def gpu_memory() -> dict | None:
+    """Peak memory PyTorch allocated, and what the whole device has in use now (TensorRT/ORT included)."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return {"torch_peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "device_used_mb": round((total - free) / 2**20, 1), "device_total_mb": round(total / 2**20, 1)}

@@ -1,0 +1,342 @@
+"""dq-verify: is the deployed runtime as accurate as the PyTorch fake-quant model, and how fast is it?
+
+One run, one device, one process: accuracy (per-step noise SQNR on FP trajectories, DDIM images,
+digit-FID), the cost of sampling with other step counts than the calibrated schedule, UNet latency
+and sampler wall time for the runtime and the PyTorch baselines, and memory. Every ratio is computed
+from numbers measured in this run. Output: report.json, README.md and PNG plots in one folder.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..calibrate.checkpoint import checkpoint_hash, load_checkpoint
+from ..calibrate.evaluation import fp_trajectories
+from ..calibrate.metrics import digit_scores, psnr_db, sqnr_db, ssim
+from ..calibrate.models import DiffusionModel, load_model
+from ..calibrate.reporting import ensure_writable_dir, environment, write_json, write_text
+from ..calibrate.sampling import DEFAULT_GUIDANCE, SampleResult, sample, sampling_timesteps
+from ..errors import UserError
+from . import plots
+from .runners import ENGINE_SUFFIXES, OrtRunner, Runner, TensorRTRunner, TorchRunner, fp_model_of
+from .schedule import ScheduleMapper, map_schedule
+from .timing import gpu_memory, peak_rss_mb, unet_latency
+
+DIGIT_SHAPE = (1, 32, 32)  # digit-FID needs images the shipped digit classifier reads
+
+
+@dataclass
+class VerifyConfig:
+    ckpt: Path
+    runtime: Path                              # unet.onnx or unet.plan
+    report_dir: Path = Path("dq-verify")
+    batches: tuple[int, ...] = (1, 4, 8)
+    device: str = "cpu"
+    num_samples: int = 16                      # DDIM images per runtime
+    steps: int | None = None                   # DDIM steps for the images (default: the calibrated T)
+    mapped_steps: tuple[int, ...] | None = None  # other step counts for the schedule-mapping cost (default T/2, 2T)
+    traj_samples: int = 4                      # FP trajectories for the per-step SQNR
+    warmup: int = 3
+    repeats: int = 20
+    seed: int = 0
+    guidance: float = DEFAULT_GUIDANCE
+    model: str | None = None                   # FP model (default: the one the checkpoint names)
+    threads: int = 0                           # ONNX Runtime intra-op threads (0: same as torch)
+    compile: bool = True                       # torch.compile baseline on CUDA
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if not self.batches or min(self.batches) < 1:
+            raise UserError(f"--batch must list positive batch sizes, got {list(self.batches)}")
+        if self.num_samples < 1 or self.traj_samples < 1:
+            raise UserError("--samples must be >= 1")
+        if self.repeats < 1 or self.warmup < 0:
+            raise UserError("--repeats must be >= 1 and --warmup >= 0")
+        for s in ([self.steps] if self.steps else []) + list(self.mapped_steps or ()):
+            if s < 1:
+                raise UserError(f"step counts must be >= 1, got {s}")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"unknown device '{self.device}': choose cpu or cuda")
+
+
+def open_runtime(path: Path, device: str, threads: int) -> Runner:
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return OrtRunner(path, "cpu" if device == "cpu" else "cuda", threads)
+    if suffix in ENGINE_SUFFIXES:
+        return TensorRTRunner(path)
+    raise UserError(f"'{path}' is neither an ONNX graph (.onnx) nor a TensorRT engine ({'/'.join(ENGINE_SUFFIXES)}); "
+                    "pass --onnx unet.onnx or --engine unet.plan")
+
+
+def _check_pairing(runtime: Runner, ck, ckpt: Path) -> None:
+    if list(runtime.metadata.timesteps) != list(ck.timesteps):
+        raise UserError(f"'{runtime.metadata.name}' was exported for timesteps {list(runtime.metadata.timesteps)[:4]}... "
+                        f"but '{ckpt}' is calibrated for {ck.timesteps[:4]}...; pass the q.pt it was exported from")
+    if runtime.metadata.sample_shape != tuple(ck.model.sample_shape):
+        raise UserError(f"runtime sample shape {runtime.metadata.sample_shape} != checkpoint's "
+                        f"{tuple(ck.model.sample_shape)}; pass the q.pt it was exported from")
+
+
+def per_step_errors(fp: Runner, fq: Runner, rt: Runner, traj: SampleResult) -> list[dict]:
+    """SQNR of runtime vs fake-quant, runtime vs FP and fake-quant vs FP on the FP trajectory's inputs."""
+    tr = traj.trajectory
+    rows = []
+    for i in range(tr.sample.shape[0]):
+        args = (tr.sample[i], tr.timestep[i], tr.t_index[i],
+                None if tr.encoder_hidden_states is None else tr.encoder_hidden_states[i])
+        ref, q, r = fp(*args), fq(*args), rt(*args)
+        rows.append({"t_index": i, "timestep": int(tr.timestep[i][0]),
+                     "runtime_vs_fake_quant_sqnr_db": sqnr_db(r, q), "runtime_vs_fp_sqnr_db": sqnr_db(r, ref),
+                     "fake_quant_vs_fp_sqnr_db": sqnr_db(q, ref),
+                     "runtime_vs_fake_quant_max_abs": (r - q).abs().max().item()})
+    return rows
+
+
+def _image_metrics(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """PSNR, and SSIM where the images are at least its 11x11 window (None below)."""
+    return {"image_psnr_db": psnr_db(x, ref), "image_ssim": ssim(x, ref) if min(x.shape[-2:]) >= 11 else None}
+
+
+def _digits(images: torch.Tensor, labels, shape) -> dict:
+    if tuple(shape) != DIGIT_SHAPE:
+        return {"skipped": f"digit-FID needs {DIGIT_SHAPE} images, model makes {tuple(shape)}"}
+    s = digit_scores(images, labels)
+    return {k: s[k] for k in ("digit_fid", "classifier_mean_confidence", "class_accuracy") if k in s}
+
+
+def _sample(model: DiffusionModel, predict, cfg: VerifyConfig, steps: int, labels=None) -> SampleResult:
+    guidance = cfg.guidance if model.is_conditional else 1.0
+    return sample(model, predict, num_samples=cfg.num_samples, steps=steps, seed=cfg.seed, labels=labels,
+                  guidance_scale=guidance, batch_size=max(cfg.batches), progress=False)
+
+
+def _weight_bytes(path: Path) -> int:
+    """Bytes on disk of a graph or engine, external ONNX data files included."""
+    total = path.stat().st_size
+    if path.suffix.lower() == ".onnx":
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        total += sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+    return total
+
+
+def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dict:
+    """Run every measurement and write the report folder; returns the report dict."""
+    cfg.check()
+    start = time.perf_counter()
+    out = ensure_writable_dir(cfg.report_dir)
+    ck = load_checkpoint(cfg.ckpt)
+    threads = cfg.threads or torch.get_num_threads()
+    rt = open_runtime(Path(cfg.runtime), cfg.device, threads)
+    _check_pairing(rt, ck, cfg.ckpt)
+    fp_model = fp_model or (load_model(cfg.model) if cfg.model else fp_model_of(ck))
+    T = len(ck.timesteps)
+    steps = cfg.steps or T
+    mapped = list(cfg.mapped_steps if cfg.mapped_steps is not None else sorted({max(1, T // 2), 2 * T}))
+    fq = TorchRunner.from_checkpoint(ck, cfg.device)
+    fp = TorchRunner.fp(fp_model, ck.timesteps, cfg.device)
+    guidance = cfg.guidance if ck.model.is_conditional else 1.0
+    rt.activate()
+    rss_after_load = peak_rss_mb()
+
+    # -- accuracy on the calibrated schedule ------------------------------------------------------
+    traj = fp_trajectories(fp_model, T, cfg.seed, guidance, cfg.traj_samples)
+    rows = per_step_errors(fp, fq, rt, traj)
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    images = {"fp": _sample(fp_model, ScheduleMapper(fp, ck.timesteps), cfg, steps)}
+    labels = images["fp"].labels
+    images["fake_quant"] = _sample(ck.model, ScheduleMapper(fq, ck.timesteps), cfg, steps, labels)
+    images["runtime"] = _sample(ck.model, ScheduleMapper(rt, ck.timesteps), cfg, steps, labels)
+    shape = ck.model.sample_shape
+    accuracy = {
+        "trajectory_samples": cfg.traj_samples, "image_steps": steps, "num_samples": cfg.num_samples,
+        "guidance_scale": guidance, "per_step": rows,
+        "noise_sqnr_db": {k: {"mean": mean(k), "min": min(r[k] for r in rows)}
+                          for k in ("runtime_vs_fake_quant_sqnr_db", "runtime_vs_fp_sqnr_db", "fake_quant_vs_fp_sqnr_db")},
+        "images": {"runtime_vs_fake_quant": _image_metrics(images["runtime"].images, images["fake_quant"].images),
+                   "runtime_vs_fp": _image_metrics(images["runtime"].images, images["fp"].images),
+                   "fake_quant_vs_fp": _image_metrics(images["fake_quant"].images, images["fp"].images)},
+        "digits": {k: _digits(v.images, labels, shape) for k, v in images.items()},
+    }
+
+    # -- other step counts: nearest calibrated t_index --------------------------------------------
+    schedule_rows = []
+    for s in sorted(set(mapped) | {T}):
+        inference = sampling_timesteps(fp_model, s)
+        t_map = map_schedule(ck.timesteps, inference)
+        if s == steps:
+            fp_img, rt_img = images["fp"], images["runtime"]
+        else:
+            fp_img = _sample(fp_model, ScheduleMapper(fp, ck.timesteps), cfg, s)
+            rt_img = _sample(ck.model, ScheduleMapper(rt, ck.timesteps), cfg, s, fp_img.labels)
+        schedule_rows.append({
+            "steps": s, "mapping": "exact" if t_map == list(range(T)) and s == T else "nearest",
+            "t_index_per_step": t_map, "distinct_t_index_used": len(set(t_map)),
+            "max_timestep_gap": max(abs(t - ck.timesteps[i]) for t, i in zip(inference, t_map)),
+            "runtime_vs_fp": _image_metrics(rt_img.images, fp_img.images),
+            "runtime_digits": _digits(rt_img.images, fp_img.labels, shape),
+            "fp_digits": _digits(fp_img.images, fp_img.labels, shape)})
+
+    # -- speed ------------------------------------------------------------------------------------
+    baselines: list[Runner] = [fp, fq]
+    if cfg.device == "cuda":
+        baselines.append(TorchRunner.fp(fp_model, ck.timesteps, "cuda", "fp16", name="torch-fp16"))
+        if cfg.compile:
+            baselines.append(TorchRunner.fp(fp_model, ck.timesteps, "cuda", "fp32", compile=True))
+    cond_len = ck.model.class_encoder.config.num_tokens if ck.model.class_encoder is not None else 4
+    latency: dict[str, dict[str, dict]] = {}
+    for r in [rt, *baselines]:
+        latency[r.metadata.name] = {}
+        for b in cfg.batches:
+            try:
+                latency[r.metadata.name][str(b)] = unet_latency(r, b, cfg.warmup, cfg.repeats, cond_len).to_dict()
+            except Exception as err:  # noqa: BLE001 - e.g. torch.compile failing: record it, keep the rest
+                latency[r.metadata.name][str(b)] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    ratios = {}
+    rt_lat = latency[rt.metadata.name]
+    for name, per_b in latency.items():
+        if name == rt.metadata.name:
+            continue
+        ratios[name] = {b: round(per_b[b]["median_ms"] / rt_lat[b]["median_ms"], 3)
+                        for b in per_b if "median_ms" in per_b[b] and "median_ms" in rt_lat.get(b, {})}
+    sampler_batch = max(cfg.batches)
+    sampler = {}
+    for r in (rt, fp, fq):
+        model = fp_model if r is fp else ck.model
+        predict = ScheduleMapper(r, ck.timesteps)
+        t0 = time.perf_counter()
+        sample(model, predict, num_samples=sampler_batch, steps=steps, seed=cfg.seed, guidance_scale=guidance,
+               batch_size=sampler_batch, progress=False)
+        r.synchronize()
+        sampler[r.metadata.name] = round(time.perf_counter() - t0, 4)
+    speed = {"unet_latency_ms": latency, "speedup_of_runtime": ratios,
+             "speedup_note": "baseline median latency / runtime median latency at the same batch (>1: runtime faster)",
+             "sampler": {"steps": steps, "batch": sampler_batch, "wall_s": sampler,
+                         "speedup_of_runtime": {k: round(v / sampler[rt.metadata.name], 3)
+                                                for k, v in sampler.items() if k != rt.metadata.name}}}
+
+    # -- memory -----------------------------------------------------------------------------------
+    memory = {"runtime_weight_bytes": _weight_bytes(Path(cfg.runtime)), "checkpoint_bytes": Path(cfg.ckpt).stat().st_size,
+              "fp_parameter_bytes": sum(p.numel() * p.element_size() for p in fp_model.unet.parameters()),
+              "fp_parameters": sum(p.numel() for p in fp_model.unet.parameters()),
+              "peak_host_rss_mb_after_runtime_load": rss_after_load, "peak_host_rss_mb": peak_rss_mb(),
+              "gpu": gpu_memory()}
+
+    # -- output -----------------------------------------------------------------------------------
+    name = rt.metadata.name
+    figures = {
+        "sqnr": plots.sqnr_plot(out / "sqnr_vs_t_index.png", rows, {
+            "runtime_vs_fake_quant_sqnr_db": f"{name} vs PyTorch fake-quant",
+            "runtime_vs_fp_sqnr_db": f"{name} vs FP", "fake_quant_vs_fp_sqnr_db": "PyTorch fake-quant vs FP"},
+            f"Per-step noise SQNR on FP DDIM-{T} trajectories ({cfg.traj_samples} samples)").name,
+        "latency": plots.latency_plot(out / "latency.png", latency,
+                                      f"UNet latency on {cfg.device} ({environment_device(cfg.device)})").name,
+        "samples": plots.sample_grid_plot(out / "samples.png", {
+            "FP (PyTorch)": images["fp"].images[:16], "fake-quant (PyTorch)": images["fake_quant"].images[:16],
+            f"runtime ({name})": images["runtime"].images[:16]}, f"DDIM-{steps}, same seeds").name,
+        "schedule": plots.schedule_plot(out / "schedule_mapping.png", schedule_rows,
+                                        f"Sampling with other step counts on a T={T} checkpoint").name,
+    }
+    report = {
+        "environment": environment(),
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                     "ort_threads": threads if isinstance(rt, OrtRunner) else None,
+                     "torch_threads": torch.get_num_threads(), "mapped_steps": mapped, "steps": steps},
+        "checkpoint": {"path": str(cfg.ckpt), "sha256": checkpoint_hash(cfg.ckpt), "source": ck.source,
+                       "bits": ck.qunet.config.bits_name, "num_steps": T, "timesteps": list(ck.timesteps)},
+        "runtime": {**rt.metadata.to_dict(), "path": str(cfg.runtime)},
+        "baselines": [r.metadata.to_dict() for r in baselines],
+        "accuracy": accuracy, "schedule_mapping": schedule_rows, "speed": speed, "memory": memory,
+        "figures": figures, "wall_s": round(time.perf_counter() - start, 1),
+    }
+    write_json(out / "report.json", report)
+    write_text(out / "README.md", summary_markdown(report))
+    return report
+
+
+def environment_device(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    from ..calibrate.reporting import _cpu_name
+
+    return f"{_cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def _f(v, nd=2) -> str:
+    return f"{v:.{nd}f}" if isinstance(v, (int, float)) else ("-" if v is None else str(v))
+
+
+def summary_markdown(r: dict) -> str:
+    rt, acc, sp, mem, ck = r["runtime"], r["accuracy"], r["speed"], r["memory"], r["checkpoint"]
+    env = r["environment"]
+    sq = acc["noise_sqnr_db"]
+    lines = [f"# dq-verify: {rt['name']} vs PyTorch", "",
+             f"Checkpoint `{Path(ck['path']).name}` ({ck['bits']}, T={ck['num_steps']}, base `{ck['source']}`), "
+             f"runtime `{Path(rt['path']).name}` ({rt['runtime']}, {rt['device']}, {rt['dtype']}). "
+             f"Wall time {r['wall_s']} s on {env['cpu']} ({env['cpu_count']} cores"
+             f"{', ' + env['cuda'] if env.get('cuda') else ''}), torch {env['torch']}, onnxruntime {env['onnxruntime']}.", "",
+             "## Accuracy", "",
+             f"Per-step noise-prediction SQNR on FP DDIM-{ck['num_steps']} trajectories "
+             f"({acc['trajectory_samples']} samples), mean / min over t_index:", "",
+             "| pair | mean SQNR (dB) | min SQNR (dB) |", "|---|---|---|"]
+    for key, label in (("runtime_vs_fake_quant_sqnr_db", "runtime vs PyTorch fake-quant"),
+                       ("runtime_vs_fp_sqnr_db", "runtime vs FP"), ("fake_quant_vs_fp_sqnr_db", "PyTorch fake-quant vs FP")):
+        lines.append(f"| {label} | {_f(sq[key]['mean'])} | {_f(sq[key]['min'])} |")
+    lines += ["", f"![SQNR vs t_index]({r['figures']['sqnr']})", "",
+              f"DDIM-{acc['image_steps']} images from the same seeds ({acc['num_samples']} samples):", "",
+              "| pair | PSNR (dB) | SSIM |", "|---|---|---|"]
+    for key, label in (("runtime_vs_fake_quant", "runtime vs PyTorch fake-quant"), ("runtime_vs_fp", "runtime vs FP"),
+                       ("fake_quant_vs_fp", "PyTorch fake-quant vs FP")):
+        m = acc["images"][key]
+        lines.append(f"| {label} | {_f(m['image_psnr_db'])} | {_f(m['image_ssim'], 4)} |")
+    d = acc["digits"]
+    if "digit_fid" in d["fp"]:
+        lines += ["", "| images | digit-FID (lower is better) | classifier confidence | class accuracy |", "|---|---|---|---|"]
+        for k in ("fp", "fake_quant", "runtime"):
+            lines.append(f"| {k} | {_f(d[k]['digit_fid'])} | {_f(d[k]['classifier_mean_confidence'], 3)} | "
+                         f"{_f(d[k]['class_accuracy'], 3) if 'class_accuracy' in d[k] else '-'} |")
+    else:
+        lines += ["", f"Digit metrics: {d['fp'].get('skipped')}"]
+    lines += ["", f"![samples]({r['figures']['samples']})", "",
+              "## Other step counts (nearest calibrated t_index)", "",
+              "| DDIM steps | mapping | distinct t_index used | max timestep gap | PSNR vs FP (dB) | SSIM vs FP | runtime digit-FID | FP digit-FID |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s in r["schedule_mapping"]:
+        lines.append(f"| {s['steps']} | {s['mapping']} | {s['distinct_t_index_used']} | {s['max_timestep_gap']} | "
+                     f"{_f(s['runtime_vs_fp']['image_psnr_db'])} | {_f(s['runtime_vs_fp']['image_ssim'], 4)} | "
+                     f"{_f(s['runtime_digits'].get('digit_fid', '-'))} | {_f(s['fp_digits'].get('digit_fid', '-'))} |")
+    lines += ["", f"![schedule mapping]({r['figures']['schedule']})", "", "## Speed", "",
+              f"UNet latency in ms (median / p90 / min, {r['settings']['repeats']} repeats after {r['settings']['warmup']} "
+              "warmup calls), full `infer()` including input checks and host copies:", ""]
+    lat = sp["unet_latency_ms"]
+    batches = [str(b) for b in r["settings"]["batches"]]
+    lines += ["| runner | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
+    for name, per_b in lat.items():
+        cells = [f"{_f(per_b[b]['median_ms'])} / {_f(per_b[b]['p90_ms'])} / {_f(per_b[b]['min_ms'])}" if "median_ms" in per_b.get(b, {})
+                 else per_b.get(b, {}).get("error", "-") for b in batches]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Runtime speedup (baseline median / runtime median, same run):", "",
+              "| baseline | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
+    for name, per_b in sp["speedup_of_runtime"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{per_b[b]:.2f}x" if b in per_b else "-" for b in batches) + " |")
+    smp = sp["sampler"]
+    lines += ["", f"DDIM-{smp['steps']} sampler wall time, {smp['batch']} images: " +
+              ", ".join(f"{k} {v:.2f} s" for k, v in smp["wall_s"].items()) + " (runtime speedup: " +
+              ", ".join(f"{v:.2f}x vs {k}" for k, v in smp["speedup_of_runtime"].items()) + ").", "",
+              f"![latency]({r['figures']['latency']})", "", "## Memory", "",
+              f"- runtime weights on disk: {mem['runtime_weight_bytes'] / 1e6:.3f} MB; q.pt "
+              f"{mem['checkpoint_bytes'] / 1e6:.3f} MB; FP parameters {mem['fp_parameter_bytes'] / 1e6:.3f} MB "
+              f"({mem['fp_parameters']:,} parameters)",
+              f"- peak host RSS: {mem['peak_host_rss_mb_after_runtime_load']} MB after loading the runtime, "
+              f"{mem['peak_host_rss_mb']} MB for the whole run (PyTorch baselines included)"]
+    if mem.get("gpu"):
+        g = mem["gpu"]
+        lines.append(f"- GPU: PyTorch peak allocated {g['torch_peak_allocated_mb']} MB, device in use "
+                     f"{g['device_used_mb']} / {g['device_total_mb']} MB at the end")
+    return "\n".join(lines) + "\n"

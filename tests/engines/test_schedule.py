@@ -1,0 +1,42 @@
+"""Schedule mapping: identity on the calibrated schedule, nearest calibrated timestep otherwise."""
+import torch
+
+from dilatequant.calibrate.models import default_scheduler, DiffusionModel
+from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.engines.schedule import ScheduleMapper, map_schedule, nearest_t_index
+
+CAL = [750, 500, 250, 0]  # DDIM-4 on 1000 training steps
+
+
+def _model():
+    return DiffusionModel(None, default_scheduler(), None, "none")
+
+
+def test_same_schedule_is_identity():
+    assert map_schedule(CAL, CAL) == [0, 1, 2, 3]
+    t50 = sampling_timesteps(_model(), 50)
+    assert map_schedule(t50, t50) == list(range(50))
+
+
+def test_other_step_counts_use_nearest_calibrated_timestep():
+    t2 = sampling_timesteps(_model(), 2)   # [500, 0]
+    t8 = sampling_timesteps(_model(), 8)   # [875, 750, 625, 500, 375, 250, 125, 0]
+    assert t2 == [500, 0] and t8 == [875, 750, 625, 500, 375, 250, 125, 0]
+    assert map_schedule(CAL, t2) == [1, 3]
+    # 875 -> 750 (index 0); 625 is equidistant from 750 and 500: the larger (noisier) one wins
+    assert map_schedule(CAL, t8) == [0, 0, 0, 1, 1, 2, 2, 3]
+    t50 = sampling_timesteps(_model(), 50)
+    m = map_schedule(sampling_timesteps(_model(), 25), t50)
+    assert len(m) == 50 and m[0] == 0 and m[-1] == 24 and sorted(m) == m
+    assert nearest_t_index(CAL, torch.tensor([999, 1, 260])).tolist() == [0, 3, 2]
+
+
+def test_mapper_replaces_sampler_t_index():
+    seen = {}
+
+    def predict(x, t, ti, c=None):
+        seen["t_index"] = ti.tolist()
+        return x
+
+    ScheduleMapper(predict, CAL)(torch.zeros(3, 1, 2, 2), torch.tensor([875, 600, 10]), torch.tensor([0, 1, 7]))
+    assert seen["t_index"] == [0, 1, 3]

@@ -1,0 +1,119 @@
+"""dq-verify end to end on a tiny exported model: report fields and numeric bounds, and CLI bad input."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from dilatequant.engines.verify import VerifyConfig, run_verify
+
+from conftest import tiny_uncond
+from tiny_runtime import STEPS, get
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dilatequant.cli", "verify", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return (tmp_path_factory.mktemp("verify"), *get("uncond"))
+
+
+def test_report_fields_and_bounds(tiny):
+    tmp, model, ck, onnx_path = tiny
+    cfg = VerifyConfig(ckpt=ck, runtime=onnx_path, report_dir=tmp / "report", batches=(1, 2), num_samples=4,
+                       traj_samples=2, mapped_steps=(2, 8), warmup=1, repeats=3)
+    r = run_verify(cfg, fp_model=model)
+    saved = json.loads((tmp / "report" / "report.json").read_text())
+    assert saved["runtime"]["name"] == "onnxruntime-cpu" and saved["checkpoint"]["num_steps"] == STEPS
+    assert {"torch", "onnxruntime", "cpu"} <= set(saved["environment"])
+    acc = r["accuracy"]
+    assert [row["t_index"] for row in acc["per_step"]] == list(range(STEPS))
+    assert acc["noise_sqnr_db"]["runtime_vs_fake_quant_sqnr_db"]["min"] >= 50
+    # the runtime is as far from FP as the fake-quant model is (within 1 dB)
+    sq = acc["noise_sqnr_db"]
+    assert abs(sq["runtime_vs_fp_sqnr_db"]["mean"] - sq["fake_quant_vs_fp_sqnr_db"]["mean"]) < 1
+    assert acc["images"]["runtime_vs_fake_quant"]["image_psnr_db"] >= 40
+    assert acc["images"]["runtime_vs_fake_quant"]["image_ssim"] is None  # 8x8 is below SSIM's 11x11 window
+    assert "skipped" in acc["digits"]["runtime"]  # 8x8 images: no digit-FID
+    rows = {row["steps"]: row for row in r["schedule_mapping"]}
+    assert set(rows) == {2, STEPS, 8}
+    assert rows[STEPS]["mapping"] == "exact" and rows[STEPS]["t_index_per_step"] == [0, 1, 2, 3]
+    assert rows[8]["t_index_per_step"] == [0, 0, 0, 1, 1, 2, 2, 3] and rows[8]["max_timestep_gap"] == 125
+    assert rows[2]["t_index_per_step"] == [1, 3] and rows[2]["max_timestep_gap"] == 0
+    lat = r["speed"]["unet_latency_ms"]
+    assert set(lat) == {"onnxruntime-cpu", "torch-fp", "torch-fakequant"}
+    for per_b in lat.values():
+        assert set(per_b) == {"1", "2"}
+        for row in per_b.values():
+            assert 0 < row["min_ms"] <= row["median_ms"] <= row["p90_ms"] and row["repeats"] == 3
+    for name, per_b in r["speed"]["speedup_of_runtime"].items():
+        for b, v in per_b.items():
+            assert math.isclose(v, lat[name][b]["median_ms"] / lat["onnxruntime-cpu"][b]["median_ms"], rel_tol=1e-2)
+    assert set(r["speed"]["sampler"]["wall_s"]) == {"onnxruntime-cpu", "torch-fp", "torch-fakequant"}
+    mem = r["memory"]
+    assert mem["runtime_weight_bytes"] == onnx_path.stat().st_size and mem["peak_host_rss_mb"] > 50
+    assert mem["fp_parameter_bytes"] == 4 * mem["fp_parameters"] and mem["gpu"] is None
+    for fig in r["figures"].values():
+        assert (tmp / "report" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (tmp / "report" / "README.md").read_text()
+    assert readme.startswith("# dq-verify: onnxruntime-cpu vs PyTorch") and "![latency](latency.png)" in readme
+
+
+def test_bad_config_is_rejected_before_work(tiny, tmp_path):
+    from dilatequant.errors import UserError
+
+    _, model, ck, onnx_path = tiny
+    for bad, needle in ((dict(device="tpu"), "unknown device"), (dict(batches=(0, 4)), "positive batch"),
+                        (dict(runtime=tmp_path / "none.onnx"), "does not exist; write one with dq-export"),
+                        (dict(runtime=tmp_path / "x.bin"), "neither an ONNX graph")):
+        (tmp_path / "x.bin").write_bytes(b"x")
+        cfg = VerifyConfig(**(dict(ckpt=ck, runtime=onnx_path, report_dir=tmp_path / "r") | bad))
+        with pytest.raises(UserError, match=needle):
+            run_verify(cfg, fp_model=model)
+
+
+def test_checkpoint_graph_mismatch_is_rejected(tiny, tmp_path):
+    from dilatequant.errors import UserError
+
+    _, model, _, onnx_path = tiny
+    other = tiny_uncond()
+    from dilatequant.calibrate.checkpoint import save_checkpoint
+    from dilatequant.calibrate.quant_config import QuantConfig
+    from dilatequant.calibrate.quant_unet import QuantUNet
+    from dilatequant.calibrate.sampling import sampling_timesteps
+
+    q = QuantUNet(other.unet, QuantConfig(num_steps=5, weight_bits=8, act_bits=8, symmetric=True))
+    ck5 = save_checkpoint(tmp_path / "q5.pt", q, other, sampling_timesteps(other, 5), "fp", {})
+    with pytest.raises(UserError, match="pass the q.pt it was exported from"):
+        run_verify(VerifyConfig(ckpt=ck5, runtime=onnx_path, report_dir=tmp_path / "r"), fp_model=model)
+
+
+def test_cli_bad_inputs(tiny, tmp_path):
+    _, _, ck, onnx_path = tiny
+    assert_clean_error(run_cli("--ckpt", str(tmp_path / "missing.pt"), "--onnx", str(onnx_path), "--report",
+                               str(tmp_path / "r")), "does not exist")
+    assert_clean_error(run_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(tmp_path / "r"),
+                               "--batch", "1,x"), "--batch takes comma-separated integers")
+    (tmp_path / "e.plan").write_bytes(b"x")
+    assert_clean_error(run_cli("--ckpt", str(ck), "--engine", str(tmp_path / "e.plan"), "--report",
+                               str(tmp_path / "r")), "no sidecar")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_clean_error(run_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(blocker / "r")),
+                       "cannot write")
+    # the checkpoint names a model that cannot be loaded ("tiny-random"): one line naming --model
+    assert_clean_error(run_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(tmp_path / "r")),
+                       "--model")
