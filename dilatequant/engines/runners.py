@@ -24,13 +24,11 @@ import torch
 
 from ..calibrate.models import DiffusionModel
 from ..errors import UserError
+from .trt_env import require_trt_and_gpu
 
 METADATA_PREFIX = "dilatequant."
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
-TRT_INSTALL_HINT = ("install TensorRT 11 with `pip install dilatequant[trt]` (the wheels come from NVIDIA's index, "
-                    "https://pypi.nvidia.com) on a machine with an NVIDIA GPU")
-
 
 @dataclass(frozen=True)
 class RunnerMetadata:
@@ -379,15 +377,8 @@ def sidecar_path(engine: str | Path) -> Path:
 
 
 def require_tensorrt():
-    """Import TensorRT or fail with one line saying how to get it."""
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as err:  # ImportError, or the PyPI stub's own error when it cannot fetch the real wheel
-        raise UserError(f"TensorRT is not importable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                        f"{TRT_INSTALL_HINT}") from err
-    if not torch.cuda.is_available():
-        raise UserError("TensorRT engines need an NVIDIA GPU and PyTorch with CUDA; none is visible here")
-    return tensorrt
+    """TensorRT 11 and a GPU, or one line saying what is missing and how to install it."""
+    return require_trt_and_gpu()[0]
 
 
 def open_runner(path_or_spec: str | Path, device: str = "cpu", dtype: str = "fp32", provider: str | None = None,
