@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .calibrate.checkpoint import load_checkpoint
+from .errors import UserError
 from .calibrate.distill import DistillConfig
 from .calibrate.evaluation import compare_to_fp, fp_reference, fp_trajectories
 from .calibrate.metrics import digit_scores
@@ -68,7 +69,8 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
     fq, images = compare_to_fp(model, load_checkpoint(ckpt).qunet.predictor(), fp_images, fp_traj,
                                cfg.steps, cfg.seed, guidance)
     save_grid(cfg.report_dir / "quantized_samples.png", torch.cat([fp_images.images[:20], images[:20]]))
-    return {"model": cfg.quant_model, "bits": cfg.bits, "symmetric": cfg.symmetric, "checkpoint": ckpt.name,
+    verify = verify_section(cfg, ckpt, onnx_path)
+    return {"verify": verify, "model": cfg.quant_model, "bits": cfg.bits, "symmetric": cfg.symmetric, "checkpoint": ckpt.name,
             "calibration": {k: calib[k] for k in ("wall_s", "peak_rss_mb", "val_before_training", "val_after_training")},
             "export": {k: export[k] for k in ("onnx", "bytes", "export_s", "trt_rules")},
             "parity": {k: export["parity"][k] for k in ("min_sqnr_db", "median_sqnr_db", "min_median_sample_sqnr_db",
@@ -76,6 +78,37 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
                                                         "torch_self_min_sqnr_db")},
             "fake_quant_vs_fp": {k: v for k, v in fq.items() if k != "noise_per_step"},
             "grid": "quantized_samples.png"}
+
+
+def verify_section(cfg: DemoConfig, ckpt: Path, onnx_path: Path) -> dict:
+    """dq-verify on ONNX Runtime (CPU), and on a TensorRT engine where TensorRT 11 and a GPU exist."""
+    from .engines.trt_env import require_trt_and_gpu
+    from .engines.verify import VerifyConfig, run_verify
+
+    light = dict(batches=(1, 8), num_samples=16, repeats=10, mapped_steps=(cfg.steps // 2,), seed=cfg.seed)
+    reports = {}
+    r = run_verify(VerifyConfig(ckpt=ckpt, runtime=onnx_path, report_dir=cfg.report_dir / "verify-ort", **light))
+    reports["onnxruntime"] = _verify_summary(r, "verify-ort")
+    try:
+        require_trt_and_gpu()
+    except UserError as err:
+        reports["tensorrt"] = {"skipped": str(err)}
+        return reports
+    from .engines.trt_build import BuildConfig, build_engine
+
+    plan = onnx_path.with_suffix(".plan")
+    build_engine(BuildConfig(onnx=onnx_path, engine=plan, fp16_fallback=True, inspect=True))
+    r = run_verify(VerifyConfig(ckpt=ckpt, runtime=plan, device="cuda", report_dir=cfg.report_dir / "verify-trt", **light))
+    reports["tensorrt"] = _verify_summary(r, "verify-trt")
+    return reports
+
+
+def _verify_summary(r: dict, folder: str) -> dict:
+    sq = r["accuracy"]["noise_sqnr_db"]
+    return {"report": f"{folder}/README.md", "runtime": r["runtime"]["name"],
+            "vs_fake_quant_sqnr_db": sq["runtime_vs_fake_quant_sqnr_db"], "vs_fp_sqnr_db": sq["runtime_vs_fp_sqnr_db"],
+            "images_vs_fake_quant": r["accuracy"]["images"]["runtime_vs_fake_quant"],
+            "speedup_of_runtime": r["speed"]["speedup_of_runtime"]}
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -126,4 +159,14 @@ def summary_markdown(report: dict) -> str:
                   f"{par['samples_below']} of {par['samples']} samples below 50 dB; PyTorch against itself at batch "
                   f"1 (float-order floor): min {par['torch_self_min_sqnr_db']:.1f} dB",
                   "", f"FP (top two rows) and fake-quant from the same noise (bottom two): ![]({q['grid']})", ""]
+        for runtime, v in q.get("verify", {}).items():
+            if "skipped" in v:
+                lines += [f"- dq-verify on {runtime}: skipped ({v['skipped']})"]
+                continue
+            vq, im = v["vs_fake_quant_sqnr_db"], v["images_vs_fake_quant"]
+            lines += [f"- dq-verify on {runtime} ([report]({v['report']})): per-step noise SQNR vs PyTorch fake-quant "
+                      f"mean {vq['mean']:.1f} dB (min {vq['min']:.1f}); vs FP mean {v['vs_fp_sqnr_db']['mean']:.2f} dB; "
+                      f"images vs fake-quant PSNR {im['image_psnr_db']:.1f} dB; median-latency speedup over PyTorch: "
+                      f"{v['speedup_of_runtime']}"]
+        lines.append("")
     return "\n".join(lines)
