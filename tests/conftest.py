@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
@@ -36,3 +39,19 @@ def uncond_model() -> DiffusionModel:
 @pytest.fixture
 def cond_model() -> DiffusionModel:
     return tiny_cond()
+
+
+def run_cli(*args, timeout=300):
+    """`python -m dilatequant.cli ARGS` in a subprocess: what a user sees, exit code and all."""
+    return subprocess.run([sys.executable, "-m", "dilatequant.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean_error(proc, *needles):
+    """Bad input: exit 2, exactly one `error:` line naming the problem, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]

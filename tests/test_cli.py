@@ -1,22 +1,11 @@
 """The console entry points: bad input gives one clear line, exit code 2, no traceback."""
-import subprocess
-import sys
-
 import pytest
+
+from conftest import assert_clean_error, run_cli
 
 
 def run(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dilatequant.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    for n in needles:
-        assert n in lines[0]
+    return run_cli(*args, timeout=timeout)
 
 
 def test_unknown_model(tmp_path):

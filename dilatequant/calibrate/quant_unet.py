@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import UserError
 from .quant_config import QuantConfig
 from .quantizers import WeightQuantizer
-from .timestep_quantizer import Levels, StepContext, TimestepActQuantizer
+from .timestep_quantizer import StepContext, TimestepActQuantizer
 
 UNIT_TYPES = (ResnetBlock2D, Transformer2DModel, Attention, Downsample2D, Upsample2D, TimestepEmbedding)
 FIRST_LAST = ("conv_in", "conv_out")

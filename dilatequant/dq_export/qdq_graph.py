@@ -7,7 +7,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from dilatequant.calibrate import distill as distill_mod
 from dilatequant.calibrate.calibration_data import build_calibration_set

@@ -1,7 +1,6 @@
 """Export of tiny random models: interface, metadata, integer weights, t_index use, parity with PyTorch."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch

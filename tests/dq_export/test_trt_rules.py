@@ -1,7 +1,5 @@
 """One hand-built bad graph per TensorRT rule, plus a clean one."""
 import numpy as np
-import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dilatequant.dq_export.trt_rules import check_graph

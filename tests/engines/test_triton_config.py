@@ -11,7 +11,7 @@ from dilatequant.engines.triton.repository import RepositoryConfig, validate_rep
 from dilatequant.engines.triton.unet_spec import spec_from_onnx  # noqa: E402
 from dilatequant.errors import UserError  # noqa: E402
 
-from triton_fixtures import STEPS, tiny_cond_export  # noqa: E402
+from triton_fixtures import tiny_cond_export  # noqa: E402
 
 
 @pytest.fixture(scope="module")

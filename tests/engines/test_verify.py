@@ -1,29 +1,17 @@
 """dq-verify end to end on a tiny exported model: report fields and numeric bounds, and CLI bad input."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
 from dilatequant.engines.verify import VerifyConfig, run_verify
 
-from conftest import tiny_uncond
+from conftest import assert_clean_error, run_cli, tiny_uncond
 from tiny_runtime import STEPS, get
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dilatequant.cli", "verify", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+def run_verify_cli(*args, timeout=300):
+    return run_cli("verify", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -103,17 +91,17 @@ def test_checkpoint_graph_mismatch_is_rejected(tiny, tmp_path):
 
 def test_cli_bad_inputs(tiny, tmp_path):
     _, _, ck, onnx_path = tiny
-    assert_clean_error(run_cli("--ckpt", str(tmp_path / "missing.pt"), "--onnx", str(onnx_path), "--report",
+    assert_clean_error(run_verify_cli("--ckpt", str(tmp_path / "missing.pt"), "--onnx", str(onnx_path), "--report",
                                str(tmp_path / "r")), "does not exist")
-    assert_clean_error(run_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(tmp_path / "r"),
+    assert_clean_error(run_verify_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(tmp_path / "r"),
                                "--batch", "1,x"), "--batch takes comma-separated integers")
     (tmp_path / "e.plan").write_bytes(b"x")
-    assert_clean_error(run_cli("--ckpt", str(ck), "--engine", str(tmp_path / "e.plan"), "--report",
+    assert_clean_error(run_verify_cli("--ckpt", str(ck), "--engine", str(tmp_path / "e.plan"), "--report",
                                str(tmp_path / "r")), "no sidecar")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_clean_error(run_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(blocker / "r")),
+    assert_clean_error(run_verify_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(blocker / "r")),
                        "cannot write")
     # the checkpoint names a model that cannot be loaded ("tiny-random"): one line naming --model
-    assert_clean_error(run_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(tmp_path / "r")),
+    assert_clean_error(run_verify_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(tmp_path / "r")),
                        "--model")
