@@ -144,11 +144,13 @@ def test_profile_and_metadata_of_an_exported_graph(exported):
     _, path = exported
     m = onnx.load(str(path), load_external_data=False)
     ins = {i.name: (i.dtype, i.dims) for i in graph_inputs(m)}
-    assert ins == {"sample": ("FLOAT", ("batch", 1, 8, 8)), "timestep": ("INT64", ("batch",)),
+    # batch and spatial sizes are dynamic (H, W multiples of the UNet's downsampling factor 2)
+    assert ins == {"sample": ("FLOAT", ("batch", 1, "2*h_blocks", "2*w_blocks")), "timestep": ("INT64", ("batch",)),
                    "t_index": ("INT64", ("batch",)), "encoder_hidden_states": ("FLOAT", ("batch", 2, 16))}
     p = profile_from_flags(m, None, "sample:8x1x8x8", None)
     assert p.shapes["encoder_hidden_states"] == {"min": (1, 2, 16), "opt": (8, 2, 16), "max": (16, 2, 16)}
     assert p.shapes["t_index"] == {"min": (1,), "opt": (8,), "max": (16,)}
+    assert p.shapes["sample"] == {"min": (1, 1, 8, 8), "opt": (8, 1, 8, 8), "max": (16, 1, 8, 8)}
     meta = graph_metadata(m)
     assert json.loads(meta["dilatequant.timesteps"]) == [750, 500, 250, 0]
     assert meta["dilatequant.t_index_input"] == "true"
