@@ -166,6 +166,8 @@ def bench_model(name: str, ckpt: Path, fp: DiffusionModel, work: Path, batches: 
     rewrite = convert_file(trt_path, ort_path)
     export_fp32(fp, make_feeds(fp, ck.timesteps, 2), fp_path)
     print(f"{name}: graphs ready in {time.perf_counter() - t0:.0f} s; rewrite {rewrite}", flush=True)
+    if not batches:
+        return {}
     sessions = {"ort_fp32": session(fp_path, threads), "ort_qdq_trt_style": session(trt_path, threads),
                 "ort_int_target_ort": session(ort_path, threads)}
     torch.set_num_threads(threads)
@@ -230,7 +232,7 @@ def main() -> None:
                    help="a default model's checkpoint (repeat): default=..., default-cond=...")
     p.add_argument("--sd-latent", type=int, default=16, help="SD-width latent size (4 x N x N); 0 skips it")
     p.add_argument("--sd-steps", type=int, default=4)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="none: only build the graphs")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="0: physical cores")
@@ -250,6 +252,8 @@ def main() -> None:
         res["models"][f"sd-width-{a.sd_latent}"] = bench_model(f"sd_width_{a.sd_latent}", ckpt, fp, a.work,
                                                                a.batches, threads, a.rounds, a.warmup)
     res["loadavg_end"] = list(os.getloadavg())
+    if not a.batches:
+        return
     write_json(a.out / "cpu_speed.json", res)
     write_text(a.out / "cpu_speed.md", markdown(res))
     print(markdown(res))

@@ -2,23 +2,25 @@
 
 ORT's CPU provider fuses Q/DQ into integer kernels only when a Q follows the op (QLinearConv), which
 would re-quantize the output: the per-timestep scales would no longer be exact. What it does run fast
-and exactly is MatMulInteger (int32 accumulation, MLAS int8 GEMM with pre-packed constant weights,
-AVX512-VNNI where the CPU has it). ConvInteger is exact too but slower than FP32 Conv in ORT 1.32
-(no weight pre-packing: see benchmarks/cpu_speed.py), so convolutions become im2col + MatMulInteger.
+and exactly is an int8 GEMM with int32 accumulation (MLAS, weights pre-packed, AVX512-VNNI where the CPU
+has it) behind MatMulInteger / MatMulIntegerToFloat. ConvInteger is exact too but slower than FP32
+Conv in ORT 1.32 (no weight pre-packing; measured), so convolutions become im2col + the integer GEMM.
 
 Pattern (fold.py's deployment form; the t_index Muls/Adds around it are left alone):
 
     u -> QuantizeLinear(1, 0, int8) -> DequantizeLinear(1, 0) -> Conv|MatMul(., DequantizeLinear(W_int8, s))
 
-Replacement (s: per-output-channel weight scale, dropped when it is the unit scale of asymmetric layers):
+Replacement (s: per-output-channel weight scale, 1 for the unit-scale weights of asymmetric layers):
 
-    MatMul: Q(u, 1, 128, uint8) -> MatMulInteger(., W_int8, 128) -> Cast(float) -> * s
+    MatMul: Q(u, 1, 128, uint8) -> MatMulIntegerToFloat(., W_int8, a_scale 1, b_scale s, a_zp 128)
     Conv:   Q(u, 1, 128, uint8) -> Transpose(NHWC) -> Pad(128) -> k*k strided Slices -> Concat (im2col)
-            -> MatMulInteger(., W_col int8 [k*k*Cin, Cout], 128) -> Cast(float) -> * s -> Transpose(NCHW)
+            -> MatMulIntegerToFloat(., W_col int8 [k*k*Cin, Cout], 1, s, 128) -> Transpose(NCHW)
 
 Q(u, 1, 128, uint8) - 128 == Q(u, 1, 0, int8) for every u, and padding with the zero point 128 is
-padding with 0, so the integer sums equal the TensorRT graph's; only float rounding of the final
-products differs (int32 sums, one rounding in Cast, instead of a float accumulation).
+padding with 0, so the integer sums equal the TensorRT graph's; MatMulIntegerToFloat (ORT's
+com.microsoft op) multiplies the int32 sum by 1 * s once, where the TensorRT graph accumulates
+s * W products in float: the same value up to float rounding. The 8-bit clip (Max/Min to
+[-128, 127]) before the Q is dropped: the uint8 Q saturates to exactly that range.
 """
 from __future__ import annotations
 
@@ -34,18 +36,21 @@ from ..calibrate.reporting import atomic_write_bytes
 
 ZERO = 128   # uint8 zero point standing for the int8 grid's 0
 INT64_MAX = np.iinfo(np.int64).max
+MS_DOMAIN = "com.microsoft"
 
 
 @dataclass
 class OrtConfig:
     """Which layers are worth the integer path.
 
-    A tiny layer (a few dozen channels) runs faster as one FP32 Conv than as the transposes and
-    im2col around an int8 GEMM; min_reduction (k*k*Cin, the GEMM's K) and min_out_channels keep those
-    in float. The defaults come from benchmarks/cpu_speed.py.
+    A narrow layer (the default models' 32-64 channels) runs faster as one FP32 Conv on ORT's NCHWc
+    kernels than as the transposes and im2col around an int8 GEMM; SD-width layers (320-1280) run
+    2-5x faster integer (measured on 2 AVX512-VNNI cores, batch 8). Layers under min_reduction
+    (k*k*Cin, the GEMM's K) or min_out_channels stay float, with their weight DQ folded into a float
+    initializer (the same float values DQ computes) so ORT pre-packs them like an FP32 model's.
     """
-    min_reduction: int = 0
-    min_out_channels: int = 0
+    min_reduction: int = 256
+    min_out_channels: int = 128
     convs: bool = True
     matmuls: bool = True
 
@@ -55,6 +60,7 @@ class IntegerLayer:
     """One match: op(DQ(Q(u, 1, 0)), DQ(W_int8, scale)) with the integer weight and its scale."""
     op: ir.Node
     quant: ir.Node
+    source: ir.Value              # what the new uint8 Q reads: u, or u before a clip the Q's saturation repeats
     weight: np.ndarray            # int8, as stored (Conv [O, C, kh, kw]; MatMul [K, N])
     scale: np.ndarray | None      # per output channel, None when it is 1 everywhere
     bias: np.ndarray | None       # a Conv's constant bias input (the exporter shares a zero one), None if 0
@@ -124,7 +130,23 @@ def match(op: ir.Node) -> IntegerLayer | None:
         if bias is None:
             return None
         bias = None if np.all(bias == 0) else bias.astype(np.float32).reshape(-1)
-    return IntegerLayer(op, quant, weight, None if np.all(scale == 1.0) else scale, bias)
+    return IntegerLayer(op, quant, _unclipped(quant.inputs[0]), weight, None if np.all(scale == 1.0) else scale, bias)
+
+
+def _unclipped(u: ir.Value) -> ir.Value:
+    """Min(Max(v, -128), 127) (either order) -> v: uint8 Q(., 1, 128) saturates to the same grid."""
+    outer = u.producer()
+    if outer is None or outer.op_type not in ("Min", "Max") or len(outer.inputs) != 2:
+        return u
+    inner = outer.inputs[0].producer()
+    if inner is None or {outer.op_type, inner.op_type} != {"Min", "Max"} or len(inner.inputs) != 2:
+        return u
+    bounds = {n.op_type: _const(n.inputs[1]) for n in (outer, inner)}
+    if any(b is None or b.size != 1 for b in bounds.values()):
+        return u
+    if float(bounds["Max"].reshape(-1)[0]) == -128.0 and float(bounds["Min"].reshape(-1)[0]) == 127.0:
+        return inner.inputs[0]
+    return u
 
 
 class _Builder:
@@ -139,9 +161,9 @@ class _Builder:
         self.graph.register_initializer(v)
         return v
 
-    def node(self, anchor: ir.Node, op_type: str, inputs, name: str, **attrs) -> ir.Value:
+    def node(self, anchor: ir.Node, op_type: str, inputs, name: str, domain: str = "", **attrs) -> ir.Value:
         self.count += 1
-        n = ir.Node("", op_type, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
+        n = ir.Node(domain, op_type, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
                     name=f"ort_int/{name}_{self.count}")
         n.outputs[0].name = f"ort_int/{name}_{self.count}_out"
         self.graph.insert_before(anchor, n)
@@ -152,8 +174,7 @@ def _uint8_input(b: _Builder, layer: IntegerLayer, cache: dict) -> ir.Value:
     """Q(u, 1, 128, uint8), one per original Q node (layers sharing an input share it)."""
     key = ("u8", id(layer.quant))
     if key not in cache:
-        one = b.const("one", np.array(1.0, np.float32))
-        cache[key] = b.node(layer.quant, "QuantizeLinear", [layer.quant.inputs[0], one, cache["zp"]], "quantize_u8")
+        cache[key] = b.node(layer.quant, "QuantizeLinear", [layer.source, cache["one"], cache["zp"]], "quantize_u8")
     return cache[key]
 
 
@@ -192,12 +213,11 @@ def rewrite_layer(b: _Builder, layer: IntegerLayer, cache: dict) -> None:
         w = np.ascontiguousarray(layer.weight.transpose(2, 3, 1, 0).reshape(-1, layer.weight.shape[0]))
     else:
         x, w = _uint8_input(b, layer, cache), layer.weight
-    acc = b.node(op, "MatMulInteger", [x, b.const("weight_int8", w), cache["zp"]], "matmul_integer")
-    y = b.node(op, "Cast", [acc], "int32_to_float", to=ir.DataType.FLOAT)
-    if layer.scale is not None:
-        y = b.node(op, "Mul", [y, b.const("weight_scale", layer.scale)], "weight_scale")
+    scale = np.ones(1, np.float32) if layer.scale is None else layer.scale
+    ins = [x, b.const("weight_int8", w), cache["one"], b.const("weight_scale", scale), cache["zp"], None]
     if layer.bias is not None:
-        y = b.node(op, "Add", [y, b.const("bias", layer.bias)], "bias")
+        ins.append(b.const("bias", layer.bias))
+    y = b.node(op, "MatMulIntegerToFloat", ins, "matmul_integer", domain=MS_DOMAIN)
     if op.op_type == "Conv":
         y = b.node(op, "Transpose", [y], "to_nchw", perm=[0, 3, 1, 2])
     ir.convenience.replace_all_uses_with(op.outputs[0], y)
@@ -206,19 +226,47 @@ def rewrite_layer(b: _Builder, layer: IntegerLayer, cache: dict) -> None:
     op.graph.remove(op, safe=True)
 
 
+def fold_weight(b: _Builder, layer: IntegerLayer) -> None:
+    """A float-kept layer reads W * s as a constant: exactly DequantizeLinear's float values."""
+    w = layer.weight.astype(np.float32)
+    if layer.scale is not None:
+        w = w * layer.scale.reshape((-1, 1, 1, 1) if layer.op.op_type == "Conv" else (1, -1))
+    layer.op.replace_input_with(1, b.const("weight_float", w))
+
+
+def round_activation(b: _Builder, layer: IntegerLayer, cache: dict) -> None:
+    """Clip(-128, 127) -> Q(1, 0) -> DQ(1, 0) of a float-kept layer is Round(Clip(u)): 2 passes, not 4.
+
+    ONNX Round is round-half-to-even like QuantizeLinear, so the values are identical.
+    """
+    if layer.source is layer.quant.inputs[0]:
+        return  # not the 8-bit clip: leave the Q/DQ pair
+    key = ("round", id(layer.quant))
+    if key not in cache:
+        lo, hi = b.const("clip_lo", np.array(-128.0, np.float32)), b.const("clip_hi", np.array(127.0, np.float32))
+        clipped = b.node(layer.quant, "Clip", [layer.source, lo, hi], "clip_int8")
+        cache[key] = b.node(layer.quant, "Round", [clipped], "round_half_even")
+    layer.op.replace_input_with(0, cache[key])
+
+
 def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.ModelProto, dict]:
     """The ORT-integer rewrite of a TensorRT-style QDQ model; returns the model and counts."""
     cfg = cfg or OrtConfig()
     m = ir.serde.deserialize_model(model)
     g = m.graph
     b = _Builder(g)
-    cache = {"zp": b.const("zero_point", np.array(ZERO, np.uint8))}
+    cache = {"zp": b.const("zero_point", np.array(ZERO, np.uint8)), "one": b.const("one", np.array(1.0, np.float32))}
+    m.opset_imports[MS_DOMAIN] = 1
     layers = [layer for n in list(g) if (layer := match(n)) is not None]
     taken = [la for la in layers
              if (cfg.convs if la.op.op_type == "Conv" else cfg.matmuls)
              and la.reduction >= cfg.min_reduction and la.out_channels >= cfg.min_out_channels]
     for layer in taken:
         rewrite_layer(b, layer, cache)
+    for layer in layers:
+        if all(layer is not t for t in taken):
+            fold_weight(b, layer)
+            round_activation(b, layer, cache)
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass() if hasattr(common, "RemoveUnusedOpsetsPass") else None):
         if p is not None:
             p(m)
@@ -226,8 +274,11 @@ def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.M
     kept = [e for e in out.metadata_props if e.key != "dilatequant.target"]
     del out.metadata_props[:]
     out.metadata_props.extend(kept + [onnx.StringStringEntryProto(key="dilatequant.target", value="ort")])
+    if not taken:
+        m.opset_imports.pop(MS_DOMAIN, None)
     stats = {"matched": len(layers), "integer_convs": sum(la.op.op_type == "Conv" for la in taken),
-             "integer_matmuls": sum(la.op.op_type == "MatMul" for la in taken), "float_kept": len(layers) - len(taken)}
+             "integer_matmuls": sum(la.op.op_type == "MatMul" for la in taken), "float_kept": len(layers) - len(taken),
+             "config": {"min_reduction": cfg.min_reduction, "min_out_channels": cfg.min_out_channels}}
     return out, stats
 
 

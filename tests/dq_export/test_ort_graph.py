@@ -10,7 +10,7 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from dilatequant.calibrate.calibration_data import build_calibration_set
-from dilatequant.calibrate.checkpoint import save_checkpoint
+from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
 from dilatequant.calibrate.metrics import sqnr_db
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import prepare
@@ -24,6 +24,7 @@ from dilatequant.errors import UserError
 from conftest import tiny_cond, tiny_uncond
 
 STEPS = 4
+ALL_INTEGER = OrtConfig(min_reduction=0, min_out_channels=0)
 
 
 def _checkpoint(tmp, model, **cfg):
@@ -44,12 +45,13 @@ def uncond_sym_ort(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cond_asym_pair(tmp_path_factory):
-    """A TensorRT-style graph (asymmetric W4A8, quantized attention) and its ORT rewrite."""
+    """A TensorRT-style graph (asymmetric W4A8, quantized attention) and its ORT rewrite, every layer integer
+    (the tiny model's layers are under the default size thresholds)."""
     tmp = tmp_path_factory.mktemp("ort_cond")
     ck = _checkpoint(tmp, tiny_cond(), weight_bits=4, act_bits=8, symmetric=False, attn_matmul=True)
     export_onnx(ck, tmp / "trt.onnx", ExportConfig())
-    stats = convert_file(tmp / "trt.onnx", tmp / "ort.onnx")
-    return ck, tmp / "trt.onnx", tmp / "ort.onnx", stats
+    stats = convert_file(tmp / "trt.onnx", tmp / "ort.onnx", ALL_INTEGER)
+    return load_checkpoint(ck), tmp / "trt.onnx", tmp / "ort.onnx", stats
 
 
 def test_pipeline_parity_with_fake_quant_at_every_t_index(uncond_sym_ort):
@@ -58,8 +60,10 @@ def test_pipeline_parity_with_fake_quant_at_every_t_index(uncond_sym_ort):
     assert [r["t_index"] for r in par["per_t_index"]] == list(range(STEPS))
     assert par["min_sqnr_db"] >= 50, par
     assert summary["trt_rules"].startswith("skipped")
-    stats = summary["ort_graph"]
-    assert stats["integer_convs"] > 0 and stats["integer_matmuls"] > 0 and stats["float_kept"] == 0
+    stats = summary["ort_graph"]  # default thresholds: the tiny model's layers all stay float (folded weights)
+    assert stats["matched"] > 0 and stats["float_kept"] == stats["matched"]
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "DequantizeLinear" not in ops and ops.count("Round") > 0
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert meta["dilatequant.target"] == "ort" and json.loads(meta["dilatequant.num_steps"]) == STEPS
     written = json.loads((path.parent / "unet.onnx.export.json").read_text())
@@ -83,7 +87,7 @@ def test_integer_ops_replace_every_quantized_layer(cond_asym_pair):
     ops = [n.op_type for n in m.graph.node]
     n_conv = sum(n.op_type == "Conv" for n in trt.graph.node)
     assert stats["integer_convs"] == n_conv and "Conv" not in ops
-    assert ops.count("MatMulInteger") == stats["integer_convs"] + stats["integer_matmuls"]
+    assert ops.count("MatMulIntegerToFloat") == stats["integer_convs"] + stats["integer_matmuls"]
     inits = {i.name for i in m.graph.initializer}
     producers = {o: n for n in m.graph.node for o in n.output}
     for n in m.graph.node:  # what is left in float: only activation x activation attention matmuls
@@ -132,10 +136,10 @@ def _trt_style_conv(x_shape, w, scale, **attrs):
 def test_conv_rewrite_is_exact_for_pads_and_strides(kernel, attrs):
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (6, 5, kernel, kernel)).astype(np.int8)
-    scale = np.full(6, 0.5, np.float32) ** rng.integers(0, 4, 6)  # powers of two: every product exact
+    scale = (0.5 ** rng.integers(0, 4, 6)).astype(np.float32)  # powers of two: every product exact
     x = rng.uniform(-140, 140, (2, 5, 7, 9)).astype(np.float32)    # outside the int8 grid too: saturation
     trt = _trt_style_conv(list(x.shape), w, scale, **attrs)
-    new, stats = to_ort(trt)
+    new, stats = to_ort(trt, ALL_INTEGER)
     assert stats["integer_convs"] == 1 and "Conv" not in [n.op_type for n in new.graph.node]
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
     ref, out = run(trt), run(new)
@@ -146,10 +150,15 @@ def test_thresholds_keep_small_layers_in_float():
     rng = np.random.default_rng(0)
     trt = _trt_style_conv([1, 5, 4, 4], rng.integers(-127, 128, (6, 5, 3, 3)).astype(np.int8),
                           np.ones(6, np.float32), pads=[1, 1, 1, 1])
-    _, stats = to_ort(trt, OrtConfig(min_reduction=46))
-    assert stats == {**stats, "integer_convs": 0, "float_kept": 1}
-    _, stats = to_ort(trt, OrtConfig(min_reduction=45))
+    x = rng.uniform(-140, 140, (1, 5, 4, 4)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    kept, stats = to_ort(trt, OrtConfig(min_reduction=46, min_out_channels=0))
+    assert stats["integer_convs"] == 0 and stats["float_kept"] == 1
+    assert np.array_equal(run(kept), run(trt))  # folded float weight: DequantizeLinear's own values
+    _, stats = to_ort(trt, OrtConfig(min_reduction=45, min_out_channels=6))
     assert stats["integer_convs"] == 1
+    _, stats = to_ort(trt, OrtConfig(min_reduction=45, min_out_channels=7))
+    assert stats["integer_convs"] == 0
 
 
 def test_target_is_validated():
