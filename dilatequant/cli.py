@@ -107,8 +107,8 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--static-scales", action="store_true", help="one scale per activation, no t_index (the ModelOpt-style twin)")
     p.add_argument("--static-shapes", action="store_true", help="fix batch and spatial sizes")
     p.add_argument("--batch", type=int, default=2, help="example batch (the fixed one with --static-shapes)")
-    p.add_argument("--target", default="tensorrt", help="tensorrt | ort (ONNX Runtime CPU: exact integer "
-                   "MatMulInteger convs/matmuls instead of TensorRT-style Q/DQ)")
+    p.add_argument("--target", default="tensorrt", help="tensorrt | ort (ONNX Runtime CPU: exact int8 GEMMs "
+                   "for wide convs/matmuls, same per-timestep scales; not a TensorRT graph)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
     p.add_argument("--check", type=Path, metavar="FILE", help="only check FILE against the TensorRT rules")
     a = p.parse_args(argv)
