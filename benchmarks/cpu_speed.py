@@ -134,6 +134,8 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # idle worker threads must not spin: variants run one after another on the same cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
 
@@ -212,7 +214,7 @@ def bench_model(name: str, ckpt: Path, fp: DiffusionModel, work: Path, batches: 
 def markdown(res: dict) -> str:
     s = res["settings"]
     lines = [f"# CPU speed: ONNX Runtime {res['environment']['onnxruntime']} on {res['environment']['cpu']}",
-             "", f"{s['threads']} threads (physical cores), {s['rounds']} interleaved rounds after {s['warmup']} "
+             "", f"{s['threads']} threads (physical cores; ORT thread spinning off), {s['rounds']} interleaved rounds after {s['warmup']} "
              f"warm-up runs; load average at start {s['loadavg_start']}, end {res['loadavg_end']}. "
              f"CPU flags: {' '.join(res['cpu_flags'])}.", "",
              "Latency median / p90 in ms; speedup = ORT FP32 median / variant median.", "",
