@@ -107,6 +107,8 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--static-scales", action="store_true", help="one scale per activation, no t_index (the ModelOpt-style twin)")
     p.add_argument("--static-shapes", action="store_true", help="fix batch and spatial sizes")
     p.add_argument("--batch", type=int, default=2, help="example batch (the fixed one with --static-shapes)")
+    p.add_argument("--target", default="tensorrt", help="tensorrt | ort (ONNX Runtime CPU: exact int8 GEMMs "
+                   "for wide convs/matmuls, same per-timestep scales; not a TensorRT graph)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
     p.add_argument("--check", type=Path, metavar="FILE", help="only check FILE against the TensorRT rules")
     p.add_argument("--fp16-from", type=Path, metavar="FILE", help="only run the FP16 fallback pass on an FP32 QDQ "
@@ -140,7 +142,7 @@ def export_main(argv: list[str] | None = None) -> None:
         from .dq_export.pipeline import export_and_verify
 
         cfg = ExportConfig(precision=a.precision, dtype=a.dtype, static_scales=a.static_scales,
-                           static_shapes=a.static_shapes, batch=a.batch)
+                           static_shapes=a.static_shapes, batch=a.batch, target=a.target)
         s = export_and_verify(a.ckpt, a.onnx, cfg, verify=not a.no_verify)
         print(f"wrote {a.onnx} ({s['bytes'] / 1e6:.2f} MB, {s['precision']}, {s['dtype']}, inputs "
               f"{', '.join(s['inputs'])}) in {s['export_s']} s; TensorRT rules: {s['trt_rules']}")

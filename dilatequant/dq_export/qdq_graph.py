@@ -20,6 +20,7 @@ from .graph_passes import finalize_graph, simplify
 FORMAT_VERSION = "1"
 PRECISIONS = ("int8", "int4")
 OPSET = 21
+TARGETS = ("tensorrt", "ort")
 
 
 @dataclass
@@ -30,12 +31,17 @@ class ExportConfig:
     static_shapes: bool = False
     batch: int = 2                  # example batch for tracing (and the fixed batch with static_shapes)
     int4_block: int = 32
+    target: str = "tensorrt"        # tensorrt | ort (ONNX Runtime integer ops: ort_graph.py)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision '{self.precision}': choose one of {', '.join(PRECISIONS)}")
         if self.dtype not in ("fp32", "fp16"):
             raise UserError(f"unknown dtype '{self.dtype}': choose fp32 or fp16")
+        if self.target not in TARGETS:
+            raise UserError(f"unknown target '{self.target}': choose one of {', '.join(TARGETS)}")
+        if self.target == "ort" and self.dtype != "fp32":
+            raise UserError("--target ort runs on ONNX Runtime CPU in fp32: drop --dtype fp16 (or use --target tensorrt)")
 
 
 class ExportWrapper(nn.Module):

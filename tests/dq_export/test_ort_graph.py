@@ -1,0 +1,169 @@
+"""`--target ort`: the integer rewrite is exact, really integer, and still selects scales by t_index."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+from dilatequant.calibrate.calibration_data import build_calibration_set
+from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
+from dilatequant.calibrate.metrics import sqnr_db
+from dilatequant.calibrate.quant_config import QuantConfig
+from dilatequant.calibrate.recipe import prepare
+from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.dq_export.ort_graph import OrtConfig, convert_file, to_ort
+from dilatequant.dq_export.parity import ort_session, parity_inputs, run_ort
+from dilatequant.dq_export.pipeline import export_and_verify
+from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
+from dilatequant.errors import UserError
+
+from conftest import tiny_cond, tiny_uncond
+
+STEPS = 4
+ALL_INTEGER = OrtConfig(min_reduction=0, min_out_channels=0)
+
+
+def _checkpoint(tmp, model, **cfg):
+    torch.manual_seed(0)
+    data = build_calibration_set(model, 16, STEPS, use_cache=False)
+    q, _ = prepare(model.unet, QuantConfig(num_steps=STEPS, **cfg), data)
+    return save_checkpoint(tmp / "q.pt", q, model, sampling_timesteps(model, STEPS), "fp", {})
+
+
+@pytest.fixture(scope="module")
+def uncond_sym_ort(tmp_path_factory):
+    """The whole pipeline with --target ort: rewrite, TensorRT rules skipped, parity against fake-quant."""
+    tmp = tmp_path_factory.mktemp("ort_uncond")
+    ck = _checkpoint(tmp, tiny_uncond(), weight_bits=8, act_bits=8, symmetric=True)
+    summary = export_and_verify(ck, tmp / "unet.onnx", ExportConfig(target="ort"), per_step=2)
+    return ck, tmp / "unet.onnx", summary
+
+
+@pytest.fixture(scope="module")
+def cond_asym_pair(tmp_path_factory):
+    """A TensorRT-style graph (asymmetric W4A8, quantized attention) and its ORT rewrite, every layer integer
+    (the tiny model's layers are under the default size thresholds)."""
+    tmp = tmp_path_factory.mktemp("ort_cond")
+    ck = _checkpoint(tmp, tiny_cond(), weight_bits=4, act_bits=8, symmetric=False, attn_matmul=True)
+    export_onnx(ck, tmp / "trt.onnx", ExportConfig())
+    stats = convert_file(tmp / "trt.onnx", tmp / "ort.onnx", ALL_INTEGER)
+    return load_checkpoint(ck), tmp / "trt.onnx", tmp / "ort.onnx", stats
+
+
+def test_pipeline_parity_with_fake_quant_at_every_t_index(uncond_sym_ort):
+    _, path, summary = uncond_sym_ort
+    par = summary["parity"]
+    assert [r["t_index"] for r in par["per_t_index"]] == list(range(STEPS))
+    assert par["min_sqnr_db"] >= 50, par
+    assert summary["trt_rules"].startswith("skipped")
+    stats = summary["ort_graph"]  # default thresholds: the tiny model's layers all stay float (folded weights)
+    assert stats["matched"] > 0 and stats["float_kept"] == stats["matched"]
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "DequantizeLinear" not in ops and ops.count("Round") > 0
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["dilatequant.target"] == "ort" and json.loads(meta["dilatequant.num_steps"]) == STEPS
+    written = json.loads((path.parent / "unet.onnx.export.json").read_text())
+    assert written["config"]["target"] == "ort"
+
+
+def test_ort_flavor_equals_trt_graph_at_every_t_index(cond_asym_pair):
+    ck, trt_path, ort_path, _ = cond_asym_pair
+    inputs = parity_inputs(ck, per_step=2)
+    ref = run_ort(ort_session(trt_path), inputs)
+    out = run_ort(ort_session(ort_path), inputs)
+    for t in range(STEPS):
+        m = inputs["t_index"] == t
+        # unit weight scales (asymmetric): integer sums, bit-identical or a last-bit difference at most
+        assert sqnr_db(out[m], ref[m]) >= 100, t
+
+
+def test_integer_ops_replace_every_quantized_layer(cond_asym_pair):
+    _, trt_path, ort_path, stats = cond_asym_pair
+    trt, m = onnx.load(str(trt_path)), onnx.load(str(ort_path))
+    ops = [n.op_type for n in m.graph.node]
+    n_conv = sum(n.op_type == "Conv" for n in trt.graph.node)
+    assert stats["integer_convs"] == n_conv and "Conv" not in ops
+    assert ops.count("MatMulIntegerToFloat") == stats["integer_convs"] + stats["integer_matmuls"]
+    inits = {i.name for i in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:  # what is left in float: only activation x activation attention matmuls
+        if n.op_type == "MatMul":
+            for i in n.input:
+                p = producers.get(i)
+                assert not (p is not None and p.op_type == "DequantizeLinear" and p.input[0] in inits), n.name
+    # and ONNX Runtime keeps them integer after its own optimizations
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(ort_path.parent / "optimized.onnx")
+    ort.InferenceSession(str(ort_path), so, providers=["CPUExecutionProvider"])
+    opt_ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    integer = sum(o in ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul") for o in opt_ops)
+    assert integer >= ops.count("MatMulIntegerToFloat") and "Conv" not in opt_ops
+
+
+def test_wrong_t_index_changes_the_output(cond_asym_pair):
+    ck, _, ort_path, _ = cond_asym_pair
+    inputs = parity_inputs(ck, per_step=2)
+    right = run_ort(ort_session(ort_path), inputs)
+    wrong = run_ort(ort_session(ort_path), {**inputs, "t_index": (inputs["t_index"] + 1) % STEPS})
+    assert sqnr_db(wrong, right) < 40  # the per-timestep tables still act; parity is >= 100 dB
+
+
+def _trt_style_conv(x_shape, w, scale, **attrs):
+    """fold.py's unit-grid pattern around a single Conv."""
+    c = lambda a, n: numpy_helper.from_array(np.asarray(a), n)  # noqa: E731
+    inits = [c(w, "w"), c(scale, "ws"), c(np.array(1.0, np.float32), "one"), c(np.array(0, np.int8), "z"),
+             c(np.zeros(len(scale), np.int8), "wz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "one", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "one", "z"], ["dq"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["dq", "wd"], ["conv"], **attrs),
+             helper.make_node("Relu", ["conv"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("kernel,attrs", [
+    (3, dict(pads=[1, 1, 1, 1], strides=[2, 2])),     # diffusers' downsampler
+    (3, dict(pads=[0, 1, 2, 1], strides=[1, 2])),     # uneven pads and strides
+    (1, dict()),                                      # 1x1 shortcut / proj conv
+    (2, dict(pads=[1, 0, 0, 1], strides=[1, 1])),
+])
+def test_conv_rewrite_is_exact_for_pads_and_strides(kernel, attrs):
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (6, 5, kernel, kernel)).astype(np.int8)
+    scale = (0.5 ** rng.integers(0, 4, 6)).astype(np.float32)  # powers of two: every product exact
+    x = rng.uniform(-140, 140, (2, 5, 7, 9)).astype(np.float32)    # outside the int8 grid too: saturation
+    trt = _trt_style_conv(list(x.shape), w, scale, **attrs)
+    new, stats = to_ort(trt, ALL_INTEGER)
+    assert stats["integer_convs"] == 1 and "Conv" not in [n.op_type for n in new.graph.node]
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    ref, out = run(trt), run(new)
+    assert out.shape == ref.shape and np.array_equal(out, ref)
+
+
+def test_thresholds_keep_small_layers_in_float():
+    rng = np.random.default_rng(0)
+    trt = _trt_style_conv([1, 5, 4, 4], rng.integers(-127, 128, (6, 5, 3, 3)).astype(np.int8),
+                          np.ones(6, np.float32), pads=[1, 1, 1, 1])
+    x = rng.uniform(-140, 140, (1, 5, 4, 4)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    kept, stats = to_ort(trt, OrtConfig(min_reduction=46, min_out_channels=0))
+    assert stats["integer_convs"] == 0 and stats["float_kept"] == 1
+    assert np.array_equal(run(kept), run(trt))  # folded float weight: DequantizeLinear's own values
+    _, stats = to_ort(trt, OrtConfig(min_reduction=45, min_out_channels=6))
+    assert stats["integer_convs"] == 1
+    _, stats = to_ort(trt, OrtConfig(min_reduction=45, min_out_channels=7))
+    assert stats["integer_convs"] == 0
+
+
+def test_target_is_validated():
+    with pytest.raises(UserError, match="unknown target"):
+        ExportConfig(target="openvino")
+    with pytest.raises(UserError, match="fp16"):
+        ExportConfig(target="ort", dtype="fp16")
+    assert ExportConfig().target == "tensorrt"
