@@ -166,7 +166,8 @@ def summary_markdown(report: dict) -> str:
             vq, im = v["vs_fake_quant_sqnr_db"], v["images_vs_fake_quant"]
             lines += [f"- dq-verify on {runtime} ([report]({v['report']})): per-step noise SQNR vs PyTorch fake-quant "
                       f"mean {vq['mean']:.1f} dB (min {vq['min']:.1f}); vs FP mean {v['vs_fp_sqnr_db']['mean']:.2f} dB; "
-                      f"images vs fake-quant PSNR {im['image_psnr_db']:.1f} dB; median-latency speedup over PyTorch: "
-                      f"{v['speedup_of_runtime']}"]
+                      f"images vs fake-quant PSNR {im['image_psnr_db']:.1f} dB; UNet median latency vs "
+                      + ", ".join(f"{base} x{r:.2f} (batch {b})" for base, per_b in v["speedup_of_runtime"].items()
+                                  for b, r in per_b.items()) + " (>1: runtime faster)"]
         lines.append("")
     return "\n".join(lines)
