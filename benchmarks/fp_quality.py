@@ -28,8 +28,10 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(a.seed)
     out = {"settings": {k: str(v) for k, v in vars(a).items()}, "environment": environment(), "models": {}}
-    real = load_digits().train_images[: a.samples]  # the floor: real training digits vs held-out digits
-    out["real_train_digits"] = digit_scores(real, load_digits().train_labels[: a.samples])
+    # the floor: real training digits (a seeded random subset: the split is ordered by class) vs held-out digits
+    digits = load_digits()
+    pick = torch.randperm(len(digits.train_images), generator=torch.Generator().manual_seed(a.seed))[: a.samples]
+    out["real_train_digits"] = digit_scores(digits.train_images[pick], digits.train_labels[pick])
     for name in a.models:
         model = load_model(name)
         start = time.perf_counter()

@@ -21,7 +21,7 @@ from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
 from dilatequant.errors import UserError
 
-from conftest import tiny_cond, tiny_uncond
+from conftest import assert_parity, tiny_cond, tiny_uncond
 
 STEPS = 4
 ALL_INTEGER = OrtConfig(min_reduction=0, min_out_channels=0)
@@ -39,7 +39,7 @@ def uncond_sym_ort(tmp_path_factory):
     """The whole pipeline with --target ort: rewrite, TensorRT rules skipped, parity against fake-quant."""
     tmp = tmp_path_factory.mktemp("ort_uncond")
     ck = _checkpoint(tmp, tiny_uncond(), weight_bits=8, act_bits=8, symmetric=True)
-    summary = export_and_verify(ck, tmp / "unet.onnx", ExportConfig(target="ort"), per_step=2)
+    summary = export_and_verify(ck, tmp / "unet.onnx", ExportConfig(target="ort"), per_step=5)
     return ck, tmp / "unet.onnx", summary
 
 
@@ -58,7 +58,7 @@ def test_pipeline_parity_with_fake_quant_at_every_t_index(uncond_sym_ort):
     _, path, summary = uncond_sym_ort
     par = summary["parity"]
     assert [r["t_index"] for r in par["per_t_index"]] == list(range(STEPS))
-    assert par["min_sqnr_db"] >= 50, par
+    assert_parity(par)
     assert summary["trt_rules"].startswith("skipped")
     stats = summary["ort_graph"]  # default thresholds: the tiny model's layers all stay float (folded weights)
     assert stats["matched"] > 0 and stats["float_kept"] == stats["matched"]
@@ -85,8 +85,13 @@ def test_integer_ops_replace_every_quantized_layer(cond_asym_pair):
     _, trt_path, ort_path, stats = cond_asym_pair
     trt, m = onnx.load(str(trt_path)), onnx.load(str(ort_path))
     ops = [n.op_type for n in m.graph.node]
-    n_conv = sum(n.op_type == "Conv" for n in trt.graph.node)
-    assert stats["integer_convs"] == n_conv and "Conv" not in ops
+    trt_producers = {o: n for n in trt.graph.node for o in n.output}
+    n_conv = sum(n.op_type == "Conv" and getattr(trt_producers.get(n.input[1]), "op_type", "") == "DequantizeLinear"
+                 for n in trt.graph.node)
+    # what stays a float Conv: only the asymmetric zero-point responses Conv(ones, sum_c W) ([Cout, 1, kh, kw])
+    w_sums = {i.name for i in m.graph.initializer if len(i.dims) == 4 and i.dims[1] == 1}
+    assert stats["integer_convs"] == n_conv > 0
+    assert all(n.input[1] in w_sums for n in m.graph.node if n.op_type == "Conv")
     assert ops.count("MatMulIntegerToFloat") == stats["integer_convs"] + stats["integer_matmuls"]
     inits = {i.name for i in m.graph.initializer}
     producers = {o: n for n in m.graph.node for o in n.output}
@@ -101,7 +106,7 @@ def test_integer_ops_replace_every_quantized_layer(cond_asym_pair):
     ort.InferenceSession(str(ort_path), so, providers=["CPUExecutionProvider"])
     opt_ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
     integer = sum(o in ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul") for o in opt_ops)
-    assert integer >= ops.count("MatMulIntegerToFloat") and "Conv" not in opt_ops
+    assert integer >= ops.count("MatMulIntegerToFloat") and opt_ops.count("Conv") <= ops.count("Conv")
 
 
 def test_wrong_t_index_changes_the_output(cond_asym_pair):

@@ -15,7 +15,7 @@ from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import ExportConfig
 from dilatequant.errors import UserError
 
-from conftest import tiny_cond, tiny_uncond
+from conftest import assert_parity, tiny_cond, tiny_uncond
 
 STEPS = 4
 
@@ -48,10 +48,7 @@ def test_parity_with_fake_quant_at_every_t_index(request, which):
     _, _, summary = request.getfixturevalue(which)
     par = summary["parity"]
     assert [r["t_index"] for r in par["per_t_index"]] == list(range(STEPS))
-    # the median sample of every t_index matches to float precision; a rounding tie moved by float summation
-    # order (PyTorch at another batch size does it too) may flip a few single samples, a wrong scale flips them all
-    assert par["min_median_sample_sqnr_db"] >= 90, par
-    assert par["samples_below"] <= par["samples"] // 5, par
+    assert_parity(par)
     assert summary["trt_rules"] == "passed"
 
 
