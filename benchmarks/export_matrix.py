@@ -68,13 +68,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=0, help="BKD iterations per block (0: PTQ; parity does not depend on it)")
     p.add_argument("--fid-samples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-parity", action="store_true", help="only the static/t_index/FP16 comparison")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/export_matrix"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"settings": {k: str(v) for k, v in vars(a).items()}, "environment": environment(), "parity": [],
            "timestep_scales": []}
     for name in a.models:
-        for bits in ("W8A8", "W4A8"):
+        for bits in () if a.skip_parity else ("W8A8", "W4A8"):
             for sym in (True, False):
                 ck = checkpoint(name, bits, sym, a, a.out)
                 stem = a.out / ck.name.replace(".q.pt", "")
