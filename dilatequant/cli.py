@@ -198,6 +198,8 @@ def build_engine_main(argv: list[str] | None = None) -> None:
                   f"layer table: {s['layers']['file']}")
         print(f"  sidecar: {sidecar_path(a.engine)}")
 
+    _run(go)
+
 
 def triton_main(argv: list[str] | None = None) -> None:
     from .engines.triton.repository import KINDS, RepositoryConfig
@@ -276,6 +278,8 @@ def client_main(argv: list[str] | None = None) -> None:
         images = generate(a.url, a.label, a.seed, a.steps, a.guidance, a.num_images, a.protocol, a.model, a.timeout)
         save_png(images, a.out)
         print(f"wrote {a.out}: {len(images)} image(s) {images.shape[1]}x{images.shape[2]} (seed {a.seed})")
+
+    _run(go)
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:

@@ -58,6 +58,13 @@ class ExportWrapper(nn.Module):
         return self.unet(sample, timestep, return_dict=False, **kw)[0]
 
 
+class StaticExportWrapper(ExportWrapper):
+    """The static-scale twin's interface: (sample, timestep[, encoder_hidden_states]), no t_index."""
+
+    def forward(self, sample, timestep, encoder_hidden_states=None):
+        return super().forward(sample, timestep, None, encoder_hidden_states)
+
+
 def input_names(conditional: bool, use_t_index: bool) -> list[str]:
     names = ["sample", "timestep"] + (["t_index"] if use_t_index else [])
     return names + (["encoder_hidden_states"] if conditional else [])
@@ -100,7 +107,7 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
     ck = load_checkpoint(ckpt_path)
     use_t = not cfg.static_scales and ck.qunet.config.tpq
     unet, ctx = deploy_unet(ck.qunet, static=cfg.static_scales)
-    wrapper = ExportWrapper(unet.eval(), ctx, len(ck.timesteps), use_t).eval()
+    wrapper = (ExportWrapper if use_t else StaticExportWrapper)(unet.eval(), ctx, len(ck.timesteps), use_t).eval()
     names = input_names(ck.model.is_conditional, use_t)
     ins = example_inputs(ck, cfg.batch, use_t)
     with torch.no_grad(), warnings.catch_warnings():

@@ -100,9 +100,13 @@ def spec_from_onnx(path: str | Path) -> UnetSpec:
         return [TensorSpec(v.name, np.dtype(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name, _onnx_dims(v))
                 for v in values if v.name not in init_names]
 
-    spec = UnetSpec(tensors(model.graph.input), tensors(model.graph.output),
-                    {p.key: p.value for p in model.metadata_props})
-    return _check(spec, path)
+    meta = {p.key: p.value for p in model.metadata_props}
+    ins, outs = tensors(model.graph.input), tensors(model.graph.output)
+    if "dilatequant.sample_shape" in meta:  # the graph takes any H, W; the served model is its calibrated size
+        shape = tuple(json.loads(meta["dilatequant.sample_shape"]))
+        ins, outs = ([TensorSpec(t.name, t.dtype, (t.shape[0], *shape)) if t.name in ("sample", "noise_pred") else t
+                      for t in ts] for ts in (ins, outs))
+    return _check(UnetSpec(ins, outs, meta), path)
 
 
 def spec_from_plan(path: str | Path, encoder_tokens: tuple[int, int] | None = None) -> UnetSpec:
