@@ -66,3 +66,17 @@ def assert_parity(par: dict) -> None:
     """
     assert par["min_median_sample_sqnr_db"] >= 80, par
     assert par["samples_below"] <= par["samples"] // 5, par
+
+
+def tiny_checkpoint(tmp, model, steps: int = 4, **cfg):
+    """A PTQ q.pt of a tiny model (no training: exports and runtimes only need a valid checkpoint)."""
+    from dilatequant.calibrate.calibration_data import build_calibration_set
+    from dilatequant.calibrate.checkpoint import save_checkpoint
+    from dilatequant.calibrate.quant_config import QuantConfig
+    from dilatequant.calibrate.recipe import prepare
+    from dilatequant.calibrate.sampling import sampling_timesteps
+
+    torch.manual_seed(0)
+    data = build_calibration_set(model, 16, steps, use_cache=False)
+    q, _ = prepare(model.unet, QuantConfig(num_steps=steps, **cfg), data)
+    return save_checkpoint(tmp / "q.pt", q, model, sampling_timesteps(model, steps), "fp", {})

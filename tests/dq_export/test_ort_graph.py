@@ -5,33 +5,25 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from dilatequant.calibrate.calibration_data import build_calibration_set
-from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
+from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.calibrate.metrics import sqnr_db
-from dilatequant.calibrate.quant_config import QuantConfig
-from dilatequant.calibrate.recipe import prepare
-from dilatequant.calibrate.sampling import sampling_timesteps
 from dilatequant.dq_export.ort_graph import OrtConfig, convert_file, to_ort
 from dilatequant.dq_export.parity import ort_session, parity_inputs, run_ort
 from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
 from dilatequant.errors import UserError
 
-from conftest import assert_parity, tiny_cond, tiny_uncond
+from conftest import assert_parity, tiny_checkpoint, tiny_cond, tiny_uncond
 
 STEPS = 4
 ALL_INTEGER = OrtConfig(min_reduction=0, min_out_channels=0)
 
 
 def _checkpoint(tmp, model, **cfg):
-    torch.manual_seed(0)
-    data = build_calibration_set(model, 16, STEPS, use_cache=False)
-    q, _ = prepare(model.unet, QuantConfig(num_steps=STEPS, **cfg), data)
-    return save_checkpoint(tmp / "q.pt", q, model, sampling_timesteps(model, STEPS), "fp", {})
+    return tiny_checkpoint(tmp, model, STEPS, **cfg)
 
 
 @pytest.fixture(scope="module")

@@ -5,26 +5,19 @@ import onnx
 import pytest
 import torch
 
-from dilatequant.calibrate.calibration_data import build_calibration_set
-from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
-from dilatequant.calibrate.quant_config import QuantConfig
-from dilatequant.calibrate.recipe import prepare
-from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.dq_export.parity import ort_session, parity_inputs, run_ort
 from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import ExportConfig
 from dilatequant.errors import UserError
 
-from conftest import assert_parity, tiny_cond, tiny_uncond
+from conftest import assert_parity, tiny_checkpoint, tiny_cond, tiny_uncond
 
 STEPS = 4
 
 
 def _checkpoint(tmp, model, **cfg):
-    torch.manual_seed(0)
-    data = build_calibration_set(model, 16, STEPS, use_cache=False)
-    q, _ = prepare(model.unet, QuantConfig(num_steps=STEPS, **cfg), data)
-    return save_checkpoint(tmp / "q.pt", q, model, sampling_timesteps(model, STEPS), "fp", {})
+    return tiny_checkpoint(tmp, model, STEPS, **cfg)
 
 
 @pytest.fixture(scope="module")
