@@ -61,7 +61,7 @@ class QuantLayer(nn.Module):
         lv = self.input_quantizer.levels(x)
         if lv.delta is not None and self.weight_quantizer.enabled:
             # integer levels x integer weights: the sums are exact in float32, so PyTorch, ONNX Runtime and any
-            # batch size add them up to the same value, and no rounding tie downstream can flip between them
+            # batch size add them up to the same value (only the float ops around the layer can still differ)
             w_int, w_scale = self.weight_quantizer.integer_ste(self.weight)
             y = self.op(lv.v, w_int)
             if lv.correction is not None:
