@@ -24,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
+from ..calibrate.checkpoint import checkpoint_hash as sha256_file
 from ..calibrate.reporting import atomic_write_bytes, ensure_writable_dir, environment, write_json
 from ..dq_export.trt_rules import enforce
 from ..errors import UserError
@@ -326,14 +327,6 @@ def make_sidecar(info: BuildInfo) -> dict[str, Any]:
         "built_at": info.built_at,
         "environment": info.env,
     }
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _same_file(a: Path, b: Path) -> bool:
