@@ -10,7 +10,8 @@ onnxconverter-common is not Q/DQ aware, hence our own. What stays FP32, and why:
   TensorRT runs in INT8, do not change at all;
 - the sinusoidal timestep embedding: FP16 cannot even hold timestep 999 to better than 0.5, which
   shifts sin/cos arguments by up to a quarter radian;
-- normalisation statistics (GroupNorm/LayerNorm) when `keep_norms_fp32` (measured: README);
+- normalisation statistics (GroupNorm/LayerNorm) when `keep_norms_fp32` (the default, for safety; FP16 norms
+  are not measured yet);
 - any node whose float constants FP16 cannot represent (overflow, or non-zero values that flush to 0).
 
 The graph keeps its FP32 inputs and outputs (Casts at the boundary), so every runner feeds it alike.
