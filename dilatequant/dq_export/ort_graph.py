@@ -249,6 +249,91 @@ def round_activation(b: _Builder, layer: IntegerLayer, cache: dict) -> None:
     layer.op.replace_input_with(0, cache[key])
 
 
+@dataclass
+class StepEpilogue:
+    """fold.py's rescale chain after a symmetric layer: op -> Mul(w_scale) -> Mul(delta[t]) [-> Add(bias)]."""
+    last: ir.Node                 # the node whose output the chain ends in
+    w_scale: np.ndarray           # [Cout]
+    delta_table: ir.Value         # [T, 1]: one step size per t_index
+    t_index: ir.Value             # the (clamped) indices the original Gather used
+    bias: np.ndarray | None
+
+
+def _single_consumer(value: ir.Value) -> ir.Node | None:
+    users = list(value.uses())
+    return users[0].node if len(users) == 1 and not value.is_graph_output() else None
+
+
+def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    return b if a is value else a if b is value else None
+
+
+def match_epilogue(layer: IntegerLayer) -> StepEpilogue | None:
+    """The declared pattern; None when the chain after layer.op is anything else (asymmetric, per-head...)."""
+    y = layer.op.outputs[0]
+    scale_mul = _single_consumer(y)
+    w_scale = _const(_other_input(scale_mul, y)) if scale_mul else None
+    if w_scale is None or w_scale.size != layer.out_channels:
+        return None
+    delta_mul = _single_consumer(scale_mul.outputs[0])
+    rows = _other_input(delta_mul, scale_mul.outputs[0]) if delta_mul else None
+    gather = rows.producer() if rows is not None else None
+    if gather is not None and gather.op_type == "Reshape":  # [B, 1] rows reshaped to broadcast; [B, C] uses them as is
+        gather = gather.inputs[0].producer()
+    if gather is None or gather.op_type != "Gather" or _attr(gather, "axis", 0) != 0:
+        return None
+    table = _const(gather.inputs[0])
+    if table is None or table.ndim != 2 or table.shape[1] != 1:
+        return None
+    last, bias = delta_mul, None
+    add = _single_consumer(delta_mul.outputs[0])
+    bias_value = _other_input(add, delta_mul.outputs[0]) if add is not None else None
+    if bias_value is not None and (c := _const(bias_value)) is not None and c.size == layer.out_channels:
+        last, bias = add, c.astype(np.float32).reshape(-1)
+    if last.outputs[0].is_graph_output():  # the UNet's last conv: keep its chain (one layer)
+        return None
+    return StepEpilogue(last, w_scale.astype(np.float32).reshape(-1), gather.inputs[0], gather.inputs[1], bias)
+
+
+def fuse_epilogue(b: _Builder, layer: IntegerLayer, epi: StepEpilogue, cache: dict) -> None:
+    """A float-kept symmetric layer, its rescale chain moved into one per-sample DequantizeLinear.
+
+        Q(u, 1, 128, uint8) -> DQ(., delta[t], 128, axis 0) -> Conv(., W_int * w_scale, bias) | MatMul(...) + bias
+
+    The integer levels are Q's, bit for bit; delta[t] * w_scale multiply before the op's sum instead of
+    after it (the same value up to float rounding), and ORT then fuses the bias into the Conv: three
+    elementwise passes over the activation (Mul, Round, Clip before; Muls and Add after) become two
+    one-byte ones.
+    """
+    key = ("per_sample_dq", id(layer.quant), epi.delta_table.name)
+    if key not in cache:
+        # uint8 with a per-sample zero point vector: ORT's QDQS8ToU8Transformer breaks an int8 per-axis DQ
+        zp_key = ("zp_per_sample", epi.t_index.name)
+        if zp_key not in cache:
+            batch = b.node(layer.quant, "Shape", [epi.t_index], "batch_size")
+            cache[zp_key] = b.node(layer.quant, "Expand", [b.const("zp_u8", np.array([ZERO], np.uint8)), batch],
+                                   "zero_points")
+        rows = b.node(layer.quant, "Gather", [epi.delta_table, epi.t_index], "step_size_rows", axis=0)
+        delta = b.node(layer.quant, "Reshape", [rows, b.const("flat", np.array([-1], np.int64))], "step_size")
+        cache[key] = b.node(layer.op, "DequantizeLinear", [_uint8_input(b, layer, cache), delta, cache[zp_key]],
+                            "dequantize_per_sample", axis=0)
+    conv = layer.op.op_type == "Conv"
+    w = layer.weight.astype(np.float32) * epi.w_scale.reshape((-1, 1, 1, 1) if conv else (1, -1))
+    layer.op.replace_input_with(1, b.const("weight_float", w))
+    layer.op.replace_input_with(0, cache[key])
+    out = layer.op.outputs[0]
+    if epi.bias is not None and conv:
+        if len(layer.op.inputs) < 3:
+            layer.op.resize_inputs(3)
+        layer.op.replace_input_with(2, b.const("bias", epi.bias))
+    elif epi.bias is not None:
+        out = b.node(epi.last, "Add", [out, b.const("bias", epi.bias)], "bias")
+    ir.convenience.replace_all_uses_with(epi.last.outputs[0], out)
+
+
 def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.ModelProto, dict]:
     """The ORT-integer rewrite of a TensorRT-style QDQ model; returns the model and counts."""
     cfg = cfg or OrtConfig()
@@ -263,8 +348,13 @@ def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.M
              and la.reduction >= cfg.min_reduction and la.out_channels >= cfg.min_out_channels]
     for layer in taken:
         rewrite_layer(b, layer, cache)
+    fused = 0
     for layer in layers:
         if all(layer is not t for t in taken):
+            if layer.scale is None and layer.bias is None and (epi := match_epilogue(layer)) is not None:
+                fuse_epilogue(b, layer, epi, cache)
+                fused += 1
+                continue
             fold_weight(b, layer)
             round_activation(b, layer, cache)
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass() if hasattr(common, "RemoveUnusedOpsetsPass") else None):
@@ -278,6 +368,7 @@ def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.M
         m.opset_imports.pop(MS_DOMAIN, None)
     stats = {"matched": len(layers), "integer_convs": sum(la.op.op_type == "Conv" for la in taken),
              "integer_matmuls": sum(la.op.op_type == "MatMul" for la in taken), "float_kept": len(layers) - len(taken),
+             "float_kept_fused_epilogue": fused,
              "config": {"min_reduction": cfg.min_reduction, "min_out_channels": cfg.min_out_channels}}
     return out, stats
 
