@@ -214,6 +214,10 @@ def rewrite_layer(b: _Builder, layer: IntegerLayer, cache: dict) -> None:
     else:
         x, w = _uint8_input(b, layer, cache), layer.weight
     scale = np.ones(1, np.float32) if layer.scale is None else layer.scale
+    scale_mul = _weight_scale_mul(layer) if layer.scale is None and layer.bias is None else None
+    if scale_mul is not None:  # int32 sum * (1 * s) is the sum * 1, then * s: the Mul's own values, one pass fewer
+        scale = scale_mul[1]
+        ir.convenience.replace_all_uses_with(scale_mul[0].outputs[0], op.outputs[0])
     ins = [x, b.const("weight_int8", w), cache["one"], b.const("weight_scale", scale), cache["zp"], None]
     if layer.bias is not None:
         ins.append(b.const("bias", layer.bias))
@@ -271,13 +275,22 @@ def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
     return b if a is value else a if b is value else None
 
 
-def match_epilogue(layer: IntegerLayer) -> StepEpilogue | None:
-    """The declared pattern; None when the chain after layer.op is anything else (asymmetric, per-head...)."""
+def _weight_scale_mul(layer: IntegerLayer) -> tuple[ir.Node, np.ndarray] | None:
+    """fold.py's per-channel weight-scale Mul right after the op, with its [Cout] values."""
     y = layer.op.outputs[0]
     scale_mul = _single_consumer(y)
     w_scale = _const(_other_input(scale_mul, y)) if scale_mul else None
     if w_scale is None or w_scale.size != layer.out_channels:
         return None
+    return scale_mul, w_scale.astype(np.float32).reshape(-1)
+
+
+def match_epilogue(layer: IntegerLayer) -> StepEpilogue | None:
+    """The declared pattern; None when the chain after layer.op is anything else (asymmetric, per-head...)."""
+    found = _weight_scale_mul(layer)
+    if found is None:
+        return None
+    scale_mul, w_scale = found
     delta_mul = _single_consumer(scale_mul.outputs[0])
     rows = _other_input(delta_mul, scale_mul.outputs[0]) if delta_mul else None
     gather = rows.producer() if rows is not None else None
@@ -295,7 +308,7 @@ def match_epilogue(layer: IntegerLayer) -> StepEpilogue | None:
         last, bias = add, c.astype(np.float32).reshape(-1)
     if last.outputs[0].is_graph_output():  # the UNet's last conv: keep its chain (one layer)
         return None
-    return StepEpilogue(last, w_scale.astype(np.float32).reshape(-1), gather.inputs[0], gather.inputs[1], bias)
+    return StepEpilogue(last, w_scale, gather.inputs[0], gather.inputs[1], bias)
 
 
 def fuse_epilogue(b: _Builder, layer: IntegerLayer, epi: StepEpilogue, cache: dict) -> None:
@@ -318,7 +331,8 @@ def fuse_epilogue(b: _Builder, layer: IntegerLayer, epi: StepEpilogue, cache: di
                                    "zero_points")
         rows = b.node(layer.quant, "Gather", [epi.delta_table, epi.t_index], "step_size_rows", axis=0)
         delta = b.node(layer.quant, "Reshape", [rows, b.const("flat", np.array([-1], np.int64))], "step_size")
-        cache[key] = b.node(layer.op, "DequantizeLinear", [_uint8_input(b, layer, cache), delta, cache[zp_key]],
+        q = _per_channel_quantize(b, layer, cache) if layer.op.op_type == "Conv" else None
+        cache[key] = b.node(layer.op, "DequantizeLinear", [q or _uint8_input(b, layer, cache), delta, cache[zp_key]],
                             "dequantize_per_sample", axis=0)
     conv = layer.op.op_type == "Conv"
     w = layer.weight.astype(np.float32) * epi.w_scale.reshape((-1, 1, 1, 1) if conv else (1, -1))
@@ -332,6 +346,55 @@ def fuse_epilogue(b: _Builder, layer: IntegerLayer, epi: StepEpilogue, cache: di
     elif epi.bias is not None:
         out = b.node(epi.last, "Add", [out, b.const("bias", epi.bias)], "bias")
     ir.convenience.replace_all_uses_with(epi.last.outputs[0], out)
+
+
+def _gathered_rows(value: ir.Value) -> tuple[np.ndarray, ir.Value] | None:
+    """value = [Reshape](Gather(table, t)): the constant table and t."""
+    g = value.producer()
+    if g is not None and g.op_type == "Reshape":
+        g = g.inputs[0].producer()
+    if g is None or g.op_type != "Gather" or _attr(g, "axis", 0) != 0:
+        return None
+    table = _const(g.inputs[0])
+    return None if table is None or table.ndim != 2 else (table, g.inputs[1])
+
+
+def _per_channel_quantize(b: _Builder, layer: IntegerLayer, cache: dict) -> ir.Value | None:
+    """u = x * mult[t, c] -> Q(u, 1, 128) as one Q of x with a per-(sample, channel) scale 1 / mult[t, c].
+
+    NCHW x flattens to [B*C, H*W] without a copy, so ONNX's per-axis Q (axis 0) carries a scale for each
+    sample and channel: the multiply pass goes. round(x / (1 / m)) can differ from round(x * m) in a last
+    bit at a rounding tie: the same float-level difference as any other kernel. 8-bit activations only
+    (the uint8 Q's saturation is their clip).
+    """
+    if layer.source is layer.quant.inputs[0]:
+        return None
+    key = ("per_channel_q", id(layer.quant))
+    if key in cache:
+        return cache[key]
+    mul = layer.source.producer()
+    if mul is None or mul.op_type != "Mul" or len(mul.inputs) != 2:
+        return None
+    for x, rows in (mul.inputs, mul.inputs[::-1]):
+        found = _gathered_rows(rows)
+        if found is not None and x.shape is not None and len(x.shape) == 4:
+            break
+    else:
+        return None
+    table, t = found
+    anchor = layer.quant
+    flat = b.node(anchor, "Flatten", [x], "flatten_channels", axis=2)
+    inv = b.node(anchor, "Gather", [b.const("step_per_channel", (1.0 / table).astype(np.float32)), t], "q_scale_rows",
+                 axis=0)
+    if table.shape[1] == 1:  # one value per sample: repeat it over the channels
+        channels = b.const("channels", np.array([1, x.shape[1]], np.int64))
+        inv = b.node(anchor, "Tile", [inv, channels], "q_scale_tile")
+    scale = b.node(anchor, "Reshape", [inv, b.const("flat", np.array([-1], np.int64))], "q_scale")
+    zp = b.node(anchor, "Expand", [b.const("zp_u8", np.array([ZERO], np.uint8)),
+                                   b.node(anchor, "Shape", [scale], "q_scale_size")], "q_zero_points")
+    q = b.node(anchor, "QuantizeLinear", [flat, scale, zp], "quantize_per_channel", axis=0)
+    cache[key] = b.node(anchor, "Reshape", [q, b.node(anchor, "Shape", [x], "input_shape")], "unflatten")
+    return cache[key]
 
 
 def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.ModelProto, dict]:

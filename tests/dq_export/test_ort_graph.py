@@ -107,6 +107,23 @@ def test_integer_ops_replace_every_quantized_layer(cond_asym_pair):
     assert integer >= ops.count("MatMulIntegerToFloat") and opt_ops.count("Conv") <= ops.count("Conv")
 
 
+def test_symmetric_integer_layers_take_the_weight_scale_in_the_gemm(tmp_path):
+    """Symmetric layers: the per-channel weight-scale Mul after the op becomes MatMulIntegerToFloat's b_scale."""
+    ck = _checkpoint(tmp_path, tiny_uncond(), weight_bits=8, act_bits=8, symmetric=True)
+    export_onnx(ck, tmp_path / "trt.onnx", ExportConfig())
+    stats = convert_file(tmp_path / "trt.onnx", tmp_path / "ort.onnx", ALL_INTEGER)
+    graph = onnx.load(str(tmp_path / "ort.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    gemms = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(gemms) == stats["integer_convs"] + stats["integer_matmuls"] > 0
+    assert not any(np.all(inits[n.input[3]] == 1) for n in gemms)  # the weight scales, not the unit scale
+    inputs = parity_inputs(load_checkpoint(ck), per_step=2)
+    ref, out = run_ort(ort_session(tmp_path / "trt.onnx"), inputs), run_ort(ort_session(tmp_path / "ort.onnx"), inputs)
+    for t in range(STEPS):
+        m = inputs["t_index"] == t
+        assert sqnr_db(out[m], ref[m]) >= 100, t
+
+
 @pytest.mark.parametrize("graphs", ["cond_asym_pair", "uncond_sym_ort"])
 def test_wrong_t_index_changes_the_output(graphs, request):
     if graphs == "cond_asym_pair":
