@@ -80,7 +80,8 @@ def main() -> None:
                 ck = checkpoint(name, bits, sym, a, a.out)
                 stem = a.out / ck.name.replace(".q.pt", "")
                 for precision in ("int8", "int4") if bits.startswith("W4") else ("int8",):
-                    s = export_and_verify(ck, Path(f"{stem}.{precision}.onnx"), ExportConfig(precision=precision))
+                    s = export_and_verify(ck, Path(f"{stem}.{precision}.onnx"), ExportConfig(precision=precision),
+                                          torch_floor=True)
                     res["parity"].append({"model": name, "bits": bits, "symmetric": sym, "precision": precision,
                                           **parity_row(s)})
                     print(res["parity"][-1], flush=True)

@@ -110,6 +110,8 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", default="tensorrt", help="tensorrt | ort (ONNX Runtime CPU: exact int8 GEMMs "
                    "for wide convs/matmuls, same per-timestep scales; not a TensorRT graph)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
+    p.add_argument("--torch-floor", action="store_true",
+                   help="also run PyTorch against itself at batch 1 (the float-order floor of the parity check)")
     p.add_argument("--check", type=Path, metavar="FILE", help="only check FILE against the TensorRT rules")
     p.add_argument("--fp16-from", type=Path, metavar="FILE", help="only run the FP16 fallback pass on an FP32 QDQ "
                    "ONNX FILE, writing --onnx")
@@ -143,7 +145,7 @@ def export_main(argv: list[str] | None = None) -> None:
 
         cfg = ExportConfig(precision=a.precision, dtype=a.dtype, static_scales=a.static_scales,
                            static_shapes=a.static_shapes, batch=a.batch, target=a.target)
-        s = export_and_verify(a.ckpt, a.onnx, cfg, verify=not a.no_verify)
+        s = export_and_verify(a.ckpt, a.onnx, cfg, verify=not a.no_verify, torch_floor=a.torch_floor)
         print(f"wrote {a.onnx} ({s['bytes'] / 1e6:.2f} MB, {s['precision']}, {s['dtype']}, inputs "
               f"{', '.join(s['inputs'])}) in {s['export_s']} s; TensorRT rules: {s['trt_rules']}")
         par = s.get("parity")
@@ -152,8 +154,9 @@ def export_main(argv: list[str] | None = None) -> None:
                   f"{par['min_sqnr_db']:.1f} dB (median-sample {par['min_median_sample_sqnr_db']:.1f} dB), median "
                   f"{par['median_sqnr_db']:.1f} dB, max |err| {par['max_abs_error']:.2e}; {par['samples_below']} of "
                   f"{par['samples']} samples below {par['threshold_db']:.0f} dB")
-            print(f"  (PyTorch vs itself at batch 1, the float-order floor: min {par['torch_self_min_sqnr_db']:.1f} dB, "
-                  f"median {par['torch_self_median_sqnr_db']:.1f} dB)")
+            if "torch_self_min_sqnr_db" in par:
+                print(f"  (PyTorch vs itself at batch 1, the float-order floor: min {par['torch_self_min_sqnr_db']:.1f} "
+                      f"dB, median {par['torch_self_median_sqnr_db']:.1f} dB)")
         print(f"  report: {a.onnx}.export.json")
 
     _run(go)

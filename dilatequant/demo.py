@@ -59,7 +59,7 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
                          calib_samples=cfg.calib_samples, guidance_scale=cfg.guidance_scale, out=ckpt)
     calib = run_calibration(job)
     onnx_path = ckpt.with_suffix("").with_suffix(".onnx")
-    export = export_and_verify(ckpt, onnx_path, ExportConfig())
+    export = export_and_verify(ckpt, onnx_path, ExportConfig(), torch_floor=True)
     model = load_model(cfg.quant_model)
     guidance = cfg.guidance_scale if model.is_conditional else 1.0
     if fp_images is None:

@@ -101,6 +101,12 @@ class DiffusionModel:
         self.scheduler.save_pretrained(folder / "scheduler")
         if self.class_encoder is not None:
             self.class_encoder.save_pretrained(folder / "class_encoder")
+        for cfg in folder.glob("*/config.json"):  # a loaded model remembers where it came from: not portable
+            data = json.loads(cfg.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        for f in folder.rglob("*.safetensors"):  # readable by every user of a shared install
+            f.chmod(0o644)
 
 
 def new_model(name: str) -> DiffusionModel:

@@ -18,9 +18,18 @@ Replacement (s: per-output-channel weight scale, 1 for the unit-scale weights of
 
 Q(u, 1, 128, uint8) - 128 == Q(u, 1, 0, int8) for every u, and padding with the zero point 128 is
 padding with 0, so the integer sums equal the TensorRT graph's; MatMulIntegerToFloat (ORT's
-com.microsoft op) multiplies the int32 sum by 1 * s once, where the TensorRT graph accumulates
-s * W products in float: the same value up to float rounding. The 8-bit clip (Max/Min to
-[-128, 127]) before the Q is dropped: the uint8 Q saturates to exactly that range.
+com.microsoft op) multiplies the int32 sum by 1 * s once (s: the weight-scale Mul that follows a
+symmetric layer, taken into b_scale). The 8-bit clip (Max/Min to [-128, 127]) before the Q is dropped:
+the uint8 Q saturates to exactly that range.
+
+Layers too narrow for the integer GEMM stay float. A symmetric one loses its per-timestep elementwise
+chain (x * mult[t] -> Clip -> Q -> DQ -> op -> * w_scale -> * delta[t] + bias: six passes over the
+activation) to ONNX's per-axis Q/DQ with scales gathered by t_index, the bias fused into the Conv:
+
+    Flatten(x) [B*C, H*W] -> Q(., 1 / mult[t, c], 128) -> DQ(., delta[t], 128, axis 0) -> Conv(., W_int * w_scale, bias)
+
+The same function; values move by float rounding (a division for a multiplication in the Q, the step
+size applied before the sum instead of after).
 """
 from __future__ import annotations
 
@@ -293,13 +302,8 @@ def match_epilogue(layer: IntegerLayer) -> StepEpilogue | None:
     scale_mul, w_scale = found
     delta_mul = _single_consumer(scale_mul.outputs[0])
     rows = _other_input(delta_mul, scale_mul.outputs[0]) if delta_mul else None
-    gather = rows.producer() if rows is not None else None
-    if gather is not None and gather.op_type == "Reshape":  # [B, 1] rows reshaped to broadcast; [B, C] uses them as is
-        gather = gather.inputs[0].producer()
-    if gather is None or gather.op_type != "Gather" or _attr(gather, "axis", 0) != 0:
-        return None
-    table = _const(gather.inputs[0])
-    if table is None or table.ndim != 2 or table.shape[1] != 1:
+    found = _gathered_rows(rows) if rows is not None else None
+    if found is None or found[1].shape[1] != 1:  # one step size per t_index (not per head)
         return None
     last, bias = delta_mul, None
     add = _single_consumer(delta_mul.outputs[0])
@@ -308,7 +312,8 @@ def match_epilogue(layer: IntegerLayer) -> StepEpilogue | None:
         last, bias = add, c.astype(np.float32).reshape(-1)
     if last.outputs[0].is_graph_output():  # the UNet's last conv: keep its chain (one layer)
         return None
-    return StepEpilogue(last, w_scale, gather.inputs[0], gather.inputs[1], bias)
+    table, _, t = found
+    return StepEpilogue(last, w_scale, table, t, bias)
 
 
 def fuse_epilogue(b: _Builder, layer: IntegerLayer, epi: StepEpilogue, cache: dict) -> None:
@@ -316,10 +321,9 @@ def fuse_epilogue(b: _Builder, layer: IntegerLayer, epi: StepEpilogue, cache: di
 
         Q(u, 1, 128, uint8) -> DQ(., delta[t], 128, axis 0) -> Conv(., W_int * w_scale, bias) | MatMul(...) + bias
 
-    The integer levels are Q's, bit for bit; delta[t] * w_scale multiply before the op's sum instead of
-    after it (the same value up to float rounding), and ORT then fuses the bias into the Conv: three
-    elementwise passes over the activation (Mul, Round, Clip before; Muls and Add after) become two
-    one-byte ones.
+    (convs also take u's multiply into the Q: _per_channel_quantize). delta[t] * w_scale multiply before
+    the op's sum instead of after it, the same value up to float rounding, and ORT fuses the bias into
+    the Conv.
     """
     key = ("per_sample_dq", id(layer.quant), epi.delta_table.name)
     if key not in cache:
@@ -348,15 +352,15 @@ def fuse_epilogue(b: _Builder, layer: IntegerLayer, epi: StepEpilogue, cache: di
     ir.convenience.replace_all_uses_with(epi.last.outputs[0], out)
 
 
-def _gathered_rows(value: ir.Value) -> tuple[np.ndarray, ir.Value] | None:
-    """value = [Reshape](Gather(table, t)): the constant table and t."""
+def _gathered_rows(value: ir.Value) -> tuple[ir.Value, np.ndarray, ir.Value] | None:
+    """value = [Reshape](Gather(table, t)) with a constant 2-D table: (table, its values, t)."""
     g = value.producer()
-    if g is not None and g.op_type == "Reshape":
+    if g is not None and g.op_type == "Reshape":  # [B, 1] rows reshaped to broadcast; [B, C] used as is
         g = g.inputs[0].producer()
     if g is None or g.op_type != "Gather" or _attr(g, "axis", 0) != 0:
         return None
     table = _const(g.inputs[0])
-    return None if table is None or table.ndim != 2 else (table, g.inputs[1])
+    return None if table is None or table.ndim != 2 else (g.inputs[0], table, g.inputs[1])
 
 
 def _per_channel_quantize(b: _Builder, layer: IntegerLayer, cache: dict) -> ir.Value | None:
@@ -381,7 +385,7 @@ def _per_channel_quantize(b: _Builder, layer: IntegerLayer, cache: dict) -> ir.V
             break
     else:
         return None
-    table, t = found
+    _, table, t = found
     anchor = layer.quant
     flat = b.node(anchor, "Flatten", [x], "flatten_channels", axis=2)
     inv = b.node(anchor, "Gather", [b.const("step_per_channel", (1.0 / table).astype(np.float32)), t], "q_scale_rows",
