@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.digits import load_digits
+from dilatequant.calibrate.checkpoint import checkpoint_hash
 from dilatequant.calibrate.metrics import digit_scores
-from dilatequant.calibrate.models import load_model
+from dilatequant.calibrate.models import EMBEDDED_MODELS, embedded_model_dir, load_model
 from dilatequant.calibrate.reporting import environment, save_grid, write_json, write_text
 from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE, sample
 
@@ -38,7 +39,9 @@ def main() -> None:
         g = a.guidance if model.is_conditional else 1.0
         res = sample(model, num_samples=a.samples, steps=a.steps, seed=a.seed, guidance_scale=g)
         scores = digit_scores(res.images, res.labels)
-        scores.update(sampling_s=round(time.perf_counter() - start, 1), guidance_scale=g)
+        folder = embedded_model_dir(name) if name in EMBEDDED_MODELS else Path(name)
+        scores.update(sampling_s=round(time.perf_counter() - start, 1), guidance_scale=g,
+                      weights_sha256=checkpoint_hash(folder / "unet" / "diffusion_pytorch_model.safetensors"))
         save_grid(a.out / f"{name}_samples.png", res.images[:100])
         out["models"][name] = scores
         print(name, {k: v for k, v in scores.items() if k != "class_share"}, flush=True)

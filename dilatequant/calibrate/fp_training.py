@@ -1,7 +1,7 @@
 """Train the embedded full-precision models from scratch (done once; the results ship in assets/).
 
     python -m dilatequant.calibrate.fp_training --model default --iters 3500 --seed 0 --out /tmp/default-stage1
-    python -m dilatequant.calibrate.fp_training --model default --iters 1500 --seed 1 --lr 3e-4 \
+    python -m dilatequant.calibrate.fp_training --model default --iters 2000 --seed 1 --lr 3e-4 \
         --init-from /tmp/default-stage1
     python -m dilatequant.calibrate.fp_training --model default-cond --iters 3000 --seed 0
 """
