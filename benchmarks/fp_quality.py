@@ -42,7 +42,7 @@ def main() -> None:
         folder = embedded_model_dir(name) if name in EMBEDDED_MODELS else Path(name)
         scores.update(sampling_s=round(time.perf_counter() - start, 1), guidance_scale=g,
                       weights_sha256=checkpoint_hash(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-        save_grid(a.out / f"{name}_samples.png", res.images[:100])
+        save_grid(a.out / f"{Path(name).name}_samples.png", res.images[:100])
         out["models"][name] = scores
         print(name, {k: v for k, v in scores.items() if k != "class_share"}, flush=True)
     write_json(a.out / "fp_quality.json", out)
