@@ -288,7 +288,7 @@ def _weight_scale_mul(layer: IntegerLayer) -> tuple[ir.Node, np.ndarray] | None:
     """fold.py's per-channel weight-scale Mul right after the op, with its [Cout] values."""
     y = layer.op.outputs[0]
     scale_mul = _single_consumer(y)
-    w_scale = _const(_other_input(scale_mul, y)) if scale_mul else None
+    w_scale = _const(_other_input(scale_mul, y)) if scale_mul and scale_mul.op_type == "Mul" else None
     if w_scale is None or w_scale.size != layer.out_channels:
         return None
     return scale_mul, w_scale.astype(np.float32).reshape(-1)
@@ -381,7 +381,7 @@ def _per_channel_quantize(b: _Builder, layer: IntegerLayer, cache: dict) -> ir.V
         return None
     for x, rows in (mul.inputs, mul.inputs[::-1]):
         found = _gathered_rows(rows)
-        if found is not None and x.shape is not None and len(x.shape) == 4:
+        if found is not None and x.shape is not None and len(x.shape) == 4 and isinstance(x.shape[1], int):
             break
     else:
         return None
