@@ -116,11 +116,18 @@ def test_spatial_sizes_are_dynamic(cond_asym):
     assert dims[0] == "batch" and isinstance(dims[2], str) and isinstance(dims[3], str), dims
     ck = load_checkpoint(ck_path)
     gen = torch.Generator().manual_seed(3)
-    ins = {"sample": torch.randn(2, 1, 16, 12, generator=gen), "timestep": torch.tensor([750, 0]),
-           "t_index": torch.tensor([0, 3]),
-           "encoder_hidden_states": ck.model.class_encoder(torch.tensor([1, 2])).detach()}
+    t_index = torch.arange(10) % len(ck.timesteps)
+    ins = {"sample": torch.randn(10, 1, 16, 12, generator=gen), "timestep": torch.tensor(ck.timesteps)[t_index],
+           "t_index": t_index, "encoder_hidden_states": ck.model.class_encoder(torch.arange(10)).detach()}
     out = run_ort(ort_session(onnx_path), ins)
-    ref = ck.qunet(ins["sample"], ins["timestep"], ins["t_index"], ins["encoder_hidden_states"])
-    assert out.shape == (2, 1, 16, 12)
+    with torch.no_grad():
+        ref = ck.qunet(ins["sample"], ins["timestep"], ins["t_index"], ins["encoder_hidden_states"])
+    assert out.shape == (10, 1, 16, 12)
     from dilatequant.calibrate.metrics import sqnr_db
-    assert sqnr_db(out, ref) >= 50
+    # per sample: a rounding flip may move single samples (README "Export"), a wrong shape handling all of them
+    assert sorted(sqnr_db(a, b) for a, b in zip(out, ref))[5] >= 50
+    # the batch range declared at export (<= 63, a diffusers guard) does not bind the ONNX graph
+    big = {k: v.repeat(7, *([1] * (v.dim() - 1))) for k, v in ins.items()}
+    out70 = run_ort(ort_session(onnx_path), big, batch=70)
+    assert out70.shape == (70, 1, 16, 12)
+    assert sorted(sqnr_db(a, b) for a, b in zip(out70, out.repeat(7, 1, 1, 1)))[35] >= 50
