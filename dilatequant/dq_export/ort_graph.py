@@ -239,11 +239,12 @@ def rewrite_layer(b: _Builder, layer: IntegerLayer, cache: dict) -> None:
     op.graph.remove(op, safe=True)
 
 
-def fold_weight(b: _Builder, layer: IntegerLayer) -> None:
-    """A float-kept layer reads W * s as a constant: exactly DequantizeLinear's float values."""
+def fold_weight(b: _Builder, layer: IntegerLayer, scale: np.ndarray | None = None) -> None:
+    """A float-kept layer reads W * s as a constant (s: the weight DQ's scale, or the Mul after the op)."""
+    scale = layer.scale if scale is None else scale
     w = layer.weight.astype(np.float32)
-    if layer.scale is not None:
-        w = w * layer.scale.reshape((-1, 1, 1, 1) if layer.op.op_type == "Conv" else (1, -1))
+    if scale is not None:
+        w = w * scale.reshape((-1, 1, 1, 1) if layer.op.op_type == "Conv" else (1, -1))
     layer.op.replace_input_with(1, b.const("weight_float", w))
 
 
@@ -331,16 +332,15 @@ def fuse_epilogue(b: _Builder, layer: IntegerLayer, epi: StepEpilogue, cache: di
         zp_key = ("zp_per_sample", epi.t_index.name)
         if zp_key not in cache:
             batch = b.node(layer.quant, "Shape", [epi.t_index], "batch_size")
-            cache[zp_key] = b.node(layer.quant, "Expand", [b.const("zp_u8", np.array([ZERO], np.uint8)), batch],
+            cache[zp_key] = b.node(layer.quant, "Expand", [cache["zp_1d"], batch],
                                    "zero_points")
         rows = b.node(layer.quant, "Gather", [epi.delta_table, epi.t_index], "step_size_rows", axis=0)
-        delta = b.node(layer.quant, "Reshape", [rows, b.const("flat", np.array([-1], np.int64))], "step_size")
+        delta = b.node(layer.quant, "Reshape", [rows, cache["flat"]], "step_size")
         q = _per_channel_quantize(b, layer, cache) if layer.op.op_type == "Conv" else None
         cache[key] = b.node(layer.op, "DequantizeLinear", [q or _uint8_input(b, layer, cache), delta, cache[zp_key]],
                             "dequantize_per_sample", axis=0)
     conv = layer.op.op_type == "Conv"
-    w = layer.weight.astype(np.float32) * epi.w_scale.reshape((-1, 1, 1, 1) if conv else (1, -1))
-    layer.op.replace_input_with(1, b.const("weight_float", w))
+    fold_weight(b, layer, epi.w_scale)
     layer.op.replace_input_with(0, cache[key])
     out = layer.op.outputs[0]
     if epi.bias is not None and conv:
@@ -393,8 +393,8 @@ def _per_channel_quantize(b: _Builder, layer: IntegerLayer, cache: dict) -> ir.V
     if table.shape[1] == 1:  # one value per sample: repeat it over the channels
         channels = b.const("channels", np.array([1, x.shape[1]], np.int64))
         inv = b.node(anchor, "Tile", [inv, channels], "q_scale_tile")
-    scale = b.node(anchor, "Reshape", [inv, b.const("flat", np.array([-1], np.int64))], "q_scale")
-    zp = b.node(anchor, "Expand", [b.const("zp_u8", np.array([ZERO], np.uint8)),
+    scale = b.node(anchor, "Reshape", [inv, cache["flat"]], "q_scale")
+    zp = b.node(anchor, "Expand", [cache["zp_1d"],
                                    b.node(anchor, "Shape", [scale], "q_scale_size")], "q_zero_points")
     q = b.node(anchor, "QuantizeLinear", [flat, scale, zp], "quantize_per_channel", axis=0)
     cache[key] = b.node(anchor, "Reshape", [q, b.node(anchor, "Shape", [x], "input_shape")], "unflatten")
@@ -407,7 +407,8 @@ def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.M
     m = ir.serde.deserialize_model(model)
     g = m.graph
     b = _Builder(g)
-    cache = {"zp": b.const("zero_point", np.array(ZERO, np.uint8)), "one": b.const("one", np.array(1.0, np.float32))}
+    cache = {"zp": b.const("zero_point", np.array(ZERO, np.uint8)), "one": b.const("one", np.array(1.0, np.float32)),
+             "zp_1d": b.const("zp_u8", np.array([ZERO], np.uint8)), "flat": b.const("flat", np.array([-1], np.int64))}
     m.opset_imports[MS_DOMAIN] = 1
     layers = [layer for n in list(g) if (layer := match(n)) is not None]
     taken = [la for la in layers
