@@ -5,6 +5,9 @@ path as dq-calibrate, then evaluated against the FP model on the same noise:
 per-step noise MSE/SQNR, image PSNR/SSIM, digit-FID (and class accuracy for default-cond).
 
     python benchmarks/ablation.py --models default default-cond --bits W4A8 --out benchmarks/results/ablation_w4a8
+
+Rerun with the same --out to continue: rows already in ablation.json are kept and skipped, and a
+finished checkpoint is evaluated without calibrating again (other --models/--bits/--variants add rows).
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ VARIANTS = {
 }
 
 
+# settings that change every number: a rerun into the same --out must keep them
+RESULT_SETTINGS = ("sym", "steps", "calib_samples", "iters", "full_qat_factor", "eval_samples", "seed")
+
+
 def calibrate(model: str, bits: str, variant: str, args, out: Path) -> dict:
     ckpt = out / f"{model}_{bits}_{variant.replace(' ', '_').replace('(', '').replace(')', '').replace('+', '')}.q.pt"
     iters = args.iters * args.full_qat_factor if variant == "full-model-qat" else args.iters
@@ -43,11 +50,24 @@ def calibrate(model: str, bits: str, variant: str, args, out: Path) -> dict:
            "--calib-samples", str(args.calib_samples), "--iters", str(iters), "--steps", str(args.steps),
            "--seed", str(args.seed)] + (["--sym"] if args.sym else []) + VARIANTS[variant]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    if not ckpt.is_file():  # q.pt is written atomically at the very end: present means finished
+        subprocess.run(cmd + ["--resume"], check=True)
     ck = load_checkpoint(ckpt)
     s = ck.summary
     return {"checkpoint": str(ckpt), "wall_s": round(time.perf_counter() - start, 1), "calib_wall_s": s["wall_s"],
             "peak_rss_mb": s["peak_rss_mb"], "distill_mode": s["distill"]["mode"], "cmd": " ".join(cmd[1:])}, ck
+
+
+def previous_results(path: Path, settings: dict) -> list[dict]:
+    """Rows of an earlier run into the same folder, if it used the same settings."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    changed = [k for k in RESULT_SETTINGS if old["settings"].get(k) != settings[k]]
+    if changed:
+        raise SystemExit(f"error: {path} was made with other settings ({', '.join(changed)}); "
+                         "pass the same settings or another --out")
+    return old["runs"]
 
 
 def main() -> None:
@@ -65,20 +85,26 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/ablation"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    results = {"settings": vars(a) | {"out": str(a.out)}, "environment": environment(), "runs": []}
+    settings = vars(a) | {"out": str(a.out)}
+    results = {"settings": settings, "environment": environment(), "runs": previous_results(a.out / "ablation.json", settings)}
+    done = {(r["model"], r["bits"], r["variant"]) for r in results["runs"]}
     for model_name in a.models:
+        todo = [(b, v) for b in a.bits for v in a.variants if (model_name, b, v) not in done]
+        if not todo:
+            continue
         model = load_model(model_name)
         guidance = DEFAULT_GUIDANCE if model.is_conditional else 1.0
         fp_images, fp_traj = fp_reference(model, a.eval_samples, a.steps, a.seed + 100, guidance)
-        fp_row = {"model": model_name, "bits": "FP32", "variant": "fp", **digit_scores(fp_images.images, fp_images.labels)}
-        results["runs"].append(fp_row)
-        for bits in a.bits:
-            for variant in a.variants:
-                cal, ck = calibrate(model_name, bits, variant, a, a.out)
-                metrics, _ = compare_to_fp(model, ck.qunet.predictor(), fp_images, fp_traj, a.steps, a.seed + 100, guidance)
-                results["runs"].append({"model": model_name, "bits": bits, "variant": variant, **cal, **metrics})
-                write_json(a.out / "ablation.json", results)
-                print(json.dumps({k: v for k, v in results["runs"][-1].items() if k != "noise_per_step"}), flush=True)
+        if (model_name, "FP32", "fp") not in done:
+            results["runs"].append({"model": model_name, "bits": "FP32", "variant": "fp", "guidance_scale": guidance,
+                                    **digit_scores(fp_images.images, fp_images.labels)})
+        for bits, variant in todo:
+            cal, ck = calibrate(model_name, bits, variant, a, a.out)
+            metrics, _ = compare_to_fp(model, ck.qunet.predictor(), fp_images, fp_traj, a.steps, a.seed + 100, guidance)
+            results["runs"].append({"model": model_name, "bits": bits, "variant": variant, **cal, **metrics})
+            write_json(a.out / "ablation.json", results)
+            write_text(a.out / "ablation.md", markdown(results))
+            print(json.dumps({k: v for k, v in results["runs"][-1].items() if k != "noise_per_step"}), flush=True)
     write_text(a.out / "ablation.md", markdown(results))
 
 

@@ -1,6 +1,7 @@
 """Quality of the embedded FP models (issue 2's acceptance numbers): DDIM samples -> digit metrics.
 
     python benchmarks/fp_quality.py --samples 1000 --steps 50 --out benchmarks/results/fp_quality
+    python benchmarks/fp_quality.py --models default-cond --guidance 1.0 1.2 1.5 --samples 200   # a guidance sweep
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE],
+                   help="classifier-free guidance scale(s) for conditional models; several give one row each")
     p.add_argument("--models", nargs="+", default=["default", "default-cond"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fp_quality"))
@@ -35,16 +37,18 @@ def main() -> None:
     out["real_train_digits"] = digit_scores(digits.train_images[pick], digits.train_labels[pick])
     for name in a.models:
         model = load_model(name)
-        start = time.perf_counter()
-        g = a.guidance if model.is_conditional else 1.0
-        res = sample(model, num_samples=a.samples, steps=a.steps, seed=a.seed, guidance_scale=g)
-        scores = digit_scores(res.images, res.labels)
-        folder = embedded_model_dir(name) if name in EMBEDDED_MODELS else Path(name)
-        scores.update(sampling_s=round(time.perf_counter() - start, 1), guidance_scale=g,
-                      weights_sha256=checkpoint_hash(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-        save_grid(a.out / f"{Path(name).name}_samples.png", res.images[:100])
-        out["models"][name] = scores
-        print(name, {k: v for k, v in scores.items() if k != "class_share"}, flush=True)
+        scales = a.guidance if model.is_conditional else [1.0]
+        for g in scales:
+            start = time.perf_counter()
+            res = sample(model, num_samples=a.samples, steps=a.steps, seed=a.seed, guidance_scale=g)
+            scores = digit_scores(res.images, res.labels)
+            folder = embedded_model_dir(name) if name in EMBEDDED_MODELS else Path(name)
+            scores.update(sampling_s=round(time.perf_counter() - start, 1), guidance_scale=g,
+                          weights_sha256=checkpoint_hash(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+            key = name if len(scales) == 1 else f"{name} guidance {g}"
+            save_grid(a.out / f"{Path(key).name.replace(' ', '_')}_samples.png", res.images[:100])
+            out["models"][key] = scores
+            print(key, {k: v for k, v in scores.items() if k != "class_share"}, flush=True)
     write_json(a.out / "fp_quality.json", out)
     rows = ["| model | samples | guidance | digit-FID | mean confidence | class share min..max | class accuracy |",
             "|---|---|---|---|---|---|---|"]

@@ -83,7 +83,12 @@ def digit_scores(images: torch.Tensor, labels: torch.Tensor | None = None) -> di
         "num_samples": len(images),
     }
     if labels is not None:
-        out["class_accuracy"] = (pred == labels.to(pred.device)).double().mean().item()
+        hit = (pred == labels.to(pred.device)).double()
+        out["class_accuracy"] = hit.mean().item()
+        # per requested class: one class that guidance breaks hides inside a good mean
+        out["class_accuracy_per_class"] = [
+            round(hit[labels == c].mean().item(), 4) if bool((labels == c).any()) else None for c in range(10)
+        ]
     return out
 
 

@@ -53,3 +53,20 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     b = rng.normal(size=(200_000, 2)) * np.array([3.0, 1.0]) + np.array([1.0, 0.0])
     expected = 1.0 + (1 - 3) ** 2 + (2 - 1) ** 2  # |dmu|^2 + sum (sigma_a - sigma_b)^2
     assert frechet_distance(a, b) == pytest.approx(expected, rel=0.03)
+
+
+def test_class_accuracy_per_requested_class():
+    """Held-out digits with every 1 relabelled 7: class 7 loses accuracy, the other classes keep theirs."""
+    from dilatequant.calibrate.digits import load_digits
+    from dilatequant.calibrate.metrics import digit_scores
+
+    d = load_digits()
+    images, labels = d.test_images[::4], d.test_labels[::4].clone()  # 25 of each class
+    true = digit_scores(images, labels)
+    labels[labels == 1] = 7
+    wrong = digit_scores(images, labels)
+    assert wrong["class_accuracy_per_class"][1] is None  # no sample asked for a 1 any more
+    assert wrong["class_accuracy_per_class"][7] < 0.7 < true["class_accuracy_per_class"][7]
+    others = [c for c in range(10) if c not in (1, 7) and true["class_accuracy_per_class"][c] is not None]
+    assert others and all(wrong["class_accuracy_per_class"][c] == true["class_accuracy_per_class"][c] for c in others)
+    assert wrong["class_accuracy"] < true["class_accuracy"]
