@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from .metrics import mse, sqnr_db
 from .models import load_model
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
-from .reporting import ensure_writable_dir, environment
+from .reporting import ensure_writable_dir, environment, peak_rss_mb
 from .sampling import DEFAULT_GUIDANCE, sampling_timesteps
 from .weight_dilation import dilate, dilation_scales, scale_weight, smoothquant_scales
 
@@ -116,10 +115,6 @@ class CalibrationJob:
     guidance_scale: float = DEFAULT_GUIDANCE
     out: Path = Path("q.pt")
     resume: bool = False
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @torch.no_grad()

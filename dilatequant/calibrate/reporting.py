@@ -49,6 +49,24 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, in MiB.
+
+    Linux's getrusage ru_maxrss survives execve, so a subprocess started by a big parent would report
+    the parent's peak; the address space's own high-water mark (VmHWM) starts fresh at exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource  # not on Windows; macOS reports bytes, Linux KiB
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if platform.system() == "Darwin" else 1024), 1)
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create the folder (or check it) up front, so a bad path fails before minutes of work."""
     path = Path(path)

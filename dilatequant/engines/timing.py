@@ -4,7 +4,6 @@ Numbers are only compared when measured in the same process on the same device, 
 """
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 
@@ -56,11 +55,6 @@ def unet_latency(runner: Runner, batch: int, warmup: int = 3, repeats: int = 20,
     args = unet_inputs(runner, batch, cond_len)
     runner.activate()
     return measure(lambda: runner.infer(*args), runner.synchronize, warmup, repeats)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def gpu_memory() -> dict | None:

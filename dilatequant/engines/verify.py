@@ -17,13 +17,13 @@ from ..calibrate.checkpoint import checkpoint_hash, load_checkpoint
 from ..calibrate.evaluation import fp_trajectories
 from ..calibrate.metrics import digit_scores, psnr_db, sqnr_db, ssim
 from ..calibrate.models import DiffusionModel, load_model
-from ..calibrate.reporting import ensure_writable_dir, environment, write_json, write_text
+from ..calibrate.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
 from ..calibrate.sampling import DEFAULT_GUIDANCE, SampleResult, sample, sampling_timesteps
 from ..errors import UserError
 from . import plots
 from .runners import ENGINE_SUFFIXES, OrtRunner, Runner, TensorRTRunner, TorchRunner, fp_model_of
 from .schedule import ScheduleMapper, map_schedule
-from .timing import gpu_memory, peak_rss_mb, unet_latency
+from .timing import gpu_memory, unet_latency
 
 DIGIT_SHAPE = (1, 32, 32)  # digit-FID needs images the shipped digit classifier reads
 

@@ -1,5 +1,7 @@
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -23,3 +25,16 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write_bytes(p, b"new")
     assert p.read_bytes() == b"old" and [f.name for f in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_peak_rss_of_a_subprocess_is_its_own():
+    """Linux keeps ru_maxrss across exec: a calibration started by a 1.5 GB parent must not report 1.5 GB."""
+    parent = (
+        "import subprocess, sys, numpy as np\n"
+        "big = np.ones(1536 * 2**20 // 8)\n"
+        "child = 'from dilatequant.calibrate.reporting import peak_rss_mb; print(peak_rss_mb())'\n"
+        "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    child_peak = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
+                                      check=True).stdout.split()[-1])
+    assert 50 < child_peak < 1000  # the child imports torch (~200-400 MB here), not the parent's 1.5 GB
