@@ -26,7 +26,7 @@ from .unet_spec import TensorSpec, UnetSpec, spec_from_onnx, spec_from_plan
 
 KINDS = ("gpu", "cpu")
 PIPELINE = "pipeline"
-DEFAULT_GUIDANCE = 1.3  # calibrate.sampling.DEFAULT_GUIDANCE (not imported: keeps torch out of this module)
+DEFAULT_GUIDANCE = 1.1  # calibrate.sampling.DEFAULT_GUIDANCE (not imported: keeps torch out of this module)
 
 
 @dataclass
