@@ -30,7 +30,8 @@ from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE
 VARIANTS = {
     "naive-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd", "--act-init", "minmax"],
     "static-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd"],
-    "wd+tpq (no bkd)": ["--no-bkd"],
+    "wd+tpq (no bkd)": ["--no-bkd"],                       # TPQ initialised by MSE search (the default)
+    "wd+tpq percentile-init (no bkd)": ["--no-bkd", "--act-init", "percentile"],
     "no-scaling": ["--scaling", "none"],
     "smoothquant": ["--scaling", "smoothquant"],
     "no-tpq (static scale)": ["--no-tpq"],
