@@ -153,3 +153,11 @@ def test_unconditional_pipeline_config_takes_num_images(tmp_path):
     assert list(cfg.output[0].dims) == [-1, 32, 32, 1] and cfg.output[0].data_type == C.mc.TYPE_UINT8
     assert cfg.parameters["conditional"].string_value == "false" and "NUM_IMAGES" in doc
     assert [t.name for t in pipeline_io(spec)[0]] == ["SEED", "STEPS", "NUM_IMAGES"]
+
+
+def test_pipeline_default_guidance_is_the_samplers():
+    """The repository module keeps its own copy (no torch import); the two must not drift apart."""
+    from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE
+    from dilatequant.engines.triton import repository
+
+    assert repository.DEFAULT_GUIDANCE == DEFAULT_GUIDANCE
