@@ -37,14 +37,14 @@ def main() -> None:
     out["real_train_digits"] = digit_scores(digits.train_images[pick], digits.train_labels[pick])
     for name in a.models:
         model = load_model(name)
+        folder = embedded_model_dir(name) if name in EMBEDDED_MODELS else Path(name)
+        weights_sha256 = checkpoint_hash(folder / "unet" / "diffusion_pytorch_model.safetensors")
         scales = a.guidance if model.is_conditional else [1.0]
         for g in scales:
             start = time.perf_counter()
             res = sample(model, num_samples=a.samples, steps=a.steps, seed=a.seed, guidance_scale=g)
             scores = digit_scores(res.images, res.labels)
-            folder = embedded_model_dir(name) if name in EMBEDDED_MODELS else Path(name)
-            scores.update(sampling_s=round(time.perf_counter() - start, 1), guidance_scale=g,
-                          weights_sha256=checkpoint_hash(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+            scores.update(sampling_s=round(time.perf_counter() - start, 1), guidance_scale=g, weights_sha256=weights_sha256)
             key = name if len(scales) == 1 else f"{name} guidance {g}"
             save_grid(a.out / f"{Path(key).name.replace(' ', '_')}_samples.png", res.images[:100])
             out["models"][key] = scores

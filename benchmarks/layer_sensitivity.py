@@ -18,9 +18,9 @@ import torch
 from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.calibrate.evaluation import compare_to_fp, fp_reference, fp_trajectories
 from dilatequant.calibrate.metrics import sqnr_db
-from dilatequant.calibrate.models import load_model
 from dilatequant.calibrate.reporting import environment, write_json
-from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE
+from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE, fp_predictor
+from dilatequant.engines.runners import fp_model_of
 
 
 def main() -> None:
@@ -31,15 +31,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     ck = load_checkpoint(a.ckpt)
-    q, model, steps = ck.qunet, load_model(ck.source), len(ck.timesteps)  # ck.model holds the quantized UNet
+    q, model, steps = ck.qunet, fp_model_of(ck), len(ck.timesteps)  # ck.model holds the quantized UNet
     guidance = DEFAULT_GUIDANCE if model.is_conditional else 1.0
     traj = fp_trajectories(model, steps, a.seed, guidance, num=8).trajectory
     pick = sorted(set(range(0, steps, 5)) | {steps - 5, steps - 3, steps - 1})
     x, t, ti = (torch.cat([v[i] for i in pick]) for v in (traj.sample, traj.timestep, traj.t_index))
     ehs = None if traj.encoder_hidden_states is None else torch.cat([traj.encoder_hidden_states[i] for i in pick])
+    ref = fp_predictor(model)(x, t, ti, ehs)
     with torch.no_grad():
-        ref = model.unet(x, t, **({} if ehs is None else {"encoder_hidden_states": ehs})).sample
-
         def score() -> float:
             return sqnr_db(q(x, t, ti, ehs), ref)
 

@@ -17,8 +17,8 @@ from .models import DiffusionModel
 
 # Classifier-free guidance scale used by default for conditional models. On 1,000 DDIM-50 samples of the
 # embedded default-cond model: 1.1 -> 94.8% on the requested class (digit-FID 18.0), 1.2 -> 93.5%,
-# 1.3 -> 86.9%, 2.0 -> 25.7%. Its unconditional branch is weak, so stronger guidance extrapolates into its
-# errors; thin classes ('1') break first (benchmarks/results/fp_quality).
+# 1.3 -> 86.9%, 2.0 -> 25.7%; the thin class '1' breaks first (benchmarks/results/fp_quality). Likely
+# cause: a weak unconditional branch that stronger guidance extrapolates into.
 DEFAULT_GUIDANCE = 1.1
 
 # (sample [B,C,H,W], timestep [B] int64, t_index [B] int64, encoder_hidden_states [B,L,D] | None) -> noise [B,C,H,W]
