@@ -8,11 +8,14 @@ per-step noise MSE/SQNR, image PSNR/SSIM, digit-FID (and class accuracy for defa
 
 Rerun with the same --out to continue: rows already in ablation.json are kept and skipped, and a
 finished checkpoint is evaluated without calibrating again (other --models/--bits/--variants add rows).
+Runs side by side may share one --out if they do different rows: each row is merged in under a lock.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import re
 import subprocess
 import sys
 import time
@@ -37,6 +40,9 @@ VARIANTS = {
     "no-tpq (static scale)": ["--no-tpq"],
     "dilatequant": [],
     "full-model-qat": ["--full-qat"],
+    # the UNet input x_t unquantized (conv_in in float): benchmarks/layer_sensitivity.py's finding
+    "dilatequant, float input": ["--float-layers", "conv_in"],
+    "no-scaling, float input": ["--scaling", "none", "--float-layers", "conv_in"],
 }
 
 
@@ -45,7 +51,7 @@ RESULT_SETTINGS = ("sym", "steps", "calib_samples", "iters", "full_qat_factor", 
 
 
 def calibrate(model: str, bits: str, variant: str, args, out: Path) -> dict:
-    ckpt = out / f"{model}_{bits}_{variant.replace(' ', '_').replace('(', '').replace(')', '').replace('+', '')}.q.pt"
+    ckpt = out / f"{model}_{bits}_{re.sub('[()+,]', '', variant).replace(' ', '_')}.q.pt"
     iters = args.iters * args.full_qat_factor if variant == "full-model-qat" else args.iters
     cmd = [sys.executable, "-m", "dilatequant.cli", "calibrate", "--model", model, "--bits", bits, "--out", str(ckpt),
            "--calib-samples", str(args.calib_samples), "--iters", str(iters), "--steps", str(args.steps),
@@ -87,8 +93,7 @@ def main() -> None:
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     settings = vars(a) | {"out": str(a.out)}
-    results = {"settings": settings, "environment": environment(), "runs": previous_results(a.out / "ablation.json", settings)}
-    done = {(r["model"], r["bits"], r["variant"]) for r in results["runs"]}
+    done = {(r["model"], r["bits"], r["variant"]) for r in previous_results(a.out / "ablation.json", settings)}
     for model_name in a.models:
         todo = [(b, v) for b in a.bits for v in a.variants if (model_name, b, v) not in done]
         if not todo:
@@ -97,16 +102,26 @@ def main() -> None:
         guidance = DEFAULT_GUIDANCE if model.is_conditional else 1.0
         fp_images, fp_traj = fp_reference(model, a.eval_samples, a.steps, a.seed + 100, guidance)
         if (model_name, "FP32", "fp") not in done:
-            results["runs"].append({"model": model_name, "bits": "FP32", "variant": "fp", "guidance_scale": guidance,
-                                    **digit_scores(fp_images.images, fp_images.labels)})
+            add_row(a.out, settings, {"model": model_name, "bits": "FP32", "variant": "fp", "guidance_scale": guidance,
+                                      **digit_scores(fp_images.images, fp_images.labels)})
         for bits, variant in todo:
             cal, ck = calibrate(model_name, bits, variant, a, a.out)
             metrics, _ = compare_to_fp(model, ck.qunet.predictor(), fp_images, fp_traj, a.steps, a.seed + 100, guidance)
-            results["runs"].append({"model": model_name, "bits": bits, "variant": variant, **cal, **metrics})
-            write_json(a.out / "ablation.json", results)
-            write_text(a.out / "ablation.md", markdown(results))
-            print(json.dumps({k: v for k, v in results["runs"][-1].items() if k != "noise_per_step"}), flush=True)
-    write_text(a.out / "ablation.md", markdown(results))
+            row = {"model": model_name, "bits": bits, "variant": variant, **cal, **metrics}
+            add_row(a.out, settings, row)
+            print(json.dumps({k: v for k, v in row.items() if k != "noise_per_step"}), flush=True)
+
+
+def add_row(out: Path, settings: dict, row: dict) -> None:
+    """Merge one row into ablation.json (and the table) under a lock, re-reading what other runs wrote."""
+    with open(out / ".ablation.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        key = (row["model"], row["bits"], row["variant"])
+        runs = [r for r in previous_results(out / "ablation.json", settings)
+                if (r["model"], r["bits"], r["variant"]) != key]
+        results = {"settings": settings, "environment": environment(), "runs": runs + [row]}
+        write_json(out / "ablation.json", results)
+        write_text(out / "ablation.md", markdown(results))
 
 
 def markdown(results: dict) -> str:

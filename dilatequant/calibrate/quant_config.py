@@ -23,8 +23,13 @@ class QuantConfig:
     num_steps: int = 50              # T: sampling steps the tables are calibrated for
     attn_matmul: bool = False        # quantize q, k, v and softmax output (per head)
     act_init: str = "mse"            # mse | percentile | minmax
+    # layers left entirely in float (weights and input), e.g. ("conv_in",): x_t itself is the one input whose
+    # 8-bit error the noise prediction amplifies (benchmarks/layer_sensitivity.py); as in Q-Diffusion/BRECQ,
+    # where the network input is never quantized. In the graph they are plain float (FP16) layers.
+    float_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.float_layers = tuple(self.float_layers)  # JSON gives a list
         for name in ("weight_bits", "act_bits") + (("first_last_bits",) if self.first_last_bits else ()):
             if not 2 <= getattr(self, name) <= 8:
                 raise UserError(f"{name} must be in 2..8, got {getattr(self, name)}")

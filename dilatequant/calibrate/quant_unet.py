@@ -215,6 +215,21 @@ def _trace(unet: nn.Module) -> tuple[list[str], dict[str, int], list[str]]:
     return layers, readers, order
 
 
+def _check_float_layers(names: tuple[str, ...], layers: list[str], groups) -> set[str]:
+    """The layers to keep in float; a shared input quantizer (q/k/v) must stay whole, in or out."""
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise UserError(f"float layer(s) {unknown} are not Conv2d/Linear layers of this model; "
+                        f"use names such as {', '.join(layers[:3])}, ... (the module names of the UNet)")
+    chosen = set(names)
+    for group in groups:
+        partial = chosen.intersection(group)
+        if partial and len(partial) != len(group):
+            raise UserError(f"layers {group} read one tensor through one input quantizer; keep all of them "
+                            f"in float or none (got {sorted(partial)})")
+    return chosen
+
+
 class QuantUNet(nn.Module):
     """forward(sample, timestep, t_index, encoder_hidden_states=None) -> noise prediction."""
 
@@ -233,14 +248,19 @@ class QuantUNet(nn.Module):
         for name in layers:
             by_input.setdefault((_unit_of(name, unit_names), readers[name]), []).append(name)
         folds = _fold_patterns(self.unet)
+        float_layers = _check_float_layers(config.float_layers, layers, by_input.values())
         self.groups: list[InputGroup] = []
         for (unit, _), names in by_input.items():
+            if names[0] in float_layers:
+                continue
             key = "+".join(names).replace(".", "/")
             self.groups.append(InputGroup(key, unit, names, folds.get(frozenset(names))))
             self._wrap_group(self.groups[-1], modules)
         if config.attn_matmul:
             self._wrap_attention(modules)
         self.unit_of_layer = {n: g.unit for g in self.groups for n in g.layers}
+        quantized_units = set(self.unit_of_layer.values())
+        self.unit_order = [u for u in self.unit_order if u in quantized_units]  # a float-only unit has nothing to train
 
     def _bits(self, layer: str) -> tuple[int, int]:
         if layer in FIRST_LAST and self.config.first_last_bits:

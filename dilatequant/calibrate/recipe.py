@@ -131,6 +131,7 @@ def run_calibration(job: CalibrationJob) -> dict:
     torch.manual_seed(job.distill.seed)
     ensure_writable_dir(job.out.parent if str(job.out.parent) else Path("."))
     model = load_model(job.model)
+    QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before minutes of sampling
     steps = job.config.num_steps
     data = build_calibration_set(model, job.calib_samples, steps, seed=job.distill.seed,
                                  guidance_scale=job.guidance_scale)

@@ -9,10 +9,11 @@ from dilatequant.calibrate.sampling import sampling_timesteps
 from dilatequant.errors import UserError
 
 
-@pytest.fixture(params=[False, True], ids=["asym", "sym-attn"])
+@pytest.fixture(params=[False, True], ids=["asym-float-input", "sym-attn"])
 def saved(request, cond_model, tmp_path):
     data = build_calibration_set(cond_model, 16, 4, use_cache=False)
-    cfg = QuantConfig(num_steps=4, symmetric=request.param, attn_matmul=request.param)
+    cfg = QuantConfig(num_steps=4, symmetric=request.param, attn_matmul=request.param,
+                      float_layers=() if request.param else ("conv_in",))
     q, _ = prepare(cond_model.unet, cfg, data)
     path = save_checkpoint(tmp_path / "q.pt", q, cond_model, sampling_timesteps(cond_model, 4), "fp-hash", {"k": 1})
     return q, data, path

@@ -31,7 +31,7 @@ def cond_asym(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uncond_sym(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uncond")
-    ck = _checkpoint(tmp, tiny_uncond(), weight_bits=8, act_bits=8, symmetric=True)
+    ck = _checkpoint(tmp, tiny_uncond(), weight_bits=8, act_bits=8, symmetric=True, float_layers=("conv_in",))
     summary = export_and_verify(ck, tmp / "unet.onnx", ExportConfig(), per_step=5)
     return ck, tmp / "unet.onnx", summary
 
@@ -77,6 +77,19 @@ def test_quantized_weights_are_stored_as_integers(cond_asym):
     # float 4-D constants are broadcast vectors [1, C, 1, 1] or zero-point sums [Cout, 1, kh, kw], never a weight
     assert not [i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4
                 and i.dims[0] > 1 and i.dims[1] > 1], "no float copy of a quantized conv weight remains"
+
+
+def test_float_input_layer_is_a_plain_float_conv(uncond_sym, cond_asym):
+    """--float-layers conv_in: the graph input goes straight into a float Conv; with it quantized, through Q/DQ."""
+    for fixture, float_input in ((uncond_sym, True), (cond_asym, False)):
+        m = onnx.load(str(fixture[1]))
+        inits = {i.name: i for i in m.graph.initializer}
+        readers = [n.op_type for n in m.graph.node if "sample" in n.input and n.op_type != "Shape"]
+        if float_input:
+            conv = next(n for n in m.graph.node if "sample" in n.input and n.op_type == "Conv")
+            assert readers == ["Conv"] and inits[conv.input[1]].data_type == onnx.TensorProto.FLOAT
+        else:  # x_t * mult[t_index] -> Clip -> Q/DQ -> Conv (and a Slice for the zero-point correction's shape)
+            assert "Conv" not in readers and "Mul" in readers
 
 
 def test_t_index_selects_the_tables_and_is_clamped(cond_asym):
