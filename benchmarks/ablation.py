@@ -24,23 +24,24 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.evaluation import compare_to_fp, fp_reference
+from dilatequant.calibrate.evaluation import compare_to_fp, fp_reference, mean_mse_before_final
 from dilatequant.calibrate.metrics import digit_scores
 from dilatequant.calibrate.models import load_model
 from dilatequant.calibrate.reporting import environment, write_json, write_text
 from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE
 
+ALL = ["--float-layers", "none"]  # every layer quantized, the UNet input included (the grid's common setting)
 VARIANTS = {
-    "naive-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd", "--act-init", "minmax"],
-    "static-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd"],
-    "wd+tpq (no bkd)": ["--no-bkd"],                       # TPQ initialised by MSE search (the default)
-    "wd+tpq percentile-init (no bkd)": ["--no-bkd", "--act-init", "percentile"],
-    "no-scaling": ["--scaling", "none"],
-    "smoothquant": ["--scaling", "smoothquant"],
-    "no-tpq (static scale)": ["--no-tpq"],
-    "dilatequant": [],
-    "full-model-qat": ["--full-qat"],
-    # the UNet input x_t unquantized (conv_in in float): benchmarks/layer_sensitivity.py's finding
+    "naive-ptq": ALL + ["--scaling", "none", "--no-tpq", "--no-bkd", "--act-init", "minmax"],
+    "static-ptq": ALL + ["--scaling", "none", "--no-tpq", "--no-bkd"],
+    "wd+tpq (no bkd)": ALL + ["--no-bkd"],                 # TPQ initialised by MSE search (the default)
+    "wd+tpq percentile-init (no bkd)": ALL + ["--no-bkd", "--act-init", "percentile"],
+    "no-scaling": ALL + ["--scaling", "none"],
+    "smoothquant": ALL + ["--scaling", "smoothquant"],
+    "no-tpq (static scale)": ALL + ["--no-tpq"],
+    "dilatequant": ALL,
+    "full-model-qat": ALL + ["--full-qat"],
+    # the UNet input x_t unquantized (conv_in in float, dq-calibrate's default): layer_sensitivity.py's finding
     "dilatequant, float input": ["--float-layers", "conv_in"],
     "no-scaling, float input": ["--scaling", "none", "--float-layers", "conv_in"],
 }
@@ -110,30 +111,40 @@ def main() -> None:
             row = {"model": model_name, "bits": bits, "variant": variant, **cal, **metrics}
             add_row(a.out, settings, row)
             print(json.dumps({k: v for k, v in row.items() if k != "noise_per_step"}), flush=True)
+    add_row(a.out, settings, None)
 
 
-def add_row(out: Path, settings: dict, row: dict) -> None:
+def add_row(out: Path, settings: dict, row: dict | None) -> None:
     """Merge one row into ablation.json (and the table) under a lock, re-reading what other runs wrote."""
     with open(out / ".ablation.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = previous_results(out / "ablation.json", settings)
+        if row is None:  # only redraw the table
+            if runs:
+                write_text(out / "ablation.md", markdown(json.loads((out / "ablation.json").read_text())))
+            return
         key = (row["model"], row["bits"], row["variant"])
-        runs = [r for r in previous_results(out / "ablation.json", settings)
-                if (r["model"], r["bits"], r["variant"]) != key]
+        runs = [r for r in runs if (r["model"], r["bits"], r["variant"]) != key]
         results = {"settings": settings, "environment": environment(), "runs": runs + [row]}
         write_json(out / "ablation.json", results)
         write_text(out / "ablation.md", markdown(results))
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | bits | variant | noise MSE | noise SQNR dB | image PSNR dB | SSIM | digit-FID | class acc | "
-             "calib s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | bits | variant | noise MSE | noise MSE, t > 0 | noise SQNR dB | image PSNR dB | SSIM | "
+             "digit-FID | class acc | calib s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
+        if "noise_per_step" in r:  # rows written before the column existed
+            r.setdefault("noise_mean_mse_before_final", mean_mse_before_final(r["noise_per_step"]))
         f = lambda k, fmt: (fmt.format(r[k]) if k in r and r[k] is not None else "-")  # noqa: E731
         lines.append(f"| {r['model']} | {r['bits']} | {r['variant']} | {f('noise_mean_mse', '{:.5f}')} | "
+                     f"{f('noise_mean_mse_before_final', '{:.6f}')} | "
                      f"{f('noise_mean_sqnr_db', '{:.2f}')} | {f('image_psnr_db', '{:.2f}')} | {f('image_ssim', '{:.3f}')} | "
                      f"{f('digit_fid', '{:.2f}')} | {f('class_accuracy', '{:.3f}')} | {f('calib_wall_s', '{:.0f}')} | "
                      f"{f('peak_rss_mb', '{:.0f}')} |")
     s = results["settings"]
+    lines += ["", "noise MSE, t > 0: every step but the last (t = 0), whose noise prediction reaches the image "
+              "multiplied by 0.01 at most (dilatequant.calibrate.evaluation.mean_mse_before_final)."]
     lines += ["", f"Settings: {s['calib_samples']} calibration samples, {s['iters']} BKD iterations per block, "
               f"{s['eval_samples']} evaluation samples, DDIM-{s['steps']}, seed {s['seed']}."]
     return "\n".join(lines) + "\n"

@@ -72,7 +72,8 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--act-init", choices=("mse", "percentile", "minmax"), default=q.act_init)
     p.add_argument("--first-last-bits", type=int, default=q.first_last_bits, help="0: same as the rest")
     p.add_argument("--float-layers", nargs="+", default=list(q.float_layers), metavar="LAYER",
-                   help="layers to leave unquantized, weights and input (e.g. conv_in: the UNet input x_t)")
+                   help="layers left unquantized, weights and input (default: %(default)s, whose input is x_t; "
+                        "'none': quantize every layer)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale of the calibration trajectories")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run at its next unfinished block")
     p.add_argument("--seed", type=int, default=0)
@@ -83,7 +84,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
         config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=a.sym, scaling=a.scaling,
                              smoothquant_alpha=a.smoothquant_alpha, tpq=not a.no_tpq, num_steps=a.steps,
                              attn_matmul=a.attn_matmul, act_init=a.act_init, first_last_bits=a.first_last_bits or None,
-                             float_layers=tuple(a.float_layers))
+                             float_layers=tuple(n for n in a.float_layers if n != "none"))
         distill = DistillConfig(iters=a.iters, batch=a.batch, lr_weight=a.lr_weight, lr_weight_scale=a.lr_quant,
                                 lr_act=a.lr_quant, full_model=a.full_qat, seed=a.seed)
         job = CalibrationJob(model=a.model, config=config, distill=distill, calib_samples=a.calib_samples,

@@ -27,6 +27,10 @@ def test_unwritable_report_path(tmp_path):
 def test_calibrate_bad_bits_and_export_bad_inputs(tmp_path):
     assert_clean_error(run("calibrate", "--bits", "W9A8"), "weight_bits")
     assert_clean_error(run("calibrate", "--bits", "8bit"), "W4A8")
+    # a misspelt layer fails before minutes of calibration sampling, and nothing is written
+    assert_clean_error(run("calibrate", "--float-layers", "conv_inn", "--out", str(tmp_path / "q.pt")),
+                       "['conv_inn'] are not Conv2d/Linear layers")
+    assert not (tmp_path / "q.pt").exists()
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
     assert_clean_error(run("export", "--ckpt", str(tmp_path / "junk.pt"), "--onnx", str(tmp_path / "x.onnx")),
                        "not a readable checkpoint")

@@ -70,3 +70,10 @@ def test_class_accuracy_per_requested_class():
     others = [c for c in range(10) if c not in (1, 7) and true["class_accuracy_per_class"][c] is not None]
     assert others and all(wrong["class_accuracy_per_class"][c] == true["class_accuracy_per_class"][c] for c in others)
     assert wrong["class_accuracy"] < true["class_accuracy"]
+
+
+def test_mean_noise_mse_before_the_final_step():
+    from dilatequant.calibrate.evaluation import mean_mse_before_final
+    rows = [{"mse": 1.0}, {"mse": 3.0}, {"mse": 100.0}]
+    assert mean_mse_before_final(rows) == 2.0
+    assert mean_mse_before_final(rows[:1]) == 1.0  # a one-step schedule has nothing else to average

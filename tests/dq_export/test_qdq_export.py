@@ -23,7 +23,7 @@ def _checkpoint(tmp, model, **cfg):
 @pytest.fixture(scope="module")
 def cond_asym(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cond")
-    ck = _checkpoint(tmp, tiny_cond(), weight_bits=4, act_bits=8, symmetric=False, attn_matmul=True)
+    ck = _checkpoint(tmp, tiny_cond(), weight_bits=4, act_bits=8, symmetric=False, attn_matmul=True, float_layers=())
     summary = export_and_verify(ck, tmp / "unet.onnx", ExportConfig(), per_step=5)
     return ck, tmp / "unet.onnx", summary
 
