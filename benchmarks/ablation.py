@@ -36,6 +36,7 @@ VARIANTS = {
     "static-ptq": ALL + ["--scaling", "none", "--no-tpq", "--no-bkd"],
     "wd+tpq (no bkd)": ALL + ["--no-bkd"],                 # TPQ initialised by MSE search (the default)
     "wd+tpq percentile-init (no bkd)": ALL + ["--no-bkd", "--act-init", "percentile"],
+    "tpq (no scaling, no bkd)": ALL + ["--scaling", "none", "--no-bkd"],  # WD's effect before BKD
     "no-scaling": ALL + ["--scaling", "none"],
     "smoothquant": ALL + ["--scaling", "smoothquant"],
     "no-tpq (static scale)": ALL + ["--no-tpq"],

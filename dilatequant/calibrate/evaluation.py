@@ -29,9 +29,9 @@ def per_step_noise_error(model: DiffusionModel, predict: NoisePredictor, referen
 def mean_mse_before_final(per_step: list[dict]) -> float:
     """Mean noise MSE over every step but the last.
 
-    The last DDIM step (t = 0) carries most of a plain mean (its noise is nearly unpredictable: 7 dB SQNR
-    at W4A8 on `default`, 20-37 dB elsewhere), yet its prediction reaches the image multiplied by
-    sqrt((1 - abar_0) / abar_0) = 0.01 at most, so it says little about image quality; both are reported.
+    The last DDIM step (t = 0) carries most of a plain mean (the noise left in x_0 is nearly unpredictable,
+    so its error dwarfs every other step's), yet its prediction reaches the image multiplied by
+    sqrt((1 - abar_0) / abar_0) = 0.01 at most: it says little about image quality. Both are reported.
     """
     rows = per_step[:-1] if len(per_step) > 1 else per_step
     return sum(r["mse"] for r in rows) / len(rows)
