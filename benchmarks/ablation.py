@@ -134,7 +134,11 @@ def add_row(out: Path, settings: dict, row: dict | None) -> None:
 def markdown(results: dict) -> str:
     lines = ["| model | bits | variant | noise MSE | noise MSE, t > 0 | noise SQNR dB | image PSNR dB | SSIM | "
              "digit-FID | class acc | calib s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["runs"]:
+    variant_order = ["fp"] + list(VARIANTS)
+    ordered = sorted(results["runs"], key=lambda r: (r["model"], r["bits"] != "FP32", r["bits"] == "W4A4", r["bits"],
+                                                     variant_order.index(r["variant"]) if r["variant"] in variant_order
+                                                     else len(variant_order)))
+    for r in ordered:
         if "noise_per_step" in r:  # rows written before the column existed
             r.setdefault("noise_mean_mse_before_final", mean_mse_before_final(r["noise_per_step"]))
         f = lambda k, fmt: (fmt.format(r[k]) if k in r and r[k] is not None else "-")  # noqa: E731
