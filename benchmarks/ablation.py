@@ -139,8 +139,8 @@ def markdown(results: dict) -> str:
                                                      variant_order.index(r["variant"]) if r["variant"] in variant_order
                                                      else len(variant_order)))
     for r in ordered:
-        if "noise_per_step" in r:  # rows written before the column existed
-            r.setdefault("noise_mean_mse_before_final", mean_mse_before_final(r["noise_per_step"]))
+        if "noise_per_step" in r and "noise_mean_mse_before_final" not in r:  # rows written before the column
+            r = dict(r, noise_mean_mse_before_final=mean_mse_before_final(r["noise_per_step"]))
         f = lambda k, fmt: (fmt.format(r[k]) if k in r and r[k] is not None else "-")  # noqa: E731
         lines.append(f"| {r['model']} | {r['bits']} | {r['variant']} | {f('noise_mean_mse', '{:.5f}')} | "
                      f"{f('noise_mean_mse_before_final', '{:.6f}')} | "

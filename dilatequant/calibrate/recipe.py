@@ -91,9 +91,9 @@ def init_quantizers(qunet: QuantUNet, data: CalibrationSet, batch: int = 64) -> 
     qunet.set_quant(weights=True, acts="quant")
 
 
-def prepare(unet: torch.nn.Module, config: QuantConfig, data: CalibrationSet) -> tuple[QuantUNet, dict]:
-    """A calibrated-but-untrained fake-quant model (this alone is the PTQ baselines)."""
-    qunet = QuantUNet(unet, config)
+def prepare(unet: torch.nn.Module | QuantUNet, config: QuantConfig, data: CalibrationSet) -> tuple[QuantUNet, dict]:
+    """A calibrated-but-untrained fake-quant model (this alone is the PTQ baselines); takes a fresh QuantUNet too."""
+    qunet = unet if isinstance(unet, QuantUNet) else QuantUNet(unet, config)
     info = apply_scaling(qunet, data)
     init_quantizers(qunet, data)
     return qunet, info
@@ -131,14 +131,14 @@ def run_calibration(job: CalibrationJob) -> dict:
     torch.manual_seed(job.distill.seed)
     ensure_writable_dir(job.out.parent if str(job.out.parent) else Path("."))
     model = load_model(job.model)
-    QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before minutes of sampling
+    qunet = QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before sampling
     steps = job.config.num_steps
     data = build_calibration_set(model, job.calib_samples, steps, seed=job.distill.seed,
                                  guidance_scale=job.guidance_scale)
     val = build_calibration_set(model, max(steps, 100), steps, seed=job.distill.seed + 1000,
                                 guidance_scale=job.guidance_scale)
     fingerprint = model_fingerprint(model)
-    qunet, scaling = prepare(model.unet, job.config, data)
+    qunet, scaling = prepare(qunet, job.config, data)
     before = noise_error(qunet, model.unet, val)
     distilled = {"mode": "none (PTQ)"}
     progress = Path(f"{job.out}.progress")
