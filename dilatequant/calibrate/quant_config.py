@@ -25,8 +25,8 @@ class QuantConfig:
     act_init: str = "mse"            # mse | percentile | minmax
     # layers left entirely in float (weights and input). conv_in's input is x_t itself, the one tensor whose
     # 8-bit error the noise prediction amplifies (benchmarks/layer_sensitivity.py: 6.3 dB of noise SQNR at W8A8
-    # on `default`); as in BRECQ/Q-Diffusion the network input stays unquantized. A 3x3 conv from the image
-    # channels: a plain float (FP16) Conv in the graph, a negligible share of the UNet's FLOPs.
+    # on `default`; README "DilateQuant against its baselines"). A 3x3 conv from the image channels: a plain
+    # float (FP16) Conv in the graph, a negligible share of the UNet's FLOPs.
     float_layers: tuple[str, ...] = ("conv_in",)
 
     def __post_init__(self) -> None:
@@ -68,7 +68,7 @@ class QuantConfig:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
-        data.setdefault("float_layers", [])  # written before the option existed: every layer quantized
         if unknown:
             raise UserError(f"quantization config has unknown fields {sorted(unknown)}; was q.pt written by a newer version?")
+        data.setdefault("float_layers", [])  # written before the option existed: every layer quantized
         return cls(**data)

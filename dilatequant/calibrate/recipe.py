@@ -91,12 +91,17 @@ def init_quantizers(qunet: QuantUNet, data: CalibrationSet, batch: int = 64) -> 
     qunet.set_quant(weights=True, acts="quant")
 
 
-def prepare(unet: torch.nn.Module | QuantUNet, config: QuantConfig, data: CalibrationSet) -> tuple[QuantUNet, dict]:
-    """A calibrated-but-untrained fake-quant model (this alone is the PTQ baselines); takes a fresh QuantUNet too."""
-    qunet = unet if isinstance(unet, QuantUNet) else QuantUNet(unet, config)
+def init_ptq(qunet: QuantUNet, data: CalibrationSet) -> dict:
+    """Scaling (WD / SmoothQuant) and quantizer initialisation of a fresh QuantUNet: the PTQ baselines alone."""
     info = apply_scaling(qunet, data)
     init_quantizers(qunet, data)
-    return qunet, info
+    return info
+
+
+def prepare(unet: torch.nn.Module, config: QuantConfig, data: CalibrationSet) -> tuple[QuantUNet, dict]:
+    """A calibrated-but-untrained fake-quant model."""
+    qunet = QuantUNet(unet, config)
+    return qunet, init_ptq(qunet, data)
 
 
 def run_fingerprint(source_fingerprint: str, config: QuantConfig, distill_cfg: DistillConfig, data_key: str) -> str:
@@ -138,7 +143,7 @@ def run_calibration(job: CalibrationJob) -> dict:
     val = build_calibration_set(model, max(steps, 100), steps, seed=job.distill.seed + 1000,
                                 guidance_scale=job.guidance_scale)
     fingerprint = model_fingerprint(model)
-    qunet, scaling = prepare(qunet, job.config, data)
+    scaling = init_ptq(qunet, data)
     before = noise_error(qunet, model.unet, val)
     distilled = {"mode": "none (PTQ)"}
     progress = Path(f"{job.out}.progress")
