@@ -19,7 +19,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate.quant_unet import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantUNet
+from ..calibrate.quant_unet import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear, QuantUNet
 from ..calibrate.timestep_quantizer import TimestepActQuantizer
 
 qd = torch.ops.quantized_decomposed
@@ -134,6 +134,54 @@ class DeployLayer(nn.Module):
         return y if self.bias is None else y + self.bias.view(self.out_shape)
 
 
+class W4A16Layer(nn.Module):
+    """A 4-bit QuantLinear as TensorRT runs INT4: weight-only, the activation stays float (W4A16).
+
+    TensorRT's INT4 GEMMs take a float activation; an INT8 Q/DQ in front of one has no kernel (deployment.md).
+    The graph is x * (1/s) -> MatMul(DQ(W_int [in, out], w_scale, axis 1)) + bias, whose DQ the INT4 pass
+    (graph_passes.int4_weights) turns into INT4 blocks; the PyTorch reference for it is the same layer with its
+    input quantizer off (`w4a16_reference`).
+    """
+
+    def __init__(self, layer: QuantLayer, inv_scale: torch.Tensor | None) -> None:
+        super().__init__()
+        wq = layer.weight_quantizer
+        self.register_buffer("w_int", wq.integer_weight(layer.weight.detach()).t().contiguous().to(torch.int8))
+        self.register_buffer("w_scale", wq.scale.detach().clone())
+        self.register_buffer("inv_scale", inv_scale)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inv_scale is not None:
+            x = x * self.inv_scale
+        zero = torch.zeros_like(self.w_scale, dtype=torch.int64)
+        w = qd.dequantize_per_channel(self.w_int, self.w_scale, zero, 1, -8, 7, torch.int8)
+        y = torch.matmul(x, w)
+        return y if self.bias is None else y + self.bias
+
+
+def int4_layers(qunet: QuantUNet, block: int) -> list[str]:
+    """Layers `--precision int4` runs as weight-only INT4 GEMMs: 4-bit linear weights whose K splits into blocks.
+
+    A whole input group or none of it (q/k/v share one input): its quantizer is switched off in the reference.
+    """
+    layers = qunet.layers()
+    out = []
+    for g in qunet.groups:
+        members = [layers[n] for n in g.layers]
+        if all(isinstance(m, QuantLinear) and m.weight_quantizer.bits <= 4 and m.weight.shape[1] % block == 0
+               for m in members):
+            out += g.layers
+    return out
+
+
+def w4a16_reference(qunet: QuantUNet, names: list[str]) -> None:
+    """Configure the fake-quant model as the INT4 graph runs: those layers' input quantizers pass x through."""
+    layers = qunet.layers()
+    for name in names:
+        layers[name].input_quantizer.mode = "off"
+
+
 class DeployAttnProcessor(QuantAttnProcessor):
     """q, k, v and softmax output through unit-scale Q/DQ; step sizes multiplied back before the matmuls."""
 
@@ -160,8 +208,12 @@ class ExportContext:
         self.t_index: torch.Tensor | None = None
 
 
-def deploy_unet(qunet: QuantUNet, static: bool = False) -> tuple[nn.Module, ExportContext]:
-    """A copy of qunet.unet with every quantized layer in deployment form (shared tables per input)."""
+def deploy_unet(qunet: QuantUNet, static: bool = False,
+                w4a16: tuple[str, ...] = ()) -> tuple[nn.Module, ExportContext]:
+    """A copy of qunet.unet with every quantized layer in deployment form (shared tables per input).
+
+    w4a16: layers exported weight-only (float activation; `int4_layers` for `--precision int4`).
+    """
     import copy
 
     ctx = ExportContext()
@@ -171,7 +223,12 @@ def deploy_unet(qunet: QuantUNet, static: bool = False) -> tuple[nn.Module, Expo
     for group in qunet.groups:
         for name in group.layers:
             parent, _, attr = name.rpartition(".")
-            setattr(layers[parent] if parent else unet, attr, DeployLayer(layers[name], tables[group.key], ctx))
+            if name in w4a16:
+                inv = qunet.act_quantizers[group.key].inv_scale.detach()
+                deployed = W4A16Layer(layers[name], inv.clone() if inv.numel() else None)
+            else:
+                deployed = DeployLayer(layers[name], tables[group.key], ctx)
+            setattr(layers[parent] if parent else unet, attr, deployed)
     if qunet.config.attn_matmul:
         from diffusers.models.attention_processor import Attention
 

@@ -9,7 +9,9 @@ import torch
 
 from ..calibrate.checkpoint import QuantCheckpoint
 from ..calibrate.metrics import sqnr_db
-from ..calibrate.sampling import DEFAULT_GUIDANCE, sample
+from ..calibrate.calibration_data import condition_of
+from ..calibrate.conditioning import map_condition
+from ..calibrate.sampling import default_guidance, sample
 
 # ORT 1.32 rejects some opset-21 QDQ graphs in this pass ("output_dtype INT8 does not match y_zero_point");
 # it also moves Q/DQ around, which a parity proof does not want.
@@ -18,23 +20,33 @@ ORT_DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 PARITY_DB = 50.0
 
 
+# ORT fuses DQ(INT4 blocks) -> MatMul into MatMulNBits, whose CPU kernel by default quantizes the float activation
+# to int8 blocks (accuracy level 4): not what TensorRT's W4A16 computes. Level 0 keeps it float.
+ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
 def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
+    return ort_session_from_bytes(str(path), threads)
+
+
+def ort_session_from_bytes(model: str | bytes, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session on a path or serialized model, with the options every parity check uses."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+    for k, v in ORT_SESSION_CONFIG.items():
+        so.add_session_config_entry(k, v)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
 
 
 def parity_inputs(ck: QuantCheckpoint, per_step: int = 2, seed: int = 1234) -> dict[str, torch.Tensor]:
     """per_step UNet inputs at every t_index, from trajectories of the fake-quant model itself."""
     traj = sample(ck.model, ck.qunet.predictor(), num_samples=per_step, steps=len(ck.timesteps), seed=seed,
-                  guidance_scale=DEFAULT_GUIDANCE if ck.model.is_conditional else 1.0, return_trajectory=True,
-                  progress=False).trajectory
+                  guidance_scale=default_guidance(ck.model), return_trajectory=True, progress=False).trajectory
     flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731  [steps, B, ...] -> [steps*B, ...]
     out = {"sample": flat(traj.sample), "timestep": flat(traj.timestep), "t_index": flat(traj.t_index)}
-    if traj.encoder_hidden_states is not None:
-        out["encoder_hidden_states"] = flat(traj.encoder_hidden_states)
+    out.update(map_condition(traj.cond, flat) or {})
     return out
 
 
@@ -54,8 +66,8 @@ def run_torch(ck: QuantCheckpoint, inputs: dict[str, torch.Tensor], batch: int =
     outs = []
     for s in range(0, n, batch):
         sl = slice(s, s + batch)
-        ehs = inputs["encoder_hidden_states"][sl] if "encoder_hidden_states" in inputs else None
-        outs.append(ck.qunet(inputs["sample"][sl], inputs["timestep"][sl], inputs["t_index"][sl], ehs))
+        cond = map_condition(condition_of(inputs), lambda v: v[sl])
+        outs.append(ck.qunet(inputs["sample"][sl], inputs["timestep"][sl], inputs["t_index"][sl], cond))
     return torch.cat(outs)
 
 
