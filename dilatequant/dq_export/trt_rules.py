@@ -1,22 +1,30 @@
 """TensorRT explicit-quantization rules, checked on the ONNX graph before any engine build.
 
 Each rule names the node and what to change; `check_graph` returns every violation so one run shows
-them all. These are the rules TensorRT 11 enforces (deployment.md) plus strong typing.
+them all. These are the rules TensorRT 11 enforces (deployment.md) plus strong typing. The Q/DQ rules
+follow what onnx-tensorrt's QuantDequantLinearHelper does, where it differs from ONNX: without a zero
+point it quantizes to INT8 (ONNX: UINT8), it infers blocks from the scale's shape and needs them to
+divide the weight exactly (ONNX rounds up), and a 1-D scale must have one value per channel of `axis`,
+whose ONNX default is 1 (the input channels of a Conv weight, not its output channels).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..errors import UserError
+from .onnx_files import load_model, tensor_array, without_weights
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 FORBIDDEN = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
-OPSET_RANGE = (13, 22)
+OPSET_RANGE = (13, 25)  # opset 13 brings per-channel Q/DQ (axis); TensorRT 11's ONNX parser reads up to 25
+INTEGER_QUANT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT4}  # what TensorRT quantizes to on a GPU
+FOUR_BIT_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+CHANNEL_OPS = ("Conv", "Gemm", "MatMul")  # ops whose constant weight may carry a per-channel scale
 # inputs whose float type legitimately differs from the data input (ONNX typing, not precision)
 MIXED_TYPE_INPUTS = {"Resize": {1, 2}, "DequantizeLinear": {0, 1, 2}, "QuantizeLinear": {2}, "Cast": set(),
                      "CastLike": {1}, "ConstantOfShape": set()}
@@ -40,18 +48,38 @@ class TrtRuleError(UserError):
         super().__init__(f"graph breaks TensorRT rules: {shown}{more}")
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    out[n.output[0]] = numpy_helper.to_array(a.t)
-    return out
+class _Constants(Mapping):
+    """Initializer and Constant values by name, read on first use: the rules look at scales and zero points,
+    so the weights of a multi-GB graph (in its external-data file, beside the graph in base_dir) stay on disk."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str | Path | None) -> None:
+        self._tensors = {i.name: i for i in model.graph.initializer}
+        for n in model.graph.node:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value":
+                        self._tensors[n.output[0]] = a.t
+        self._base_dir, self._values = base_dir, {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._values:
+            self._values[name] = tensor_array(self._tensors[name], self._base_dir)
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def _constants(model: onnx.ModelProto, base_dir: str | Path | None = None) -> Mapping[str, np.ndarray]:
+    return _Constants(model, base_dir)
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    # inferred on a weightless copy: shape inference serializes the model, which fails past 2 GiB
+    inferred = onnx.shape_inference.infer_shapes(without_weights(model), strict_mode=False)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
     types.update({i.name: i.data_type for i in g.initializer})
@@ -65,12 +93,14 @@ def _attr(node: onnx.NodeProto, name: str):
     return None
 
 
-def check_graph(model: onnx.ModelProto) -> list[Violation]:
+def check_graph(model: onnx.ModelProto, base_dir: str | Path | None = None) -> list[Violation]:
+    """Every violation in `model`; base_dir is the graph's folder when its tensors are in external data."""
     v: list[Violation] = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         v.append(Violation("opset", "<model>", f"opset {opset} is outside TensorRT 11's supported {OPSET_RANGE}"))
-    consts, types = _constants(model), _types(model)
+    consts, types = _constants(model, base_dir), _types(model)
+    graph_outputs = {o.name for o in model.graph.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -82,6 +112,9 @@ def check_graph(model: onnx.ModelProto) -> list[Violation]:
                                "the float op instead"))
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             v += _check_qdq(n, name, consts, types, consumers, opset)
+            v += _check_zero_point(n, name, consts, types)
+        if n.op_type == "QuantizeLinear":
+            v += _check_q_feeds_dq(n, name, consumers, graph_outputs)
         v += _check_dtypes(n, name, types)
     return v
 
@@ -97,12 +130,6 @@ def _check_qdq(n, name, consts, types, consumers, opset) -> list[Violation]:
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
         v.append(Violation("positive-scale", name, f"scale '{scale_name}' has values <= 0 or non-finite "
                            f"(min {scale.min() if scale.size else 'n/a'})"))
-    if len(n.input) > 2 and n.input[2]:
-        if n.input[2] not in consts:
-            v.append(Violation("zero-point", name, "zero point is not a constant"))
-        elif np.any(consts[n.input[2]].astype(np.int64) != 0):
-            v.append(Violation("zero-point", name, "zero point is not 0; TensorRT supports symmetric quantization "
-                               "only (shift asymmetric levels before Q instead)"))
     per_channel = scale.size > 1
     block = _attr(n, "block_size") or 0
     if per_channel:
@@ -112,6 +139,9 @@ def _check_qdq(n, name, consts, types, consumers, opset) -> list[Violation]:
         if n.op_type == "QuantizeLinear" or n.input[0] not in consts:
             v.append(Violation("per-tensor-activations", name, "per-channel scale on a runtime tensor; "
                                "activations must be per-tensor, per-channel only on constant weights"))
+    w = consts.get(n.input[0])
+    if n.op_type == "DequantizeLinear" and w is not None and per_channel:
+        v += _check_blocks(n, name, w, scale, block) if block else _check_channels(n, name, w, scale, consumers)
     data_type = types.get(n.input[0])
     if n.op_type == "DequantizeLinear" and data_type == onnx.TensorProto.INT4:
         users = consumers.get(n.output[0], [])
@@ -119,17 +149,121 @@ def _check_qdq(n, name, consts, types, consumers, opset) -> list[Violation]:
             v.append(Violation("int4", name, "INT4 needs opset 21"))
         if not users or any(u.op_type not in ("MatMul", "Gemm") for u in users):
             v.append(Violation("int4", name, "INT4 weights may only feed MatMul/Gemm (weight-only INT4)"))
-        w = consts.get(n.input[0])
         if not block or block <= 0:
             v.append(Violation("int4", name, "INT4 weights need block quantization (block_size > 0)"))
-        elif w is not None and scale.ndim == w.ndim:
-            axis = _attr(n, "axis") or 0
-            if -(-w.shape[axis] // block) != scale.shape[axis]:
-                v.append(Violation("int4", name, f"block_size {block} does not match scale shape {scale.shape} "
-                                   f"for weight {w.shape}"))
+    if n.op_type == "DequantizeLinear" and data_type in FOUR_BIT_TYPES and w is not None and w.ndim:
+        if w.shape[-1] % 2:
+            v.append(Violation("int4-even", name, f"4-bit weight {list(w.shape)} has an odd last dimension; "
+                               "TensorRT packs two 4-bit values per byte: pad the last dimension to an even size"))
     if n.op_type == "QuantizeLinear" and data_type in FLOAT_TYPES and types.get(scale_name) not in (None, data_type):
         v.append(Violation("strong-typing", name, "Q input and scale have different float types"))
     return v
+
+
+def _channel_axis(n, consumers, w) -> tuple[int, str] | None:
+    """The axis a per-channel weight scale must use for the op reading this DQ (Conv [Cout,Cin,kh,kw]: 0; Gemm B:
+    0 with transB=1, else 1; MatMul [in, out] initializer: its last axis), or None when no single rule applies."""
+    expected = set()
+    for u in consumers.get(n.output[0], []):
+        if u.op_type not in CHANNEL_OPS or len(u.input) < 2 or u.input[1] != n.output[0]:
+            return None
+        if u.op_type == "Conv":
+            expected.add((0, "Conv weight [Cout, Cin, kh, kw]: output channels are axis 0"))
+        elif u.op_type == "Gemm":
+            trans_b = bool(_attr(u, "transB") or 0)
+            expected.add((0, "Gemm with transB=1 (nn.Linear [out, in]): axis 0") if trans_b
+                         else (1, "Gemm with transB=0 ([in, out]): axis 1"))
+        else:
+            expected.add((w.ndim - 1, f"MatMul weight [in, out]: output channels are axis {w.ndim - 1}"))
+    return expected.pop() if len(expected) == 1 else None
+
+
+def _check_channels(n, name, w, scale, consumers) -> list[Violation]:
+    """A per-channel (not blocked) weight scale: 1-D, on the consumer's output-channel axis, one value per channel."""
+    v = []
+    explicit = _attr(n, "axis")
+    axis = 1 if explicit is None else int(explicit)  # ONNX's default axis is 1
+    axis = axis + w.ndim if axis < 0 else axis
+    want = _channel_axis(n, consumers, w)
+    if want is not None and axis != want[0]:
+        if explicit is None:
+            v.append(Violation("default-axis", name, f"per-channel DequantizeLinear without an axis uses ONNX's default "
+                               f"axis 1, but {want[1]}; set axis={want[0]}"))
+        else:
+            v.append(Violation("channel-axis", name, f"per-channel axis {explicit}, but {want[1]}; set axis={want[0]}"))
+    if scale.ndim != 1 or not 0 <= axis < w.ndim or scale.size != w.shape[axis]:
+        dim = w.shape[axis] if 0 <= axis < w.ndim else "n/a"
+        v.append(Violation("scale-length", name, f"per-channel scale of shape {list(scale.shape)} for weight "
+                           f"{list(w.shape)} on axis {axis} ({dim} channels): give a 1-D scale with one value per channel"))
+    return v
+
+
+def _check_blocks(n, name, w, scale, block) -> list[Violation]:
+    """Block quantization as TensorRT reads it: the scale has the weight's rank, exactly one axis (the last or the
+    second-to-last) is blocked, and the block size divides that axis (ONNX would round the last block up)."""
+    v = []
+    if scale.ndim != w.ndim:
+        return [Violation("block-scale-rank", name, f"block scale of rank {scale.ndim} {list(scale.shape)} for weight "
+                          f"{list(w.shape)} of rank {w.ndim}; give the scale the weight's rank")]
+    axis = _attr(n, "axis")
+    axis = 1 if axis is None else int(axis)
+    axis = axis + w.ndim if axis < 0 else axis
+    if axis not in (w.ndim - 1, w.ndim - 2) or axis < 0:
+        v.append(Violation("block-axis", name, f"blocks along axis {axis} of weight {list(w.shape)}; TensorRT blocks "
+                           "only the last or second-to-last axis"))
+        return v
+    if w.shape[axis] % block:
+        v.append(Violation("block-size", name, f"block_size {block} does not divide dimension {axis} of weight "
+                           f"{list(w.shape)} ({w.shape[axis]}); TensorRT needs whole blocks: choose a divisor"))
+        return v
+    want = tuple(w.shape[a] // block if a == axis else w.shape[a] for a in range(w.ndim))
+    if tuple(scale.shape) != want:
+        v.append(Violation("block-scale-shape", name, f"block scale {list(scale.shape)} for weight {list(w.shape)} "
+                           f"with block_size {block} on axis {axis}; expected {list(want)}"))
+    return v
+
+
+def _check_zero_point(n, name, consts, types) -> list[Violation]:
+    """A zero point, constant, 0, of the integer type that TensorRT and ONNX both read the same way.
+
+    Without one, ONNX's QuantizeLinear makes UINT8 (levels 0..255) while TensorRT makes INT8 (-128..127). A
+    DequantizeLinear of a constant integer weight is exempt: its input's type says what ONNX and TensorRT read.
+    """
+    zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    if zp_name is None:
+        weight = n.op_type == "DequantizeLinear" and n.input[0] in consts and types.get(n.input[0]) in INTEGER_QUANT_TYPES
+        if weight:
+            return []
+        what = ("ONNX then quantizes to UINT8 (0..255) but TensorRT to INT8 (-128..127)" if n.op_type == "QuantizeLinear"
+                else "ONNX then reads UINT8 levels but TensorRT INT8")
+        return [Violation("zero-point-missing", name, f"no zero point: {what}; give an INT8 zero point of 0")]
+    if zp_name not in consts:
+        return [Violation("zero-point", name, "zero point is not a constant")]
+    v = []
+    zp_type = types.get(zp_name)
+    want = _attr(n, "output_dtype") if n.op_type == "QuantizeLinear" else types.get(n.input[0])
+    if zp_type not in INTEGER_QUANT_TYPES:
+        zt = onnx.TensorProto.DataType.Name(zp_type) if zp_type else "unknown"
+        v.append(Violation("zero-point-type", name, f"zero point of type {zt}; TensorRT quantizes to INT8 or INT4 "
+                           "(a UINT8 zero point is read as INT8 on a GPU): give an INT8 zero point of 0"))
+    elif want and zp_type != want:
+        v.append(Violation("zero-point-type", name, f"zero point of type {onnx.TensorProto.DataType.Name(zp_type)} "
+                           f"but the quantized type is {onnx.TensorProto.DataType.Name(want)}; make them the same"))
+    if np.any(consts[zp_name].astype(np.int64) != 0):
+        v.append(Violation("zero-point", name, "zero point is not 0; TensorRT supports symmetric quantization "
+                           "only (shift asymmetric levels before Q instead)"))
+    return v
+
+
+def _check_q_feeds_dq(n, name, consumers, graph_outputs) -> list[Violation]:
+    """TensorRT fuses a Q only into the DQ that follows it; any other reader would get integer levels."""
+    others = sorted({u.name or u.op_type for u in consumers.get(n.output[0], []) if u.op_type != "DequantizeLinear"})
+    if n.output[0] in graph_outputs:
+        others.append("<graph output>")
+    if others:
+        return [Violation("q-feeds-dq", name, f"QuantizeLinear output is read by {', '.join(others)}; a Q may feed "
+                          "only DequantizeLinear nodes")]
+    return []
 
 
 def _check_dtypes(n, name, types) -> list[Violation]:
@@ -143,11 +277,8 @@ def _check_dtypes(n, name, types) -> list[Violation]:
 
 
 def check_file(path: str | Path) -> list[Violation]:
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise UserError(f"'{path}' is not a readable ONNX model ({err})") from err
-    return check_graph(model)
+    """The graph's structure only; the few constants the rules read come from its external data on demand."""
+    return check_graph(load_model(path, with_data=False), Path(path).parent)
 
 
 def enforce(model_or_path) -> None:
