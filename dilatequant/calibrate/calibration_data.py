@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UserError
+from .conditioning import COND_NAMES, Condition, map_condition
 from .models import DiffusionModel
 from .reporting import atomic_write_bytes
 from .sampling import DEFAULT_GUIDANCE, sample
@@ -23,15 +24,19 @@ class CalibrationSet:
     sample: torch.Tensor            # [N, C, H, W]
     timestep: torch.Tensor          # [N]
     t_index: torch.Tensor           # [N]
-    encoder_hidden_states: torch.Tensor | None  # [N, L, D]
+    cond: Condition | None          # encoder_hidden_states [N, L, D] (+ SDXL text_embeds, time_ids)
 
     def __len__(self) -> int:
         return len(self.t_index)
 
+    @property
+    def encoder_hidden_states(self) -> torch.Tensor | None:
+        return None if self.cond is None else self.cond.get("encoder_hidden_states")
+
     def inputs(self, idx: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """One flat dict of UNet inputs: sample, timestep, t_index and the condition's named tensors."""
         out = {"sample": self.sample[idx], "timestep": self.timestep[idx], "t_index": self.t_index[idx]}
-        if self.encoder_hidden_states is not None:
-            out["encoder_hidden_states"] = self.encoder_hidden_states[idx]
+        out.update(map_condition(self.cond, lambda v: v[idx]) or {})
         return out
 
     def chunks(self, batch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -48,12 +53,20 @@ class CalibrationSet:
     @staticmethod
     def load(path: Path) -> "CalibrationSet":
         d = torch.load(path, weights_only=True)
-        return CalibrationSet(d["sample"], d["timestep"], d["t_index"], d.get("encoder_hidden_states"))
+        return CalibrationSet(d["sample"], d["timestep"], d["t_index"], condition_of(d))
+
+
+def condition_of(inputs: dict) -> Condition | None:
+    """The condition part of a flat UNet-input dict."""
+    return {k: inputs[k] for k in COND_NAMES if k in inputs} or None
 
 
 def model_fingerprint(model: DiffusionModel) -> str:
     h = hashlib.sha256()
     modules = [model.unet] + ([model.class_encoder] if model.class_encoder is not None else [])
+    if model.pipeline is not None:  # the text encoders decide the conditions the UNet is calibrated on
+        modules += [m for m in (getattr(model.pipeline, "text_encoder", None),
+                                getattr(model.pipeline, "text_encoder_2", None)) if m is not None]
     for m in modules:
         for k, v in m.state_dict().items():
             h.update(k.encode())
@@ -69,7 +82,13 @@ def build_calibration_set(model: DiffusionModel, num_samples: int, steps: int, s
                           guidance_scale: float = DEFAULT_GUIDANCE, use_cache: bool = True) -> CalibrationSet:
     """num_samples UNet inputs, an equal share from every one of the `steps` steps (stratified uniform)."""
     guidance = guidance_scale if model.is_conditional else 1.0
-    key = hashlib.sha256(f"{model_fingerprint(model)}|{num_samples}|{steps}|{seed}|{guidance}".encode()).hexdigest()[:20]
+    setting = f"{model_fingerprint(model)}|{num_samples}|{steps}|{seed}|{guidance}"
+    if model.is_text_conditioned:
+        if model.prompt_bank is None:
+            raise UserError("a text-conditioned model needs calibration prompts (dq-calibrate --prompts FILE)")
+        bank = model.prompt_bank
+        setting += f"|{model.sample_shape}|{bank.prompts}|{bank.negative_prompt}"
+    key = hashlib.sha256(setting.encode()).hexdigest()[:20]
     path = cache_dir() / f"calib-{key}.pt"
     if use_cache and path.is_file():
         try:
@@ -77,9 +96,9 @@ def build_calibration_set(model: DiffusionModel, num_samples: int, steps: int, s
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             path.unlink(missing_ok=True)
     trajectories = max(8, 2 * math.ceil(num_samples / steps))
-    labels = torch.arange(trajectories) % 10 if model.is_conditional else None
+    labels = torch.arange(trajectories) % model.num_labels if model.is_conditional else None
     traj = sample(model, num_samples=trajectories, steps=steps, seed=seed, labels=labels,
-                  guidance_scale=guidance, return_trajectory=True, progress=True).trajectory
+                  guidance_scale=guidance, return_trajectory=True, progress=True, decode=False).trajectory
     per_step = traj.sample.shape[1]
     gen = torch.Generator().manual_seed(seed + 1)
     counts = torch.full((steps,), num_samples // steps)
@@ -92,8 +111,8 @@ def build_calibration_set(model: DiffusionModel, num_samples: int, steps: int, s
         picks += [(s, int(c)) for c in cols]
     si = torch.tensor([p[0] for p in picks])
     ci = torch.tensor([p[1] for p in picks])
-    ehs = None if traj.encoder_hidden_states is None else traj.encoder_hidden_states[si, ci]
-    data = CalibrationSet(traj.sample[si, ci], traj.timestep[si, ci], traj.t_index[si, ci], ehs)
+    cond = map_condition(traj.cond, lambda v: v[si, ci])
+    data = CalibrationSet(traj.sample[si, ci], traj.timestep[si, ci], traj.t_index[si, ci], cond)
     if use_cache:
         try:
             atomic_write_bytes(path, data.to_bytes())

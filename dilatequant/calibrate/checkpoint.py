@@ -3,7 +3,8 @@
 Layout (a plain dict of str/int/float/list/tensor): format, version, base model (class, config,
 source, FP weight fingerprint), quantization config, sampling schedule (scheduler config, T,
 timesteps in order: what each t_index means), the QuantUNet state dict (dilated weights, weight
-scales, 1/s vectors, TPQ tables, folded norms), the class encoder and a calibration summary.
+scales, 1/s vectors, TPQ tables, folded norms), the class encoder or, for Stable Diffusion pipelines,
+the pipeline class, resolution and the encoded calibration prompts, and a calibration summary.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import diffusers
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..errors import UserError
-from .models import ClassTokenEncoder, DiffusionModel
+from .models import ClassTokenEncoder, DiffusionModel, PromptBank
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
 from .reporting import atomic_write_bytes
@@ -57,7 +60,12 @@ def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, t
             "source": model.source,
             "fp_fingerprint": source_fingerprint,
             "class_encoder_config": _config_json(model.class_encoder.config) if model.class_encoder else "",
+            "pipeline_class": model.pipeline_class or "",
+            "prediction_type": str(model.scheduler.config.get("prediction_type", "epsilon")),
+            "vae_scale_factor": int(model.vae_scale_factor),
+            "resolution": list(model.image_size),
         },
+        "prompt_bank": model.prompt_bank.to_dict() if model.prompt_bank is not None else {},
         "quant_config": qunet.config.to_json(),
         "schedule": {"scheduler_config": _config_json(model.scheduler.config), "num_steps": len(timesteps),
                      "timesteps": [int(t) for t in timesteps], "sampler": "DDIM"},
@@ -113,8 +121,17 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
         encoder = ClassTokenEncoder.from_config(json.loads(base["class_encoder_config"]))
         encoder.load_state_dict(p["class_encoder"])
         encoder.eval()
-    scheduler = DDPMScheduler.from_config(json.loads(p["schedule"]["scheduler_config"]))
-    model = DiffusionModel(qunet.unet, scheduler, encoder, source=base["source"])
+    sched_config = json.loads(p["schedule"]["scheduler_config"])
+    sched_cls = getattr(diffusers, str(sched_config.get("_class_name")), None)
+    if not (isinstance(sched_cls, type) and issubclass(sched_cls, SchedulerMixin)):
+        sched_cls = DDPMScheduler
+    scheduler = sched_cls.from_config(sched_config)
+    model = DiffusionModel(qunet.unet, scheduler, encoder, source=base["source"],
+                           pipeline_class=base.get("pipeline_class") or None,
+                           vae_scale_factor=int(base.get("vae_scale_factor", 1)),
+                           prompt_bank=PromptBank.from_dict(p["prompt_bank"]) if p.get("prompt_bank") else None)
+    if base.get("resolution"):
+        model.resolution = tuple(int(v) for v in base["resolution"])
     return QuantCheckpoint(qunet, model, list(p["schedule"]["timesteps"]), base["source"], base["fp_fingerprint"],
                            json.loads(p["summary"]))
 

@@ -18,7 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import UserError
-from .calibration_data import CalibrationSet
+from .calibration_data import CalibrationSet, condition_of
+from .conditioning import unet_kwargs
 from .quant_unet import QuantLayer, QuantUNet
 from .reporting import atomic_write_bytes
 
@@ -101,14 +102,13 @@ def capture(run: Callable[[dict], Any], unit: nn.Module, data: CalibrationSet, b
 
 def fp_runner(fp_unet: nn.Module) -> Callable[[dict], Any]:
     def run(chunk):
-        kw = {"encoder_hidden_states": chunk["encoder_hidden_states"]} if "encoder_hidden_states" in chunk else {}
-        return fp_unet(chunk["sample"], chunk["timestep"], return_dict=False, **kw)
+        return fp_unet(chunk["sample"], chunk["timestep"], return_dict=False, **unet_kwargs(condition_of(chunk)))
     return run
 
 
 def quant_runner(qunet: QuantUNet) -> Callable[[dict], Any]:
     def run(chunk):
-        return qunet(chunk["sample"], chunk["timestep"], chunk["t_index"], chunk.get("encoder_hidden_states"))
+        return qunet(chunk["sample"], chunk["timestep"], chunk["t_index"], condition_of(chunk))
     return run
 
 
@@ -251,7 +251,7 @@ def _distill_full(qunet, fp_unet, data, cfg, gen) -> list[float]:
     def step_loss():
         idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
         c = data.inputs(idx)
-        out = qunet(c["sample"], c["timestep"], c["t_index"], c.get("encoder_hidden_states"))
+        out = qunet(c["sample"], c["timestep"], c["t_index"], condition_of(c))
         return torch.nn.functional.mse_loss(out, target[idx])
 
     return _train(qunet, groups, step_loss, cfg.iters, "full-model QAT")

@@ -17,9 +17,9 @@ def per_step_noise_error(model: DiffusionModel, predict: NoisePredictor, referen
     rows = []
     for i in range(traj.sample.shape[0]):
         x, t, ti = traj.sample[i], traj.timestep[i], traj.t_index[i]
-        ehs = None if traj.encoder_hidden_states is None else traj.encoder_hidden_states[i]
+        cond = traj.step_cond(i)
         with torch.no_grad():
-            ref, out = fp(x, t, ti, ehs), predict(x, t, ti, ehs)
+            ref, out = fp(x, t, ti, cond), predict(x, t, ti, cond)
         rows.append({"t_index": i, "timestep": int(t[0]), "mse": mse(out, ref), "sqnr_db": sqnr_db(out, ref)})
     return {"per_step": rows, "mean_mse": sum(r["mse"] for r in rows) / len(rows),
             "mean_mse_before_final": mean_mse_before_final(rows),

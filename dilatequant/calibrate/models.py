@@ -1,8 +1,11 @@
 """Diffusion models this toolchain works on, loaded offline.
 
-A model is a diffusers UNet, its noise scheduler and, for conditional models, the encoder that
-turns a class label into `encoder_hidden_states`. On disk it is a diffusers-style folder:
-`unet/`, `scheduler/` and optionally `class_encoder/` (a bare UNet folder with config.json works too).
+A model is a diffusers UNet, its noise scheduler and, for conditional models, what turns a label into
+the UNet's condition: a class-token encoder (the embedded models) or the text encoders of a Stable
+Diffusion pipeline (prompts; SDXL adds the pooled embedding and `time_ids`). On disk it is a diffusers
+folder: `unet/`, `scheduler/` and optionally `class_encoder/` (a bare UNet folder with config.json works
+too), or a `StableDiffusionPipeline` / `StableDiffusionXLPipeline` folder (`model_index.json`), loaded
+with diffusers' own loaders. Latent models sample latents; only metrics decode them with the VAE.
 """
 from __future__ import annotations
 
@@ -12,14 +15,17 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import UserError
+from .conditioning import Condition, cat_conditions, cond_names, map_condition
 
 EMBEDDED_MODELS = ("default", "default-cond")
 NUM_CLASSES = 10
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 class ModelLoadError(UserError):
@@ -77,26 +83,131 @@ def default_scheduler() -> DDPMScheduler:
 
 
 @dataclass
+class PromptBank:
+    """Encoded conditions of a fixed prompt list: label i means prompts[i], label len(prompts) the negative prompt.
+
+    It travels in q.pt, so everything after calibration (export, parity, dq-verify, Triton) conditions on
+    exactly the calibration prompts without loading the text encoders again.
+    """
+
+    prompts: list[str]
+    negative_prompt: str
+    cond: Condition  # every tensor [len(prompts) + 1, ...]; the last row is the negative prompt
+
+    @property
+    def null_label(self) -> int:
+        return len(self.prompts)
+
+    def lookup(self, labels: torch.Tensor) -> Condition:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.null_label):
+            raise ValueError(f"prompt label out of range: got {labels.tolist()}, expected 0..{self.null_label - 1} "
+                             f"(or {self.null_label} for the negative prompt)")
+        return map_condition(self.cond, lambda v: v[labels])
+
+    def to_dict(self) -> dict:
+        return {"prompts": list(self.prompts), "negative_prompt": self.negative_prompt,
+                "cond": {k: v.detach().clone() for k, v in self.cond.items()}}
+
+    @staticmethod
+    def from_dict(d: dict) -> "PromptBank":
+        return PromptBank(list(d["prompts"]), d["negative_prompt"], dict(d["cond"]))
+
+
+@dataclass
 class DiffusionModel:
-    """A UNet with what is needed to sample from it; `source` says where the weights came from."""
+    """A UNet with what is needed to sample from it; `source` says where the weights came from.
+
+    Text-conditioned models carry their pipeline (text encoders, tokenizers, VAE) when loaded from a folder,
+    and a `prompt_bank` once calibration prompts are chosen; a model rebuilt from q.pt has the bank only.
+    """
 
     unet: UNet2DModel | UNet2DConditionModel
-    scheduler: DDPMScheduler
+    scheduler: SchedulerMixin
     class_encoder: ClassTokenEncoder | None
     source: str
+    pipeline: DiffusionPipeline | None = None
+    pipeline_class: str | None = None        # StableDiffusionPipeline | StableDiffusionXLPipeline | None
+    vae_scale_factor: int = 1                # pixels per latent (8 for SD); 1 for pixel-space models
+    resolution: tuple[int, int] | None = None  # image (H, W) to sample at; None: the UNet's sample_size
+    prompt_bank: PromptBank | None = None
 
     @property
     def is_conditional(self) -> bool:
         return isinstance(self.unet, UNet2DConditionModel)
 
     @property
+    def is_text_conditioned(self) -> bool:
+        return self.pipeline_class is not None
+
+    @property
+    def cond_names(self) -> tuple[str, ...]:
+        return cond_names(self.unet)
+
+    @property
+    def num_labels(self) -> int:
+        """How many distinct conditions `labels` index: classes, or the calibration prompts."""
+        if self.prompt_bank is not None:
+            return len(self.prompt_bank.prompts)
+        return self.class_encoder.config.num_classes if self.class_encoder is not None else NUM_CLASSES
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         cfg = self.unet.config
+        if self.resolution is not None:
+            h, w = self.resolution
+            return (cfg.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        _, h, w = self.sample_shape
+        return (h * self.vae_scale_factor, w * self.vae_scale_factor)
+
+    def condition(self, labels: torch.Tensor | list[str], guidance_scale: float = 1.0,
+                  negative_prompt: str | None = None) -> Condition:
+        """The UNet condition of a batch, with the unconditional half appended under guidance ([cond; uncond]).
+
+        labels: class labels, prompt-bank labels, or (with a loaded pipeline) prompt strings.
+        """
+        guided = guidance_scale != 1.0
+        if self.class_encoder is not None:
+            labels = torch.as_tensor(labels)
+            with torch.no_grad():
+                cond = self.class_encoder(labels)
+                if guided:
+                    cond = torch.cat([cond, self.class_encoder(torch.full_like(labels, self.class_encoder.null_label))])
+            return {"encoder_hidden_states": cond}
+        if not self.is_text_conditioned:
+            raise ValueError("this model is unconditional; do not pass labels")
+        if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], str):
+            return encode_prompts(self, list(labels), guidance_scale,
+                                  negative_prompt if negative_prompt is not None
+                                  else (self.prompt_bank.negative_prompt if self.prompt_bank else ""))
+        if self.prompt_bank is None:
+            raise ValueError("this text-conditioned model has no calibration prompts: pass prompt strings")
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        cond = self.prompt_bank.lookup(labels)
+        if guided:
+            cond = cat_conditions([cond, self.prompt_bank.lookup(torch.full_like(labels, self.prompt_bank.null_label))])
+        return cond
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from samples: the VAE for latent models (needs the pipeline), identity otherwise."""
+        if not self.is_text_conditioned:
+            return latents
+        if self.pipeline is None:
+            raise UserError(f"decoding latents needs the pipeline's VAE; load the model folder '{self.source}'")
+        vae = self.pipeline.vae
+        with torch.no_grad():
+            return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0].clamp(-1, 1)
+
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
+        if self.pipeline is not None:
+            self.pipeline.save_pretrained(folder)
+            return
         self.unet.save_pretrained(folder / "unet")
         self.scheduler.save_pretrained(folder / "scheduler")
         if self.class_encoder is not None:
@@ -107,6 +218,39 @@ class DiffusionModel:
                 cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         for f in folder.rglob("*.safetensors"):  # readable by every user of a shared install
             f.chmod(0o644)
+
+
+def encode_prompts(model: DiffusionModel, prompts: list[str], guidance_scale: float, negative_prompt: str = "") -> Condition:
+    """The pipeline's own encode_prompt: [cond; uncond] under guidance; SDXL adds text_embeds and time_ids."""
+    pipe = model.pipeline
+    if pipe is None:
+        raise UserError(f"encoding prompts needs the text encoders; load the pipeline folder '{model.source}'")
+    guided = guidance_scale != 1.0
+    negative = [negative_prompt] * len(prompts) if guided else None
+    if model.pipeline_class == "StableDiffusionXLPipeline" and not negative_prompt:
+        negative = None  # SDXL's own default for no negative prompt (zeros when force_zeros_for_empty_prompt)
+    with torch.no_grad():
+        if model.pipeline_class == "StableDiffusionXLPipeline":
+            emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompts, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                negative_prompt=negative)
+            h, w = model.image_size
+            proj = pipe.text_encoder_2.config.projection_dim
+            time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=emb.dtype, text_encoder_projection_dim=proj)
+            cond = {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+            if guided:
+                cond = cat_conditions([cond, {"encoder_hidden_states": neg, "text_embeds": neg_pooled,
+                                              "time_ids": time_ids.repeat(len(prompts), 1)}])
+            return cond
+        emb, neg = pipe.encode_prompt(prompts, torch.device("cpu"), 1, guided, negative_prompt=negative)
+    return {"encoder_hidden_states": torch.cat([emb, neg]) if guided else emb}
+
+
+def make_prompt_bank(model: DiffusionModel, prompts: list[str], negative_prompt: str = "") -> PromptBank:
+    """Encode the prompts once, and the unconditional half as the null label, the way guided sampling does."""
+    both = encode_prompts(model, list(prompts), 2.0, negative_prompt)  # [cond of every prompt; uncond of every prompt]
+    n = len(prompts)
+    return PromptBank(list(prompts), negative_prompt, map_condition(both, lambda v: v[: n + 1].clone()))
 
 
 def new_model(name: str) -> DiffusionModel:
@@ -126,8 +270,85 @@ def embedded_model_dir(name: str) -> Path:
     return Path(str(resources.files("dilatequant") / "assets" / name))
 
 
-def load_model(name_or_path: str | Path) -> DiffusionModel:
-    """`default`, `default-cond` or a diffusers folder; never touches the network."""
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'HxW' (or one number for a square) -> (H, W)."""
+    try:
+        parts = [int(v) for v in str(text).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise UserError(f"{flag} must be HxW in pixels, e.g. 512x512; got '{text}'")
+    return parts[0], parts[1]
+
+
+def check_size(model: DiffusionModel, size: tuple[int, int], flag: str = "--size") -> tuple[int, int]:
+    """A size the UNet can take: a multiple of the VAE factor times the UNet's total downsampling."""
+    multiple = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    if size[0] % multiple or size[1] % multiple:
+        raise UserError(f"{flag} {size[0]}x{size[1]} cannot be taken by this UNet: height and width must be "
+                        f"multiples of {multiple} (VAE factor {model.vae_scale_factor} x UNet downsampling); "
+                        f"e.g. {max(multiple, size[0] // multiple * multiple)}x{max(multiple, size[1] // multiple * multiple)}")
+    return size
+
+
+def load_pipeline(folder: Path, source: str) -> DiffusionModel:
+    """A StableDiffusionPipeline / StableDiffusionXLPipeline folder through diffusers' own loader, offline."""
+    index_file = folder / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"'{index_file}' is not a readable pipeline index ({err}); re-save the pipeline "
+                             "with save_pretrained") from err
+    class_name = index.get("_class_name")
+    if class_name not in PIPELINE_CLASSES:
+        raise ModelLoadError(f"'{folder}' is a '{class_name}' pipeline; supported pipelines are "
+                             f"{', '.join(PIPELINE_CLASSES)} (UNet-based Stable Diffusion 1.x/2.x and SDXL)")
+    needed = ["unet", "vae", "scheduler", "text_encoder", "tokenizer"]
+    if class_name == "StableDiffusionXLPipeline":
+        needed += ["text_encoder_2", "tokenizer_2"]
+    for part in needed:
+        entry = index.get(part)
+        if not isinstance(entry, list) or entry[0] is None or not (folder / part).is_dir():
+            raise ModelLoadError(f"'{folder}' ({class_name}) has no {part}/ component; it is needed to condition "
+                                 "and decode: save the whole pipeline with save_pretrained")
+    try:
+        import transformers  # noqa: F401  (the text encoders and tokenizers)
+    except ImportError as err:
+        raise ModelLoadError("loading a Stable Diffusion pipeline needs the transformers package: "
+                             "pip install 'transformers>=4.40'") from err
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" else {}
+    try:
+        pipe = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        raise ModelLoadError(f"cannot load the pipeline in '{folder}': {str(err).splitlines()[0]}") from err
+    pipe.set_progress_bar_config(disable=True)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, part, None) is not None:
+            getattr(pipe, part).eval()
+    if not isinstance(pipe.unet, UNet2DConditionModel):
+        raise ModelLoadError(f"'{folder}' has a {type(pipe.unet).__name__}; supported is UNet2DConditionModel")
+    cond_names(pipe.unet)  # an unsupported addition embedding fails here, with its name
+    return DiffusionModel(pipe.unet, pipe.scheduler, None, source=source, pipeline=pipe, pipeline_class=class_name,
+                          vae_scale_factor=int(pipe.vae_scale_factor))
+
+
+def load_model(name_or_path: str | Path, resolution: tuple[int, int] | None = None) -> DiffusionModel:
+    """`default`, `default-cond`, a diffusers UNet folder or an SD/SDXL pipeline folder; never touches the network.
+
+    resolution (H, W) in pixels sets the sampling size (default: the UNet's sample_size).
+    """
+    model = _load_model(name_or_path)
+    if resolution is not None:
+        model.resolution = check_size(model, resolution, "--resolution")
+    return model
+
+
+def _load_model(name_or_path: str | Path) -> DiffusionModel:
     name = str(name_or_path)
     if name in EMBEDDED_MODELS:
         folder = embedded_model_dir(name)
@@ -139,6 +360,8 @@ def load_model(name_or_path: str | Path) -> DiffusionModel:
             raise ModelLoadError(
                 f"'{name}' is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor an existing folder"
             )
+    if (folder / "model_index.json").is_file():
+        return load_pipeline(folder, name if name in EMBEDDED_MODELS else str(folder.resolve()))
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
     config_file = unet_dir / "config.json"
     if not config_file.is_file():
@@ -167,8 +390,8 @@ def load_model(name_or_path: str | Path) -> DiffusionModel:
         )
     elif class_name == "UNet2DConditionModel":
         raise ModelLoadError(
-            f"'{folder}' holds a conditional UNet but no class_encoder/ folder; this toolchain conditions on "
-            "class tokens (pass encoder_hidden_states through the library API for other encoders)"
+            f"'{folder}' holds a conditional UNet but no class_encoder/ folder and no model_index.json; pass the "
+            "whole Stable Diffusion pipeline folder (with text_encoder/ and tokenizer/) or a class-token model"
         )
     unet.eval()
     if encoder is not None:

@@ -13,6 +13,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm import tqdm
 
+from .conditioning import Condition, ConditionLike, cat_conditions, map_condition, unet_kwargs
 from .models import DiffusionModel
 
 # Classifier-free guidance scale used by default for conditional models. On 1,000 DDIM-50 samples of the
@@ -20,9 +21,20 @@ from .models import DiffusionModel
 # 1.3 -> 86.9%, 2.0 -> 25.7%; the thin class '1' breaks first (benchmarks/results/fp_quality). Likely
 # cause: a weak unconditional branch that stronger guidance extrapolates into.
 DEFAULT_GUIDANCE = 1.1
+# Stable Diffusion pipelines' own default guidance scale.
+TEXT_GUIDANCE = 7.5
 
-# (sample [B,C,H,W], timestep [B] int64, t_index [B] int64, encoder_hidden_states [B,L,D] | None) -> noise [B,C,H,W]
-NoisePredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+def default_guidance(model: DiffusionModel) -> float:
+    """The guidance scale a model samples with unless told otherwise (1.0: no guidance)."""
+    if model.is_text_conditioned:
+        return TEXT_GUIDANCE
+    return DEFAULT_GUIDANCE if model.is_conditional else 1.0
+
+# (sample [B,C,H,W], timestep [B] int64, t_index [B] int64, cond) -> noise [B,C,H,W]; cond is None, a dict of
+# named condition tensors (conditioning.COND_NAMES: encoder_hidden_states [B,L,D], SDXL text_embeds, time_ids)
+# or a bare encoder_hidden_states tensor
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[ConditionLike]], torch.Tensor]
 
 
 def ddim_scheduler(model: DiffusionModel, steps: int) -> DDIMScheduler:
@@ -42,9 +54,8 @@ def fp_predictor(model: DiffusionModel) -> NoisePredictor:
     """The full-precision UNet as a NoisePredictor (it has no use for t_index)."""
 
     @torch.no_grad()
-    def predict(x, timestep, t_index, encoder_hidden_states=None):
-        kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
-        return model.unet(x, timestep, **kwargs).sample
+    def predict(x, timestep, t_index, cond=None):
+        return model.unet(x, timestep, **unet_kwargs(cond)).sample
 
     return predict
 
@@ -56,21 +67,27 @@ class Trajectory:
     sample: torch.Tensor
     timestep: torch.Tensor
     t_index: torch.Tensor
-    encoder_hidden_states: torch.Tensor | None
+    cond: Condition | None  # every tensor [steps, B, ...]
+
+    @property
+    def encoder_hidden_states(self) -> torch.Tensor | None:
+        return None if self.cond is None else self.cond.get("encoder_hidden_states")
+
+    def step_cond(self, i: int) -> Condition | None:
+        return map_condition(self.cond, lambda v: v[i])
 
     @staticmethod
     def concat(parts: list["Trajectory"]) -> "Trajectory":
-        ehs = None if parts[0].encoder_hidden_states is None else torch.cat([p.encoder_hidden_states for p in parts], 1)
         return Trajectory(
             torch.cat([p.sample for p in parts], 1), torch.cat([p.timestep for p in parts], 1),
-            torch.cat([p.t_index for p in parts], 1), ehs,
+            torch.cat([p.t_index for p in parts], 1), cat_conditions([p.cond for p in parts], 1),
         )
 
 
 @dataclass
 class SampleResult:
-    images: torch.Tensor  # [N, C, H, W] in [-1, 1]
-    labels: torch.Tensor | None
+    images: torch.Tensor  # [N, C, H, W] in [-1, 1] (latent models: decoded when the VAE is at hand, else latents)
+    labels: torch.Tensor | list[str] | None
     trajectory: Trajectory | None
 
 
@@ -80,34 +97,25 @@ def initial_noise(model: DiffusionModel, num_samples: int, seed: int) -> torch.T
     return torch.randn((num_samples, *model.sample_shape), generator=gen)
 
 
-def class_condition(model: DiffusionModel, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """encoder_hidden_states for the labels, with the null-label half appended under guidance."""
-    if model.class_encoder is None:
-        raise ValueError("this model is unconditional; do not pass labels")
-    with torch.no_grad():
-        cond = model.class_encoder(labels)
-        if guidance_scale != 1.0:
-            null = torch.full_like(labels, model.class_encoder.null_label)
-            cond = torch.cat([cond, model.class_encoder(null)])
-    return cond
-
-
 def sample(
     model: DiffusionModel,
     predict: NoisePredictor | None = None,
     num_samples: int = 16,
     steps: int = 50,
     seed: int = 0,
-    labels: torch.Tensor | None = None,
+    labels: torch.Tensor | list[str] | None = None,
     guidance_scale: float = 1.0,
     batch_size: int = 250,
     return_trajectory: bool = False,
     progress: bool = True,
+    decode: bool = True,
 ) -> SampleResult:
-    """DDIM (eta 0) from seeded noise. Conditional models get labels (default: 0..9 cycling)."""
+    """DDIM (eta 0) from seeded noise. Conditional models get labels: class labels, prompt-bank labels or
+    prompt strings (default: the labels cycling). Latent models are decoded by the VAE when `decode` and the
+    pipeline is loaded; otherwise `images` are the final latents."""
     predict = predict or fp_predictor(model)
     if model.is_conditional and labels is None:
-        labels = torch.arange(num_samples) % 10
+        labels = torch.arange(num_samples) % model.num_labels
     if labels is not None and len(labels) != num_samples:
         raise ValueError(f"got {len(labels)} labels for {num_samples} samples")
     noise = initial_noise(model, num_samples, seed)
@@ -117,8 +125,10 @@ def sample(
         x = noise[start:start + batch_size].clone()
         cond = None
         if model.is_conditional:
-            cond = class_condition(model, labels[start:start + batch_size], guidance_scale)
+            cond = model.condition(labels[start:start + batch_size], guidance_scale)
         img, traj = _ddim_loop(model, predict, x, cond, steps, guidance_scale, return_trajectory, bar)
+        if model.is_text_conditioned and decode and model.pipeline is not None:
+            img = model.decode(img)
         images.append(img)
         if traj is not None:
             parts.append(traj)
@@ -148,6 +158,6 @@ def _ddim_loop(model, predict, x, cond, steps, guidance_scale, keep, bar):
         traj = Trajectory(
             torch.stack([r[0] for r in record]), torch.stack([r[1] for r in record]),
             torch.stack([r[2] for r in record]),
-            None if cond is None else cond.unsqueeze(0).expand(len(record), *cond.shape).clone(),
+            map_condition(cond, lambda v: v.unsqueeze(0).expand(len(record), *v.shape).clone()),
         )
-    return x.clamp(-1, 1), traj
+    return (x if model.is_text_conditioned else x.clamp(-1, 1)), traj

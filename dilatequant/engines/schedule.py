@@ -40,8 +40,8 @@ class ScheduleMapper:
         self.predict, self.calibrated = predict, [int(t) for t in calibrated]
         self.metadata = getattr(predict, "metadata", None)
 
-    def __call__(self, sample, timestep, t_index, encoder_hidden_states=None):
+    def __call__(self, sample, timestep, t_index, cond=None):
         mapped = nearest_t_index(self.calibrated, torch.as_tensor(timestep).reshape(-1))
         if mapped.numel() == 1 and sample.shape[0] > 1:
             mapped = mapped.expand(sample.shape[0])
-        return self.predict(sample, timestep, mapped, encoder_hidden_states)
+        return self.predict(sample, timestep, mapped, cond)

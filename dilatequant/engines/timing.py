@@ -24,16 +24,20 @@ class Latency:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
-def unet_inputs(runner: Runner, batch: int, cond_len: int = 4, seed: int = 0):
-    """Representative inputs: mid-schedule timestep, matching t_index, random cond when conditional."""
+def unet_inputs(runner: Runner, batch: int, cond_len: int = 4, seed: int = 0, cond: dict | None = None):
+    """Representative inputs: mid-schedule timestep, matching t_index, and the given batch-1 condition repeated
+    (default: random encoder_hidden_states of cond_len tokens) when conditional."""
     m = runner.metadata
     gen = torch.Generator().manual_seed(seed)
     i = m.num_steps // 2
     sample = torch.randn((batch, *m.sample_shape), generator=gen)
     timestep = torch.full((batch,), m.timesteps[i], dtype=torch.int64)
     t_index = torch.full((batch,), i, dtype=torch.int64)
-    cond = torch.randn((batch, cond_len, m.cond_dim or 64), generator=gen) if m.conditional else None
-    return sample, timestep, t_index, cond
+    if cond is not None:
+        cond = {k: v[:1].expand(batch, *v.shape[1:]).contiguous() for k, v in cond.items()}
+    elif m.conditional:
+        cond = torch.randn((batch, cond_len, m.cond_dim or 64), generator=gen)
+    return sample, timestep, t_index, cond if m.conditional else None
 
 
 def measure(fn, sync, warmup: int, repeats: int) -> Latency:
@@ -50,9 +54,10 @@ def measure(fn, sync, warmup: int, repeats: int) -> Latency:
     return Latency(float(np.median(t)), float(np.percentile(t, 90)), float(t.min()), repeats)
 
 
-def unet_latency(runner: Runner, batch: int, warmup: int = 3, repeats: int = 20, cond_len: int = 4) -> Latency:
+def unet_latency(runner: Runner, batch: int, warmup: int = 3, repeats: int = 20, cond_len: int = 4,
+                 cond: dict | None = None) -> Latency:
     """One UNet call through the runner's full infer() (validation and host copies included)."""
-    args = unet_inputs(runner, batch, cond_len)
+    args = unet_inputs(runner, batch, cond_len, cond=cond)
     runner.activate()
     return measure(lambda: runner.infer(*args), runner.synchronize, warmup, repeats)
 
