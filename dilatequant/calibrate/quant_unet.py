@@ -20,12 +20,14 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from ..errors import UserError
+from .conditioning import ConditionLike, cond_names, unet_kwargs
 from .quant_config import QuantConfig
 from .quantizers import WeightQuantizer
 from .timestep_quantizer import StepContext, TimestepActQuantizer
 
 UNIT_TYPES = (ResnetBlock2D, Transformer2DModel, Attention, Downsample2D, Upsample2D, TimestepEmbedding)
 FIRST_LAST = ("conv_in", "conv_out")
+EXACT_FLOAT32 = 2**24  # every integer up to 2^24 in magnitude is a float32; 2^24 + 1 is not
 
 
 class QuantLayer(nn.Module):
@@ -33,12 +35,16 @@ class QuantLayer(nn.Module):
 
     The forward pass runs in the order of the deployed graph (dq_export/fold.py): op of the integer input
     levels and the integer weights, zero-point correction, then the per-channel weight scale, the step size,
-    the bias. Integer sums are exact in float32, so every runtime computes the same conv/matmul results
-    (per-channel float weights made PyTorch at batch 1 and batch 16 differ by 33 dB on `default`: summation
-    order flips rounding ties, and a flip propagates through the UNet).
+    the bias. The integer sums equal an int32 accumulation (what TensorRT's and ONNX Runtime's int8 kernels
+    compute), so no summation order changes them (per-channel float weights made PyTorch at batch 1 and batch
+    16 differ by 33 dB on `default`: summation order flips rounding ties, and a flip propagates through the
+    UNet). float32 adds integers exactly only while every partial sum stays within 2^24; a wider layer
+    (an SD 3x3 conv over 1,280 channels sums 11,520 int8 x int8 products) is summed in input-channel chunks
+    that each stay within it, and the chunks are added in float64 (`integer_op`).
     """
 
     out_shape: tuple[int, ...] = (-1,)
+    taps = 1  # products per input channel and output element (kh * kw for a conv)
 
     def __init__(self, src: nn.Conv2d | nn.Linear, weight_bits: int, input_quantizer: TimestepActQuantizer):
         super().__init__()
@@ -53,6 +59,34 @@ class QuantLayer(nn.Module):
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def exact_channels(self) -> int:
+        """Most input channels whose integer sum float32 holds exactly, whatever the order it adds them in.
+
+        |level| <= 2^(a-1) (symmetric levels and the int8-shifted asymmetric ones alike), |w_int| <= 2^(w-1) - 1:
+        every partial sum of c channels is an integer of magnitude <= c * taps * 2^(a-1) * (2^(w-1) - 1).
+        """
+        per_channel = self.taps * 2 ** (self.input_quantizer.bits - 1) * self.weight_quantizer.range.qmax
+        return max(1, EXACT_FLOAT32 // per_channel)
+
+    def integer_op(self, v: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
+        """op(integer levels, integer weights), equal to an int32 accumulation at any width (gradients flow).
+
+        Within float32's exact range (every layer of the small default models) this is the plain op, bit for
+        bit; wider layers are split along the input channels into float32-exact chunks whose sums are added
+        in float64, then rounded once to float32, as an int32 accumulator converted to float is.
+        """
+        step, cin = self.exact_channels(), w_int.shape[1]
+        if cin <= step:
+            return self.op(v, w_int)
+        y = None
+        for start in range(0, cin, step):
+            part = self.op(self.input_slice(v, start, start + step), w_int[:, start:start + step]).double()
+            y = part if y is None else y + part
+        return y.to(v.dtype)
+
+    def input_slice(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
     def ones_response(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """op(all-ones input): what a constant shift of the input adds (exact at zero-padded borders)."""
         raise NotImplementedError
@@ -60,10 +94,10 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lv = self.input_quantizer.levels(x)
         if lv.delta is not None and self.weight_quantizer.enabled:
-            # integer levels x integer weights: the sums are exact in float32, so PyTorch, ONNX Runtime and any
-            # batch size add them up to the same value (only the float ops around the layer can still differ)
+            # integer levels x integer weights: exact integer sums, so PyTorch, the runtimes' int32 kernels and
+            # any batch size add them up to the same value (only the float ops around the layer can still differ)
             w_int, w_scale = self.weight_quantizer.integer_ste(self.weight)
-            y = self.op(lv.v, w_int)
+            y = self.integer_op(lv.v, w_int)
             if lv.correction is not None:
                 y = y + lv.correction * self.ones_response(x, w_int)
             y = y * w_scale.view(self.out_shape)
@@ -82,9 +116,13 @@ class QuantConv2d(QuantLayer):
     def __init__(self, src: nn.Conv2d, weight_bits: int, input_quantizer: TimestepActQuantizer):
         super().__init__(src, weight_bits, input_quantizer)
         self.stride, self.padding, self.dilation, self.groups = src.stride, src.padding, src.dilation, src.groups
+        self.taps = src.weight.shape[2] * src.weight.shape[3]
 
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def input_slice(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return x[:, start:stop]
 
     def ones_response(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.op(torch.ones_like(x[:1, :1]), w.sum(1, keepdim=True))
@@ -93,6 +131,9 @@ class QuantConv2d(QuantLayer):
 class QuantLinear(QuantLayer):
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.matmul(x, w.t())
+
+    def input_slice(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return x[..., start:stop]
 
     def ones_response(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return w.sum(1)
@@ -181,12 +222,27 @@ def _unit_of(name: str, units: set[str]) -> str:
 
 
 def example_inputs(unet: nn.Module, batch: int = 1) -> dict[str, torch.Tensor]:
+    """Random inputs of the right shapes (a trace only needs them to reach every layer)."""
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     inputs = {"sample": torch.randn(batch, cfg.in_channels, size, size), "timestep": torch.full((batch,), 500)}
-    if isinstance(unet, UNet2DConditionModel):
-        inputs["encoder_hidden_states"] = torch.randn(batch, 4, cfg.cross_attention_dim)
-    return inputs
+    cond = example_condition(unet, batch)
+    return {**inputs, **unet_kwargs(cond)}
+
+
+def example_condition(unet: nn.Module, batch: int, tokens: int = 4, generator=None) -> dict[str, torch.Tensor] | None:
+    """A random condition of the shapes the UNet takes (SDXL: pooled text_embeds and time_ids as well)."""
+    names = cond_names(unet)
+    if not names:
+        return None
+    cfg = unet.config
+    cond = {"encoder_hidden_states": torch.randn(batch, tokens, cfg.cross_attention_dim, generator=generator)}
+    if "text_embeds" in names:
+        time_dims = 6 * cfg.addition_time_embed_dim
+        pooled = cfg.projection_class_embeddings_input_dim - time_dims
+        cond["text_embeds"] = torch.randn(batch, pooled, generator=generator)
+        cond["time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1)
+    return cond
 
 
 def _trace(unet: nn.Module) -> tuple[list[str], dict[str, int], list[str]]:
@@ -231,7 +287,7 @@ def _check_float_layers(names: tuple[str, ...], layers: list[str], groups) -> se
 
 
 class QuantUNet(nn.Module):
-    """forward(sample, timestep, t_index, encoder_hidden_states=None) -> noise prediction."""
+    """forward(sample, timestep, t_index, cond=None) -> noise prediction (cond: see conditioning.py)."""
 
     def __init__(self, unet: UNet2DModel | UNet2DConditionModel, config: QuantConfig) -> None:
         super().__init__()
@@ -308,7 +364,7 @@ class QuantUNet(nn.Module):
             q.mode = acts
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, t_index: torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                cond: ConditionLike = None) -> torch.Tensor:
         t_index = torch.as_tensor(t_index, dtype=torch.long).reshape(-1)
         if len(t_index) == 1 and sample.shape[0] > 1:
             t_index = t_index.expand(sample.shape[0])
@@ -317,8 +373,7 @@ class QuantUNet(nn.Module):
                             f"0..{self.config.num_steps - 1} ({self.config.num_steps} steps)")
         self.ctx.t_index = t_index
         try:
-            kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
-            return self.unet(sample, timestep, return_dict=False, **kwargs)[0]
+            return self.unet(sample, timestep, return_dict=False, **unet_kwargs(cond))[0]
         finally:
             self.ctx.t_index = None
 
@@ -326,7 +381,7 @@ class QuantUNet(nn.Module):
         """This model as a sampling.NoisePredictor."""
 
         @torch.no_grad()
-        def predict(x, timestep, t_index, encoder_hidden_states=None):
-            return self(x, timestep, t_index, encoder_hidden_states)
+        def predict(x, timestep, t_index, cond=None):
+            return self(x, timestep, t_index, cond)
 
         return predict
