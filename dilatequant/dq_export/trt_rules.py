@@ -116,6 +116,24 @@ def check_graph(model: onnx.ModelProto, base_dir: str | Path | None = None) -> l
         if n.op_type == "QuantizeLinear":
             v += _check_q_feeds_dq(n, name, consumers, graph_outputs)
         v += _check_dtypes(n, name, types)
+    v += _check_int4_activations(model, types)
+    return v
+
+
+def _check_int4_activations(model: onnx.ModelProto, types: dict[str, int]) -> list[Violation]:
+    """TensorRT's INT4 is weight-only (W4A16): an INT4 GEMM's activation must not pass an INT8 Q/DQ (no kernel)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    v = []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm"):
+            continue
+        srcs = [producers.get(i) for i in n.input[:2]]
+        int4 = [k for k, p in enumerate(srcs) if p is not None and p.op_type == "DequantizeLinear"
+                and types.get(p.input[0]) == onnx.TensorProto.INT4]
+        if int4 and any(p is not None and p.op_type == "DequantizeLinear" and k not in int4 for k, p in enumerate(srcs)):
+            name = n.name or f"{n.op_type}->{n.output[0]}"
+            v.append(Violation("int4-activation", name, "INT4 weights with an INT8-quantized activation: TensorRT's "
+                               "INT4 is weight-only, keep this GEMM's activation float (export with --precision int4)"))
     return v
 
 
