@@ -13,7 +13,7 @@ from torch import nn
 from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
 from ..calibrate.reporting import atomic_write_bytes
 from ..errors import UserError
-from .fold import ExportContext, deploy_unet
+from .fold import ExportContext, deploy_unet, int4_layers
 from .fp16 import to_fp16
 from .graph_passes import finalize_graph, simplify
 
@@ -109,7 +109,8 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
     start = time.perf_counter()
     ck = load_checkpoint(ckpt_path)
     use_t = not cfg.static_scales and ck.qunet.config.tpq
-    unet, ctx = deploy_unet(ck.qunet, static=cfg.static_scales)
+    w4a16 = w4a16_layers(ck, cfg)
+    unet, ctx = deploy_unet(ck.qunet, static=cfg.static_scales, w4a16=w4a16)
     wrapper = (ExportWrapper if use_t else StaticExportWrapper)(unet.eval(), ctx, len(ck.timesteps), use_t).eval()
     names = input_names(ck.model.is_conditional, use_t)
     ins = example_inputs(ck, cfg.batch, use_t)
@@ -125,6 +126,7 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
     model = finalize_graph(model, ck, cfg, checkpoint_hash(ckpt_path), use_t)
+    _check_int4_blocks(model, w4a16)
     if cfg.dtype == "fp16":
         model = to_fp16(model)
     data = model.SerializeToString()
@@ -133,7 +135,30 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
     atomic_write_bytes(onnx_path, data)
     return {"onnx": str(onnx_path), "bytes": len(data), "inputs": names, "precision": cfg.precision,
             "static_scales": cfg.static_scales, "dtype": cfg.dtype, "export_s": round(time.perf_counter() - start, 2),
-            "config": asdict(cfg)}
+            "config": asdict(cfg), "int4_layers": list(w4a16)}
+
+
+def w4a16_layers(ck: QuantCheckpoint, cfg: ExportConfig) -> tuple[str, ...]:
+    """`--precision int4`: the layers that become weight-only INT4 GEMMs; none is a clear error, not an int8 graph."""
+    if cfg.precision != "int4":
+        return ()
+    names = tuple(int4_layers(ck.qunet, cfg.int4_block))
+    if not names:
+        raise UserError(f"--precision int4 needs 4-bit weights on linear layers whose input size is a multiple of "
+                        f"{cfg.int4_block}; this checkpoint is {ck.qunet.config.bits_name}: export it with "
+                        "--precision int8, or calibrate with --bits W4A8")
+    return names
+
+
+def _check_int4_blocks(model, w4a16: tuple[str, ...]) -> None:
+    """Every weight-only layer got its INT4 blocks (else the graph would run it W8A16 under an int4 label)."""
+    if not w4a16:
+        return
+    blocked = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear"
+                  and any(a.name == "block_size" for a in n.attribute))
+    if blocked != len(w4a16):
+        raise UserError(f"INT4 export: {blocked} INT4 weight blocks for {len(w4a16)} weight-only layers; "
+                        "this is a bug in dq-export, please report it with the checkpoint")
 
 
 def metadata(ck: QuantCheckpoint, cfg: ExportConfig, ckpt_hash: str, use_t: bool) -> dict[str, str]:
