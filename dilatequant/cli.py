@@ -113,7 +113,8 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=2, help="example batch (the fixed one with --static-shapes)")
     p.add_argument("--target", default="tensorrt", help="tensorrt | ort (ONNX Runtime CPU: exact int8 GEMMs "
                    "for wide convs/matmuls, same per-timestep scales; not a TensorRT graph)")
-    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity checks (layer-wise, which fails the "
+                   "export when a layer does not match the fake-quant model, and end to end)")
     p.add_argument("--torch-floor", action="store_true",
                    help="also run PyTorch against itself at batch 1 (the float-order floor of the parity check)")
     p.add_argument("--check", type=Path, metavar="FILE", help="only check FILE against the TensorRT rules")
@@ -152,6 +153,14 @@ def export_main(argv: list[str] | None = None) -> None:
         s = export_and_verify(a.ckpt, a.onnx, cfg, verify=not a.no_verify, torch_floor=a.torch_floor)
         print(f"wrote {a.onnx} ({s['bytes'] / 1e6:.2f} MB, {s['precision']}, {s['dtype']}, inputs "
               f"{', '.join(s['inputs'])}) in {s['export_s']} s; TensorRT rules: {s['trt_rules']}")
+        lp = s.get("layer_parity")
+        if isinstance(lp, dict) and "skipped" not in lp:
+            sq = lp["min_layer_sqnr_db"]
+            print(f"  layer-wise parity (teacher-forced, {lp['layers']} layers x {lp['t_index_values']} t_index, "
+                  f"{lp['samples']} inputs): max level diff {lp['max_level_diff']:.0f}, {lp['differing_levels']} "
+                  f"of {lp['levels_compared']} levels differ, min layer SQNR "
+                  f"{'exact' if sq == float('inf') else f'{sq:.1f} dB'}: "
+                  f"{'passed' if lp['passed'] else 'not enforced (' + lp.get('note', '') + ')'}")
         par = s.get("parity")
         if isinstance(par, dict):
             print(f"  ORT vs PyTorch fake-quant over {len(par['per_t_index'])} t_index values: min SQNR "
@@ -319,6 +328,8 @@ def verify_main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", help="FP model (default: the one the checkpoint was calibrated from)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline on CUDA")
+    p.add_argument("--layer-per-step", type=int, default=2, help="calibration inputs per t_index for the teacher-forced "
+                   "layer-wise parity (0: skip; default: %(default)s)")
     a = p.parse_args(argv)
 
     def go() -> None:
@@ -332,13 +343,18 @@ def verify_main(argv: list[str] | None = None) -> None:
         cfg = VerifyConfig(ckpt=a.ckpt, runtime=a.onnx or a.engine, report_dir=a.report, batches=batches,
                            device=a.device, num_samples=a.samples, steps=a.steps, traj_samples=a.traj_samples,
                            repeats=a.repeats, warmup=a.warmup, mapped_steps=mapped, threads=a.threads,
-                           model=a.model, seed=a.seed, compile=not a.no_compile)
+                           model=a.model, seed=a.seed, compile=not a.no_compile, layer_per_step=a.layer_per_step)
         r = run_verify(cfg)
         sq, img = r["accuracy"]["noise_sqnr_db"], r["accuracy"]["images"]
         print(f"{r['runtime']['name']}: per-step noise SQNR vs fake-quant mean "
               f"{sq['runtime_vs_fake_quant_sqnr_db']['mean']:.1f} dB (min {sq['runtime_vs_fake_quant_sqnr_db']['min']:.1f}), "
               f"vs FP {sq['runtime_vs_fp_sqnr_db']['mean']:.1f} dB; images PSNR vs fake-quant "
               f"{img['runtime_vs_fake_quant']['image_psnr_db']:.1f} dB, vs FP {img['runtime_vs_fp']['image_psnr_db']:.1f} dB")
+        lp = r.get("layer_parity") or {}
+        if "passed" in lp and "skipped" not in lp:
+            print(f"  layer-wise parity: {'passed' if lp['passed'] else 'FAILED'}"
+                  + (f" (max level diff {lp['max_level_diff']:.0f}, min layer SQNR {lp['min_layer_sqnr_db']:.1f} dB)"
+                     if "max_level_diff" in lp else f": {lp.get('error', '')}"))
         for name, per_b in r["speed"]["speedup_of_runtime"].items():
             print(f"  speedup vs {name}: " + ", ".join(f"batch {b} {v:.2f}x" for b, v in per_b.items()))
         print(f"report written to {a.report}/README.md")

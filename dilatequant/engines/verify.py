@@ -20,6 +20,9 @@ from ..calibrate.models import DiffusionModel, load_model
 from ..calibrate.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
 from ..calibrate.sampling import DEFAULT_GUIDANCE, SampleResult, sample, sampling_timesteps
 from ..errors import UserError
+from ..dq_export.fold import int4_layers, w4a16_reference
+from ..dq_export.layer_parity import layer_parity_report
+from ..dq_export.qdq_graph import ExportConfig
 from . import plots
 from .runners import ENGINE_SUFFIXES, OrtRunner, Runner, TensorRTRunner, TorchRunner, fp_model_of
 from .schedule import ScheduleMapper, map_schedule
@@ -46,6 +49,7 @@ class VerifyConfig:
     model: str | None = None                   # FP model (default: the one the checkpoint names)
     threads: int = 0                           # ONNX Runtime intra-op threads (0: same as torch)
     compile: bool = True                       # torch.compile baseline on CUDA
+    layer_per_step: int = 2                    # calibration inputs per t_index for the layer-wise parity (0: skip)
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -126,6 +130,61 @@ def _weight_bytes(path: Path) -> int:
     return total
 
 
+FP_AGREEMENT_DB = 0.1  # runtime and fake-quant: the same per-step SQNR against FP, to this much at every step
+
+
+def fp_agreement(rows: list[dict]) -> dict:
+    """End to end, what can hold: runtime and fake-quant are equally far from FP at every step (their per-step
+    SQNR against FP within FP_AGREEMENT_DB), even where a flipped rounding tie separates the two outputs."""
+    gaps = [abs(r["runtime_vs_fp_sqnr_db"] - r["fake_quant_vs_fp_sqnr_db"]) for r in rows]
+    worst = max(range(len(gaps)), key=gaps.__getitem__)
+    return {"max_sqnr_gap_db": gaps[worst], "worst_t_index": rows[worst]["t_index"], "threshold_db": FP_AGREEMENT_DB,
+            "within": gaps[worst] <= FP_AGREEMENT_DB}
+
+
+def _runtime_props(path: Path) -> dict[str, str]:
+    """The graph's dilatequant.* metadata (an engine's sidecar holds its ONNX's verbatim)."""
+    import json
+
+    import onnx
+
+    if path.suffix.lower() == ".onnx":
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    side = Path(f"{path}.json")
+    return json.loads(side.read_text()).get("metadata", {}) if side.is_file() else {}
+
+
+def _configure_reference(ck, runtime: Path) -> list[str]:
+    """An INT4 graph runs its 4-bit GEMMs weight-only: the fake-quant reference passes their inputs through too."""
+    if _runtime_props(runtime).get("dilatequant.precision") != "int4":
+        return []
+    names = int4_layers(ck.qunet, ExportConfig().int4_block)
+    w4a16_reference(ck.qunet, names)
+    return names
+
+
+def _layer_parity(cfg: VerifyConfig, ck, rt: Runner, weight_only: list[str], fp_model) -> dict:
+    """Teacher-forced layer-wise parity of the runtime (dq_export/layer_parity.py); reported, not enforced here."""
+    if cfg.layer_per_step < 1:
+        return {"skipped": "--layer-per-step 0"}
+    graph, factory = Path(cfg.runtime), None
+    if isinstance(rt, TensorRTRunner):  # the engine's own source graph, run as per-layer subgraphs on TensorRT
+        import json
+
+        from .layer_runners import trt_layer_runner
+
+        graph = Path(json.loads(Path(f"{cfg.runtime}.json").read_text()).get("built_onnx", ""))
+        if not graph.is_file():
+            return {"skipped": f"the engine's source graph '{graph}' is not here (the sidecar's built_onnx)"}
+        factory = trt_layer_runner
+    kw = {"runner_factory": factory} if factory else {}
+    try:
+        return layer_parity_report(graph, ck, per_step=cfg.layer_per_step, weight_only=tuple(weight_only),
+                                   fp_model=fp_model, **kw)
+    except UserError as err:
+        return {"error": str(err), "passed": False}
+
+
 def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dict:
     """Run every measurement and write the report folder; returns the report dict."""
     cfg.check()
@@ -139,6 +198,7 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
     T = len(ck.timesteps)
     steps = cfg.steps or T
     mapped = list(cfg.mapped_steps if cfg.mapped_steps is not None else sorted({max(1, T // 2), 2 * T}))
+    weight_only = _configure_reference(ck, Path(cfg.runtime))  # INT4 graphs: W4A16 layers read float inputs
     fq = TorchRunner.from_checkpoint(ck, cfg.device)
     fp = TorchRunner.fp(fp_model, ck.timesteps, cfg.device)
     guidance = cfg.guidance if ck.model.is_conditional else 1.0
@@ -163,7 +223,9 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
                    "runtime_vs_fp": _image_metrics(images["runtime"].images, images["fp"].images),
                    "fake_quant_vs_fp": _image_metrics(images["fake_quant"].images, images["fp"].images)},
         "digits": {k: _digits(v.images, labels, shape) for k, v in images.items()},
+        "fp_agreement": fp_agreement(rows),
     }
+    layer_parity = _layer_parity(cfg, ck, rt, weight_only, fp_model)
 
     # -- other step counts: nearest calibrated t_index --------------------------------------------
     schedule_rows = []
@@ -252,7 +314,7 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
                        "bits": ck.qunet.config.bits_name, "num_steps": T, "timesteps": list(ck.timesteps)},
         "runtime": {**rt.metadata.to_dict(), "path": str(cfg.runtime)},
         "baselines": [r.metadata.to_dict() for r in baselines],
-        "accuracy": accuracy, "schedule_mapping": schedule_rows, "speed": speed, "memory": memory,
+        "accuracy": accuracy, "layer_parity": layer_parity, "schedule_mapping": schedule_rows, "speed": speed, "memory": memory,
         "figures": figures, "wall_s": round(time.perf_counter() - start, 1),
     }
     write_json(out / "report.json", report)
@@ -270,6 +332,29 @@ def environment_device(device: str) -> str:
 
 def _f(v, nd=2) -> str:
     return f"{v:.{nd}f}" if isinstance(v, (int, float)) else ("-" if v is None else str(v))
+
+
+def layer_parity_markdown(lp: dict | None, agree: dict | None) -> list[str]:
+    """The layer-wise parity section: what can hold between two runtimes of a quantized UNet, and whether it did."""
+    out = ["", "## Layer-wise parity (teacher-forced)", ""]
+    if agree:
+        out += [f"End to end, runtime and fake-quant are equally close to FP: per-step SQNR against FP differs by at "
+                f"most {_f(agree['max_sqnr_gap_db'], 3)} dB (t_index {agree['worst_t_index']}; "
+                f"{'within' if agree['within'] else 'NOT within'} {agree['threshold_db']} dB).", ""]
+    if not lp or "skipped" in lp or "error" in lp:
+        reason = (lp or {}).get("skipped") or (lp or {}).get("error") or "not run"
+        return out + [f"Layer-wise parity: {reason}"]
+    sq = lp["min_layer_sqnr_db"]
+    out += [f"Every quantized layer of the {lp['runtime']} graph fed the fake-quant model's own input to it, at all "
+            f"{lp['t_index_values']} t_index values ({lp['inputs']}): {lp['layers']} layers, max level difference "
+            f"{_f(lp['max_level_diff'], 0)}, {lp['differing_levels']} of {lp['levels_compared']:,} levels differ "
+            f"({lp['differing_share']:.1e}), min layer output SQNR "
+            f"{'exact' if sq == float('inf') else _f(sq, 1) + ' dB'} (worst: `{lp['worst_layer']}`): "
+            f"**{'passed' if lp['passed'] else 'FAILED'}** (no level off by more than "
+            f"{lp['thresholds']['max_level_diff']}, under {lp['thresholds']['max_differing_share']:.0e} differing, "
+            f">= {lp['thresholds']['min_sqnr_db']:.0f} dB per layer and t_index)."]
+    out += [f"- {f}" for f in lp["failures"][:10]]
+    return out
 
 
 def summary_markdown(r: dict) -> str:
@@ -303,6 +388,7 @@ def summary_markdown(r: dict) -> str:
                          f"{_f(d[k]['class_accuracy'], 3) if 'class_accuracy' in d[k] else '-'} |")
     else:
         lines += ["", f"Digit metrics: {d['fp'].get('skipped')}"]
+    lines += layer_parity_markdown(r.get("layer_parity"), acc.get("fp_agreement"))
     lines += ["", f"![samples]({r['figures']['samples']})", "",
               "## Other step counts (nearest calibrated t_index)", "",
               "| DDIM steps | mapping | distinct t_index used | max timestep gap | PSNR vs FP (dB) | SSIM vs FP | runtime digit-FID | FP digit-FID |",
