@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..calibrate.reporting import atomic_write_bytes
 from ..errors import UserError
+from .onnx_files import load_model, save_model, without_weights
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
@@ -56,7 +56,8 @@ class _Graph:
         for n in g.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        # inferred on a weightless copy: shape inference serializes the model, which fails past 2 GiB
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model), strict_mode=False)
         ig = inferred.graph
         self.types = {v.name: v.type.tensor_type.elem_type for v in list(ig.value_info) + list(ig.input) + list(ig.output)}
         self.types.update({i.name: i.data_type for i in g.initializer})
@@ -182,11 +183,17 @@ def _unsafe_constants(n: onnx.NodeProto, g: _Graph) -> bool:
     return False
 
 
-def to_fp16(model: onnx.ModelProto, opts: Fp16Options | None = None) -> onnx.ModelProto:
-    """A copy of an FP32 QDQ graph with everything but the FP32-kept nodes in FP16."""
+def to_fp16(model: onnx.ModelProto, opts: Fp16Options | None = None, inplace: bool = False) -> onnx.ModelProto:
+    """A copy of an FP32 QDQ graph with everything but the FP32-kept nodes in FP16.
+
+    inplace=True converts `model` itself (no second copy of the weights: what a multi-GB graph needs).
+    """
     opts = opts or Fp16Options()
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    if inplace:
+        m = model
+    else:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
     if any(i.data_type == HALF for i in m.graph.initializer) or any(
             i.type.tensor_type.elem_type == HALF for i in m.graph.input):
         raise UserError("the graph already holds FP16 tensors; run the FP16 pass on an FP32 export")
@@ -253,7 +260,17 @@ def to_fp16(model: onnx.ModelProto, opts: Fp16Options | None = None) -> onnx.Mod
             v.type.tensor_type.elem_type = dtype[v.name]
     _set_metadata(m, "dilatequant.dtype", "fp16")
     _set_metadata(m, "dilatequant.fp16_fp32_nodes", str(len(keep)))
-    return onnx.shape_inference.infer_shapes(m, strict_mode=True)
+    return _infer_shapes(m)
+
+
+def _infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx.shape_inference.infer_shapes(m, strict_mode=True), run on a weightless copy at any model size."""
+    inferred = onnx.shape_inference.infer_shapes(without_weights(m), strict_mode=True).graph
+    del m.graph.value_info[:]
+    m.graph.value_info.extend(inferred.value_info)
+    del m.graph.output[:]
+    m.graph.output.extend(inferred.output)
+    return m
 
 
 def _set_metadata(m: onnx.ModelProto, key: str, value: str) -> None:
@@ -265,15 +282,13 @@ def _set_metadata(m: onnx.ModelProto, key: str, value: str) -> None:
 
 
 def convert_file(src: str | Path, dst: str | Path, opts: Fp16Options | None = None) -> dict:
-    """FP16 fallback of an FP32 QDQ ONNX file (what dq-build-engine --fp16-fallback runs)."""
-    try:
-        model = onnx.load(str(src))
-    except Exception as err:
-        raise UserError(f"'{src}' is not a readable ONNX model ({err})") from err
-    out = to_fp16(model, opts)
-    data = out.SerializeToString()
-    atomic_write_bytes(dst, data)
+    """FP16 fallback of an FP32 QDQ ONNX file (what dq-build-engine --fp16-fallback runs).
+
+    External data is read from beside src and written beside dst (onnx_files.save_model decides by size).
+    """
+    out = to_fp16(load_model(src), opts, inplace=True)
+    written = save_model(out, dst)
     nodes = len(out.graph.node)
     fp32 = int(next(p.value for p in out.metadata_props if p.key == "dilatequant.fp16_fp32_nodes"))
-    return {"onnx": str(dst), "bytes": len(data), "nodes": nodes, "fp32_nodes": fp32,
-            "cast_nodes": sum(n.op_type == "Cast" for n in out.graph.node)}
+    return {"onnx": str(dst), "bytes": written["bytes"], "external_data": written["external_data"], "nodes": nodes,
+            "fp32_nodes": fp32, "cast_nodes": sum(n.op_type == "Cast" for n in out.graph.node)}

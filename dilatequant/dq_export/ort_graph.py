@@ -41,7 +41,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from ..calibrate.reporting import atomic_write_bytes
+from .onnx_files import load_model, save_model
 
 ZERO = 128   # uint8 zero point standing for the int8 grid's 0
 INT64_MAX = np.iinfo(np.int64).max
@@ -442,8 +442,8 @@ def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.M
 
 
 def convert_file(src: str | Path, dst: str | Path, cfg: OrtConfig | None = None) -> dict:
-    """Rewrite src (a dq-export graph) into dst; dst may equal src."""
-    model, stats = to_ort(onnx.load(str(src)), cfg)
-    data = model.SerializeToString()
-    atomic_write_bytes(dst, data)
-    return {**stats, "bytes": len(data)}
+    """Rewrite src (a dq-export graph) into dst; dst may equal src (src is read whole, external data included,
+    before dst is written: onnx_files.save_model replaces both files, data first)."""
+    model, stats = to_ort(load_model(src), cfg)
+    written = save_model(model, dst)
+    return {**stats, "bytes": written["bytes"], "external_data": written["external_data"]}

@@ -181,21 +181,15 @@ def _pipeline_config(cfg: RepositoryConfig, spec: UnetSpec, cond: Conditioning):
     return m, doc, (ins, outs, optional)
 
 
-def _external_files(onnx_path: Path) -> list[Path]:
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    names = set()
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                names.add(entry.value)
-    return [onnx_path.parent / n for n in sorted(names)]
-
-
 def _copy_onnx(src: Path, version_dir: Path, as_folder: bool) -> None:
-    """model.onnx in place; with external data, a folder `model.onnx/` holding the graph and its data files."""
-    extra = _external_files(src)
+    """model.onnx in place; with external data, a folder `model.onnx/` holding the graph and its data files.
+
+    Triton's onnxruntime backend loads `<version>/model.onnx/model.onnx` when model.onnx is a folder, and
+    ONNX Runtime finds the data file beside it by the location the graph names (e.g. unet.onnx.data).
+    """
+    from ...dq_export.onnx_files import external_files
+
+    extra = external_files(src)
     for f in extra:
         if not f.is_file():
             raise UserError(f"'{src}' refers to external data '{f}', which is missing; keep it beside the graph")
