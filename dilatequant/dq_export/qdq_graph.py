@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
-from ..calibrate.reporting import atomic_write_bytes
 from ..errors import UserError
 from .fold import ExportContext, deploy_unet, int4_layers
 from .fp16 import to_fp16
 from .graph_passes import finalize_graph, simplify
+from .onnx_files import save_model
 
 FORMAT_VERSION = "1"
 PRECISIONS = ("int8", "int4")
@@ -125,15 +125,14 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
         except Exception as err:  # the exporter's own errors are long; keep the cause
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
+    del program, wrapper, unet  # the exporter's graph and the deployment-form copy: the proto holds the weights now
     model = finalize_graph(model, ck, cfg, checkpoint_hash(ckpt_path), use_t)
     _check_int4_blocks(model, w4a16)
     if cfg.dtype == "fp16":
-        model = to_fp16(model)
-    data = model.SerializeToString()
-    if len(data) > 2**31 - 1:
-        raise UserError("graph over 2 GB: external-data export is not supported yet for such models")
-    atomic_write_bytes(onnx_path, data)
-    return {"onnx": str(onnx_path), "bytes": len(data), "inputs": names, "precision": cfg.precision,
+        model = to_fp16(model, inplace=True)
+    written = save_model(model, onnx_path)  # over ~2 GB: unet.onnx + unet.onnx.data (onnx_files.py)
+    return {"onnx": str(onnx_path), "bytes": written["bytes"], "external_data": written["external_data"],
+            "inputs": names, "precision": cfg.precision,
             "static_scales": cfg.static_scales, "dtype": cfg.dtype, "export_s": round(time.perf_counter() - start, 2),
             "config": asdict(cfg), "int4_layers": list(w4a16)}
 
