@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 from ..calibrate.checkpoint import checkpoint_hash as sha256_file
 from ..calibrate.reporting import atomic_write_bytes, ensure_writable_dir, environment, write_json
+from ..dq_export.onnx_files import data_path
 from ..dq_export.trt_rules import enforce
 from ..errors import UserError
 from .trt_env import GpuInfo, require_trt_and_gpu
@@ -133,6 +134,7 @@ def build_engine(cfg: BuildConfig) -> dict:
         layers_path(cfg.engine).unlink(missing_ok=True)
     if built != fp16_graph_path(cfg.engine):
         fp16_graph_path(cfg.engine).unlink(missing_ok=True)
+        data_path(fp16_graph_path(cfg.engine)).unlink(missing_ok=True)  # its external data, if it had any
     env = environment()
     env["tensorrt"] = result.trt_version
     info = BuildInfo(cfg=cfg, trt_version=result.trt_version, gpu=gpu, profile=profile, inputs=inputs,
