@@ -7,6 +7,11 @@ The build itself goes through Polygraphy's loaders (NetworkFromOnnxPath -> Creat
 EngineBytesFromNetwork), which handle the optimization profile, the timing cache (loaded, then merged and saved
 back) and the builder settings. TensorRT and a GPU are checked for before any work, after the cheap checks of
 the flags and the graph, so bad input is reported first on any machine.
+
+The sidecar records what TensorRT reports, not what was asked for: the builder settings are read back from the
+IBuilderConfig the build used (optimization level, memory pool limits, flags, profiling verbosity) and the
+optimization profile from the built engine itself (get_tensor_profile_shape), which is what runners and dq-triton
+then check their batch and sizes against.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from ..calibrate.reporting import atomic_write_bytes, ensure_writable_dir, envir
 from ..dq_export.onnx_files import data_path
 from ..dq_export.trt_rules import enforce
 from ..errors import UserError
-from .trt_env import GpuInfo, require_trt_and_gpu
+from .trt_env import GpuInfo, explain_cuda_failure, require_trt_and_gpu
 from .trt_profiles import ProfileShapes, graph_inputs, graph_metadata, load_onnx, profile_from_flags
 
 SIDECAR_FORMAT = "dilatequant.trt_engine/1"
@@ -84,6 +89,8 @@ class TrtBuildResult:
     build_s: float
     layers: dict | None = None           # engine inspector JSON (--inspect)
     timing_cache: dict | None = None
+    settings: dict | None = None         # read back from the IBuilderConfig (builder_settings)
+    profiles: list[dict] | None = None   # read back from the built engine (engine_profiles)
 
 
 @dataclass
@@ -106,6 +113,8 @@ class BuildInfo:
     layer_summary: dict | None = None
     env: dict = field(default_factory=dict)
     built_at: str = ""
+    settings: dict | None = None         # the builder config as TensorRT reports it after the build
+    engine_profiles: list[dict] | None = None  # the plan's own profiles; None: the requested one is recorded
 
 
 def build_engine(cfg: BuildConfig) -> dict:
@@ -143,7 +152,8 @@ def build_engine(cfg: BuildConfig) -> dict:
                      engine_sha256=hashlib.sha256(result.engine_bytes).hexdigest(),
                      engine_bytes=len(result.engine_bytes), build_s=result.build_s, fp16_pass=fp16,
                      timing_cache=result.timing_cache, layer_summary=summary, env=env,
-                     built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                     built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), settings=result.settings,
+                     engine_profiles=result.profiles)
     sidecar = make_sidecar(info)
     write_json(sidecar_path(cfg.engine), sidecar)
     return sidecar
@@ -176,8 +186,8 @@ def build_with_tensorrt(trt: ModuleType, onnx_path: Path, profile: ProfileShapes
     cache = str(cfg.timing_cache) if cfg.timing_cache else None
     cache_before = cfg.timing_cache.stat().st_size if cfg.timing_cache and cfg.timing_cache.is_file() else None
     # No precision arguments: the network's types come from the ONNX graph (strong typing is always on in 11).
-    config = CreateConfig(profiles=[polygraphy_profile(profile)], builder_optimization_level=cfg.opt_level,
-                          memory_pool_limits=pools, profiling_verbosity=verbosity, load_timing_cache=cache)
+    config = KeptConfig(CreateConfig(profiles=[polygraphy_profile(profile)], builder_optimization_level=cfg.opt_level,
+                                     memory_pool_limits=pools, profiling_verbosity=verbosity, load_timing_cache=cache))
     network = NetworkFromOnnxPath(str(onnx_path))  # parse_from_file: external weights resolve beside the graph
     build = EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)
     start = time.perf_counter()
@@ -185,17 +195,76 @@ def build_with_tensorrt(trt: ModuleType, onnx_path: Path, profile: ProfileShapes
         try:
             data = build()
         except (PolygraphyException, RuntimeError, TypeError) as err:
-            raise UserError(build_error_message(onnx_path, errors(), err)) from err
+            raise UserError(explain_cuda_failure(" ".join([*errors(), str(err)]))
+                            or build_error_message(onnx_path, errors(), err)) from err
         if not data:
             raise UserError(build_error_message(onnx_path, errors(), None))
     build_s = time.perf_counter() - start
     engine_bytes = bytes(data)
-    layers = inspect_engine(trt, engine_bytes) if cfg.inspect else None
+    settings = builder_settings(trt, config.config) if config.config is not None else None
+    engine = deserialize(engine_bytes)
+    profiles = engine_profiles(trt, engine)
+    layers = inspect_engine(trt, engine) if cfg.inspect else None
     tc = None
     if cfg.timing_cache:
         tc = {"path": str(cfg.timing_cache), "bytes_before": cache_before,
               "bytes_after": cfg.timing_cache.stat().st_size if cfg.timing_cache.is_file() else None}
-    return TrtBuildResult(engine_bytes, str(trt.__version__), round(build_s, 2), layers, tc)
+    return TrtBuildResult(engine_bytes, str(trt.__version__), round(build_s, 2), layers, tc, settings, profiles)
+
+
+class KeptConfig:
+    """A Polygraphy config loader that keeps the IBuilderConfig it made, so its settings can be read back."""
+
+    def __init__(self, create: Callable) -> None:
+        self.create, self.config = create, None
+
+    def __call__(self, builder, network):
+        self.config = self.create(builder, network)
+        return self.config
+
+
+def _enum_name(value) -> str:
+    return str(getattr(value, "name", value)).rpartition(".")[2]
+
+
+def builder_settings(trt: ModuleType, config) -> dict:
+    """What the IBuilderConfig holds after the build: level, memory pools (TensorRT's own default where none was
+    set), flags (TF32 among them), profiling verbosity, profile count, preview features."""
+    pools = {}
+    for name, pool in trt.MemoryPoolType.__members__.items():
+        if not name.startswith("DLA"):
+            with contextlib.suppress(AttributeError, RuntimeError, TypeError):
+                pools[name] = int(config.get_memory_pool_limit(pool))
+    flags = [name for name, flag in trt.BuilderFlag.__members__.items() if config.get_flag(flag)]
+    preview = []
+    if hasattr(trt, "PreviewFeature") and hasattr(config, "get_preview_feature"):
+        preview = [name for name, f in trt.PreviewFeature.__members__.items() if config.get_preview_feature(f)]
+    return {"optimization_level": int(config.builder_optimization_level),
+            "workspace_bytes": pools.get("WORKSPACE"), "memory_pools": pools,
+            "profiling_verbosity": _enum_name(config.profiling_verbosity),
+            "builder_flags": flags, "tf32": "TF32" in flags,
+            "num_optimization_profiles": int(config.num_optimization_profiles), "preview_features": preview}
+
+
+def deserialize(engine_bytes: bytes):
+    from polygraphy.backend.trt import EngineFromBytes
+
+    return EngineFromBytes(engine_bytes)()
+
+
+def engine_profiles(trt: ModuleType, engine) -> list[dict]:
+    """Per optimization profile of the built engine, {input: {"min", "opt", "max"}} from get_tensor_profile_shape."""
+    out = []
+    for index in range(int(engine.num_optimization_profiles)):
+        shapes = {}
+        for i in range(int(engine.num_io_tensors)):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
+                continue
+            lo, opt, hi = engine.get_tensor_profile_shape(name, index)
+            shapes[name] = {"min": [int(d) for d in lo], "opt": [int(d) for d in opt], "max": [int(d) for d in hi]}
+        out.append(shapes)
+    return out
 
 
 def polygraphy_profile(profile: ProfileShapes):
@@ -207,11 +276,8 @@ def polygraphy_profile(profile: ProfileShapes):
     return p
 
 
-def inspect_engine(trt: ModuleType, engine_bytes: bytes) -> dict:
+def inspect_engine(trt: ModuleType, engine) -> dict:
     """The engine inspector's JSON (layers, their precisions/formats, fusions, tactics): needs DETAILED verbosity."""
-    from polygraphy.backend.trt import EngineFromBytes
-
-    engine = EngineFromBytes(engine_bytes)()
     inspector = engine.create_engine_inspector()
     text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     try:
@@ -291,6 +357,13 @@ def build_error_message(onnx_path: Path, errors: list[str], err: BaseException |
 def make_sidecar(info: BuildInfo) -> dict[str, Any]:
     """The sidecar JSON: enough to know what the plan is, which TensorRT/GPU made it, and how to feed it."""
     cfg = info.cfg
+    requested = info.profile.to_json()
+    if info.engine_profiles:  # the plan's own profiles; "source" says where the requested shapes came from
+        profiles = [{name: s | {"source": requested.get(name, {}).get("source", "engine")} for name, s in p.items()}
+                    for p in info.engine_profiles]
+    else:
+        profiles = [requested]
+    settings = info.settings or {}
     timesteps = None
     if "dilatequant.timesteps" in info.metadata:
         try:
@@ -305,15 +378,17 @@ def make_sidecar(info: BuildInfo) -> dict[str, Any]:
         "tensorrt": info.trt_version,
         "gpu": info.gpu.to_json(),
         "inputs": info.inputs,
-        "profiles": [info.profile.to_json()],
+        "profiles": profiles,
+        "profiles_from": "engine" if info.engine_profiles else "requested",
         "builder": {
             "strongly_typed": True,
             "network_flags": [],
-            "optimization_level": cfg.opt_level,
-            "workspace_bytes": int(cfg.workspace_gb * 2**30) if cfg.workspace_gb else None,
-            "profiling_verbosity": "DETAILED" if cfg.inspect else "LAYER_NAMES_ONLY",
+            **settings,  # read back from the IBuilderConfig after the build; absent when TensorRT gave none
+            "read_back": bool(info.settings),
+            "requested": {"optimization_level": cfg.opt_level,
+                          "workspace_bytes": int(cfg.workspace_gb * 2**30) if cfg.workspace_gb else None,
+                          "profiling_verbosity": "DETAILED" if cfg.inspect else "LAYER_NAMES_ONLY"},
             "timing_cache": info.timing_cache,
-            "tf32": False,  # Polygraphy's default: FP32 layers stay exact FP32
             "tool": "polygraphy",
         },
         "source_onnx": str(cfg.onnx),

@@ -1,11 +1,20 @@
 """Is TensorRT 11 usable here? Answered before any work, as one line that says what is missing and how to fix it.
 
 TensorRT is an optional extra: its wheels come from NVIDIA's package index and it needs an NVIDIA GPU, so every
-TensorRT entry point calls `require_tensorrt()` and `require_gpu()` first and the rest of the package never
-imports `tensorrt` at module level.
+TensorRT entry point calls `require_trt_and_gpu()` first and the rest of the package never imports `tensorrt` at
+module level. The checks, in order:
+
+- TensorRT >= 11 imports. It comes in a CUDA 12 and a CUDA 13 build (`tensorrt-cu12`, `tensorrt-cu13`; the
+  `tensorrt` metapackage installs the CUDA 13 one), and a build newer than the driver's CUDA fails only later,
+  deep in TensorRT ("CUDA initialization failure with error: 35"): the driver's CUDA version is compared with the
+  build's first, and such a failure, if it still happens, is turned into the same one line.
+- Polygraphy >= 0.53: 0.49-0.52 read `layer.precision_is_set`, which TensorRT 11 removed, outside any guard.
+- a CUDA GPU.
 """
 from __future__ import annotations
 
+import ctypes
+import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
@@ -14,7 +23,14 @@ from types import ModuleType
 from ..errors import UserError
 
 MIN_MAJOR = 11
-INSTALL_HINT = 'pip install "dilatequant[trt]" --extra-index-url https://pypi.nvidia.com'
+MIN_POLYGRAPHY = (0, 53)
+NVIDIA_INDEX = "--extra-index-url https://pypi.nvidia.com"
+INSTALL_HINT = (f'pip install "dilatequant[trt]" {NVIDIA_INDEX} (the CUDA 13 build; with a CUDA 12 driver: '
+                f'pip install "dilatequant[trt-cu12]" {NVIDIA_INDEX})')
+CUDA_BUILDS = {12: "trt-cu12", 13: "trt-cu13"}      # CUDA major -> this package's extra
+MIN_DRIVER = {12: "525", 13: "580"}                 # Linux driver branch each CUDA major needs
+CUDA_INIT_FAILURE = re.compile(r"CUDA initialization failure|cudaErrorInsufficientDriver|"
+                               r"driver version is insufficient|CUDA driver version is insufficient", re.I)
 
 
 @dataclass(frozen=True)
@@ -28,10 +44,11 @@ class GpuInfo:
 
 
 def require_tensorrt() -> ModuleType:
-    """Import TensorRT >= 11 or raise a UserError naming the install command."""
+    """Import TensorRT >= 11 built for a CUDA the driver runs, or raise a UserError naming the install command."""
     try:
         import tensorrt as trt
     except (ImportError, OSError) as err:  # OSError: wheel present but its CUDA libraries are not
+        check_cuda_build(tensorrt_cuda_major(), driver_cuda_version())  # the wrong CUDA build says so first
         raise UserError(f"TensorRT {MIN_MAJOR} is not installed ({err}); install it with: {INSTALL_HINT} "
                         f"(TensorRT {MIN_MAJOR} needs an NVIDIA GPU with its driver)") from err
     version = getattr(trt, "__version__", "0")
@@ -43,7 +60,90 @@ def require_tensorrt() -> ModuleType:
         raise UserError(f"TensorRT {version} is installed, but engines are built for TensorRT {MIN_MAJOR} "
                         f"(strongly typed networks); upgrade: pip install -U \"tensorrt>={MIN_MAJOR}\" "
                         "--extra-index-url https://pypi.nvidia.com")
+    check_cuda_build(tensorrt_cuda_major(), driver_cuda_version(), version)
     return trt
+
+
+def tensorrt_cuda_major() -> int | None:
+    """The CUDA major version of the installed TensorRT build (12 or 13), from the distribution that provides the
+    `tensorrt` module (tensorrt-cu12-bindings / tensorrt-cu13-bindings); None when it cannot be told."""
+    from importlib import metadata
+
+    try:
+        dists = metadata.packages_distributions().get("tensorrt", [])
+    except Exception:  # a broken site-packages entry must not stop the other checks
+        return None
+    majors = sorted({int(m.group(1)) for d in dists if (m := re.search(r"cu(\d+)", d.lower()))})
+    if len(majors) > 1:
+        raise UserError(f"both the {' and the '.join(f'CUDA {m}' for m in majors)} builds of TensorRT are installed "
+                        f"({', '.join(sorted(set(dists)))}) and overwrite each other's `tensorrt` module; keep one: "
+                        f"pip uninstall {' '.join(f'tensorrt-cu{m} tensorrt-cu{m}-bindings tensorrt-cu{m}-libs' for m in majors)}"
+                        f" and reinstall the one your driver runs ({INSTALL_HINT})")
+    return majors[0] if majors else None
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the installed NVIDIA driver supports (cuDriverGetVersion), e.g. (12, 4); None when
+    there is no driver library (no GPU, or a machine without the NVIDIA driver)."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    try:
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+            return None
+    except AttributeError:
+        return None
+    return version.value // 1000, (version.value % 1000) // 10
+
+
+def check_cuda_build(trt_cuda: int | None, driver: tuple[int, int] | None, trt_version: str = "") -> None:
+    """One line when the TensorRT build needs a newer CUDA than the driver offers (e.g. tensorrt-cu13 on a CUDA 12
+    driver); nothing when either side is unknown or they fit."""
+    if trt_cuda is None or driver is None or driver[0] >= trt_cuda:
+        return
+    raise UserError(cuda_mismatch_message(trt_cuda, driver, trt_version))
+
+
+def cuda_mismatch_message(trt_cuda: int | None, driver: tuple[int, int] | None, trt_version: str = "") -> str:
+    what = f"TensorRT {trt_version} ".replace("  ", " ") if trt_version else "TensorRT "
+    build = f"is the CUDA {trt_cuda} build (tensorrt-cu{trt_cuda})" if trt_cuda else "was built for a newer CUDA"
+    drv = f"supports CUDA up to {driver[0]}.{driver[1]}" if driver else "is too old for it"
+    fix = (f'install the build for your driver: pip uninstall -y tensorrt tensorrt-cu{trt_cuda} tensorrt-cu{trt_cuda}-bindings tensorrt-cu{trt_cuda}-libs && pip install '
+           f'"dilatequant[{CUDA_BUILDS[driver[0]]}]" {NVIDIA_INDEX}, or update the NVIDIA driver'
+           if driver and driver[0] in CUDA_BUILDS and trt_cuda
+           else f"update the NVIDIA driver or install the TensorRT build for its CUDA ({INSTALL_HINT})")
+    need = f" (CUDA {trt_cuda} needs driver {MIN_DRIVER[trt_cuda]} or newer)" if trt_cuda in MIN_DRIVER else ""
+    return f"{what}{build} but the NVIDIA driver here {drv}; {fix}{need}"
+
+
+def explain_cuda_failure(text: str) -> str | None:
+    """The one-line driver/runtime mismatch message when TensorRT's own error text is a CUDA initialization failure
+    (what a too-new TensorRT build reports when it creates a builder or runtime); None for any other error."""
+    if not CUDA_INIT_FAILURE.search(text or ""):
+        return None
+    try:
+        trt_cuda = tensorrt_cuda_major()
+    except UserError as err:
+        return str(err)
+    return cuda_mismatch_message(trt_cuda, driver_cuda_version())
+
+
+def require_polygraphy() -> str:
+    """Polygraphy >= 0.53, or one line saying to upgrade: 0.49-0.52 read `layer.precision_is_set` (removed in
+    TensorRT 11) outside any guard, so a build would stop with an AttributeError deep inside CreateConfig."""
+    try:
+        import polygraphy
+    except ImportError as err:
+        raise UserError(f"Polygraphy is not installed ({err}); pip install \"polygraphy>=0.53\"") from err
+    version = str(getattr(polygraphy, "__version__", "0"))
+    parts = tuple(int(p) if p.isdigit() else 0 for p in re.findall(r"\d+", version)[:2])
+    if parts < MIN_POLYGRAPHY:
+        raise UserError(f"Polygraphy {version} is installed, but TensorRT {MIN_MAJOR} needs Polygraphy >= "
+                        f"{'.'.join(map(str, MIN_POLYGRAPHY))} (older ones read layer.precision_is_set, which TensorRT "
+                        f"{MIN_MAJOR} removed); upgrade: pip install -U \"polygraphy>=0.53\"")
+    return version
 
 
 def detect_gpu() -> GpuInfo | None:
@@ -86,6 +186,7 @@ def require_gpu() -> GpuInfo:
 
 
 def require_trt_and_gpu() -> tuple[ModuleType, GpuInfo]:
-    """Both checks, TensorRT first (the more common gap); call before any expensive work."""
+    """TensorRT (and its CUDA build against the driver), Polygraphy, then the GPU; call before any expensive work."""
     trt = require_tensorrt()
+    require_polygraphy()
     return trt, require_gpu()

@@ -38,9 +38,9 @@ def _unet_like(sample_dims=("batch", 1, 8, 8), meta=META, extra_nodes=()) -> onn
            helper.make_tensor_value_info("t_index", TensorProto.INT64, ["batch"]),
            helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, ["batch", 2, 16])]
     out = helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT, list(sample_dims))
-    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s")]
-    nodes = [helper.make_node("QuantizeLinear", ["sample", "s"], ["q"], name="q"),
-             helper.make_node("DequantizeLinear", ["q", "s"], ["noise_pred"], name="dq"), *extra_nodes]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["sample", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["noise_pred"], name="dq"), *extra_nodes]
     m = helper.make_model(helper.make_graph(nodes, "unet", ins, [out], initializer=inits),
                           opset_imports=[helper.make_opsetid("", 21)])
     for k, v in meta.items():
@@ -169,7 +169,11 @@ def _info(tmp_path, **kw):
                 engine_sha256="b" * 64, engine_bytes=1234, build_s=12.5,
                 timing_cache={"path": str(tmp_path / "tc.bin"), "bytes_before": None, "bytes_after": 99},
                 layer_summary={"layers": 3, "layer_types": {}, "output_formats": {}}, env={"python": "3.11"},
-                built_at="2026-11-27T05:00:00+00:00")
+                built_at="2026-11-27T05:00:00+00:00",
+                settings={"optimization_level": 4, "workspace_bytes": 2 * 2**30, "profiling_verbosity": "DETAILED",
+                          "builder_flags": [], "tf32": False, "num_optimization_profiles": 1},
+                engine_profiles=[{"sample": {"min": [1, 1, 8, 8], "opt": [4, 1, 8, 8], "max": [16, 1, 8, 8]},
+                                  "t_index": {"min": [1], "opt": [4], "max": [16]}}])
     base.update(kw)
     return BuildInfo(**base)
 
@@ -182,14 +186,20 @@ def test_sidecar_records_versions_gpu_profile_settings_and_metadata_verbatim(tmp
     assert s["metadata"] == META and s["metadata"] is not META
     assert json.loads(s["metadata"]["dilatequant.timesteps"]) == s["timesteps"] == [750, 500, 250, 0]
     assert s["profiles"][0]["t_index"] == {"min": [1], "opt": [4], "max": [16], "source": "graph+defaults"}
+    assert s["profiles_from"] == "engine" and set(s["profiles"][0]) == {"sample", "t_index"}
     b = s["builder"]
     assert (b["optimization_level"], b["workspace_bytes"], b["profiling_verbosity"]) == (4, 2 * 2**30, "DETAILED")
+    assert b["read_back"] is True and b["requested"] == {"optimization_level": 4, "workspace_bytes": 2 * 2**30,
+                                                          "profiling_verbosity": "DETAILED"}
     assert b["strongly_typed"] is True and b["network_flags"] == [] and b["timing_cache"]["bytes_after"] == 99
     assert s["source_onnx_sha256"] == "a" * 64 and s["engine_sha256"] == "b" * 64 and s["engine_bytes"] == 1234
     assert s["fp16_fallback"] is False and s["build_s"] == 12.5 and s["environment"] == {"python": "3.11"}
     assert s["layers"]["file"].endswith("unet.plan.layers.json") and s["layers"]["layers"] == 3
-    s = make_sidecar(_info(tmp_path, metadata={}, layer_summary=None))
+    s = make_sidecar(_info(tmp_path, metadata={}, layer_summary=None, settings=None, engine_profiles=None))
     assert s["timesteps"] is None and s["metadata"] == {} and s["layers"] is None
+    # nothing read back: no setting is made up from the arguments, and the profile says it is the requested one
+    assert s["builder"]["read_back"] is False and "optimization_level" not in s["builder"]
+    assert s["profiles_from"] == "requested" and s["profiles"][0]["sample"]["max"] == [16, 1, 8, 8]
 
 
 def test_layer_summary_counts_types_and_output_formats():
@@ -314,7 +324,7 @@ def test_without_fp16_fallback_the_source_graph_is_built(tmp_path, onnx_file, fa
     s = build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
     assert fp16_calls == [] and [c["onnx"] for c in fake_trt] == [onnx_file]
     assert s["fp16_fallback"] is False and s["fp16_pass"] is None and s["built_onnx"] == str(onnx_file)
-    assert s["builder"]["profiling_verbosity"] == "LAYER_NAMES_ONLY" and s["layers"] is None
+    assert s["builder"]["requested"]["profiling_verbosity"] == "LAYER_NAMES_ONLY" and s["layers"] is None
     assert not (tmp_path / "unet.plan.layers.json").exists() and not (tmp_path / "unet.plan.fp16.onnx").exists()
 
 
@@ -331,6 +341,77 @@ def test_fp16_fallback_without_the_fp16_pass_module_is_a_clear_error(tmp_path, o
     with pytest.raises(UserError, match="needs the Q/DQ-aware FP16 pass"):
         build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan", fp16_fallback=True))
     assert fake_trt == [] and not (tmp_path / "unet.plan").exists()
+
+
+def test_old_polygraphy_is_refused_before_the_build(tmp_path, onnx_file, fake_trt, monkeypatch):
+    import polygraphy
+
+    monkeypatch.setattr(polygraphy, "__version__", "0.49.26")
+    with pytest.raises(UserError) as err:
+        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
+    msg = str(err.value)
+    assert msg.startswith("Polygraphy 0.49.26 is installed, but TensorRT 11 needs Polygraphy >= 0.53") and "\n" not in msg
+    assert "precision_is_set" in msg and 'pip install -U "polygraphy>=0.53"' in msg
+    assert fake_trt == [] and not (tmp_path / "unet.plan").exists()
+    monkeypatch.setattr(polygraphy, "__version__", "0.53.0")
+    assert trt_env.require_polygraphy() == "0.53.0"
+
+
+def test_pyproject_pins_polygraphy_and_offers_both_cuda_builds():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "polygraphy>=0.53" in [d.split(";")[0].strip() for d in project["dependencies"]]
+    extras = project["optional-dependencies"]
+    assert extras["trt"] == ["tensorrt>=11"] and extras["trt-cu12"] == ["tensorrt-cu12>=11"]
+    assert extras["trt-cu13"] == ["tensorrt-cu13>=11"]
+
+
+@pytest.mark.parametrize("dists, major", [(["tensorrt_cu13_bindings"], 13), (["tensorrt-cu12-bindings"], 12),
+                                          ([], None), (["tensorrt"], None)])
+def test_tensorrt_cuda_build_is_read_from_the_installed_distribution(monkeypatch, dists, major):
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "packages_distributions", lambda: {"tensorrt": dists, "numpy": ["numpy"]})
+    assert trt_env.tensorrt_cuda_major() == major
+
+
+def test_both_cuda_builds_installed_is_one_line(monkeypatch):
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "packages_distributions",
+                        lambda: {"tensorrt": ["tensorrt_cu12_bindings", "tensorrt_cu13_bindings"]})
+    with pytest.raises(UserError, match=r"both the CUDA 12 and the CUDA 13 builds of TensorRT are installed.*keep one"):
+        trt_env.tensorrt_cuda_major()
+
+
+def test_cuda13_tensorrt_on_a_cuda12_driver_is_one_line_before_any_work(tmp_path, onnx_file, fake_trt, monkeypatch):
+    monkeypatch.setattr(trt_env, "tensorrt_cuda_major", lambda: 13)
+    monkeypatch.setattr(trt_env, "driver_cuda_version", lambda: (12, 4))
+    with pytest.raises(UserError) as err:
+        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
+    msg = str(err.value)
+    assert msg.startswith("TensorRT 11.1.0 is the CUDA 13 build (tensorrt-cu13) but the NVIDIA driver here supports "
+                          "CUDA up to 12.4; install the build for your driver: ") and "\n" not in msg
+    assert 'pip install "dilatequant[trt-cu12]" --extra-index-url https://pypi.nvidia.com' in msg
+    assert fake_trt == [] and not (tmp_path / "unet.plan").exists()
+    for driver in ((13, 0), (13, 1), None):  # a CUDA 13 driver, or one that cannot be read: no objection
+        monkeypatch.setattr(trt_env, "driver_cuda_version", lambda d=driver: d)
+        trt_env.check_cuda_build(13, driver, "11.4.0")
+    trt_env.check_cuda_build(12, (13, 0))  # a CUDA 12 build runs on a CUDA 13 driver
+
+
+def test_cli_cuda_mismatch_with_tensorrt_failing_to_import_is_one_line(tmp_path, onnx_file):
+    code = ("import sys; sys.modules['tensorrt'] = None\n"  # the import fails, as a CUDA 13 build's can
+            "from dilatequant.engines import trt_env\n"
+            "trt_env.tensorrt_cuda_major = lambda: 13; trt_env.driver_cuda_version = lambda: (12, 2)\n"
+            "from dilatequant.cli import build_engine_main; build_engine_main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, "--onnx", str(onnx_file), "--engine", str(tmp_path / "u.plan")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: TensorRT is the CUDA 13 build (tensorrt-cu13) but the "
+                                                   "NVIDIA driver here supports CUDA up to 12.2"), proc.stderr
 
 
 def test_missing_gpu_and_old_tensorrt_are_one_clear_error(tmp_path, onnx_file, monkeypatch):
@@ -418,6 +499,7 @@ def _fake_tensorrt(record, fail=None):
     trt.DeviceType = _Enum("DeviceType", ["GPU", "DLA"])
     trt.LayerType = _Enum("LayerType", ["SHAPE", "QUANTIZE", "DEQUANTIZE"])
     trt.OnnxParserFlag = _Enum("OnnxParserFlag", ["NATIVE_INSTANCENORM"])
+    trt.TensorIOMode = _Enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"])
 
     class ILogger:
         def __init__(self):
@@ -433,6 +515,10 @@ def _fake_tensorrt(record, fail=None):
         def __init__(self, name, shape, dtype):
             self.name, self.shape, self.dtype, self.is_shape_tensor = name, tuple(shape), dtype, False
 
+    class Layer:
+        """A TensorRT 11 layer: ILayer.precision / precision_is_set are gone (Polygraphy < 0.53 reads them unguarded)."""
+        name, type = "q", trt.LayerType.QUANTIZE
+
     class Network:
         def __init__(self):
             self.inputs = []
@@ -446,7 +532,8 @@ def _fake_tensorrt(record, fail=None):
             return False
 
         def __iter__(self):
-            return iter([])
+            record["layers_iterated"] = True
+            return iter([Layer()])
 
     class Parser:
         def __init__(self, network, logger):
@@ -484,9 +571,12 @@ def _fake_tensorrt(record, fail=None):
     class Config:
         DLA_core, num_optimization_profiles = -1, 0
         default_device_type = trt.DeviceType.GPU
+        DEVICE_MEMORY = 80 * 2**30  # TensorRT's workspace default: the device's memory
 
         def __init__(self):
             self.flags, self.cache = set(), None
+            self.builder_optimization_level = 3  # TensorRT's defaults, as a real IBuilderConfig reports them
+            self.profiling_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
             record["config"] = self
 
         def set_flag(self, flag):
@@ -506,7 +596,8 @@ def _fake_tensorrt(record, fail=None):
             record["pools"] = {pool.name: size}
 
         def get_memory_pool_limit(self, pool):
-            return record.get("pools", {}).get(pool.name, 0)
+            default = self.DEVICE_MEMORY if pool.name == "WORKSPACE" else 48 * 2**10
+            return record.get("pools", {}).get(pool.name, default)
 
         def create_timing_cache(self, data):
             return TimingCache(data)
@@ -522,6 +613,10 @@ def _fake_tensorrt(record, fail=None):
     class Builder:
         def __init__(self, logger):
             self.logger = logger
+            if fail == "cuda":  # what a CUDA 13 TensorRT does on a CUDA 12 driver
+                logger.log(Logger.ERROR, "[TRT] createInferBuilder: Error Code 6: API Usage Error (CUDA "
+                                         "initialization failure with error: 35.)")
+                raise TypeError("pybind11::init(): factory function returned nullptr")
 
         def create_network(self, flags=0):
             record["network_flags"] = flags
@@ -548,6 +643,23 @@ def _fake_tensorrt(record, fail=None):
                                            "Outputs": [{"Format/Datatype": "Int8"}]}]})
 
     class Engine:
+        """The built plan: its inputs and profile are what the builder was given (record["shapes"])."""
+
+        def __init__(self):
+            self.shapes = dict(record.get("shapes", {}))
+            self.num_optimization_profiles, self.num_io_tensors = 1, len(self.shapes) + 1
+            self.names = [*self.shapes, "noise_pred"]
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return trt.TensorIOMode.INPUT if name in self.shapes else trt.TensorIOMode.OUTPUT
+
+        def get_tensor_profile_shape(self, name, index):
+            assert index == 0
+            return [list(s) for s in self.shapes[name]]
+
         def create_engine_inspector(self):
             return Inspector()
 
@@ -601,6 +713,41 @@ def test_polygraphy_build_sets_profile_cache_level_pool_and_verbosity_without_pr
     assert record["inspector_format"] == "JSON"
     assert s["layers"]["layers"] == 1 and s["layers"]["output_formats"] == {"Int8": 1}
     assert json.loads((tmp_path / "unet.plan.layers.json").read_text())["Layers"][0]["Name"] == "conv"
+    # the sidecar reads the settings back from the builder config and the profile from the built engine
+    b = s["builder"]
+    assert b["read_back"] is True and (b["optimization_level"], b["profiling_verbosity"]) == (5, "DETAILED")
+    assert b["workspace_bytes"] == int(1.5 * 2**30) and b["memory_pools"]["TACTIC_SHARED_MEMORY"] == 48 * 2**10
+    assert b["tf32"] is False and b["builder_flags"] == [] and b["num_optimization_profiles"] == 1
+    assert s["profiles_from"] == "engine"
+    assert s["profiles"][0]["sample"] == {"min": [1, 1, 8, 8], "opt": [4, 1, 8, 8], "max": [8, 1, 8, 8],
+                                          "source": "flags"}
+
+
+def test_sidecar_records_tensorrts_own_defaults_not_the_arguments(tmp_path, onnx_file, polygraphy_on_fake_trt):
+    """No --workspace-gb: the sidecar says what TensorRT then uses (the device's memory), not None; the level
+    and verbosity are TensorRT's defaults as its config reports them."""
+    record = polygraphy_on_fake_trt()
+    s = build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
+    b = s["builder"]
+    assert b["workspace_bytes"] == type(record["config"]).DEVICE_MEMORY == 80 * 2**30
+    assert b["requested"]["workspace_bytes"] is None
+    assert (b["optimization_level"], b["profiling_verbosity"]) == (3, "LAYER_NAMES_ONLY")
+    assert s["profiles"][0]["t_index"] == {"min": [1], "opt": [4], "max": [16], "source": "graph+defaults"}
+    # Polygraphy walked the network's layers, which (as on TensorRT 11) have no precision_is_set: 0.53 guards it
+    assert record["layers_iterated"]
+
+
+def test_cuda_init_failure_inside_tensorrt_is_the_driver_mismatch_line(tmp_path, onnx_file, polygraphy_on_fake_trt,
+                                                                        monkeypatch):
+    polygraphy_on_fake_trt(fail="cuda")
+    monkeypatch.setattr(trt_env, "tensorrt_cuda_major", lambda: 13)
+    monkeypatch.setattr(trt_env, "driver_cuda_version", lambda: None)  # not readable up front: caught at the builder
+    with pytest.raises(UserError) as err:
+        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
+    msg = str(err.value)
+    assert msg.startswith("TensorRT is the CUDA 13 build (tensorrt-cu13) but the NVIDIA driver here is too old"), msg
+    assert "\n" not in msg and "CUDA 13 needs driver 580 or newer" in msg
+    assert not (tmp_path / "unet.plan").exists()
 
 
 @pytest.mark.parametrize("fail, needle", [
