@@ -30,6 +30,7 @@ import torch
 from onnx_ir.passes import common
 
 from ..calibrate.checkpoint import QuantCheckpoint
+from ..calibrate.conditioning import COND_NAMES
 from ..calibrate.metrics import sqnr_db
 from ..calibrate.quant_unet import QuantConv2d, QuantLayer
 from ..errors import UserError
@@ -38,7 +39,6 @@ MAX_LEVEL_DIFF = 1         # no level may differ by more than one (a float tie a
 MAX_DIFF_SHARE = 1e-4      # share of levels that may differ by one, per layer
 MIN_SQNR_DB = 60.0         # layer output against the reference, per layer and t_index
 TEACHER_SUFFIX = "__teacher"
-COND_NAMES = ("encoder_hidden_states", "text_embeds", "time_ids")
 
 
 class LayerParityError(UserError):
@@ -171,7 +171,74 @@ def find_sites(model: ir.Model, ck: QuantCheckpoint, weight_only: tuple[str, ...
             unmatched[name] = found
         else:
             sites.append(found)
+    if ck.qunet.config.attn_matmul:
+        for key, q in ck.qunet.act_quantizers.items():
+            if key.rsplit("/", 1)[-1] in ATTN_OPERANDS:
+                found = find_attention_site(graph, key, q, memo, data_inputs)
+                name = attention_site_name(key)
+                if isinstance(found, str):
+                    unmatched[name] = found
+                else:
+                    sites.append(found)
     return sites, unmatched
+
+
+ATTN_OPERANDS = ("attn_q", "attn_k", "attn_v", "attn_p")
+SHAPE_OPS = ("Reshape", "Unsqueeze", "Expand", "Cast", "Identity", "Squeeze")
+
+
+def attention_site_name(key: str) -> str:
+    """down_blocks/1/attentions/0/.../attn1/attn_q -> down_blocks.1.attentions.0....attn1:q (q, k, v, softmax p)."""
+    path, _, part = key.rpartition("/")
+    return f"{path.replace('/', '.')}:{part[-1]}"
+
+
+def find_attention_site(graph: ir.Graph, key: str, q, memo: dict, data_inputs: set[str]) -> LayerSite | str:
+    """An attention-matmul operand (fold._DequantizedOperand): x -> Mul(mult[t]) [-> Add(shift[t])] -> clip -> Q
+    -> DQ [-> Add(correction[t])] -> Mul(delta[t]), found by its multiplier table's values under the module's name."""
+    from .fold import StepTables
+
+    mult = StepTables(q, static=False).mult.detach().numpy()
+    prefix = "unet." + key.rpartition("/")[0].replace("/", ".") + "."
+    tables = [v for name, v in graph.initializers.items() if name.startswith(prefix) and v.const_value is not None
+              and tuple(v.shape or ()) == mult.shape and np.array_equal(v.const_value.numpy(), mult)]
+    if len(tables) != 1:
+        return f"{len(tables)} initializers under '{prefix}' hold its multiplier table (expected 1)"
+    frontier = [u.node for u in tables[0].uses() if u.node.op_type == "Gather"]
+    mul = None
+    for _ in range(4):  # Gather -> (reshapes) -> Mul
+        muls = [n for n in frontier if n.op_type == "Mul"]
+        if muls:
+            mul = muls[0] if len(muls) == 1 else None
+            break
+        frontier = [u.node for n in frontier if n.op_type in SHAPE_OPS + ("Gather",) for u in n.outputs[0].uses()]
+    if mul is None or _data_operand(mul, memo, data_inputs) is None:
+        return "its multiplier table does not reach one Mul on the activation"
+    x = _data_operand(mul, memo, data_inputs)
+    v = mul.outputs[0]
+    if not q.symmetric:
+        node = _single_use(v, ("Add",))
+        if node is None:
+            return "asymmetric operand without its zero-point shift Add"
+        v = node.outputs[0]
+    for _ in range(2):
+        node = _single_use(v, ("Clip", "Max", "Min"))
+        if node is not None:
+            v = node.outputs[0]
+    quant = _single_use(v, ("QuantizeLinear",))
+    if quant is None:
+        return "no QuantizeLinear after its clip"
+    levels = quant.outputs[0]
+    dq = _single_use(levels, ("DequantizeLinear",))
+    if dq is None:
+        return "its QuantizeLinear does not feed one DequantizeLinear"
+    v = dq.outputs[0]
+    for op_type in ([] if q.symmetric else ["Add"]) + ["Mul"]:  # correction, step size
+        node = _single_use(v, (op_type,))
+        if node is None or _data_operand(node, memo, data_inputs) is not v:
+            return f"its dequantized value is not followed by {op_type} of its table"
+        v = node.outputs[0]
+    return LayerSite(attention_site_name(key), x.name, levels.name, v.name)
 
 
 def teacher_forced_model(model: ir.Model, sites: list[LayerSite]) -> tuple[onnx.ModelProto, list[str]]:
@@ -221,9 +288,16 @@ class Captured:
 
 @torch.no_grad()
 def capture_layers(ck: QuantCheckpoint, inputs: dict[str, torch.Tensor]) -> dict[str, Captured]:
-    """Every QuantLayer's input, integer levels (in quant mode) and output in one fake-quant forward pass."""
+    """Every QuantLayer's (and attention operand's) input, integer levels and output in one fake-quant forward."""
     out: dict[str, Captured] = {}
     hooks = []
+    if ck.qunet.config.attn_matmul:
+        for key, q in ck.qunet.act_quantizers.items():
+            if key.rsplit("/", 1)[-1] in ATTN_OPERANDS:
+                def operand(mod, args, y, name=attention_site_name(key)):
+                    out[name] = Captured(args[0].detach().clone(), mod.levels(args[0]).v.detach().clone(),
+                                         y.detach().clone())
+                hooks.append(q.register_forward_hook(operand))
     for name, layer in ck.qunet.layers().items():
         def hook(mod, args, y, name=name):
             x = args[0]
@@ -232,14 +306,8 @@ def capture_layers(ck: QuantCheckpoint, inputs: dict[str, torch.Tensor]) -> dict
             out[name] = Captured(x.detach().clone(), None if lv is None else lv.detach().clone(), y.detach().clone())
         hooks.append(layer.register_forward_hook(hook))
     try:
-        cond = {k: inputs[k] for k in COND_NAMES if k in inputs}
-        if not cond:
-            arg = None
-        elif list(cond) == ["encoder_hidden_states"]:
-            arg = cond["encoder_hidden_states"]
-        else:
-            arg = cond
-        ck.qunet(inputs["sample"], inputs["timestep"], inputs["t_index"], arg)
+        cond = {k: inputs[k] for k in COND_NAMES if k in inputs} or None
+        ck.qunet(inputs["sample"], inputs["timestep"], inputs["t_index"], cond)
     finally:
         for h in hooks:
             h.remove()
@@ -347,14 +415,15 @@ class LayerParity:
                 "enforced": enforce, "passed": not failures, "failures": failures, "per_layer": layers}
 
 
-def raise_on_failure(report: dict) -> None:
+def raise_on_failure(report: dict, report_path: str | Path | None = None) -> None:
     """A failed layer-wise parity is an error (dq-export exits 2), naming the first layers that fail."""
     if report.get("enforced", True) and not report["passed"]:
         f = report["failures"]
         more = f" (and {len(f) - 3} more)" if len(f) > 3 else ""
-        raise LayerParityError(f"layer-wise parity failed: {'; '.join(f[:3])}{more}. The graph does not compute the "
-                               "fake-quant model; re-export it from its q.pt (dq-export) - a hand-edited or stale "
-                               "graph, or a dq-export bug (report it with the checkpoint)")
+        where = f" (every layer: {report_path})" if report_path else ""
+        raise LayerParityError(f"layer-wise parity failed: {'; '.join(f[:3])}{more}{where}. The graph does not "
+                               "compute the fake-quant model: do not deploy it; re-export it from its q.pt - a "
+                               "hand-edited or stale graph, or a dq-export bug (report it with the checkpoint)")
 
 
 # ---------------------------------------------------------------- runners and the check
@@ -376,12 +445,12 @@ def layer_inputs(ck: QuantCheckpoint, per_step: int, fp_model=None, seed: int = 
     """per_step real calibration inputs at every t_index: from the FP model's trajectories (calibration_data.py),
     or, when the FP model cannot be loaded (tiny test models), from the fake-quant model's own trajectories."""
     from ..calibrate.calibration_data import build_calibration_set
-    from ..calibrate.models import load_model
+    from ..calibrate.checkpoint import source_model
 
     T = len(ck.timesteps)
     if fp_model is None:
         try:
-            fp_model = load_model(ck.source)
+            fp_model = source_model(ck)
         except UserError:
             fp_model = None
     if fp_model is not None:
@@ -399,9 +468,7 @@ def feeds_for(batch: dict[str, torch.Tensor], captured: dict[str, Captured], sit
     for name in graph_inputs:
         if name.endswith(TEACHER_SUFFIX):
             v = captured[by_input[name[: -len(TEACHER_SUFFIX)]].name].x
-        elif name in by_input:  # a layer reading a graph input directly (e.g. encoder_hidden_states)
-            v = batch[name]
-        else:
+        else:  # an original graph input: a layer reading it directly (encoder_hidden_states), t_index, shapes
             v = batch[name]
         feeds[name] = v.detach().cpu().numpy().astype(input_types[name], copy=False)
     return feeds
@@ -421,9 +488,11 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
     if props.get("dilatequant.static_scales") == "true":
         return {"skipped": "static-scale twin: no per-timestep fake-quant reference to compare with", "passed": True,
                 "enforced": False}
+    if any(n.op_type == "MatMulIntegerToFloat" for n in proto.graph.node):
+        return {"skipped": "--target ort graph: its layer-wise parity ran at export, on the TensorRT-form graph it "
+                "was converted from", "passed": True, "enforced": False}
     model = ir.serde.deserialize_model(proto)
     sites, unmatched = find_sites(model, ck, weight_only)
-    not_covered = ["attention-matmul quantizers (q, k, v, softmax): end to end only"] if ck.qunet.config.attn_matmul else []
     enforce = props.get("dilatequant.dtype", "fp32") == "fp32"
     teacher, graph_inputs = teacher_forced_model(model, sites)
     types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in teacher.graph.input}
@@ -440,7 +509,7 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
         acc.add_batch(b["t_index"], ref, got)
     rep = acc.report(unmatched, th, enforce)
     rep.update({"inputs": source, "samples": n, "runtime": getattr(run, "name", "onnxruntime"),
-                "not_covered": not_covered, "weight_only_int4_layers": list(weight_only)})
+                "weight_only_int4_layers": list(weight_only)})
     if not enforce:
         rep["note"] = "FP16 graph: layer outputs are rounded to FP16, the thresholds are not enforced"
     return rep
