@@ -176,4 +176,5 @@ def metadata(ck: QuantCheckpoint, cfg: ExportConfig, ckpt_hash: str, use_t: bool
         "dilatequant.conditional": str(ck.model.is_conditional).lower(),
         "dilatequant.sample_shape": json.dumps(list(ck.model.sample_shape)),
         "dilatequant.base_model": ck.source,
+        "dilatequant.int4_layers": json.dumps(list(w4a16_layers(ck, cfg))),  # weight-only (W4A16) GEMMs
     }

@@ -7,6 +7,7 @@ from numbers measured in this run. Output: report.json, README.md and PNG plots 
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,8 +145,6 @@ def fp_agreement(rows: list[dict]) -> dict:
 
 def _runtime_props(path: Path) -> dict[str, str]:
     """The graph's dilatequant.* metadata (an engine's sidecar holds its ONNX's verbatim)."""
-    import json
-
     import onnx
 
     if path.suffix.lower() == ".onnx":
@@ -156,9 +155,11 @@ def _runtime_props(path: Path) -> dict[str, str]:
 
 def _configure_reference(ck, runtime: Path) -> list[str]:
     """An INT4 graph runs its 4-bit GEMMs weight-only: the fake-quant reference passes their inputs through too."""
-    if _runtime_props(runtime).get("dilatequant.precision") != "int4":
+    props = _runtime_props(runtime)
+    if props.get("dilatequant.precision") != "int4":
         return []
-    names = int4_layers(ck.qunet, ExportConfig().int4_block)
+    recorded = props.get("dilatequant.int4_layers")  # graphs exported before it was recorded: the default blocks
+    names = json.loads(recorded) if recorded else int4_layers(ck.qunet, ExportConfig().int4_block)
     w4a16_reference(ck.qunet, names)
     return names
 
@@ -169,8 +170,6 @@ def _layer_parity(cfg: VerifyConfig, ck, rt: Runner, weight_only: list[str], fp_
         return {"skipped": "--layer-per-step 0"}
     graph, factory = Path(cfg.runtime), None
     if isinstance(rt, TensorRTRunner):  # the engine's own source graph, run as per-layer subgraphs on TensorRT
-        import json
-
         from .layer_runners import trt_layer_runner
 
         graph = Path(json.loads(Path(f"{cfg.runtime}.json").read_text()).get("built_onnx", ""))
