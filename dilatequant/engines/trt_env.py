@@ -190,3 +190,30 @@ def require_trt_and_gpu() -> tuple[ModuleType, GpuInfo]:
     trt = require_tensorrt()
     require_polygraphy()
     return trt, require_gpu()
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", str(version))[:3])
+
+
+def plan_mismatch(plan: str, built_trt: str | None, built_gpu: dict | None, trt_version: str | None,
+                  gpu: GpuInfo | dict | None) -> str | None:
+    """Why a plan built with TensorRT `built_trt` on `built_gpu` (its sidecar) cannot load here, or None.
+
+    A plan runs only on the TensorRT release (major.minor.patch) and the GPU architecture (compute capability)
+    that built it; anything else fails inside deserialize_cuda_engine with a long log, or not at all but wrongly.
+    Unknown sides (an old sidecar, no GPU information) are not judged.
+    """
+    gpu_here = gpu.to_json() if isinstance(gpu, GpuInfo) else (gpu or {})
+    built_gpu = built_gpu or {}
+    problems = []
+    if built_trt and trt_version and _release(built_trt) != _release(trt_version):
+        problems.append(f"it was built with TensorRT {built_trt} and this is TensorRT {trt_version}")
+    cc_built, cc_here = built_gpu.get("compute_capability"), gpu_here.get("compute_capability")
+    if cc_built and cc_here and str(cc_built) != str(cc_here):
+        problems.append(f"it was built on {built_gpu.get('name', 'a GPU')} (compute capability {cc_built}) and this "
+                        f"is {gpu_here.get('name', 'a GPU')} (compute capability {cc_here})")
+    if not problems:
+        return None
+    return (f"engine '{plan}' cannot run here: {' and '.join(problems)}; a TensorRT plan runs only with the TensorRT "
+            "release and GPU architecture that built it: rebuild it here with dq-build-engine from the ONNX graph")

@@ -210,3 +210,78 @@ def _fmt_dims(dims: tuple[int | str, ...]) -> str:
 
 def _example(dims: tuple[int | str, ...]) -> str:
     return "x".join(str(d) if isinstance(d, int) else "N" for d in dims)
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """The optimization profile a built plan accepts (profile 0 of its sidecar, read back from the engine).
+
+    TensorRT rejects a shape outside [min, max] deep in `set_input_shape`; checked here first it is one line that
+    names the input, the dimension and the range. A batch above the maximum is not an error for a runner: it splits
+    the batch into calls that fit (`chunks`), so a classifier-free-guidance batch (2 x images) runs on any plan.
+    """
+    shapes: dict[str, dict[str, Shape]]   # input -> {"min", "opt", "max"}
+    source: str = ""                      # the sidecar, for messages
+
+    @classmethod
+    def from_sidecar(cls, sidecar: dict, source: str = "") -> "EngineProfile | None":
+        """None when the sidecar has no profile (written before profiles were recorded): nothing to check."""
+        profiles = sidecar.get("profiles") if isinstance(sidecar, dict) else None
+        if not profiles:
+            return None
+        try:
+            shapes = {str(name): {lv: tuple(int(d) for d in s[lv]) for lv in LEVELS}
+                      for name, s in dict(profiles[0]).items()}
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"sidecar '{source}' has a malformed optimization profile ({err}); rebuild the engine "
+                            "with dq-build-engine") from err
+        return cls(shapes, source)
+
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        """(min, max) batch every input accepts (inputs share the batch dimension)."""
+        batched = [s for s in self.shapes.values() if len(s["min"])]
+        if not batched:
+            return 1, 1
+        return max(s["min"][0] for s in batched), min(s["max"][0] for s in batched)
+
+    def check(self, shapes: dict[str, tuple[int, ...]], split_batch: bool = True) -> None:
+        """UserError for an input whose non-batch dimensions (H, W, tokens) or batch fall outside the profile; with
+        `split_batch` a batch above the maximum passes (the caller splits it with `chunks`)."""
+        lo_b, hi_b = self.batch_range
+        where = f" (profile of '{self.source}')" if self.source else ""
+        for name, shape in shapes.items():
+            prof = self.shapes.get(name)
+            if prof is None:
+                continue
+            shape = tuple(int(d) for d in shape)
+            if len(shape) != len(prof["min"]):
+                raise UserError(f"input '{name}' has shape {_fmt(shape)} but the engine takes rank {len(prof['min'])} "
+                                f"({_fmt(prof['min'])} to {_fmt(prof['max'])}){where}")
+            for axis, (d, lo, hi) in enumerate(zip(shape, prof["min"], prof["max"])):
+                if axis == 0 and (d >= lo_b and (split_batch or d <= hi_b)):
+                    continue
+                if axis > 0 and lo <= d <= hi:
+                    continue
+                what = "batch" if axis == 0 else f"dimension {axis}"
+                rng = f"{lo_b}..{hi_b}" if axis == 0 else f"{lo}..{hi}"
+                raise UserError(f"input '{name}' {what} is {d}, outside the engine's optimization profile {rng} "
+                                f"(shapes {_fmt(prof['min'])} to {_fmt(prof['max'])}){where}; pass sizes within it or "
+                                "rebuild the engine with dq-build-engine --min-shapes/--max-shapes covering "
+                                f"{name}:{_fmt(shape)}")
+
+    def chunks(self, batch: int) -> list[tuple[int, int]]:
+        """[start, stop) slices of a batch, as even as possible, each within the profile's batch range."""
+        lo, hi = self.batch_range
+        n = -(-batch // hi)
+        base, extra = divmod(batch, n)
+        if base < lo:
+            raise UserError(f"a batch of {batch} cannot be split into calls of {lo}..{hi} (the engine's profile "
+                            f"batch range{f' in {self.source!r}' if self.source else ''}); rebuild the engine with a "
+                            "smaller minimum batch (dq-build-engine --min-shapes sample:1x...)")
+        out, start = [], 0
+        for i in range(n):
+            size = base + (1 if i < extra else 0)
+            out.append((start, start + size))
+            start += size
+        return out
