@@ -8,16 +8,41 @@ from dilatequant.calibrate.recipe import apply_scaling
 from dilatequant.calibrate.weight_dilation import dilate, dilation_scales
 
 
-@pytest.mark.parametrize("shape", [(16, 12), (8, 6, 3, 3)])
-def test_dilation_keeps_every_out_channel_range(shape):
-    w = torch.randn(shape)
-    s = dilation_scales([w], cap=16.0)
-    wd = dilate(w, s)
-    rows, rows_d = w.reshape(shape[0], -1), wd.reshape(shape[0], -1)
+def _times_s(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """W.s per input channel, written out here so the test does not trust the module's own helper."""
+    return w * s.reshape((1, -1) + (1,) * (w.dim() - 2))
+
+
+def _assert_same_row_ranges(w: torch.Tensor, wd: torch.Tensor) -> None:
+    rows, rows_d = w.reshape(w.shape[0], -1), wd.reshape(w.shape[0], -1)
     assert torch.equal(rows.amax(1), rows_d.amax(1))
     assert torch.equal(rows.amin(1), rows_d.amin(1))
-    assert (s >= 1).all() and (s <= 16).all() and torch.isfinite(s).all()
-    assert (s > 1).any(), "random weights leave unsaturated channels to dilate"
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (8, 6, 3, 3), (64, 64), (32, 16, 3, 3)])
+def test_dilation_keeps_every_out_channel_range(shape):
+    # 25 random layers per shape: in float32, W.s with s = w_max / w rounds one ulp past the row's max
+    # for about one in six of them; s must absorb that (not a clamp on the product).
+    gen = torch.Generator().manual_seed(0)
+    dilated = 0
+    for _ in range(25):
+        w = torch.randn(shape, generator=gen)
+        s = dilation_scales([w], cap=16.0)
+        wd = dilate(w, s)
+        assert torch.equal(wd, _times_s(w, s)), "dilate must be exactly W.s (X.W = (X/s).(sW))"
+        _assert_same_row_ranges(w, wd)
+        assert (s >= 1).all() and (s <= 16).all() and torch.isfinite(s).all()
+        dilated += int((s > 1).sum())
+    assert dilated > 0, "random weights leave unsaturated channels to dilate"
+
+
+def test_dilate_does_not_hide_a_wrong_scale():
+    """A too-large s must show up as a widened range, not be clamped back into it."""
+    w = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+    s = dilation_scales([w], cap=16.0) * 1.5
+    wd = dilate(w, s)
+    assert torch.equal(wd, _times_s(w, s))
+    assert (wd.amax(1) > w.amax(1)).any() or (wd.amin(1) < w.amin(1)).any()
 
 
 def test_dilation_guards_and_saturated_channels():
@@ -36,7 +61,8 @@ def test_shared_input_layers_get_one_joint_scale():
     s = dilation_scales([a, b], cap=16.0)
     for w in (a, b):
         wd = dilate(w, s)
-        assert torch.equal(wd.amax(1), w.amax(1)) and torch.equal(wd.amin(1), w.amin(1))
+        assert torch.equal(wd, _times_s(w, s))
+        _assert_same_row_ranges(w, wd)
 
 
 @pytest.mark.parametrize("scaling", ["dilation", "smoothquant"])
