@@ -240,6 +240,8 @@ def triton_main(argv: list[str] | None = None) -> None:
                    help="dynamic batching delay (%(default)s)")
     p.add_argument("--threads", type=int, default=0, help="--kind cpu: ORT threads per unet instance (0: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
+    p.add_argument("--serving-tensorrt", metavar="VERSION", help="TensorRT release of the Triton container that will "
+                   "serve --engine (e.g. 11.4.0); a plan built by another release is refused")
     a = p.parse_args(argv)
 
     def go() -> None:
@@ -248,7 +250,7 @@ def triton_main(argv: list[str] | None = None) -> None:
         s = write_repository(RepositoryConfig(
             repo=a.repo, onnx=a.onnx, engine=a.engine, ckpt=a.ckpt, kind=a.kind, name=a.name, max_batch=a.max_batch,
             instances=a.instances, pipeline_instances=a.pipeline_instances, max_queue_delay_us=a.max_queue_delay_us,
-            intra_op_threads=a.threads, overwrite=a.overwrite))
+            intra_op_threads=a.threads, overwrite=a.overwrite, serving_tensorrt=a.serving_tensorrt))
         print(f"wrote {s['repo']}: '{a.name}' ({s['unet_backend']}, max batch {s['max_batch']}, inputs "
               f"{', '.join(s['inputs'])}) + 'pipeline' (DDIM over {len(s['timesteps'])} calibrated timesteps, "
               f"{'class-conditional' if s['conditional'] else 'unconditional'}); configs validated")

@@ -161,3 +161,68 @@ def test_pipeline_default_guidance_is_the_samplers():
     from dilatequant.engines.triton import repository
 
     assert repository.DEFAULT_GUIDANCE == DEFAULT_GUIDANCE
+
+
+def _profiled_plan(exported, name, lo=1, hi=8, spatial=(1, 8, 8), tensorrt="11.4.0.106", cc="9.0"):
+    """A plan whose sidecar records its optimization profile and what built it, as dq-build-engine writes it."""
+    tmp, _, graph, _ = exported
+    plan = tmp / f"{name}.plan"
+    plan.write_bytes(b"not a real engine: configs only")
+    meta = {p.key: p.value for p in onnx.load(str(graph)).metadata_props}
+    prof = {"sample": {"min": [lo, *spatial], "opt": [hi, *spatial], "max": [hi, *spatial]},
+            "timestep": {"min": [lo], "opt": [hi], "max": [hi]}, "t_index": {"min": [lo], "opt": [hi], "max": [hi]},
+            "encoder_hidden_states": {"min": [lo, 2, 16], "opt": [hi, 2, 16], "max": [hi, 2, 16]}}
+    (tmp / f"{name}.plan.json").write_text(json.dumps({
+        "metadata": meta, "profiles": [prof], "tensorrt": tensorrt,
+        "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": cc, "source": "nvidia-smi"}}))
+    return plan
+
+
+def test_max_batch_and_sizes_are_checked_against_the_plans_profile(exported):
+    tmp, ckpt, _, _ = exported
+    plan = _profiled_plan(exported, "p8")
+    with pytest.raises(UserError) as err:
+        write_repository(RepositoryConfig(repo=tmp / "r16", engine=plan, ckpt=ckpt, max_batch=16))
+    msg = str(err.value)
+    assert msg.startswith("--max-batch 16 exceeds the plan's optimization profile (batch 1..8 in ") and "\n" not in msg
+    assert "pass --max-batch 8" in msg and not (tmp / "r16").exists()
+    s = write_repository(RepositoryConfig(repo=tmp / "r8", engine=plan, ckpt=ckpt, max_batch=8))
+    unet = _configs(tmp / "r8")["unet"]
+    par = {k: v.string_value for k, v in unet.parameters.items()}
+    assert (par["tensorrt_version"], par["gpu_name"], par["gpu_compute_capability"], par["profile_batch"]) == (
+        "11.4.0.106", "NVIDIA H100 80GB HBM3", "9.0", "1..8")
+    assert s["plan"]["tensorrt_version"] == "11.4.0.106" and validate_repository(tmp / "r8") == []
+    assert _configs(tmp / "r8")["pipeline"].parameters["unet_max_batch"].string_value == "8"
+    with pytest.raises(UserError, match=r"starts at batch 2 .*Triton sends batches from 1"):
+        write_repository(RepositoryConfig(repo=tmp / "rmin", engine=_profiled_plan(exported, "min2", lo=2), ckpt=ckpt,
+                                          max_batch=8))
+    with pytest.raises(UserError, match=r"input 'sample' dimension 2 is 8, outside the engine's optimization profile "
+                                        r"16\.\.16"):
+        write_repository(RepositoryConfig(repo=tmp / "rhw", engine=_profiled_plan(exported, "hw", spatial=(1, 16, 16)),
+                                          ckpt=ckpt, max_batch=8))
+
+
+def test_a_plan_from_another_tensorrt_or_gpu_is_caught_before_load(exported, capsys):
+    from dilatequant.engines.trt_env import GpuInfo
+    from dilatequant.engines.triton.repository import plan_environment_problems
+
+    tmp, ckpt, graph, _ = exported
+    plan = _profiled_plan(exported, "env")
+    with pytest.raises(SystemExit) as exit_info:
+        triton_main(["--engine", str(plan), "--repo", str(tmp / "renv-bad"), "--ckpt", str(ckpt), "--max-batch", "8",
+                     "--serving-tensorrt", "11.3.0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "cannot run in the serving container: it was built with TensorRT 11.4.0.106 and this is TensorRT 11.3.0" in err
+    assert not (tmp / "renv-bad").exists()
+    write_repository(RepositoryConfig(repo=tmp / "renv", engine=plan, ckpt=ckpt, max_batch=8,
+                                      serving_tensorrt="11.4.0"))
+    h100, l40s = GpuInfo("NVIDIA H100 NVL", "9.0", "test"), GpuInfo("NVIDIA L40S", "8.9", "test")
+    assert plan_environment_problems(tmp / "renv", "11.4.0.106", h100) == []
+    [gpu_problem] = plan_environment_problems(tmp / "renv", "11.4.0.106", l40s)
+    assert "built on NVIDIA H100 80GB HBM3 (compute capability 9.0) and this is NVIDIA L40S (compute capability 8.9)" \
+        in gpu_problem and "unet/1/model.plan" in gpu_problem
+    [trt_problem] = plan_environment_problems(tmp / "renv", "10.13.0", h100)
+    assert "built with TensorRT 11.4.0.106 and this is TensorRT 10.13.0" in trt_problem
+    write_repository(RepositoryConfig(repo=tmp / "renv-onnx", onnx=graph, ckpt=ckpt, max_batch=8))
+    assert plan_environment_problems(tmp / "renv-onnx", "10.13.0", l40s) == []  # no plan, nothing to compare

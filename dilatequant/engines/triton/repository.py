@@ -7,6 +7,12 @@
 
 Every config is built as a tritonclient ModelConfig message, written as text, parsed back and
 checked against the UNet's I/O before the repository is renamed into place.
+
+A plan is checked against its sidecar's optimization profile (--max-batch may not exceed the profile's maximum
+batch, its minimum must be 1, the served sizes must lie inside it), and the TensorRT release and GPU that built it
+are recorded as parameters of the unet model: a plan runs only with that TensorRT release and GPU architecture, so
+`plan_environment_problems` (and `--serving-tensorrt` when writing) compares them with the serving side before
+Triton loads anything.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ import numpy as np
 
 from ...calibrate.reporting import atomic_write_bytes, write_text
 from ...errors import UserError
+from ..trt_env import GpuInfo, plan_mismatch
+from ..trt_profiles import EngineProfile
 from . import config as C
 from .unet_spec import TensorSpec, UnetSpec, spec_from_onnx, spec_from_plan
 
@@ -44,6 +52,7 @@ class RepositoryConfig:
     max_images: int = 64
     intra_op_threads: int = 0          # --kind cpu: ORT threads per unet instance (0: ORT's default)
     overwrite: bool = False
+    serving_tensorrt: str | None = None  # the serving container's TensorRT release: a plan built by another is refused
 
     def __post_init__(self) -> None:
         self.repo = Path(self.repo)
@@ -101,7 +110,34 @@ def load_conditioning(spec_meta: dict[str, str], ckpt: Path | None) -> Condition
     return cond
 
 
-def _unet_config(cfg: RepositoryConfig, spec: UnetSpec):
+def plan_record(engine: Path, spec: UnetSpec, max_batch: int) -> dict[str, str]:
+    """Check --max-batch and the served sizes against the plan's profile; what built the plan, as config parameters."""
+    side_path = Path(str(engine) + ".json")
+    try:
+        side = json.loads(side_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read the sidecar '{side_path}' of '{engine}' ({err}); rebuild the engine") from err
+    profile = EngineProfile.from_sidecar(side, str(side_path))
+    record = {}
+    if profile is not None:
+        lo, hi = profile.batch_range
+        if max_batch > hi:
+            raise UserError(f"--max-batch {max_batch} exceeds the plan's optimization profile (batch {lo}..{hi} in "
+                            f"'{side_path}'): Triton would send batches the plan refuses; pass --max-batch {hi} or "
+                            f"rebuild with dq-build-engine --max-shapes sample:{max_batch}x...")
+        if lo > 1:
+            raise UserError(f"the plan's optimization profile starts at batch {lo} ('{side_path}'), but Triton sends "
+                            "batches from 1; rebuild with dq-build-engine --min-shapes sample:1x...")
+        profile.check({t.name: (1, *t.shape[1:]) for t in spec.inputs if all(d > 0 for d in t.shape[1:])},
+                      split_batch=False)
+        record["profile_batch"] = f"{lo}..{hi}"
+    gpu = side.get("gpu") or {}
+    record.update({"tensorrt_version": str(side.get("tensorrt") or ""), "gpu_name": str(gpu.get("name", "")),
+                   "gpu_compute_capability": str(gpu.get("compute_capability", ""))})
+    return record
+
+
+def _unet_config(cfg: RepositoryConfig, spec: UnetSpec, plan: dict[str, str] | None = None):
     batched = cfg.max_batch > 0
     m = C.mc.ModelConfig(name=cfg.name, max_batch_size=cfg.max_batch)
     if cfg.kind == "cpu":
@@ -117,6 +153,7 @@ def _unet_config(cfg: RepositoryConfig, spec: UnetSpec):
     params = {"num_steps": str(len(spec.timesteps)), "timesteps": json.dumps(spec.timesteps)}
     if cfg.kind == "cpu":
         params["intra_op_threads"] = str(cfg.intra_op_threads)
+    params.update(plan or {})
     for k, v in params.items():
         m.parameters[k].string_value = v
     return m
@@ -233,6 +270,12 @@ def write_repository(cfg: RepositoryConfig) -> dict:
         if tuple(ehs) != tuple(cond.token_shape):
             raise UserError(f"encoder_hidden_states is {list(ehs)} per sample in the graph but the class encoder of "
                             f"'{cond.source}' makes {list(cond.token_shape)}; pass the matching --ckpt")
+    plan = plan_record(cfg.engine, spec, cfg.max_batch) if cfg.engine is not None else None
+    if plan and cfg.serving_tensorrt:
+        problem = plan_mismatch(str(cfg.engine), plan["tensorrt_version"], None, cfg.serving_tensorrt, None)
+        if problem:
+            raise UserError(f"{problem.replace('cannot run here', 'cannot run in the serving container')} "
+                            f"(--serving-tensorrt {cfg.serving_tensorrt})")
     if cfg.repo.exists() and any(cfg.repo.iterdir()) and not cfg.overwrite:
         raise UserError(f"'{cfg.repo}' exists and is not empty; choose a new folder or pass --overwrite")
     cfg.repo.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +289,7 @@ def write_repository(cfg: RepositoryConfig) -> dict:
             _copy_onnx(cfg.onnx, unet_dir / "1", as_folder=cfg.kind == "gpu")
             if cfg.kind == "cpu":
                 atomic_write_bytes(unet_dir / "1" / "model.py", _backend_source("unet_ort"))
-        _write_config(unet_dir, _unet_config(cfg, spec), C.Expected(spec.inputs, spec.outputs))
+        _write_config(unet_dir, _unet_config(cfg, spec, plan), C.Expected(spec.inputs, spec.outputs))
 
         pipe_dir = staging / PIPELINE
         (pipe_dir / "1").mkdir(parents=True)
@@ -266,7 +309,7 @@ def write_repository(cfg: RepositoryConfig) -> dict:
             "unet_backend": "python (ONNX Runtime)" if cfg.kind == "cpu" else
             ("tensorrt_plan" if cfg.engine else "onnxruntime_onnx"),
             "inputs": [t.name for t in spec.inputs], "timesteps": spec.timesteps, "conditional": spec.conditional,
-            "max_batch": cfg.max_batch, "source": cond.source}
+            "max_batch": cfg.max_batch, "source": cond.source, "plan": plan}
 
 
 def _sidecar_metadata(engine: Path) -> dict[str, str]:
@@ -288,4 +331,36 @@ def validate_repository(repo: str | Path) -> list[str]:
             problems.append(str(err))
             continue
         problems += C.check_semantics(parsed, cfg_file.parent)
+    return problems
+
+
+def plan_environment_problems(repo: str | Path, tensorrt_version: str | None = None,
+                              gpu: GpuInfo | dict | None = None) -> list[str]:
+    """One line per tensorrt_plan model whose recorded TensorRT release or GPU architecture differs from the
+    serving side's (given, or else this machine's TensorRT and GPU when present): caught before Triton loads it."""
+    if tensorrt_version is None:
+        try:
+            import tensorrt
+
+            tensorrt_version = str(tensorrt.__version__)
+        except (ImportError, OSError):
+            tensorrt_version = None
+    if gpu is None:
+        from ..trt_env import detect_gpu
+
+        gpu = detect_gpu()
+    problems = []
+    for cfg_file in sorted(Path(repo).glob("*/config.pbtxt")):
+        try:
+            parsed = C.parse(cfg_file.read_text(), str(cfg_file))
+        except C.ConfigError:
+            continue  # validate_repository reports it
+        if parsed.platform != "tensorrt_plan":
+            continue
+        par = {k: v.string_value for k, v in parsed.parameters.items()}
+        built_gpu = {"name": par.get("gpu_name", ""), "compute_capability": par.get("gpu_compute_capability", "")}
+        problem = plan_mismatch(str(cfg_file.parent / "1" / "model.plan"), par.get("tensorrt_version") or None,
+                                built_gpu, tensorrt_version, gpu)
+        if problem:
+            problems.append(problem)
     return problems
