@@ -39,6 +39,7 @@ MAX_LEVEL_DIFF = 1         # no level may differ by more than one (a float tie a
 MAX_DIFF_SHARE = 1e-4      # share of levels that may differ by one, per layer
 MIN_SQNR_DB = 60.0         # layer output against the reference, per layer and t_index
 TEACHER_SUFFIX = "__teacher"
+CAPTURE_BYTES = 2 * 2**30  # activations held per batch (every layer's input, levels and output, both sides)
 
 
 class LayerParityError(UserError):
@@ -502,8 +503,13 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
         inputs, source = layer_inputs(ck, per_step, fp_model)
     acc = LayerParity(sites, len(ck.timesteps))
     n = len(inputs["sample"])
-    for start in range(0, n, batch):
-        b = {k: v[start:start + batch] for k, v in inputs.items()}
+    # one input's captured activations size the batches (an SD-size UNet holds GBs of them per input)
+    one = capture_layers(ck, {k: v[:1] for k, v in inputs.items()})
+    per_input = sum(c.x.nbytes + c.y.nbytes + (0 if c.levels is None else c.levels.nbytes) for c in one.values())
+    size = max(1, min(batch, CAPTURE_BYTES // (2 * max(1, per_input))))  # reference and runtime copies
+    del one
+    for start in range(0, n, size):
+        b = {k: v[start:start + size] for k, v in inputs.items()}
         ref = capture_layers(ck, b)
         got = run(feeds_for(b, ref, sites, graph_inputs, types))
         acc.add_batch(b["t_index"], ref, got)
