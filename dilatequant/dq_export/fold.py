@@ -217,7 +217,10 @@ def deploy_unet(qunet: QuantUNet, static: bool = False,
     import copy
 
     ctx = ExportContext()
-    unet = copy.deepcopy(qunet.unet)
+    # New modules, the same tensors: a plain deepcopy would hold a second full-precision copy of every weight
+    # (3.4 GB at SD 1.5 size) until the quantized layers below are swapped for their integer form.
+    shared = {id(t): t for t in (*qunet.unet.parameters(), *qunet.unet.buffers())}
+    unet = copy.deepcopy(qunet.unet, shared)
     layers = dict(unet.named_modules())
     tables = {key: StepTables(q, static) for key, q in qunet.act_quantizers.items()}
     for group in qunet.groups:

@@ -208,3 +208,20 @@ def test_missing_data_file_is_one_clear_error(tmp_path):
     os.remove(data_path(path))
     with pytest.raises(UserError, match=r"external data .*unet.onnx.data is missing: keep it beside the graph"):
         fp16_file(path, tmp_path / "out.onnx")
+
+
+def test_deployment_copy_shares_the_float_tensors_and_holds_integer_weights(ext):
+    """The export's memory bound: deploy_unet copies modules, not tensors (a deepcopy of the tensors is a second
+    full-precision copy of every weight until the quantized layers are swapped out), and adds int8 weights."""
+    import torch
+
+    from dilatequant.dq_export.fold import deploy_unet
+
+    ck, _, _ = ext
+    source = {t.data_ptr() for t in (*ck.qunet.unet.parameters(), *ck.qunet.unet.buffers())}
+    fp32 = sum(t.numel() * 4 for t in ck.qunet.unet.parameters())
+    unet, _ = deploy_unet(ck.qunet)
+    params = list(unet.parameters())
+    assert len(params) > 20 and all(p.data_ptr() in source for p in params)  # norms, float layers: shared
+    new_int8 = sum(t.numel() for t in unet.buffers() if t.dtype == torch.int8 and t.data_ptr() not in source)
+    assert new_int8 > 0.8 * fp32 / 4  # the integer weights: about a quarter of the FP32 bytes
