@@ -171,14 +171,19 @@ def _train(qunet, groups, step_loss, iters, desc) -> list[float]:
     return losses
 
 
-def _save_progress(path: Path, qunet: QuantUNet, done: list[str], losses: dict, fingerprint: str) -> None:
+def _save_progress(path: Path, qunet: QuantUNet, done: list[str], losses: dict, fingerprint: str,
+                   gen: torch.Generator) -> None:
+    """The model and both random streams (the batch-index generator, torch's global one) after the last
+    finished block: a resumed run draws the same batches as an uninterrupted one, so q.pt is bit-identical."""
     buf = io.BytesIO()
     torch.save({"format": PROGRESS_FORMAT, "fingerprint": fingerprint, "completed": done,
-                "block_losses": losses, "state_dict": qunet.state_dict()}, buf)
+                "block_losses": losses, "state_dict": qunet.state_dict(),
+                "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()}}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_progress(path: Path, qunet: QuantUNet, fingerprint: str) -> tuple[list[str], dict]:
+def load_progress(path: Path, qunet: QuantUNet, fingerprint: str,
+                  gen: torch.Generator | None = None) -> tuple[list[str], dict]:
     try:
         d = torch.load(path, weights_only=True)
     except Exception as err:
@@ -188,7 +193,13 @@ def load_progress(path: Path, qunet: QuantUNet, fingerprint: str) -> tuple[list[
     if d["fingerprint"] != fingerprint:
         raise UserError(f"'{path}' was written for other settings or another model; delete it or rerun "
                         "with the settings it was started with")
+    if gen is not None and "rng" not in d:
+        raise UserError(f"'{path}' predates resumable random state (its resumed run would draw other batches); "
+                        "delete it to start over")
     qunet.load_state_dict(d["state_dict"])
+    if gen is not None:
+        gen.set_state(d["rng"]["batches"])
+        torch.set_rng_state(d["rng"]["torch"])
     return list(d["completed"]), dict(d["block_losses"])
 
 
@@ -208,7 +219,7 @@ def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: Dis
     done: list[str] = []
     block_losses: dict[str, list[float]] = {}
     if resume and progress_path is not None and progress_path.is_file():
-        done, block_losses = load_progress(progress_path, qunet, fingerprint)
+        done, block_losses = load_progress(progress_path, qunet, fingerprint, gen)
         print(f"resuming: {len(done)} of {len(qunet.unit_order)} blocks already distilled")
     modules = dict(qunet.unet.named_modules())
     fp_modules = dict(fp_unet.named_modules())
@@ -236,7 +247,7 @@ def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: Dis
         block_losses[unit] = [losses[0], losses[-1]] if losses else []
         done.append(unit)
         if progress_path is not None:
-            _save_progress(progress_path, qunet, done, block_losses, fingerprint)
+            _save_progress(progress_path, qunet, done, block_losses, fingerprint, gen)
     return {"mode": "block-wise distillation", "blocks": len(qunet.unit_order), "block_losses": block_losses,
             "wall_s": time.perf_counter() - start, "config": asdict(cfg)}
 

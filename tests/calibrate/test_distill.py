@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from dilatequant.calibrate import distill as distill_mod
 from dilatequant.calibrate.calibration_data import build_calibration_set
@@ -46,6 +47,39 @@ def test_resume_continues_at_next_unfinished_block(setup, tmp_path, monkeypatch)
     assert len(report["block_losses"]) == len(q.unit_order)
     with pytest.raises(Exception, match="other settings"):
         distill(q, model.unet, data, cfg, progress_path=progress, resume=True, fingerprint="run-b")
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(cond_model, tmp_path, monkeypatch):
+    """Interrupted after block 3, resumed in a 'new process' (fresh model, other global seed): the state dict
+    is bit-identical to one uninterrupted seeded run (same batches drawn per block, same training)."""
+    data = build_calibration_set(cond_model, 32, 4, use_cache=False)
+    cfg = DistillConfig(iters=3, batch=8, lr_weight=1e-3, lr_act=1e-3)
+
+    def fresh():
+        return prepare(cond_model.unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=4), data)[0]
+
+    ref = fresh()
+    distill(ref, cond_model.unet, data, cfg)
+    progress, real_train, calls = tmp_path / "q.pt.progress", distill_mod._train, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args[3])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(distill_mod, "_train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill(fresh(), cond_model.unet, data, cfg, progress_path=progress, fingerprint="run-a")
+    monkeypatch.setattr(distill_mod, "_train", real_train)
+    torch.manual_seed(1234)  # a new process: nothing carried over in memory
+    resumed = fresh()
+    distill(resumed, cond_model.unet, data, cfg, progress_path=progress, resume=True, fingerprint="run-a")
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ after resume, e.g. {differ[:3]}"
+    assert len(q_units := ref.unit_order) > 3, q_units  # the interruption fell in the middle
 
 
 def test_full_model_qat_runs(setup):
