@@ -9,8 +9,6 @@ from onnx import helper, numpy_helper
 from onnx_ir.passes import common
 from onnxscript.optimizer import fold_constants
 
-from ..calibrate.checkpoint import QuantCheckpoint
-
 
 def _never_fold_qdq(node) -> bool | None:
     """Constant folding must keep every Q/DQ node: folding DQ(int8 W) would leave a float weight."""
@@ -28,13 +26,12 @@ def simplify(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def finalize_graph(model: onnx.ModelProto, ck: QuantCheckpoint, cfg, ckpt_hash: str, use_t: bool) -> onnx.ModelProto:
-    from .qdq_graph import metadata
-
-    if cfg.precision == "int4":
-        int4_weights(model, cfg.int4_block)
+def finalize_graph(model: onnx.ModelProto, metadata: dict[str, str], int4_block: int | None) -> onnx.ModelProto:
+    """INT4 weight blocks (when `int4_block` is set), then the graph's metadata (built by qdq_graph.metadata)."""
+    if int4_block is not None:
+        int4_weights(model, int4_block)
     del model.metadata_props[:]
-    for k, v in metadata(ck, cfg, ckpt_hash, use_t).items():
+    for k, v in metadata.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     model.producer_name = "dilatequant"
     return model

@@ -126,7 +126,8 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
     del program, wrapper, unet  # the exporter's graph and the deployment-form copy: the proto holds the weights now
-    model = finalize_graph(model, ck, cfg, checkpoint_hash(ckpt_path), use_t)
+    model = finalize_graph(model, metadata(ck, cfg, checkpoint_hash(ckpt_path), use_t),
+                           cfg.int4_block if cfg.precision == "int4" else None)
     _check_int4_blocks(model, w4a16)
     if cfg.dtype == "fp16":
         model = to_fp16(model, inplace=True)
