@@ -4,6 +4,11 @@ Each sample of a batch gathers its own row by its `t_index`, so a batch that mix
 rows at once. Tables are [T, H]: H = 1 for per-tensor activations, the head count for attention-matmul
 inputs laid out [B, H, N, d]. A per-channel `inv_scale` (1/s of Weight Dilation or SmoothQuant)
 multiplies the input first; in the exported graph it merges into the per-timestep multiply.
+
+Observation keeps what each timestep's activations looked like (a reservoir of values, the range, each
+sample's range), whatever the table size. Initialisation then sets every row from its own timestep, and
+one static row from all timesteps pooled (`static_delta`): the single row of a --no-tpq model and the
+scale of the --static-scales export twin, calibrated on the data rather than derived from the tables.
 """
 from __future__ import annotations
 
@@ -15,8 +20,14 @@ from torch import nn
 
 from .quantizers import IntRange, lsq_factor, round_ste, scale_grad
 
-INIT_METHODS = ("mse", "percentile", "minmax")
+# mse: MSE search over clipping ranges; percentile: the 1e-4 / 1 - 1e-4 quantiles; minmax: the full range;
+# minmean: ModelOpt's diffusers percentile calibrator with collect_method "min-mean" (percentile 1.0): per
+# timestep the mean over samples of each sample's max|x| (min and max when asymmetric), then the narrowest of
+# those over the timesteps pooled (a per-timestep row: its own timestep's mean).
+INIT_METHODS = ("mse", "percentile", "minmax", "minmean")
 _RESERVOIR = 4096  # values kept per (t_index, head) row for initialisation
+_MSE_RATIOS = (0.3, 1.0, 36)  # clipping ratios of the observed range tried by the MSE search (linspace)
+_SEARCH_ELEMENTS = 1 << 23  # bound on one batched search tensor (candidates x rows x values), ~32 MB float32
 
 
 @dataclass
@@ -39,10 +50,15 @@ class _RowStats:
     hi: float = -math.inf
     values: list[torch.Tensor] = field(default_factory=list)
     count: int = 0
+    sample_lo: list[torch.Tensor] = field(default_factory=list)  # per sample min (for minmean)
+    sample_hi: list[torch.Tensor] = field(default_factory=list)  # per sample max
 
     def update(self, v: torch.Tensor, gen: torch.Generator) -> None:
         self.lo = min(self.lo, v.min().item())
         self.hi = max(self.hi, v.max().item())
+        flat = v.reshape(v.shape[0], -1)
+        self.sample_lo.append(flat.amin(1).float())
+        self.sample_hi.append(flat.amax(1).float())
         if self.count < 4 * _RESERVOIR:
             take = min(v.numel(), _RESERVOIR)
             idx = torch.randint(0, v.numel(), (take,), generator=gen)
@@ -60,6 +76,10 @@ class TimestepActQuantizer(nn.Module):
         self.delta = nn.Parameter(torch.ones(num_steps, heads))
         self.zero_point = None if symmetric else nn.Parameter(torch.zeros(num_steps, heads))
         self.register_buffer("inv_scale", torch.ones(channels) if channels else torch.ones(0))
+        # one row for all timesteps from their pooled activations (NaN: not calibrated, e.g. a q.pt from before)
+        self.register_buffer("static_delta", torch.full((1, heads), math.nan))
+        if not symmetric:
+            self.register_buffer("static_zero_point", torch.full((1, heads), math.nan))
         self.mode = "off"  # off | observe | quant
         self._stats: dict[tuple[int, int], _RowStats] = {}
         self._gen = torch.Generator().manual_seed(0)
@@ -135,7 +155,18 @@ class TimestepActQuantizer(nn.Module):
         shape[self.channel_dim] = -1
         return self.inv_scale.view(shape) / delta
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("static_delta", "static_zero_point"):  # q.pt written before the pooled static row existed
+            if name in self._buffers and prefix + name not in state_dict:
+                state_dict[prefix + name] = self._buffers[name]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def has_static_row(self) -> bool:
+        return not bool(torch.isnan(self.static_delta).any())
+
     def _observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.num_steps == 1 and self.ctx.t_index is not None and len(self.ctx.t_index) == len(rows):
+            rows = self.ctx.t_index  # a single static row still sees every timestep apart, to pool them evenly
         for r in rows.unique().tolist():
             xs = x[rows == r]
             for h in range(self.heads):
@@ -144,20 +175,35 @@ class TimestepActQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from_observations(self, method: str = "mse") -> None:
-        """Set every row's step size (and zero point) from what that timestep's activations looked like."""
+        """Set every row's step size (and zero point) from what that timestep's activations looked like,
+        and the static row from every timestep's activations pooled (all rows and candidates searched at once).
+        """
         if method not in INIT_METHODS:
             raise ValueError(f"unknown activation init '{method}', choose from {INIT_METHODS}")
         if not self._stats:
             raise RuntimeError("no activations observed: run calibration data through the model in observe mode")
-        for (r, h), st in self._stats.items():
-            delta, z = _choose_range(st, self.range, self.symmetric, method)
-            self.delta[r, h] = delta
+        steps = sorted({t for t, _ in self._stats})
+        by_head = [[self._stats[(t, h)] for t in steps if (t, h) in self._stats] for h in range(self.heads)]
+        static = torch.stack([_pooled_row(stats, self.range, self.symmetric, method) for stats in by_head], 1)
+        self.static_delta.copy_(static[0:1])
+        if self.zero_point is not None:
+            self.static_zero_point.copy_(static[1:2])
+        if self.num_steps == 1:
+            self.delta.copy_(static[0:1])
             if self.zero_point is not None:
-                self.zero_point[r, h] = z
-        observed = {r for r, _ in self._stats}
+                self.zero_point.copy_(static[1:2])
+            self._stats.clear()
+            return
+        keys = list(self._stats)
+        delta, z = choose_ranges([self._stats[k] for k in keys], self.range, self.symmetric, method)
+        rows, heads = torch.tensor([k[0] for k in keys]), torch.tensor([k[1] for k in keys])
+        self.delta[rows, heads] = delta.float()
+        if self.zero_point is not None:
+            self.zero_point[rows, heads] = z.float()
+        observed = set(steps)
         missing = [r for r in range(self.num_steps) if r not in observed]
         if missing:  # steps with no data borrow their nearest observed neighbour's row
-            obs = torch.tensor(sorted(observed))
+            obs = torch.tensor(steps)
             for r in missing:
                 src = obs[(obs - r).abs().argmin()].item()
                 self.delta[r] = self.delta[src]
@@ -166,26 +212,100 @@ class TimestepActQuantizer(nn.Module):
         self._stats.clear()
 
 
-def _choose_range(st: _RowStats, r: IntRange, symmetric: bool, method: str) -> tuple[float, float]:
-    v = torch.cat(st.values)
-    lo, hi = min(st.lo, 0.0), max(st.hi, 0.0)  # zero stays exactly representable (padding, ReLU-like zeros)
-    if method == "percentile" and v.numel() > 100:
-        lo = min(torch.quantile(v, 1e-4).item(), 0.0)
-        hi = max(torch.quantile(v, 1 - 1e-4).item(), 0.0)
-    candidates = [1.0] if method != "mse" else torch.linspace(0.3, 1.0, 36).tolist()
-    v = torch.cat([v, torch.tensor([st.lo, st.hi])])
-    best, best_err = None, math.inf
-    for ratio in candidates:
-        delta, z = _params(lo * ratio, hi * ratio, r, symmetric)
-        q = torch.clamp(torch.round(v / delta) + z, r.qmin, r.qmax)
-        err = torch.sum(((q - z) * delta - v) ** 2).item()
-        if err < best_err:
-            best, best_err = (delta, z), err
-    return best
+def _padded(stats: list[_RowStats], pad: float) -> torch.Tensor:
+    """Each row's reservoir plus its exact min and max, as one [R, N] tensor (short rows padded)."""
+    rows = [torch.cat(st.values + [torch.tensor([st.lo, st.hi])]) for st in stats]
+    out = torch.full((len(rows), max(len(r) for r in rows)), pad)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
-def _params(lo: float, hi: float, r: IntRange, symmetric: bool) -> tuple[float, float]:
+def choose_ranges(stats: list[_RowStats], r: IntRange, symmetric: bool, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta [R], z [R]) in float64, one per row of statistics: every row and candidate at once.
+
+    Per row: the clipping range [lo, hi] (zero always inside, so padding and ReLU-like zeros stay exact)
+    from the observed range (minmax, mse), its 1e-4 quantiles (percentile) or the mean per-sample range
+    (minmean); mse then tries 36 ratios 0.3..1.0 of it and keeps the first with the least squared error.
+    """
+    lo = torch.tensor([min(st.lo, 0.0) for st in stats], dtype=torch.float64)
+    hi = torch.tensor([max(st.hi, 0.0) for st in stats], dtype=torch.float64)
+    if method == "percentile":
+        nan = torch.full((len(stats), max(sum(len(v) for v in st.values) for st in stats)), math.nan)
+        for i, st in enumerate(stats):
+            v = torch.cat(st.values)
+            nan[i, : len(v)] = v
+        big = torch.tensor([sum(len(v) for v in st.values) > 100 for st in stats])
+        if big.any():
+            qlo = torch.nanquantile(nan[big], 1e-4, dim=1).double().clamp(max=0.0)
+            qhi = torch.nanquantile(nan[big], 1 - 1e-4, dim=1).double().clamp(min=0.0)
+            lo[big], hi[big] = qlo, qhi
+    elif method == "minmean":
+        lo, hi = _mean_ranges(stats, symmetric)
+    if method != "mse":
+        return _params(lo, hi, r, symmetric)
+    ratios = torch.linspace(*_MSE_RATIOS).double()
+    delta, z = _params(lo[:, None] * ratios, hi[:, None] * ratios, r, symmetric)  # [R, K]
+    return _mse_search(_padded(stats, 0.0), delta, z, r)
+
+
+def _mse_search(v: torch.Tensor, delta: torch.Tensor, z: torch.Tensor, r: IntRange) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate (column of delta, z: [R, K]) with the least squared quantization error of each row of v.
+
+    Zero padding adds no error: zero is always on the grid (z lies in [qmin, qmax]). Errors are computed in
+    float32 as the graph would quantize, and summed in float64; ties keep the first (smallest) candidate.
+    """
+    rows, k = delta.shape
+    err = torch.empty(rows, k, dtype=torch.float64)
+    d32, z32 = delta.float(), z.float()
+    per_row = max(1, _SEARCH_ELEMENTS // max(1, k * v.shape[1]))
+    for i in range(0, rows, per_row):
+        x = v[i:i + per_row, None, :]
+        d, zz = d32[i:i + per_row, :, None], z32[i:i + per_row, :, None]
+        if k * v.shape[1] <= _SEARCH_ELEMENTS:
+            q = torch.clamp(torch.round(x / d) + zz, r.qmin, r.qmax)
+            err[i:i + per_row] = (((q - zz) * d - x) ** 2).sum(-1, dtype=torch.float64)
+            continue
+        step = max(1, _SEARCH_ELEMENTS // v.shape[1])  # one row too wide for all candidates at once (pooled data)
+        for j in range(0, k, step):
+            dj, zj = d[:, j:j + step], zz[:, j:j + step]
+            q = torch.clamp(torch.round(x / dj) + zj, r.qmin, r.qmax)
+            err[i:i + per_row, j:j + step] = (((q - zj) * dj - x) ** 2).sum(-1, dtype=torch.float64)
+    best = err.argmin(1, keepdim=True)
+    return delta.gather(1, best)[:, 0], z.gather(1, best)[:, 0]
+
+
+def _pooled_row(stats: list[_RowStats], r: IntRange, symmetric: bool, method: str) -> torch.Tensor:
+    """(delta, z) of one row for all timesteps: the same rule over every timestep's activations pooled.
+
+    Each timestep contributes the same number of reservoir values (the calibration set is stratified over
+    the steps); minmean keeps ModelOpt's rule, the narrowest of the per-timestep mean ranges.
+    """
+    if method == "minmean":
+        lo, hi = _mean_ranges(stats, symmetric)
+        d, zz = _params(lo.max()[None], hi.min()[None], r, symmetric)
+        return torch.stack([d[0], zz[0]]).float()
+    take = min(sum(len(v) for v in st.values) for st in stats)
+    pooled = _RowStats(lo=min(st.lo for st in stats), hi=max(st.hi for st in stats),
+                       values=[torch.cat(st.values)[:take] for st in stats])
+    delta, z = choose_ranges([pooled], r, symmetric, method)
+    return torch.stack([delta[0], z[0]]).float()
+
+
+def _mean_ranges(stats: list[_RowStats], symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the mean over samples of each sample's min and max (symmetric: of its max |x|), float64."""
+    lo = torch.stack([torch.cat(st.sample_lo).double().mean() for st in stats]).clamp(max=0.0)
+    hi = torch.stack([torch.cat(st.sample_hi).double().mean() for st in stats]).clamp(min=0.0)
+    if symmetric:  # ModelOpt's amax
+        amax = torch.stack([torch.maximum(-torch.cat(st.sample_lo), torch.cat(st.sample_hi)).double().mean()
+                            for st in stats])
+        return -amax, amax
+    return lo, hi
+
+
+def _params(lo: torch.Tensor, hi: torch.Tensor, r: IntRange, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and zero point of the range [lo, hi] (float64, any shape; lo <= 0 <= hi)."""
     if symmetric:
-        return max(max(-lo, hi) / r.qmax, 1e-8), 0.0
-    delta = max((hi - lo) / r.levels, 1e-8)
-    return delta, float(min(max(round(-lo / delta), r.qmin), r.qmax))
+        return (torch.maximum(-lo, hi) / r.qmax).clamp_min(1e-8), torch.zeros_like(lo)
+    delta = ((hi - lo) / r.levels).clamp_min(1e-8)
+    return delta, torch.round(-lo / delta).clamp(r.qmin, r.qmax)

@@ -63,7 +63,21 @@ class StepTables(nn.Module):
 
 
 def _static_row(delta, z, q: TimestepActQuantizer):
-    """One row covering the union of every timestep's clipping range (the static-scale twin)."""
+    """One row for every timestep (the static-scale twin), calibrated on all timesteps' activations pooled.
+
+    A --no-tpq model's single row is that calibration (then trained by BKD); a TPQ model carries it beside its
+    tables (TimestepActQuantizer.static_delta, set at initialisation). A q.pt written before that row existed
+    falls back to the union of every timestep's clipping range, with a warning.
+    """
+    if len(delta) == 1:
+        return delta, z
+    if q.has_static_row():
+        zs = None if z is None else torch.round(q.static_zero_point.detach().clone())
+        return q.static_delta.detach().clone(), zs
+    import warnings
+
+    warnings.warn("this q.pt has no pooled static activation row (written before it existed): the static-scale "
+                  "twin uses the union of the per-timestep ranges; re-run dq-calibrate for the pooled calibration")
     r = q.range
     if z is None:
         d = delta.amax(0, keepdim=True)
