@@ -48,12 +48,15 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     from .calibrate.distill import DistillConfig
     from .calibrate.quant_config import QuantConfig
     from .calibrate.recipe import CalibrationJob, run_calibration
-    from .calibrate.sampling import DEFAULT_GUIDANCE
+    from .calibrate.models import parse_size
+    from .calibrate.prompts import read_prompts
+    from .calibrate.sampling import DEFAULT_GUIDANCE, TEXT_GUIDANCE
     from .calibrate.weight_dilation import SCALING_METHODS
 
     d, q = DistillConfig(), QuantConfig()
     p = argparse.ArgumentParser(prog="dq-calibrate", description="DilateQuant QAT (WD + TPQ + BKD) -> q.pt")
-    p.add_argument("--model", default="default", help="default | default-cond | a diffusers folder")
+    p.add_argument("--model", default="default", help="default | default-cond | a diffusers UNet folder | a "
+                   "StableDiffusionPipeline / StableDiffusionXLPipeline folder")
     p.add_argument("--bits", default="W4A8", help="weight and activation bits, e.g. W8A8, W4A8, W4A4")
     p.add_argument("--steps", type=int, default=q.num_steps, help="DDIM steps to calibrate for (T)")
     p.add_argument("--calib-samples", type=int, default=512)
@@ -74,7 +77,13 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--float-layers", nargs="+", default=list(q.float_layers), metavar="LAYER",
                    help="layers left unquantized, weights and input (default: %(default)s, whose input is x_t; "
                         "'none': quantize every layer)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale of the calibration trajectories")
+    p.add_argument("--guidance", type=float, help="CFG scale of the calibration trajectories (default: "
+                   f"{DEFAULT_GUIDANCE} for class-token models, {TEXT_GUIDANCE} for Stable Diffusion pipelines)")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="Stable Diffusion pipelines: calibration prompts, one "
+                   "per line (default: a small general set shipped with the package)")
+    p.add_argument("--negative-prompt", default="", help="the unconditional half of every guided batch (default: '')")
+    p.add_argument("--resolution", metavar="HxW", help="image size to calibrate at (default: the UNet's sample_size "
+                   "x the VAE factor)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run at its next unfinished block")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -88,7 +97,10 @@ def calibrate_main(argv: list[str] | None = None) -> None:
         distill = DistillConfig(iters=a.iters, batch=a.batch, lr_weight=a.lr_weight, lr_weight_scale=a.lr_quant,
                                 lr_act=a.lr_quant, full_model=a.full_qat, seed=a.seed)
         job = CalibrationJob(model=a.model, config=config, distill=distill, calib_samples=a.calib_samples,
-                             bkd=not a.no_bkd, guidance_scale=a.guidance, out=a.out, resume=a.resume)
+                             bkd=not a.no_bkd, guidance_scale=a.guidance, out=a.out, resume=a.resume,
+                             prompts=read_prompts(a.prompts) if a.prompts else None,
+                             negative_prompt=a.negative_prompt,
+                             resolution=parse_size(a.resolution, "--resolution") if a.resolution else None)
         s = run_calibration(job)
         print(f"wrote {a.out}: {s['bits']} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
         print(f"  noise SQNR vs FP on validation inputs: {s['val_before_training']['noise_sqnr_db']:.2f} dB before "
@@ -364,9 +376,53 @@ def verify_main(argv: list[str] | None = None) -> None:
     _run(go)
 
 
+def generate_main(argv: list[str] | None = None) -> None:
+    from .calibrate.models import parse_size
+    from .engines.generate import SCHEDULERS, GenerateConfig, generate
+
+    p = argparse.ArgumentParser(prog="dq-generate", description="a prompt through the Stable Diffusion pipeline "
+                                "with the quantized UNet dropped into it (pipe.unet)")
+    p.add_argument("--model", required=True, help="the StableDiffusionPipeline / StableDiffusionXLPipeline folder "
+                   "the runtime was calibrated from")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--onnx", type=Path, help="graph written by dq-export (ONNX Runtime)")
+    src.add_argument("--engine", type=Path, help="TensorRT engine written by dq-build-engine")
+    src.add_argument("--ckpt", type=Path, help="q.pt (PyTorch fake-quant)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (other counts than the calibrated one use "
+                   "the nearest calibrated timestep's scales; default: %(default)s)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="dpm: DPM-Solver++ (default: %(default)s)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's, 7.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", metavar="HxW", help="image size in pixels (default: the calibrated size)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (ONNX Runtime CUDA EP, fake-quant on cuda)")
+    p.add_argument("--compare-fp", action="store_true", help="also the FP pipeline from the same seed: <out>-fp.png, "
+                   "<out>-side-by-side.png, PSNR/SSIM in <out>.json")
+    p.add_argument("--out", type=Path, default=Path("img.png"))
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        cfg = GenerateConfig(model=a.model, runtime=a.onnx or a.engine or a.ckpt, prompt=a.prompt, out=a.out,
+                             negative_prompt=a.negative_prompt, steps=a.steps, scheduler=a.scheduler,
+                             guidance=a.guidance, seed=a.seed, size=parse_size(a.size) if a.size else None,
+                             compare_fp=a.compare_fp, device=a.device)
+        r = generate(cfg)
+        print(f"wrote {a.out} ({r['settings']['size'][0]}x{r['settings']['size'][1]}, {a.scheduler} {a.steps} steps, "
+              f"{r['unet_calls']} UNet calls on {r['runner']['name']})")
+        if "vs_fp" in r:
+            v = r["vs_fp"]
+            ssim_text = "n/a" if v["image_ssim"] is None else f"{v['image_ssim']:.4f}"
+            print(f"  vs FP pipeline, same seed: PSNR {v['image_psnr_db']:.2f} dB, SSIM {ssim_text}; "
+                  f"{r['images']['side_by_side']}")
+
+    _run(go)
+
+
 def main() -> None:
     """`python -m dilatequant.cli <command> ...` for environments without the console scripts."""
     commands = {"demo": demo_main, "calibrate": calibrate_main, "export": export_main, "verify": verify_main,
+                "generate": generate_main,
                 "build-engine": build_engine_main, "triton": triton_main, "serve": serve_main, "client": client_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m dilatequant.cli {{{','.join(commands)}}} ...", file=sys.stderr)

@@ -14,7 +14,7 @@ from ..errors import UserError
 from .conditioning import COND_NAMES, Condition, map_condition
 from .models import DiffusionModel
 from .reporting import atomic_write_bytes
-from .sampling import DEFAULT_GUIDANCE, sample
+from .sampling import default_guidance, sample
 
 CACHE_ENV = "DQ_CACHE_DIR"
 
@@ -79,8 +79,10 @@ def cache_dir() -> Path:
 
 
 def build_calibration_set(model: DiffusionModel, num_samples: int, steps: int, seed: int = 0,
-                          guidance_scale: float = DEFAULT_GUIDANCE, use_cache: bool = True) -> CalibrationSet:
+                          guidance_scale: float | None = None, use_cache: bool = True) -> CalibrationSet:
     """num_samples UNet inputs, an equal share from every one of the `steps` steps (stratified uniform)."""
+    if guidance_scale is None:
+        guidance_scale = default_guidance(model)
     guidance = guidance_scale if model.is_conditional else 1.0
     setting = f"{model_fingerprint(model)}|{num_samples}|{steps}|{seed}|{guidance}"
     if model.is_text_conditioned:

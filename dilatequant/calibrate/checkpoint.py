@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..errors import UserError
-from .models import ClassTokenEncoder, DiffusionModel, PromptBank
+from .models import ClassTokenEncoder, DiffusionModel, PromptBank, load_model
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
 from .reporting import atomic_write_bytes
@@ -134,6 +134,20 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
         model.resolution = tuple(int(v) for v in base["resolution"])
     return QuantCheckpoint(qunet, model, list(p["schedule"]["timesteps"]), base["source"], base["fp_fingerprint"],
                            json.loads(p["summary"]))
+
+
+def source_model(ck: QuantCheckpoint) -> DiffusionModel:
+    """The FP model a checkpoint was calibrated from, conditioned and sized as in calibration.
+
+    A pipeline folder is loaded with its text encoders and VAE; the checkpoint's encoded calibration prompts
+    and resolution come along, so FP and fake-quant runs see the same conditions.
+    """
+    model = load_model(ck.source)
+    if ck.model.prompt_bank is not None:
+        model.prompt_bank = ck.model.prompt_bank
+    if ck.model.resolution is not None:
+        model.resolution = ck.model.resolution
+    return model
 
 
 def checkpoint_hash(path: str | Path) -> str:

@@ -320,12 +320,19 @@ def load_pipeline(folder: Path, source: str) -> DiffusionModel:
                              "pip install 'transformers>=4.40'") from err
     import diffusers
 
+    import transformers
+
     cls = getattr(diffusers, class_name)
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" else {}
+    diffusers.utils.logging.disable_progress_bar()  # per-component loading bars say nothing on a local folder
+    transformers.utils.logging.disable_progress_bar()
     try:
         pipe = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False, **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         raise ModelLoadError(f"cannot load the pipeline in '{folder}': {str(err).splitlines()[0]}") from err
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(pipe, part, None) is not None:

@@ -14,11 +14,13 @@ from .calibration_data import CalibrationSet, build_calibration_set, model_finge
 from .checkpoint import save_checkpoint
 from .distill import DistillConfig, distill, fp_runner, quant_runner
 from .metrics import mse, sqnr_db
-from .models import load_model
+from ..errors import UserError
+from .models import load_model, make_prompt_bank
+from .prompts import default_prompts
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
 from .reporting import ensure_writable_dir, environment, peak_rss_mb
-from .sampling import DEFAULT_GUIDANCE, sampling_timesteps
+from .sampling import default_guidance, sampling_timesteps
 from .weight_dilation import dilate, dilation_scales, scale_weight, smoothquant_scales
 
 
@@ -117,9 +119,25 @@ class CalibrationJob:
     distill: DistillConfig = field(default_factory=DistillConfig)
     calib_samples: int = 512
     bkd: bool = True
-    guidance_scale: float = DEFAULT_GUIDANCE
+    guidance_scale: float | None = None  # None: the model's default (sampling.default_guidance)
     out: Path = Path("q.pt")
     resume: bool = False
+    # Stable Diffusion pipelines: calibration prompts (None: the package's default set), negative prompt
+    # (the unconditional half of every guided batch) and the image size (H, W) to calibrate at
+    prompts: list[str] | None = None
+    negative_prompt: str = ""
+    resolution: tuple[int, int] | None = None
+
+
+def load_calibration_model(job: CalibrationJob):
+    """The FP model at the job's resolution, with its calibration prompts encoded (text-conditioned models)."""
+    model = load_model(job.model, job.resolution)
+    if model.is_text_conditioned:
+        model.prompt_bank = make_prompt_bank(model, job.prompts or default_prompts(), job.negative_prompt)
+    elif job.prompts is not None:
+        raise UserError(f"--prompts needs a Stable Diffusion pipeline folder; '{job.model}' is conditioned on "
+                        + ("class labels" if model.is_conditional else "nothing (unconditional)"))
+    return model
 
 
 @torch.no_grad()
@@ -135,26 +153,32 @@ def run_calibration(job: CalibrationJob) -> dict:
     start = time.perf_counter()
     torch.manual_seed(job.distill.seed)
     ensure_writable_dir(job.out.parent if str(job.out.parent) else Path("."))
-    model = load_model(job.model)
+    model = load_calibration_model(job)
     qunet = QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before sampling
     steps = job.config.num_steps
+    guidance = job.guidance_scale if job.guidance_scale is not None else default_guidance(model)
     data = build_calibration_set(model, job.calib_samples, steps, seed=job.distill.seed,
-                                 guidance_scale=job.guidance_scale)
+                                 guidance_scale=guidance)
     val = build_calibration_set(model, max(steps, 100), steps, seed=job.distill.seed + 1000,
-                                guidance_scale=job.guidance_scale)
+                                guidance_scale=guidance)
     fingerprint = model_fingerprint(model)
     scaling = init_ptq(qunet, data)
     before = noise_error(qunet, model.unet, val)
     distilled = {"mode": "none (PTQ)"}
     progress = Path(f"{job.out}.progress")
     if job.bkd:
-        key = run_fingerprint(fingerprint, job.config, job.distill, f"{job.calib_samples}|{job.guidance_scale}")
+        data_key = f"{job.calib_samples}|{guidance}"
+        if model.prompt_bank is not None:
+            data_key += f"|{model.sample_shape}|{model.prompt_bank.prompts}|{model.prompt_bank.negative_prompt}"
+        key = run_fingerprint(fingerprint, job.config, job.distill, data_key)
         distilled = distill(qunet, model.unet, data, job.distill, progress_path=progress, resume=job.resume,
                             fingerprint=key)
     after = noise_error(qunet, model.unet, val)
     summary = {
         "model": job.model, "bits": job.config.bits_name, "quant_config": json.loads(job.config.to_json()),
-        "calib_samples": job.calib_samples, "bkd": job.bkd, "scaling": scaling, "distill": distilled,
+        "calib_samples": job.calib_samples, "guidance": guidance, "bkd": job.bkd, "scaling": scaling,
+        "distill": distilled, "pipeline_class": model.pipeline_class, "resolution": list(model.image_size),
+        "prompts": model.prompt_bank.prompts if model.prompt_bank else None,
         "val_before_training": before, "val_after_training": after,
         "wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
         "environment": environment(),

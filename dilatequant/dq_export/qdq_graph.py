@@ -6,11 +6,13 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
+from ..calibrate.conditioning import as_condition, unet_kwargs
 from ..errors import UserError
 from .fold import ExportContext, deploy_unet, int4_layers
 from .fp16 import to_fp16
@@ -45,29 +47,29 @@ class ExportConfig:
 
 
 class ExportWrapper(nn.Module):
-    """Graph interface: (sample, timestep, t_index[, encoder_hidden_states]) -> noise_pred."""
+    """Graph interface: (sample, timestep, t_index[, encoder_hidden_states[, text_embeds, time_ids]]) -> noise_pred."""
 
     def __init__(self, unet: nn.Module, ctx: ExportContext, num_steps: int, use_t_index: bool) -> None:
         super().__init__()
         self.unet, self.ctx, self.num_steps, self.use_t_index = unet, ctx, num_steps, use_t_index
 
-    def forward(self, sample, timestep, t_index=None, encoder_hidden_states=None):
+    def forward(self, sample, timestep, t_index=None, encoder_hidden_states=None, text_embeds=None, time_ids=None):
         # An out-of-range t_index must never index out of bounds in any runtime: clamp in the graph.
         self.ctx.t_index = torch.clamp(t_index, 0, self.num_steps - 1) if self.use_t_index else None
-        kw = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
-        return self.unet(sample, timestep, return_dict=False, **kw)[0]
+        cond = {"encoder_hidden_states": encoder_hidden_states, "text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, return_dict=False, **unet_kwargs(as_condition(cond)))[0]
 
 
 class StaticExportWrapper(ExportWrapper):
-    """The static-scale twin's interface: (sample, timestep[, encoder_hidden_states]), no t_index."""
+    """The static-scale twin's interface: (sample, timestep[, condition inputs]), no t_index."""
 
-    def forward(self, sample, timestep, encoder_hidden_states=None):
-        return super().forward(sample, timestep, None, encoder_hidden_states)
+    def forward(self, sample, timestep, encoder_hidden_states=None, text_embeds=None, time_ids=None):
+        return super().forward(sample, timestep, None, encoder_hidden_states, text_embeds, time_ids)
 
 
-def input_names(conditional: bool, use_t_index: bool) -> list[str]:
-    names = ["sample", "timestep"] + (["t_index"] if use_t_index else [])
-    return names + (["encoder_hidden_states"] if conditional else [])
+def input_names(cond_inputs: Sequence[str], use_t_index: bool) -> list[str]:
+    """Graph input names in order: sample, timestep, [t_index], then the UNet's condition inputs."""
+    return ["sample", "timestep"] + (["t_index"] if use_t_index else []) + list(cond_inputs)
 
 
 def example_inputs(ck: QuantCheckpoint, batch: int, use_t_index: bool) -> dict[str, torch.Tensor]:
@@ -78,9 +80,7 @@ def example_inputs(ck: QuantCheckpoint, batch: int, use_t_index: bool) -> dict[s
     if use_t_index:
         ins["t_index"] = torch.arange(batch) % len(ck.timesteps)
     if ck.model.is_conditional:
-        labels = torch.arange(batch) % 10
-        with torch.no_grad():
-            ins["encoder_hidden_states"] = ck.model.class_encoder(labels)
+        ins.update(ck.model.condition(torch.arange(batch) % ck.model.num_labels))
     return ins
 
 
@@ -95,7 +95,7 @@ def _dynamic_shapes(names: list[str], static: bool, spatial_multiple: int):
     h = spatial_multiple * torch.export.Dim("h_blocks", min=1, max=4096 // spatial_multiple)
     w = spatial_multiple * torch.export.Dim("w_blocks", min=1, max=4096 // spatial_multiple)
     shapes = {"sample": {0: batch, 2: h, 3: w}, "timestep": {0: batch}, "t_index": {0: batch},
-              "encoder_hidden_states": {0: batch}}
+              "encoder_hidden_states": {0: batch}, "text_embeds": {0: batch}, "time_ids": {0: batch}}
     return {n: shapes[n] for n in names}
 
 
@@ -112,7 +112,7 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
     w4a16 = w4a16_layers(ck, cfg)
     unet, ctx = deploy_unet(ck.qunet, static=cfg.static_scales, w4a16=w4a16)
     wrapper = (ExportWrapper if use_t else StaticExportWrapper)(unet.eval(), ctx, len(ck.timesteps), use_t).eval()
-    names = input_names(ck.model.is_conditional, use_t)
+    names = input_names(ck.model.cond_names, use_t)
     ins = example_inputs(ck, cfg.batch, use_t)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -175,6 +175,11 @@ def metadata(ck: QuantCheckpoint, cfg: ExportConfig, ckpt_hash: str, use_t: bool
         "dilatequant.dtype": cfg.dtype,
         "dilatequant.static_scales": str(cfg.static_scales).lower(),
         "dilatequant.conditional": str(ck.model.is_conditional).lower(),
+        "dilatequant.cond_inputs": json.dumps(list(ck.model.cond_names)),
+        "dilatequant.pipeline_class": ck.model.pipeline_class or "",
+        "dilatequant.prediction_type": str(ck.model.scheduler.config.get("prediction_type", "epsilon")),
+        "dilatequant.fp_fingerprint": ck.source_fingerprint,
+        "dilatequant.spatial_multiple": "0" if cfg.static_shapes else str(spatial_multiple(ck.qunet.unet)),
         "dilatequant.sample_shape": json.dumps(list(ck.model.sample_shape)),
         "dilatequant.base_model": ck.source,
         "dilatequant.int4_layers": json.dumps(list(w4a16_layers(ck, cfg))),  # weight-only (W4A16) GEMMs

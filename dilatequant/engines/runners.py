@@ -5,8 +5,11 @@ model lazily on first use (`activate()`), and describes itself with `RunnerMetad
 checks its inputs before running, because a runtime given a wrong t_index silently uses the wrong
 activation scales (the exported graph clamps it) and a wrong shape fails deep inside the engine.
 
-    runner.infer(sample [B,C,H,W] float, timestep [B] int, t_index [B] int, cond [B,L,D] | None)
+    runner.infer(sample [B,C,H,W] float, timestep [B] int, t_index [B] int, cond)
         -> noise_pred [B,C,H,W] float32 on the CPU
+
+`cond` is None (unconditional), a dict of the graph's condition inputs (`encoder_hidden_states` [B,L,D]; SDXL
+adds `text_embeds` [B,P] and `time_ids` [B,6]) or a bare encoder_hidden_states tensor.
 
 A runner is also a `sampling.NoisePredictor` (`__call__`), so `sampling.sample(model, runner)` runs
 on any of them.
@@ -22,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..calibrate.conditioning import ENCODER_HIDDEN_STATES, as_condition, map_condition, unet_kwargs
 from ..calibrate.models import DiffusionModel
 from ..errors import UserError
 from .trt_env import explain_cuda_failure, plan_mismatch, require_trt_and_gpu
@@ -45,10 +49,19 @@ class RunnerMetadata:
     sample_shape: tuple[int, int, int]
     has_t_index: bool                 # False: static-scale graphs and FP models ignore t_index
     cond_dim: int | None = None       # last dim of encoder_hidden_states, when known
+    cond_inputs: tuple[str, ...] = ()  # the condition inputs, in graph order (conditioning.COND_NAMES)
+    pipeline_class: str = ""          # StableDiffusionPipeline | StableDiffusionXLPipeline | "" (class-token models)
+    spatial_multiple: int = 0         # H and W may be any multiple of this (dynamic graphs); 0: only sample_shape
+    fp_fingerprint: str = ""          # the FP model the checkpoint was calibrated from (UNet + encoders), if known
+
+    def __post_init__(self) -> None:
+        if self.conditional and not self.cond_inputs:  # class-token graphs written before SDXL inputs existed
+            object.__setattr__(self, "cond_inputs", (ENCODER_HIDDEN_STATES,))
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["timesteps"], d["sample_shape"] = list(self.timesteps), list(self.sample_shape)
+        d["cond_inputs"] = list(self.cond_inputs)
         return d
 
 
@@ -62,7 +75,11 @@ def metadata_from_props(props: dict[str, str], name: str, runtime: str, device: 
             num_steps=num_steps, timesteps=timesteps,
             conditional=props[METADATA_PREFIX + "conditional"] == "true",
             sample_shape=tuple(int(v) for v in json.loads(props[METADATA_PREFIX + "sample_shape"])),
-            has_t_index=props.get(METADATA_PREFIX + "t_index_input", "true") == "true")
+            has_t_index=props.get(METADATA_PREFIX + "t_index_input", "true") == "true",
+            cond_inputs=tuple(json.loads(props.get(METADATA_PREFIX + "cond_inputs", "[]"))),
+            pipeline_class=props.get(METADATA_PREFIX + "pipeline_class", ""),
+            spatial_multiple=int(props.get(METADATA_PREFIX + "spatial_multiple", 0)),
+            fp_fingerprint=props.get(METADATA_PREFIX + "fp_fingerprint", ""))
     except KeyError as err:
         raise UserError(f"'{source}' has no '{err.args[0]}' metadata: it was not written by dq-export; "
                         "export the checkpoint with dq-export --ckpt q.pt --onnx unet.onnx") from err
@@ -111,14 +128,15 @@ class Runner:
 
     # -- inference -------------------------------------------------------------------------------
     def validate(self, sample, timestep, t_index, cond=None):
-        """Checked, normalised inputs: sample float [B,C,H,W], timestep/t_index int64 [B], cond [B,L,D] | None."""
+        """Checked, normalised inputs: sample float [B,C,H,W], timestep/t_index int64 [B], cond dict | None."""
         m = self.metadata
         sample, timestep, t_index = (_as_tensor(sample, "sample"), _as_tensor(timestep, "timestep"),
                                      _as_tensor(t_index, "t_index"))
         if not sample.is_floating_point():
             raise UserError(f"sample must be a float tensor, got {sample.dtype}")
-        if sample.dim() != 4 or tuple(sample.shape[1:]) != m.sample_shape:
-            raise UserError(f"sample must have shape [B, {', '.join(map(str, m.sample_shape))}] for {m.name}, "
+        if sample.dim() != 4 or not self._takes_size(tuple(sample.shape[1:])):
+            other = f" (or H, W multiples of {m.spatial_multiple})" if m.spatial_multiple else ""
+            raise UserError(f"sample must have shape [B, {', '.join(map(str, m.sample_shape))}]{other} for {m.name}, "
                             f"got {list(sample.shape)}")
         batch = sample.shape[0]
         timestep = self._batch_vector(timestep, "timestep", batch)
@@ -129,19 +147,36 @@ class Runner:
             raise UserError(f"t_index out of range: got {t_index.tolist()}, {m.name} is calibrated for "
                             f"t_index in [0, {m.num_steps}) ({m.num_steps} steps; map other schedules with "
                             "engines.schedule.ScheduleMapper)")
+        cond = as_condition(cond if cond is None or isinstance(cond, dict) else _as_tensor(cond, "cond"))
         if m.conditional and cond is None:
-            raise UserError(f"{m.name} is conditional: pass cond (encoder_hidden_states [B, L, D])")
+            raise UserError(f"{m.name} is conditional: pass cond ({', '.join(m.cond_inputs)})")
         if not m.conditional and cond is not None:
             raise UserError(f"{m.name} is unconditional: pass cond=None")
         if cond is not None:
-            cond = _as_tensor(cond, "cond")
-            if not cond.is_floating_point() or cond.dim() != 3:
-                raise UserError(f"cond must be a float tensor [B, L, D], got {cond.dtype} {list(cond.shape)}")
-            if cond.shape[0] != batch:
-                raise UserError(f"batch mismatch: sample has batch {batch}, cond has {cond.shape[0]}")
-            if m.cond_dim is not None and cond.shape[2] != m.cond_dim:
-                raise UserError(f"cond must have last dimension {m.cond_dim} for {m.name}, got {list(cond.shape)}")
+            if tuple(cond) != tuple(m.cond_inputs):
+                raise UserError(f"{m.name} takes the condition inputs {list(m.cond_inputs)}, got {list(cond)}")
+            cond = {k: self._cond_tensor(k, _as_tensor(v, k), batch) for k, v in cond.items()}
         return sample, timestep, t_index, cond
+
+    def _takes_size(self, chw: tuple[int, ...]) -> bool:
+        m = self.metadata
+        if chw == tuple(m.sample_shape):
+            return True
+        return (bool(m.spatial_multiple) and chw[0] == m.sample_shape[0]
+                and all(v > 0 and v % m.spatial_multiple == 0 for v in chw[1:]))
+
+    def _cond_tensor(self, name: str, v: torch.Tensor, batch: int) -> torch.Tensor:
+        doc = {ENCODER_HIDDEN_STATES: "[B, L, D]", "text_embeds": "[B, P]", "time_ids": "[B, 6]"}[name]
+        if not v.is_floating_point() or v.dim() != doc.count(",") + 1:
+            raise UserError(f"{name} must be a float tensor {doc}, got {v.dtype} {list(v.shape)}")
+        if v.shape[0] != batch:
+            raise UserError(f"batch mismatch: sample has batch {batch}, {name} has {v.shape[0]}")
+        if name == ENCODER_HIDDEN_STATES and self.metadata.cond_dim is not None and v.shape[2] != self.metadata.cond_dim:
+            raise UserError(f"{name} must have last dimension {self.metadata.cond_dim} for {self.metadata.name}, "
+                            f"got {list(v.shape)}")
+        if name == "time_ids" and v.shape[1] != 6:
+            raise UserError(f"time_ids must be [B, 6] (original size, crop, target size), got {list(v.shape)}")
+        return v
 
     @staticmethod
     def _batch_vector(x: torch.Tensor, name: str, batch: int) -> torch.Tensor:
@@ -164,8 +199,8 @@ class Runner:
     def _run(self, sample, timestep, t_index, cond) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, sample, timestep, t_index, encoder_hidden_states=None) -> torch.Tensor:
-        return self.infer(sample, timestep, t_index, encoder_hidden_states)
+    def __call__(self, sample, timestep, t_index, cond=None) -> torch.Tensor:
+        return self.infer(sample, timestep, t_index, cond)
 
     def synchronize(self) -> None:
         """Wait for queued device work (for timing)."""
@@ -196,7 +231,7 @@ class TorchRunner(Runner):
         dt = TORCH_DTYPES[m.dtype]
         sample = sample.to(m.device, dt)
         timestep, t_index = timestep.to(m.device), t_index.to(m.device)
-        cond = None if cond is None else cond.to(m.device, dt)
+        cond = map_condition(cond, lambda v: v.to(m.device, dt))
         with torch.no_grad():
             return self._fn(sample, timestep, t_index, cond)
 
@@ -207,19 +242,16 @@ class TorchRunner(Runner):
         _check_device(device)
         if dtype not in TORCH_DTYPES:
             raise UserError(f"unknown dtype '{dtype}': choose fp32 or fp16")
-        cond_dim = getattr(model.unet.config, "cross_attention_dim", None) if model.is_conditional else None
         meta = RunnerMetadata(name=name + ("-compile" if compile else ""), runtime="torch", device=device, dtype=dtype,
                               num_steps=len(timesteps), timesteps=tuple(int(t) for t in timesteps),
-                              conditional=model.is_conditional, sample_shape=tuple(model.sample_shape),
-                              has_t_index=False, cond_dim=cond_dim)
+                              has_t_index=False, **_model_fields(model))
 
         def build():
             unet = _placed(model.unet, device, dtype)
             call = torch.compile(unet) if compile else unet
 
             def fn(x, t, ti, c):
-                kw = {} if c is None else {"encoder_hidden_states": c}
-                return call(x, t, return_dict=False, **kw)[0]
+                return call(x, t, return_dict=False, **unet_kwargs(c))[0]
             return fn
 
         return cls(meta, build, compile)
@@ -239,12 +271,10 @@ class TorchRunner(Runner):
     @classmethod
     def from_checkpoint(cls, ck, device: str = "cpu", dtype: str = "fp32", compile: bool = False,
                         name: str = "torch-fakequant") -> "TorchRunner":
-        model = ck.model
-        cond_dim = getattr(model.unet.config, "cross_attention_dim", None) if model.is_conditional else None
         meta = RunnerMetadata(name=name + ("-compile" if compile else ""), runtime="torch", device=device, dtype=dtype,
                               num_steps=len(ck.timesteps), timesteps=tuple(ck.timesteps),
-                              conditional=model.is_conditional, sample_shape=tuple(model.sample_shape),
-                              has_t_index=bool(ck.qunet.config.tpq), cond_dim=cond_dim)
+                              has_t_index=bool(ck.qunet.config.tpq), fp_fingerprint=ck.source_fingerprint,
+                              **_model_fields(ck.model))
 
         def build():
             qunet = _placed(ck.qunet, device, dtype)
@@ -252,6 +282,14 @@ class TorchRunner(Runner):
             return lambda x, t, ti, c: call(x, t, ti, c)
 
         return cls(meta, build, compile)
+
+
+def _model_fields(model: DiffusionModel) -> dict:
+    """RunnerMetadata fields that come from the model: conditioning and sample shape."""
+    return {"conditional": model.is_conditional, "sample_shape": tuple(model.sample_shape),
+            "cond_dim": getattr(model.unet.config, "cross_attention_dim", None) if model.is_conditional else None,
+            "cond_inputs": tuple(model.cond_names), "pipeline_class": model.pipeline_class or "",
+            "spatial_multiple": 2 ** (len(model.unet.config.block_out_channels) - 1)}
 
 
 def _placed(module: torch.nn.Module, device: str, dtype: str) -> torch.nn.Module:
@@ -312,7 +350,7 @@ class OrtRunner(Runner):
     def _feeds(self, sample, timestep, t_index, cond) -> dict[str, np.ndarray]:
         import onnx
 
-        values = {"sample": sample, "timestep": timestep, "t_index": t_index, "encoder_hidden_states": cond}
+        values = {"sample": sample, "timestep": timestep, "t_index": t_index, **(cond or {})}
         feeds = {}
         for name in self.input_names:
             v = values[name]
@@ -356,7 +394,7 @@ class TensorRTRunner(Runner):
         self._built_with = (side.get("tensorrt"), side.get("gpu"))
         from ..dq_export.qdq_graph import input_names
 
-        self.input_names = input_names(meta.conditional, meta.has_t_index)
+        self.input_names = input_names(meta.cond_inputs, meta.has_t_index)
         self._runner, self._dtypes = None, {}
 
     def validate(self, sample, timestep, t_index, cond=None):
@@ -389,7 +427,7 @@ class TensorRTRunner(Runner):
             self._dtypes[name] = DataType.to_dtype(DataType.from_dtype(dtype), "torch")
 
     def _run(self, sample, timestep, t_index, cond):
-        values = {"sample": sample, "timestep": timestep, "t_index": t_index, "encoder_hidden_states": cond}
+        values = {"sample": sample, "timestep": timestep, "t_index": t_index, **(cond or {})}
         feeds = {n: values[n].to(self.FEED_DEVICE, self._dtypes.get(n, values[n].dtype)).contiguous()
                  for n in self.input_names}
         batch = sample.shape[0]
@@ -445,10 +483,10 @@ def open_runner(path_or_spec: str | Path, device: str = "cpu", dtype: str = "fp3
 
 def fp_model_of(ck) -> DiffusionModel:
     """The FP model a checkpoint was calibrated from (embedded name or diffusers folder)."""
-    from ..calibrate.models import load_model
+    from ..calibrate.checkpoint import source_model
 
     try:
-        return load_model(ck.source)
+        return source_model(ck)
     except UserError as err:
         raise UserError(f"cannot load the checkpoint's FP model '{ck.source}' ({err}); pass --model with the "
                         "FP model it was calibrated from") from err

@@ -91,8 +91,7 @@ def per_step_errors(fp: Runner, fq: Runner, rt: Runner, traj: SampleResult) -> l
     tr = traj.trajectory
     rows = []
     for i in range(tr.sample.shape[0]):
-        args = (tr.sample[i], tr.timestep[i], tr.t_index[i],
-                None if tr.encoder_hidden_states is None else tr.encoder_hidden_states[i])
+        args = (tr.sample[i], tr.timestep[i], tr.t_index[i], tr.step_cond(i))
         ref, q, r = fp(*args), fq(*args), rt(*args)
         rows.append({"t_index": i, "timestep": int(tr.timestep[i][0]),
                      "runtime_vs_fake_quant_sqnr_db": sqnr_db(r, q), "runtime_vs_fp_sqnr_db": sqnr_db(r, ref),
@@ -250,13 +249,13 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
         baselines.append(TorchRunner.fp(fp_model, ck.timesteps, "cuda", "fp16", name="torch-fp16"))
         if cfg.compile:
             baselines.append(TorchRunner.fp(fp_model, ck.timesteps, "cuda", "fp32", compile=True))
-    cond_len = ck.model.class_encoder.config.num_tokens if ck.model.class_encoder is not None else 4
+    cond = ck.model.condition(torch.zeros(1, dtype=torch.long)) if ck.model.is_conditional else None
     latency: dict[str, dict[str, dict]] = {}
     for r in [rt, *baselines]:
         latency[r.metadata.name] = {}
         for b in cfg.batches:
             try:
-                latency[r.metadata.name][str(b)] = unet_latency(r, b, cfg.warmup, cfg.repeats, cond_len).to_dict()
+                latency[r.metadata.name][str(b)] = unet_latency(r, b, cfg.warmup, cfg.repeats, cond=cond).to_dict()
             except Exception as err:  # noqa: BLE001 - e.g. torch.compile failing: record it, keep the rest
                 latency[r.metadata.name][str(b)] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     ratios = {}

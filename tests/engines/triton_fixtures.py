@@ -39,12 +39,11 @@ def ort_predictor(session, timesteps: list[int] | None = None):
     names = {i.name for i in session.get_inputs()}
     table = None if timesteps is None else np.asarray(timesteps)
 
-    def predict(x, timestep, t_index, ehs=None):
+    def predict(x, timestep, t_index, cond=None):
         if table is not None:
             t_index = torch.tensor([int(np.abs(table - int(t)).argmin()) for t in timestep])
         feeds = {"sample": x.numpy(), "timestep": timestep.numpy(), "t_index": t_index.numpy()}
-        if "encoder_hidden_states" in names:
-            feeds["encoder_hidden_states"] = ehs.numpy()
+        feeds.update({name: v.numpy() for name, v in (cond or {}).items()})
         return torch.from_numpy(session.run(None, {k: v for k, v in feeds.items() if k in names})[0])
 
     return predict
