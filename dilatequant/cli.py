@@ -51,6 +51,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     from .calibrate.models import parse_size
     from .calibrate.prompts import read_prompts
     from .calibrate.sampling import DEFAULT_GUIDANCE, TEXT_GUIDANCE
+    from .calibrate.timestep_quantizer import INIT_METHODS
     from .calibrate.weight_dilation import SCALING_METHODS
 
     d, q = DistillConfig(), QuantConfig()
@@ -72,7 +73,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-bkd", action="store_true", help="post-training quantization only")
     p.add_argument("--full-qat", action="store_true", help="train all blocks at once (cost comparison)")
     p.add_argument("--attn-matmul", action="store_true", help="also quantize q, k, v and softmax output per head")
-    p.add_argument("--act-init", choices=("mse", "percentile", "minmax"), default=q.act_init)
+    p.add_argument("--act-init", choices=INIT_METHODS, default=q.act_init, help="activation range rule (minmean: ModelOpt's diffusers calibrator)")
     p.add_argument("--first-last-bits", type=int, default=q.first_last_bits, help="0: same as the rest")
     p.add_argument("--float-layers", nargs="+", default=list(q.float_layers), metavar="LAYER",
                    help="layers left unquantized, weights and input (default: %(default)s, whose input is x_t; "

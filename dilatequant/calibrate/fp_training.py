@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .digits import load_digits
-from .models import EMBEDDED_MODELS, DiffusionModel, embedded_model_dir, load_model, new_model
+from .models import TRAINABLE_MODELS, DiffusionModel, embedded_model_dir, load_model, new_model
 
 COND_DROPOUT = 0.1
 
@@ -88,7 +88,7 @@ def train(name: str, iters: int, seed: int, batch: int, lr: float, ema_decay: fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=EMBEDDED_MODELS, required=True)
+    p.add_argument("--model", choices=TRAINABLE_MODELS, required=True)
     p.add_argument("--iters", type=int, default=3500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)

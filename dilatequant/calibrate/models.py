@@ -23,7 +23,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from ..errors import UserError
 from .conditioning import Condition, cat_conditions, cond_names, map_condition
 
-EMBEDDED_MODELS = ("default", "default-cond")
+EMBEDDED_MODELS = ("default", "default-cond", "sd-digits")  # sd-digits: a StableDiffusionPipeline folder
+TRAINABLE_MODELS = ("default", "default-cond")  # fp_training.py; sd-digits is trained by sd_training.py
 NUM_CLASSES = 10
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -262,7 +263,7 @@ def new_model(name: str) -> DiffusionModel:
         unet = UNet2DConditionModel(**default_cond_unet_config())
         encoder = ClassTokenEncoder(dim=unet.config.cross_attention_dim)
     else:
-        raise ModelLoadError(f"unknown embedded model '{name}': choose one of {', '.join(EMBEDDED_MODELS)}")
+        raise ModelLoadError(f"unknown embedded model '{name}': choose one of {', '.join(TRAINABLE_MODELS)}")
     return DiffusionModel(unet, default_scheduler(), encoder, source=f"untrained:{name}")
 
 
@@ -322,7 +323,12 @@ def load_pipeline(folder: Path, source: str) -> DiffusionModel:
 
     import transformers
 
-    cls = getattr(diffusers, class_name)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # importing the pipeline warns about torchvision-less image processors SD never uses
+    try:
+        cls = getattr(diffusers, class_name)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" else {}
     diffusers.utils.logging.disable_progress_bar()  # per-component loading bars say nothing on a local folder
     transformers.utils.logging.disable_progress_bar()

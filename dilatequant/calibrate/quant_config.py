@@ -22,7 +22,7 @@ class QuantConfig:
     tpq: bool = True                 # False: one activation row for all timesteps (static scale)
     num_steps: int = 50              # T: sampling steps the tables are calibrated for
     attn_matmul: bool = False        # quantize q, k, v and softmax output (per head)
-    act_init: str = "mse"            # mse | percentile | minmax
+    act_init: str = "mse"            # mse | percentile | minmax | minmean
     # layers left entirely in float (weights and input). conv_in's input is x_t itself, the one tensor whose
     # 8-bit error the noise prediction amplifies (benchmarks/layer_sensitivity.py: 6.3 dB of noise SQNR at W8A8
     # on `default`; README "DilateQuant against its baselines"). A 3x3 conv from the image channels: a plain
