@@ -1,0 +1,115 @@
+"""The package's import graph: layers flow one way and no module imports itself back, deferred imports included.
+
+A function-local `from .qdq_graph import metadata` hides a cycle from the interpreter until the function runs
+(graph_passes <-> qdq_graph did until 6173b04); this reads every import statement from the sources instead.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import dilatequant
+
+PACKAGE = Path(dilatequant.__file__).parent
+LAYERS = ("calibrate", "dq_export", "engines", "cli")  # calibrate <- dq_export <- engines <- cli (README)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
+    """Absolute dilatequant.* names an ImportFrom can load: the module itself and, for `from . import x`, x."""
+    if node.level == 0:
+        base = node.module or ""
+    else:
+        parts = module.split(".")
+        keep = len(parts) - node.level + (1 if is_package else 0)
+        base = ".".join(parts[:keep] + ([node.module] if node.module else []))
+    return [base] + [f"{base}.{a.name}" for a in node.names]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the dilatequant modules it imports anywhere in its source (top level or inside functions)."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                targets |= set(_resolve(name, path.name == "__init__.py", node))
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _is_package_init(name: str) -> bool:
+    return (PACKAGE.parent / Path(*name.split(".")) / "__init__.py").is_file()
+
+
+def test_the_graph_sees_deferred_imports():
+    """The reader itself: a function-local import (layer_parity imports parity inside a function) is an edge."""
+    g = import_graph()
+    assert "dilatequant.dq_export.parity" in g["dilatequant.dq_export.layer_parity"]
+    assert "dilatequant.dq_export.graph_passes" in g["dilatequant.dq_export.qdq_graph"]
+    assert len(g) > 40, len(g)
+
+
+def test_no_module_imports_itself_back():
+    graph = import_graph()
+    # a package __init__ re-exporting its submodules is not a cycle worth failing on; module <-> module is
+    modules = {k: {t for t in v if not _is_package_init(t)} for k, v in graph.items() if not _is_package_init(k)}
+    cycles = _cycles(modules)
+    assert not cycles, f"import cycles (deferred imports included): {cycles}"
+
+
+def test_layers_import_one_way():
+    """calibrate never imports dq_export/engines/cli, dq_export never engines/cli, engines never cli."""
+    wrong = []
+    for mod, targets in import_graph().items():
+        parts = mod.split(".")
+        if len(parts) < 2 or parts[1] not in LAYERS:
+            continue
+        rank = LAYERS.index(parts[1])
+        for t in targets:
+            tp = t.split(".")
+            if len(tp) > 1 and tp[1] in LAYERS and LAYERS.index(tp[1]) > rank:
+                wrong.append(f"{mod} -> {t}")
+    assert not wrong, wrong
