@@ -242,6 +242,8 @@ def triton_main(argv: list[str] | None = None) -> None:
     p.add_argument("--repo", type=Path, required=True, help="repository folder to write")
     p.add_argument("--ckpt", type=Path, help="q.pt the graph came from (class tokens, scheduler); "
                    "default: the base model named in the graph's metadata")
+    p.add_argument("--model", help="Stable Diffusion graphs: the StableDiffusionPipeline folder it was calibrated "
+                   "from (text encoder, VAE, tokenizer; default: the base model named in the graph's metadata)")
     p.add_argument("--max-batch", type=int, default=d["max_batch"].default, help="unet max_batch_size (%(default)s)")
     p.add_argument("--instances", type=int, default=d["instances"].default, help="unet instances (%(default)s)")
     p.add_argument("--pipeline-instances", type=int, default=d["pipeline_instances"].default,
@@ -261,12 +263,14 @@ def triton_main(argv: list[str] | None = None) -> None:
         from .engines.triton.repository import write_repository
 
         s = write_repository(RepositoryConfig(
-            repo=a.repo, onnx=a.onnx, engine=a.engine, ckpt=a.ckpt, kind=a.kind, name=a.name, max_batch=a.max_batch,
+            repo=a.repo, onnx=a.onnx, engine=a.engine, ckpt=a.ckpt, model=a.model, kind=a.kind, name=a.name, max_batch=a.max_batch,
             instances=a.instances, pipeline_instances=a.pipeline_instances, max_queue_delay_us=a.max_queue_delay_us,
             intra_op_threads=a.threads, overwrite=a.overwrite, serving_tensorrt=a.serving_tensorrt))
+        kind = ("prompts: text_encoder -> unet -> vae_decoder" if s["prompts"] else
+                "class-conditional" if s["conditional"] else "unconditional")
         print(f"wrote {s['repo']}: '{a.name}' ({s['unet_backend']}, max batch {s['max_batch']}, inputs "
-              f"{', '.join(s['inputs'])}) + 'pipeline' (DDIM over {len(s['timesteps'])} calibrated timesteps, "
-              f"{'class-conditional' if s['conditional'] else 'unconditional'}); configs validated")
+              f"{', '.join(s['inputs'])}) + 'pipeline' ({len(s['timesteps'])} calibrated timesteps, {kind}); "
+              "configs validated")
         print(f"  serve it: dq-serve --repo {s['repo']}")
 
     _run(go)
@@ -294,8 +298,13 @@ def client_main(argv: list[str] | None = None) -> None:
     p.add_argument("--url", default="127.0.0.1:8000", help="host:port (HTTP 8000, gRPC 8001 by default)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
     p.add_argument("--label", type=int, nargs="+", help="class label(s), one image each (conditional models)")
-    p.add_argument("--num-images", type=int, default=1, help="unconditional models: images to generate")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the calibrated count)")
+    p.add_argument("--prompt", help="text to generate from (Stable Diffusion repositories)")
+    p.add_argument("--negative-prompt", help="with --prompt: the unconditional half under guidance (default '')")
+    p.add_argument("--size", metavar="HxW", help="with --prompt: image size in pixels (default: the calibrated size)")
+    p.add_argument("--scheduler", choices=("ddim", "euler", "dpm"), help="with --prompt: sampler (default ddim)")
+    p.add_argument("--num-images", type=int, help="unconditional models and prompts: images to generate (default 1)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the server's; the calibrated count for class "
+                   "models, 20 for prompts as dq-generate)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the server's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="pipeline")
@@ -304,9 +313,23 @@ def client_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     def go() -> None:
-        from .engines.triton.client import generate, save_png
+        from .engines.triton.client import generate, generate_from_prompt, save_png
 
-        images = generate(a.url, a.label, a.seed, a.steps, a.guidance, a.num_images, a.protocol, a.model, a.timeout)
+        if a.prompt is not None:
+            if a.label:
+                raise UserError("pass --prompt (Stable Diffusion repositories) or --label (class models), not both")
+            from .engines.triton.client import parse_size  # not calibrate.models': no torch import in the client
+
+            images = generate_from_prompt(a.url, a.prompt, a.seed, a.protocol, a.model, a.timeout, steps=a.steps,
+                                          guidance=a.guidance, negative_prompt=a.negative_prompt,
+                                          num_images=a.num_images, scheduler=a.scheduler,
+                                          size=parse_size(a.size) if a.size else None)
+        else:
+            for flag, v in (("--negative-prompt", a.negative_prompt), ("--size", a.size), ("--scheduler", a.scheduler)):
+                if v is not None:
+                    raise UserError(f"{flag} goes with --prompt (Stable Diffusion repositories)")
+            images = generate(a.url, a.label, a.seed, a.steps, a.guidance, a.num_images or 1, a.protocol, a.model,
+                              a.timeout)
         save_png(images, a.out)
         print(f"wrote {a.out}: {len(images)} image(s) {images.shape[1]}x{images.shape[2]} (seed {a.seed})")
 
@@ -394,7 +417,7 @@ def generate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps (other counts than the calibrated one use "
                    "the nearest calibrated timestep's scales; default: %(default)s)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="dpm: DPM-Solver++ (default: %(default)s)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's, 7.5)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's own from its folder's dilatequant.json, e.g. 3.0 for sd-digits; else the pipeline's, 7.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", metavar="HxW", help="image size in pixels (default: the calibrated size)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (ONNX Runtime CUDA EP, fake-quant on cuda)")

@@ -64,6 +64,7 @@ def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, t
             "prediction_type": str(model.scheduler.config.get("prediction_type", "epsilon")),
             "vae_scale_factor": int(model.vae_scale_factor),
             "resolution": list(model.image_size),
+            "guidance_scale": model.guidance_scale,
         },
         "prompt_bank": model.prompt_bank.to_dict() if model.prompt_bank is not None else {},
         "quant_config": qunet.config.to_json(),
@@ -132,6 +133,8 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
                            prompt_bank=PromptBank.from_dict(p["prompt_bank"]) if p.get("prompt_bank") else None)
     if base.get("resolution"):
         model.resolution = tuple(int(v) for v in base["resolution"])
+    if base.get("guidance_scale") is not None:
+        model.guidance_scale = float(base["guidance_scale"])
     return QuantCheckpoint(qunet, model, list(p["schedule"]["timesteps"]), base["source"], base["fp_fingerprint"],
                            json.loads(p["summary"]))
 
@@ -147,6 +150,8 @@ def source_model(ck: QuantCheckpoint) -> DiffusionModel:
         model.prompt_bank = ck.model.prompt_bank
     if ck.model.resolution is not None:
         model.resolution = ck.model.resolution
+    if ck.model.guidance_scale is not None:
+        model.guidance_scale = ck.model.guidance_scale
     return model
 
 

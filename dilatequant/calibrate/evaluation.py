@@ -37,6 +37,23 @@ def mean_mse_before_final(per_step: list[dict]) -> float:
     return sum(r["mse"] for r in rows) / len(rows)
 
 
+def requested_digits(model: DiffusionModel, labels) -> torch.Tensor | None:
+    """The digit each sample asked for, for the digit metrics: class labels as they are; prompts (or prompt-bank
+    indices) through the sd-digits captions. None when a prompt names no digit (accuracy is then not reported)."""
+    if labels is None or not model.is_text_conditioned:
+        return labels
+    from .sd_training import captions_for
+
+    if isinstance(labels, torch.Tensor):
+        if model.prompt_bank is None:
+            return None
+        labels = [model.prompt_bank.prompts[int(i)] for i in labels]
+    table = {caption: digit for digit in range(10) for caption in captions_for(digit)}
+    if not all(p in table for p in labels):
+        return None
+    return torch.tensor([table[p] for p in labels])
+
+
 def fp_trajectories(model: DiffusionModel, steps: int, seed: int, guidance: float, num: int = 16) -> SampleResult:
     """A short set of FP trajectories: the inputs at which per-step noise errors are measured."""
     return sample(model, num_samples=num, steps=steps, seed=seed + 7, guidance_scale=guidance,
@@ -61,5 +78,5 @@ def compare_to_fp(model: DiffusionModel, predict: NoisePredictor, fp_images: Sam
            "noise_mean_sqnr_db": noise["mean_sqnr_db"],
            "noise_per_step": noise["per_step"],
            "image_psnr_db": psnr_db(res.images, fp_images.images), "image_ssim": ssim(res.images, fp_images.images),
-           **digit_scores(res.images, res.labels), "eval_s": round(time.perf_counter() - start, 1)}
+           **digit_scores(res.images, requested_digits(model, res.labels)), "eval_s": round(time.perf_counter() - start, 1)}
     return out, res.images

@@ -132,6 +132,10 @@ class DiffusionModel:
     vae_scale_factor: int = 1                # pixels per latent (8 for SD); 1 for pixel-space models
     resolution: tuple[int, int] | None = None  # image (H, W) to sample at; None: the UNet's sample_size
     prompt_bank: PromptBank | None = None
+    # what the model samples with unless told: a pipeline folder's dilatequant.json, or the guidance a q.pt was
+    # calibrated at; None: sampling.default_guidance's rule
+    guidance_scale: float | None = None
+    default_prompts: list[str] | None = None  # calibration prompts named by the folder (None: the package's set)
 
     @property
     def is_conditional(self) -> bool:
@@ -346,8 +350,33 @@ def load_pipeline(folder: Path, source: str) -> DiffusionModel:
     if not isinstance(pipe.unet, UNet2DConditionModel):
         raise ModelLoadError(f"'{folder}' has a {type(pipe.unet).__name__}; supported is UNet2DConditionModel")
     cond_names(pipe.unet)  # an unsupported addition embedding fails here, with its name
+    guidance, prompts = pipeline_defaults(folder)
     return DiffusionModel(pipe.unet, pipe.scheduler, None, source=source, pipeline=pipe, pipeline_class=class_name,
-                          vae_scale_factor=int(pipe.vae_scale_factor))
+                          vae_scale_factor=int(pipe.vae_scale_factor), guidance_scale=guidance,
+                          default_prompts=prompts)
+
+
+DEFAULTS_FILE = "dilatequant.json"
+
+
+def pipeline_defaults(folder: Path) -> tuple[float | None, list[str] | None]:
+    """(guidance_scale, calibration prompts) a pipeline folder names in its optional dilatequant.json:
+    {"guidance_scale": 3.0, "calibration_prompts": "prompts.txt"} (the prompt file beside it)."""
+    from .prompts import read_prompts
+
+    path = folder / DEFAULTS_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        spec = json.loads(path.read_text())
+        guidance = spec.get("guidance_scale")
+        prompts_file = spec.get("calibration_prompts")
+        if guidance is not None:
+            guidance = float(guidance)
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise ModelLoadError(f"'{path}' is not a valid defaults file ({err}); expected "
+                             '{"guidance_scale": 3.0, "calibration_prompts": "prompts.txt"} or delete it') from err
+    return guidance, read_prompts(folder / prompts_file) if prompts_file else None
 
 
 def load_model(name_or_path: str | Path, resolution: tuple[int, int] | None = None) -> DiffusionModel:

@@ -27,3 +27,11 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def default_prompts() -> list[str]:
     return read_prompts(Path(str(resources.files("dilatequant") / "assets" / "prompts" / "default.txt")))
+
+
+def calibration_prompts(model) -> list[str]:
+    """The prompts a model calibrates on unless told: its folder's own (dilatequant.json), else the general set.
+
+    A model trained on a narrow domain (sd-digits: captions of digits) gains nothing from "a red cat"; its
+    folder names the prompts it is used with."""
+    return list(model.default_prompts) if model.default_prompts else default_prompts()

@@ -16,7 +16,7 @@ from .distill import DistillConfig, distill, fp_runner, quant_runner
 from .metrics import mse, sqnr_db
 from ..errors import UserError
 from .models import load_model, make_prompt_bank
-from .prompts import default_prompts
+from .prompts import calibration_prompts
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
 from .reporting import ensure_writable_dir, environment, peak_rss_mb
@@ -133,7 +133,7 @@ def load_calibration_model(job: CalibrationJob):
     """The FP model at the job's resolution, with its calibration prompts encoded (text-conditioned models)."""
     model = load_model(job.model, job.resolution)
     if model.is_text_conditioned:
-        model.prompt_bank = make_prompt_bank(model, job.prompts or default_prompts(), job.negative_prompt)
+        model.prompt_bank = make_prompt_bank(model, job.prompts or calibration_prompts(model), job.negative_prompt)
     elif job.prompts is not None:
         raise UserError(f"--prompts needs a Stable Diffusion pipeline folder; '{job.model}' is conditioned on "
                         + ("class labels" if model.is_conditional else "nothing (unconditional)"))
@@ -157,6 +157,8 @@ def run_calibration(job: CalibrationJob) -> dict:
     qunet = QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before sampling
     steps = job.config.num_steps
     guidance = job.guidance_scale if job.guidance_scale is not None else default_guidance(model)
+    if model.is_conditional:
+        model.guidance_scale = guidance  # recorded in q.pt: what verify, parity and generate sample with by default
     data = build_calibration_set(model, job.calib_samples, steps, seed=job.distill.seed,
                                  guidance_scale=guidance)
     val = build_calibration_set(model, max(steps, 100), steps, seed=job.distill.seed + 1000,

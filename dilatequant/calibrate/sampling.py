@@ -27,6 +27,10 @@ TEXT_GUIDANCE = 7.5
 
 def default_guidance(model: DiffusionModel) -> float:
     """The guidance scale a model samples with unless told otherwise (1.0: no guidance)."""
+    if not model.is_conditional:
+        return 1.0
+    if model.guidance_scale is not None:  # the pipeline folder's own, or the one q.pt was calibrated at
+        return model.guidance_scale
     if model.is_text_conditioned:
         return TEXT_GUIDANCE
     return DEFAULT_GUIDANCE if model.is_conditional else 1.0

@@ -29,7 +29,7 @@ class GenerateConfig:
     negative_prompt: str | None = None
     steps: int = 20
     scheduler: str = "ddim"              # ddim | euler | dpm (DPM-Solver++)
-    guidance: float | None = None        # None: the pipeline's default (7.5)
+    guidance: float | None = None        # None: the model's own (dilatequant.json), else the pipeline's (7.5)
     seed: int = 0
     size: tuple[int, int] | None = None  # (H, W) pixels; None: the calibrated size
     compare_fp: bool = False             # also the FP pipeline from the same seed, side by side, with PSNR/SSIM
@@ -84,17 +84,26 @@ def _png(images: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def run_pipeline(model: DiffusionModel, unet, cfg: GenerateConfig) -> torch.Tensor:
-    """One image [1, 3, H, W] in [0, 1] from the pipeline with `unet` in it; the pipeline's UNet is put back."""
+def run_pipeline(model: DiffusionModel, unet, cfg: GenerateConfig, prompts: list[str] | None = None) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] from the pipeline with `unet` in it; the pipeline's UNet is put back.
+
+    cfg.prompt gives one image from cfg.seed; `prompts` give one image each, image i from seed cfg.seed + i
+    (whatever the batch). Guidance: cfg.guidance, else the model's own (its folder's dilatequant.json), else
+    the pipeline's default."""
     pipe = model.pipeline
     original, original_sched = pipe.unet, pipe.scheduler
     h, w = cfg.size or model.image_size
-    kwargs = {} if cfg.guidance is None else {"guidance_scale": cfg.guidance}
+    guidance = cfg.guidance if cfg.guidance is not None else model.guidance_scale
+    kwargs = {} if guidance is None else {"guidance_scale": guidance}
+    if prompts is None:
+        text, gen = cfg.prompt, torch.Generator().manual_seed(cfg.seed)
+    else:
+        text, gen = list(prompts), [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))]
     try:
         pipe.unet, pipe.scheduler = unet, make_scheduler(cfg.scheduler, original_sched.config)
         with torch.no_grad():
-            out = pipe(cfg.prompt, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps, height=h,
-                       width=w, generator=torch.Generator().manual_seed(cfg.seed), output_type="pt", **kwargs)
+            out = pipe(text, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps, height=h,
+                       width=w, generator=gen, output_type="pt", **kwargs)
     finally:
         pipe.unet, pipe.scheduler = original, original_sched
     return out.images.float()

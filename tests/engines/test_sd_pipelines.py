@@ -11,6 +11,7 @@ from sd_pipelines import save, tiny_sd2, tiny_sdxl
 
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.calibrate.metrics import sqnr_db
 from dilatequant.calibrate.models import load_model
 from dilatequant.cli import calibrate_main, export_main, generate_main
@@ -57,7 +58,8 @@ def chain(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["sd2", "sdxl"])
 def test_export_names_the_pipeline_and_passes_its_checks(chain, name):
-    folder, _, onnx = chain[name]
+    folder, ckpt, onnx = chain[name]
+    assert load_checkpoint(ckpt).model.guidance_scale == 7.5  # calibrated at the text default; q.pt records it
     report = json.loads(onnx.with_suffix(".onnx.export.json").read_text())
     assert report["trt_rules"] == "passed"
     assert report["layer_parity"]["passed"] and report["layer_parity"]["max_level_diff"] <= 1
