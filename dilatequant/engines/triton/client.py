@@ -73,14 +73,59 @@ def pipeline_inputs(labels: list[int] | None, seed: int, steps: int | None = Non
     return arrays
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' (or one number for a square) -> (H, W), as calibrate.models.parse_size, without importing torch."""
+    try:
+        parts = [int(v) for v in str(text).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise UserError(f"--size must be HxW in pixels, e.g. 512x512; got '{text}'")
+    return parts[0], parts[1]
+
+
+def prompt_inputs(prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                  negative_prompt: str | None = None, num_images: int | None = None,
+                  size: tuple[int, int] | None = None, scheduler: str | None = None) -> dict[str, np.ndarray]:
+    """The Stable Diffusion pipeline's inputs; what is None is left to the server's defaults."""
+    if not prompt.strip():
+        raise UserError("--prompt is empty; pass the text to generate from")
+
+    def text(v: str) -> np.ndarray:
+        return np.array([v.encode("utf-8")], dtype=object)
+
+    arrays = {"PROMPT": text(prompt), "SEED": np.array([seed], np.int64)}
+    optional = {"NEGATIVE_PROMPT": None if negative_prompt is None else text(negative_prompt),
+                "STEPS": None if steps is None else np.array([steps], np.int32),
+                "GUIDANCE_SCALE": None if guidance is None else np.array([guidance], np.float32),
+                "NUM_IMAGES": None if num_images is None else np.array([num_images], np.int32),
+                "HEIGHT": None if size is None else np.array([size[0]], np.int32),
+                "WIDTH": None if size is None else np.array([size[1]], np.int32),
+                "SCHEDULER": None if scheduler is None else text(scheduler)}
+    arrays.update({k: v for k, v in optional.items() if v is not None})
+    return arrays
+
+
 def generate(url: str, labels: list[int] | None = None, seed: int = 0, steps: int | None = None,
              guidance: float | None = None, num_images: int = 1, protocol: str = "http",
              model: str = "pipeline", timeout_s: float = 300.0) -> np.ndarray:
     """Images [N, H, W, C] uint8 from the pipeline model (labels for conditional models)."""
+    return request_images(url, pipeline_inputs(labels, seed, steps, guidance, num_images), protocol, model, timeout_s)
+
+
+def generate_from_prompt(url: str, prompt: str, seed: int = 0, protocol: str = "http", model: str = "pipeline",
+                         timeout_s: float = 300.0, **settings) -> np.ndarray:
+    """Images [N, H, W, C] uint8 from a Stable Diffusion pipeline model; settings: see prompt_inputs."""
+    return request_images(url, prompt_inputs(prompt, seed, **settings), protocol, model, timeout_s)
+
+
+def request_images(url: str, arrays: dict[str, np.ndarray], protocol: str = "http", model: str = "pipeline",
+                   timeout_s: float = 300.0) -> np.ndarray:
     client = connect(url, protocol, timeout_s)
     try:
-        return infer(client, protocol, model, pipeline_inputs(labels, seed, steps, guidance, num_images),
-                     ["IMAGES"], timeout_s)["IMAGES"]
+        return infer(client, protocol, model, arrays, ["IMAGES"], timeout_s)["IMAGES"]
     except InferenceFailed:
         raise
     except Exception as err:  # connection refused, timeouts: name the URL

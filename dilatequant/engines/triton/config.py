@@ -20,7 +20,8 @@ except ImportError:  # pragma: no cover - reported by require_tritonclient()
     text_format = None
 
 NP_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
-                "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+                "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
+                "object": "TYPE_STRING"}  # object: numpy's bytes/str arrays, Triton's BYTES (prompts)
 PLATFORM_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
 BACKEND_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 

@@ -5,6 +5,9 @@
     <repo>/pipeline/config.pbtxt  python backend: seed, steps, labels, guidance -> uint8 images
     <repo>/pipeline/1/model.py, scheduler_config.json, class_tokens.npy (conditional models)
 
+A graph calibrated from a StableDiffusionPipeline gets, instead, `text_encoder` and `vae_decoder` models and a
+prompt `pipeline` (sd_repository.py); SDXL graphs are refused in one line.
+
 Every config is built as a tritonclient ModelConfig message, written as text, parsed back and
 checked against the UNet's I/O before the repository is renamed into place.
 
@@ -43,6 +46,7 @@ class RepositoryConfig:
     onnx: Path | None = None
     engine: Path | None = None
     ckpt: Path | None = None           # q.pt: class encoder + scheduler (default: the base model the graph names)
+    model: str | Path | None = None    # SD graphs: the pipeline folder (default: the base model the graph names)
     kind: str = "gpu"
     name: str = "unet"
     max_batch: int = 16
@@ -260,10 +264,25 @@ def write_repository(cfg: RepositoryConfig) -> dict:
     else:
         spec = None
     cond_meta = spec.metadata if spec else _sidecar_metadata(cfg.engine)
-    cond = load_conditioning(cond_meta, cfg.ckpt)
+    sd = None
+    if cond_meta.get("dilatequant.pipeline_class"):  # a Stable Diffusion graph: prompts, not class tokens
+        from .sd_parts import load_parts
+        from .sd_repository import dynamic_spatial
+
+        if cfg.name in ("text_encoder", "vae_decoder"):
+            raise UserError(f"--name '{cfg.name}' is taken by the Stable Diffusion parts; choose another name")
+        sd = load_parts(cond_meta, cfg.model)
+        cond = Conditioning(sd.scheduler_config, token_shape=(sd.max_tokens, sd.text_dim), source=sd.source)
+        if spec is None:
+            spec = spec_from_plan(cfg.engine, cond.token_shape)
+            sd.size_multiple = 0  # a plan serves the sizes of its profile; keep to the calibrated one
+        elif sd.size_multiple:
+            spec = dynamic_spatial(spec)
+    else:
+        cond = load_conditioning(cond_meta, cfg.ckpt)
     if spec is None:
         spec = spec_from_plan(cfg.engine, cond.token_shape)
-    if spec.conditional:
+    if spec.conditional and sd is None:
         if cond.class_tokens is None:
             raise UserError(f"the graph is conditional but '{cond.source}' has no class encoder; pass --ckpt q.pt")
         ehs = spec.input("encoder_hidden_states").shape[1:]
@@ -291,25 +310,35 @@ def write_repository(cfg: RepositoryConfig) -> dict:
                 atomic_write_bytes(unet_dir / "1" / "model.py", _backend_source("unet_ort"))
         _write_config(unet_dir, _unet_config(cfg, spec, plan), C.Expected(spec.inputs, spec.outputs))
 
-        pipe_dir = staging / PIPELINE
-        (pipe_dir / "1").mkdir(parents=True)
-        atomic_write_bytes(pipe_dir / "1" / "model.py", _backend_source("pipeline"))
-        (pipe_dir / "1" / "scheduler_config.json").write_text(json.dumps(cond.scheduler_config, indent=2) + "\n")
-        if spec.conditional:
-            np.save(pipe_dir / "1" / "class_tokens.npy", cond.class_tokens.astype(np.float32))
-        message, doc, (ins, outs, optional) = _pipeline_config(cfg, spec, cond)
-        _write_config(pipe_dir, message, C.Expected(ins, outs, optional), header=doc)
+        if sd is not None:
+            from .sd_repository import write_sd_models
+
+            write_sd_models(cfg, spec, sd, staging, _write_config, _backend_source)
+        else:
+            _write_class_pipeline(cfg, spec, cond, staging / PIPELINE)
         if cfg.repo.exists():
             shutil.rmtree(cfg.repo)
         staging.rename(cfg.repo)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return {"repo": str(cfg.repo), "kind": cfg.kind, "models": [cfg.name, PIPELINE],
+    return {"repo": str(cfg.repo), "kind": cfg.kind,
+            "models": [cfg.name, PIPELINE] + (["text_encoder", "vae_decoder"] if sd is not None else []),
+            "prompts": sd is not None,
             "unet_backend": "python (ONNX Runtime)" if cfg.kind == "cpu" else
             ("tensorrt_plan" if cfg.engine else "onnxruntime_onnx"),
             "inputs": [t.name for t in spec.inputs], "timesteps": spec.timesteps, "conditional": spec.conditional,
             "max_batch": cfg.max_batch, "source": cond.source, "plan": plan}
+
+
+def _write_class_pipeline(cfg: RepositoryConfig, spec: UnetSpec, cond: Conditioning, pipe_dir: Path) -> None:
+    (pipe_dir / "1").mkdir(parents=True)
+    atomic_write_bytes(pipe_dir / "1" / "model.py", _backend_source("pipeline"))
+    (pipe_dir / "1" / "scheduler_config.json").write_text(json.dumps(cond.scheduler_config, indent=2) + "\n")
+    if spec.conditional:
+        np.save(pipe_dir / "1" / "class_tokens.npy", cond.class_tokens.astype(np.float32))
+    message, doc, (ins, outs, optional) = _pipeline_config(cfg, spec, cond)
+    _write_config(pipe_dir, message, C.Expected(ins, outs, optional), header=doc)
 
 
 def _sidecar_metadata(engine: Path) -> dict[str, str]:

@@ -1,6 +1,7 @@
-"""Triton Python-backend `unet` running the QDQ ONNX graph with ONNX Runtime (CPU).
+"""Triton Python-backend model running an ONNX graph with ONNX Runtime (CPU): the QDQ `unet`, and for Stable
+Diffusion pipelines also `text_encoder` and `vae_decoder` (any graph with one output and a batch dimension).
 
-Copied into <repo>/<unet>/1/model.py by dq-triton --kind cpu, so a server that has only the Python
+Copied into <repo>/<model>/1/model.py by dq-triton --kind cpu, so a server that has only the Python
 backend (e.g. the one bundled in nvidia-pytriton) serves the same repository. Self-contained on
 purpose: it imports numpy, onnxruntime and Triton's utils only.
 
@@ -30,7 +31,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.num_steps = int(params["num_steps"])
+        self.num_steps = int(params.get("num_steps", "0"))  # the unet's calibrated steps (t_index range)
         options = ort.SessionOptions()
         threads = int(params.get("intra_op_threads", "0"))
         if threads:
@@ -54,14 +55,14 @@ class TritonPythonModel:
                 arr = arr.reshape(-1)
             n = len(arr) if n is None else n
             if len(arr) != n:
-                raise RequestError(f"input '{name}' has batch {len(arr)}, but 'sample' has {n}")
+                raise RequestError(f"input '{name}' has batch {len(arr)}, but '{next(iter(feeds))}' has {n}")
             want = [n] + [d if isinstance(d, int) else -1 for d in shape[1:]]
             if arr.ndim != len(want) or any(w not in (-1, a) for w, a in zip(want, arr.shape)):
                 raise RequestError(f"input '{name}' has shape {list(arr.shape)}, expected {want}")
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise RequestError(f"input '{name}' contains NaN or Inf values")
             feeds[name] = arr
-        if "t_index" in feeds:
+        if "t_index" in feeds and self.num_steps:
             t = feeds["t_index"]
             bad = t[(t < 0) | (t >= self.num_steps)]
             if bad.size:
@@ -71,26 +72,29 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        good, feeds = [], []
+        groups = {}  # requests whose tensors agree beyond the batch dim run as one ORT call (sizes may differ)
         for i, request in enumerate(requests):
             try:
-                feeds.append(self._read(request))
-                good.append(i)
+                f = self._read(request)
             except RequestError as err:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
-        if good:
-            batch = {k: np.concatenate([f[k] for f in feeds]) for k in self.inputs}
-            try:
-                out = self.session.run([self.output], batch)[0]
-            except Exception as err:  # ORT's own failure: report it to every request of the batch
-                msg = f"ONNX Runtime failed: {err}"
-                for i in good:
-                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
-                return responses
-            start = 0
-            for i, f in zip(good, feeds):
-                n = len(f["sample"])
-                tensor = pb_utils.Tensor(self.output, np.ascontiguousarray(out[start:start + n]))
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])
-                start += n
+                continue
+            groups.setdefault(tuple(v.shape[1:] for v in f.values()), []).append((i, f))
+        for members in groups.values():
+            self._run(members, responses)
         return responses
+
+    def _run(self, members, responses):
+        batch = {k: np.concatenate([f[k] for _, f in members]) for k in self.inputs}
+        try:
+            out = self.session.run([self.output], batch)[0]
+        except Exception as err:  # ORT's own failure: report it to every request of the batch
+            for i, _ in members:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ONNX Runtime failed: {err}"))
+            return
+        start = 0
+        for i, f in members:
+            n = len(next(iter(f.values())))
+            tensor = pb_utils.Tensor(self.output, np.ascontiguousarray(out[start:start + n]))
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])
+            start += n

@@ -1,0 +1,145 @@
+"""The Stable Diffusion half of dq-triton: `text_encoder` and `vae_decoder` models and the prompt `pipeline`.
+
+    <repo>/text_encoder/1/model.onnx (+ model.py for --kind cpu)   input_ids -> last_hidden_state
+    <repo>/vae_decoder/1/model.onnx  (+ model.py for --kind cpu)   latent / scaling_factor -> image in [-1, 1]
+    <repo>/pipeline/1/model.py, scheduler_config.json, tokenizer/  PROMPT, ... -> IMAGES (uint8)
+
+--kind cpu: FP32 graphs in the Python backend with ONNX Runtime (what pytriton's bundled server runs);
+--kind gpu: FP16-compute graphs (FP32 I/O) on Triton's onnxruntime backend. Written into the staging folder of
+repository.write_repository, so the repository still appears complete or not at all.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+from ...calibrate.reporting import atomic_write_bytes
+from . import config as C
+from .sd_parts import TEXT_ENCODER, VAE_DECODER, SdParts, copy_tokenizer, export_text_encoder, export_vae_decoder
+from .unet_spec import TensorSpec, UnetSpec
+
+PIPELINE = "pipeline"
+MAX_SIZE_FACTOR = 4  # HEIGHT/WIDTH up to this many times the calibrated size
+
+
+def default_steps() -> int:
+    from ..generate import GenerateConfig
+
+    return int(GenerateConfig.__dataclass_fields__["steps"].default)  # dq-generate's default, so both agree
+
+
+def default_guidance(parts: SdParts) -> float:
+    """What dq-generate uses when not told: the folder's own (dilatequant.json, 3.0 for sd-digits), else the
+    pipeline class's default (7.5 in diffusers)."""
+    if parts.guidance_scale is not None:
+        return float(parts.guidance_scale)
+    return float(inspect.signature(type(parts.pipeline).__call__).parameters["guidance_scale"].default)
+
+
+def dynamic_spatial(spec: UnetSpec) -> UnetSpec:
+    """sample/noise_pred as [B, C, -1, -1]: the graph takes any multiple of its spatial factor."""
+    def widen(t: TensorSpec) -> TensorSpec:
+        return TensorSpec(t.name, t.dtype, (t.shape[0], t.shape[1], -1, -1)) if t.name in ("sample", "noise_pred") else t
+    return UnetSpec([widen(t) for t in spec.inputs], [widen(t) for t in spec.outputs], spec.metadata)
+
+
+def _t(name: str, dtype: str, shape: tuple[int, ...]) -> TensorSpec:
+    return TensorSpec(name, dtype, shape)
+
+
+def pipeline_io(parts: SdParts) -> tuple[list[TensorSpec], list[TensorSpec], tuple[str, ...]]:
+    ins = [_t("PROMPT", "object", (1,)), _t("NEGATIVE_PROMPT", "object", (1,)), _t("SEED", "int64", (1,)),
+           _t("STEPS", "int32", (1,)), _t("GUIDANCE_SCALE", "float32", (1,)), _t("NUM_IMAGES", "int32", (1,)),
+           _t("HEIGHT", "int32", (1,)), _t("WIDTH", "int32", (1,)), _t("SCHEDULER", "object", (1,))]
+    out_c = int(parts.pipeline.vae.config.out_channels)
+    optional = tuple(t.name for t in ins if t.name not in ("PROMPT", "SEED"))
+    return ins, [_t("IMAGES", "uint8", (-1, -1, -1, out_c))], optional
+
+
+PIPELINE_DOC = """\
+# Stable Diffusion prompt pipeline (Python backend): BLS calls to '{te}', '{unet}' and '{vae}'.
+# The same seed and settings give dq-generate's images (see model.py's docstring for how each step matches).
+# Inputs (all [1]):
+#   PROMPT           BYTES  the text (tokenized here with the pipeline's own tokenizer, {tokens} tokens, truncated)
+#   SEED             INT64  latents = torch.randn((N, {c}, H/{f}, W/{f}), Generator().manual_seed(SEED)) * init_noise_sigma
+#   NEGATIVE_PROMPT  BYTES  optional; the unconditional half under guidance (default "")
+#   STEPS            INT32  optional; sampling steps (default {steps}; the unet uses the nearest calibrated timestep's
+#                           scales, calibrated: {timesteps})
+#   GUIDANCE_SCALE   FP32   optional; classifier-free guidance (default {guidance}; <= 1 turns it off)
+#   NUM_IMAGES       INT32  optional; images for the prompt (default 1, at most {max_images})
+#   HEIGHT, WIDTH    INT32  optional; pixels (default {h}x{w}; {size_rule})
+#   SCHEDULER        BYTES  optional; ddim (default) | euler | dpm (DPM-Solver++), on the pipeline's scheduler config
+# Output:
+#   IMAGES           UINT8  [N, H, W, {out_c}]
+"""
+
+
+def _pipeline_config(cfg, spec: UnetSpec, parts: SdParts):
+    ins, outs, optional = pipeline_io(parts)
+    m = C.mc.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
+    m.input.extend(C.model_input(t, False, optional=t.name in optional) for t in ins)
+    m.output.extend(C.model_output(t, False) for t in outs)
+    group = m.instance_group.add()
+    group.count = cfg.pipeline_instances
+    group.kind = C.mc.ModelInstanceGroup.KIND_CPU
+    vae = parts.pipeline.vae.config
+    steps, guidance = default_steps(), default_guidance(parts)
+    max_size = MAX_SIZE_FACTOR * max(parts.image_size)
+    params = {"text_encoder_model": TEXT_ENCODER, "unet_model": cfg.name, "vae_model": VAE_DECODER,
+              "unet_output": spec.outputs[0].name, "unet_max_batch": str(cfg.max_batch),
+              "t_index_input": str(spec.has_t_index).lower(), "timesteps": json.dumps(spec.timesteps),
+              "latent_channels": str(int(vae.latent_channels)), "vae_scale_factor": str(parts.vae_scale_factor),
+              "scaling_factor": repr(float(vae.scaling_factor)), "image_size": json.dumps(list(parts.image_size)),
+              "size_multiple": str(parts.size_multiple), "max_size": str(max_size), "default_steps": str(steps),
+              "default_guidance": repr(guidance), "max_images": str(cfg.max_images), "torch_threads": "1",
+              "tokenizer_class": type(parts.pipeline.tokenizer).__name__, "source": parts.source}
+    for k, v in params.items():
+        m.parameters[k].string_value = v
+    h, w = parts.image_size
+    size_rule = (f"multiples of {parts.size_multiple} up to {max_size}" if parts.size_multiple else
+                 "the unet has static shapes: only this size")
+    doc = PIPELINE_DOC.format(te=TEXT_ENCODER, unet=cfg.name, vae=VAE_DECODER, tokens=parts.max_tokens,
+                              c=int(vae.latent_channels), f=parts.vae_scale_factor, steps=steps,
+                              timesteps=spec.timesteps, guidance=guidance, max_images=cfg.max_images, h=h, w=w,
+                              size_rule=size_rule, out_c=int(vae.out_channels))
+    return m, doc, C.Expected(ins, outs, optional)
+
+
+def _part_config(cfg, name: str, ins: list[TensorSpec], outs: list[TensorSpec]):
+    m = C.mc.ModelConfig(name=name, max_batch_size=cfg.max_batch)
+    if cfg.kind == "cpu":
+        m.backend = "python"
+    else:
+        m.platform = "onnxruntime_onnx"
+    m.input.extend(C.model_input(t, True) for t in ins)
+    m.output.extend(C.model_output(t, True) for t in outs)
+    m.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
+    group = m.instance_group.add()
+    group.count = 1
+    group.kind = C.mc.ModelInstanceGroup.KIND_CPU if cfg.kind == "cpu" else C.mc.ModelInstanceGroup.KIND_GPU
+    m.parameters["precision"].string_value = "fp32" if cfg.kind == "cpu" else "fp16 (fp32 inputs and outputs)"
+    if cfg.kind == "cpu":
+        m.parameters["intra_op_threads"].string_value = str(cfg.intra_op_threads)
+    return m, C.Expected(ins, outs)
+
+
+def write_sd_models(cfg, spec: UnetSpec, parts: SdParts, staging: Path, write_config, backend_source) -> None:
+    """text_encoder, vae_decoder and the prompt pipeline into `staging` (the unet is already there)."""
+    fp16 = cfg.kind == "gpu"
+    for name, export, io in ((TEXT_ENCODER, export_text_encoder, parts.text_encoder_io()),
+                             (VAE_DECODER, export_vae_decoder, parts.vae_decoder_io())):
+        version = staging / name / "1"
+        version.mkdir(parents=True)
+        export(parts, version / "model.onnx", fp16=fp16)
+        if cfg.kind == "cpu":
+            atomic_write_bytes(version / "model.py", backend_source("unet_ort"))
+        message, expected = _part_config(cfg, name, *io)
+        write_config(staging / name, message, expected)
+    version = staging / PIPELINE / "1"
+    version.mkdir(parents=True)
+    atomic_write_bytes(version / "model.py", backend_source("sd_pipeline"))
+    (version / "scheduler_config.json").write_text(json.dumps(parts.scheduler_config, indent=2) + "\n")
+    copy_tokenizer(parts, version / "tokenizer")
+    message, doc, expected = _pipeline_config(cfg, spec, parts)
+    write_config(staging / PIPELINE, message, expected, header=doc)
