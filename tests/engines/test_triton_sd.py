@@ -61,8 +61,9 @@ def served(sd_export, tmp_path_factory, request):
         pytest.skip(f"no Triton server can start here: {unavailable_reason()}")
     tmp = tmp_path_factory.mktemp("sd-triton")
     _, graph = sd_export
+    # two pipeline instances and a 50 ms queue delay: concurrent prompts' unet steps meet in one dynamic batch
     s = write_repository(RepositoryConfig(repo=tmp / "repo", onnx=graph, kind="cpu", max_batch=8,
-                                          intra_op_threads=1, pipeline_instances=1))
+                                          intra_op_threads=1, pipeline_instances=2, max_queue_delay_us=50_000))
     assert s["prompts"] and set(s["models"]) == {"unet", "pipeline", "text_encoder", "vae_decoder"}
     server = TritonServer(tmp / "repo", log_path=tmp / "server.log")
     request.addfinalizer(server.stop)
@@ -124,6 +125,37 @@ def test_num_images_and_size(served):
     assert two.shape == (2, 32, 32, 1) and np.abs(two[0].astype(int) - two[1].astype(int)).max() > 0
     big = generate_from_prompt(server.http_url, PROMPT, 8, timeout_s=TIMEOUT_S, steps=STEPS, size=(48, 64))
     assert big.shape == (1, 48, 64, 1)
+
+
+def _unet_stats(server) -> tuple[int, int]:
+    import tritonclient.http as http
+
+    c = http.InferenceServerClient(server.http_url)
+    try:
+        st = c.get_inference_statistics("unet")["model_stats"][0]
+    finally:
+        c.close()
+    return int(st["inference_count"]), int(st["execution_count"])
+
+
+@pytest.mark.slow
+def test_concurrent_prompts_share_unet_batches_and_equal_separate_requests(served):
+    import concurrent.futures as cf
+
+    server, _, _ = served
+    jobs = [("a handwritten digit four", 21), ("a handwritten digit nine", 22)]
+
+    def ask(job):
+        return generate_from_prompt(server.http_url, job[0], job[1], timeout_s=TIMEOUT_S, steps=STEPS)
+
+    alone = [ask(j) for j in jobs]
+    inf0, exe0 = _unet_stats(server)
+    with cf.ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(ask, jobs))
+    inf1, exe1 = _unet_stats(server)
+    assert exe1 - exe0 < inf1 - inf0, "no unet execution merged the two pipelines' requests"
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
 
 
 BAD = [
