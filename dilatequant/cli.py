@@ -235,7 +235,9 @@ def triton_main(argv: list[str] | None = None) -> None:
 
     d = RepositoryConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="dq-triton", description="Write a Triton model repository: the UNet "
-                                "(TensorRT plan, ONNX Runtime, or Python+ORT for CPU) and a DDIM `pipeline` model")
+                                "(TensorRT plan, ONNX Runtime, or Python+ORT for CPU) and a `pipeline` model (DDIM "
+                                "over class labels; for Stable Diffusion graphs, prompts through text_encoder and "
+                                "vae_decoder models)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--engine", type=Path, help="TensorRT plan (with its <plan>.json sidecar)")
     src.add_argument("--onnx", type=Path, help="QDQ ONNX graph written by dq-export")
