@@ -16,7 +16,7 @@ import torch
 
 from ..calibrate.checkpoint import checkpoint_hash, load_checkpoint
 from ..calibrate.evaluation import fp_trajectories
-from ..calibrate.metrics import digit_scores, psnr_db, sqnr_db, ssim
+from ..calibrate.metrics import psnr_db, reported_digit_scores, sqnr_db, ssim
 from ..calibrate.models import DiffusionModel, load_model
 from ..calibrate.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
 from ..calibrate.sampling import DEFAULT_GUIDANCE, SampleResult, sample, sampling_timesteps
@@ -106,10 +106,21 @@ def _image_metrics(x: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def _digits(images: torch.Tensor, labels, shape) -> dict:
+    """Digit metrics with their sample count; digit-FID only from metrics.FID_MIN_SAMPLES images, with its spread."""
     if tuple(shape) != DIGIT_SHAPE:
         return {"skipped": f"digit-FID needs {DIGIT_SHAPE} images, model makes {tuple(shape)}"}
-    s = digit_scores(images, labels)
-    return {k: s[k] for k in ("digit_fid", "classifier_mean_confidence", "class_accuracy") if k in s}
+    s = reported_digit_scores(images, labels)
+    keys = ("num_samples", "digit_fid", "digit_fid_spread", "digit_fid_note", "classifier_mean_confidence",
+            "class_accuracy")
+    return {k: s[k] for k in keys if k in s}
+
+
+def _fid_cell(d: dict) -> str:
+    """'41.20 ± 5.1 (n=250)', the reason it is missing, or '-' where no digit metrics apply."""
+    if d.get("digit_fid") is not None:
+        spread = f" ± {d['digit_fid_spread']:.1f}" if d.get("digit_fid_spread") is not None else ""
+        return f"{d['digit_fid']:.2f}{spread} (n={d['num_samples']})"
+    return d.get("digit_fid_note", "-")
 
 
 def _sample(model: DiffusionModel, predict, cfg: VerifyConfig, steps: int, labels=None) -> SampleResult:
@@ -379,11 +390,16 @@ def summary_markdown(r: dict) -> str:
         m = acc["images"][key]
         lines.append(f"| {label} | {_f(m['image_psnr_db'])} | {_f(m['image_ssim'], 4)} |")
     d = acc["digits"]
-    if "digit_fid" in d["fp"]:
-        lines += ["", "| images | digit-FID (lower is better) | classifier confidence | class accuracy |", "|---|---|---|---|"]
+    if "skipped" not in d["fp"]:
+        lines += ["", "| images | samples | digit-FID (lower is better; ± seed-to-seed std at this count) | "
+                  "classifier confidence | class accuracy |", "|---|---|---|---|---|"]
         for k in ("fp", "fake_quant", "runtime"):
-            lines.append(f"| {k} | {_f(d[k]['digit_fid'])} | {_f(d[k]['classifier_mean_confidence'], 3)} | "
+            lines.append(f"| {k} | {d[k].get('num_samples', '-')} | {_fid_cell(d[k])} | "
+                         f"{_f(d[k]['classifier_mean_confidence'], 3)} | "
                          f"{_f(d[k]['class_accuracy'], 3) if 'class_accuracy' in d[k] else '-'} |")
+        if d["fp"].get("digit_fid") is not None:
+            lines += ["", "Digit-FID differences smaller than the ± spread are draw-to-draw noise, not results "
+                      "(benchmarks/digit_fid_spread.py)."]
     else:
         lines += ["", f"Digit metrics: {d['fp'].get('skipped')}"]
     lines += layer_parity_markdown(r.get("layer_parity"), acc.get("fp_agreement"))
@@ -394,7 +410,7 @@ def summary_markdown(r: dict) -> str:
     for s in r["schedule_mapping"]:
         lines.append(f"| {s['steps']} | {s['mapping']} | {s['distinct_t_index_used']} | {s['max_timestep_gap']} | "
                      f"{_f(s['runtime_vs_fp']['image_psnr_db'])} | {_f(s['runtime_vs_fp']['image_ssim'], 4)} | "
-                     f"{_f(s['runtime_digits'].get('digit_fid', '-'))} | {_f(s['fp_digits'].get('digit_fid', '-'))} |")
+                     f"{_fid_cell(s['runtime_digits'])} | {_fid_cell(s['fp_digits'])} |")
     lines += ["", f"![schedule mapping]({r['figures']['schedule']})", "", "## Speed", "",
               f"UNet latency in ms (median / p90 / min, {r['settings']['repeats']} repeats after {r['settings']['warmup']} "
               "warmup calls), full `infer()` including input checks and host copies:", ""]

@@ -108,3 +108,43 @@ def test_cli_bad_inputs(tiny, tmp_path):
     # the checkpoint names a model that cannot be loaded ("tiny-random"): one line naming --model
     assert_clean_error(run_verify_cli("--ckpt", str(ck), "--onnx", str(onnx_path), "--report", str(tmp_path / "r")),
                        "--model")
+
+
+def test_digit_fid_only_from_250_samples_with_count_and_spread():
+    """16 images: digit-FID moves by ~64 from one draw to the next (real digits 267 +- 64, measured), so dq-verify
+    says it was not computed; from 250 on it comes with its sample count and the measured spread."""
+    import torch
+
+    from dilatequant.calibrate.digits import load_digits
+    from dilatequant.calibrate.metrics import FID_MIN_SAMPLES, FID_SPREAD, digit_fid_spread
+    from dilatequant.engines.verify import DIGIT_SHAPE, _digits, _fid_cell
+
+    d = load_digits()
+    pick = torch.randperm(len(d.train_images), generator=torch.Generator().manual_seed(0))
+    small = _digits(d.train_images[pick[:16]], d.train_labels[pick[:16]], DIGIT_SHAPE)
+    assert small["digit_fid"] is None and small["num_samples"] == 16 and "digit_fid_spread" not in small
+    assert _fid_cell(small) == small["digit_fid_note"] == "not computed: needs >= 250 samples, got 16"
+    assert 0.5 < small["classifier_mean_confidence"] <= 1 and small["class_accuracy"] > 0.8  # still reported
+    assert FID_MIN_SAMPLES == 250
+    big = _digits(d.train_images[pick[:250]], d.train_labels[pick[:250]], DIGIT_SHAPE)
+    assert big["num_samples"] == 250 and big["digit_fid_spread"] == FID_SPREAD[250] > 0
+    assert 10 < big["digit_fid"] < 40, big  # real digits at n=250: 22.5 +- 5.1 over 20 draws
+    assert _fid_cell(big) == f"{big['digit_fid']:.2f} ± {FID_SPREAD[250]:.1f} (n=250)"
+    assert digit_fid_spread(400) == FID_SPREAD[250] and digit_fid_spread(100) is None
+
+
+def test_fid_spread_table_is_the_committed_measurement():
+    """FID_SPREAD is benchmarks/digit_fid_spread.py's std (the larger of real digits and FP samples) per count."""
+    from pathlib import Path
+
+    from dilatequant.calibrate.metrics import FID_MIN_SAMPLES, FID_SPREAD
+
+    path = Path(__file__).parents[2] / "benchmarks" / "results" / "digit_fid_spread" / "digit_fid_spread.json"
+    m = json.loads(path.read_text())
+    real, model = m["real_train_digits"], m.get("model", {}).get("spread", {})
+    for n, std in FID_SPREAD.items():
+        measured = max(real[str(n)]["std"], model.get(str(n), {}).get("std", 0.0))
+        assert std == round(measured, 1), (n, std, measured)
+    # below the threshold the spread is at least twice the threshold's (16: ~64, 100: ~12.5 vs 250: ~5)
+    below = [int(n) for n in real if int(n) < FID_MIN_SAMPLES]
+    assert all(real[str(n)]["std"] >= 2 * real[str(FID_MIN_SAMPLES)]["std"] for n in below)
