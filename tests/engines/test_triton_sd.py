@@ -197,6 +197,10 @@ def test_dq_client_prompt_writes_the_png(served, capsys):
     _one_error(capsys, "--prompt", "--label", "not both")
     assert _cli(client_main, "--url", server.http_url, "--label", 3, "--size", "32", "--out", out) == 2
     _one_error(capsys, "--size goes with --prompt")
+    assert _cli(client_main, "--url", server.http_url, "--label", 3, "--out", out) == 2  # a class-label request
+    _one_error(capsys, "unexpected inference input 'CLASS_LABELS'", "pass --prompt TEXT")
+    assert _cli(client_main, "--url", server.grpc_url, "--protocol", "grpc", "--out", out) == 2  # no prompt at all
+    _one_error(capsys, "'PROMPT'", "pass --prompt TEXT")
 
 
 # --- the repository itself (no server) ------------------------------------------------------------------------
@@ -252,6 +256,13 @@ def test_other_pipeline_weights_are_refused(sd_export, tmp_path, capsys):
     assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--model",
                 tmp_path / "missing") == 2
     _one_error(capsys, "cannot load the pipeline folder", "--model FOLDER")
+    (tmp_path / "other.pt").write_bytes(b"not the q.pt")
+    assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--ckpt",
+                tmp_path / "other.pt") == 2
+    _one_error(capsys, "is not the checkpoint this graph was exported from")
+    assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--ckpt",
+                tmp_path / "missing.pt") == 2
+    _one_error(capsys, "does not exist")
     assert not (tmp_path / "repo").exists()
 
 

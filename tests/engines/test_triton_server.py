@@ -157,6 +157,15 @@ def test_bad_pipeline_request_gets_an_error_and_server_keeps_serving(served, kwa
     _still_serving(server)
 
 
+def test_a_prompt_sent_to_a_class_label_pipeline_names_the_fix(served):
+    from dilatequant.engines.triton.client import generate_from_prompt
+
+    server, _, _ = served
+    with pytest.raises(InferenceFailed, match=r"unexpected inference input 'PROMPT'.*pass --label N"):
+        generate_from_prompt(server.http_url, "a handwritten digit seven", timeout_s=TIMEOUT_S)
+    _still_serving(server)
+
+
 def _listening(pid):
     """(ip, port) of the TCP sockets process `pid` listens on (Linux /proc; IPv6 too)."""
     import ipaddress

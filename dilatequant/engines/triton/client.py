@@ -121,12 +121,27 @@ def generate_from_prompt(url: str, prompt: str, seed: int = 0, protocol: str = "
     return request_images(url, prompt_inputs(prompt, seed, **settings), protocol, model, timeout_s)
 
 
+WRONG_KIND = {  # a server message that means the request was for the other kind of pipeline -> the fix
+    "'PROMPT'": "this server's pipeline takes prompts (a Stable Diffusion repository): pass --prompt TEXT",
+    "unexpected inference input 'CLASS_LABELS'": "this server's pipeline takes prompts (a Stable Diffusion "
+                                                  "repository): pass --prompt TEXT",
+}
+WRONG_KIND_PROMPT = "this server's pipeline takes class labels or nothing, not prompts: pass --label N or leave both out"
+
+
 def request_images(url: str, arrays: dict[str, np.ndarray], protocol: str = "http", model: str = "pipeline",
                    timeout_s: float = 300.0) -> np.ndarray:
     client = connect(url, protocol, timeout_s)
     try:
         return infer(client, protocol, model, arrays, ["IMAGES"], timeout_s)["IMAGES"]
-    except InferenceFailed:
+    except InferenceFailed as err:
+        msg = str(err)
+        if "PROMPT" in arrays and "unexpected inference input 'PROMPT'" in msg:
+            raise InferenceFailed(f"{msg}; {WRONG_KIND_PROMPT}") from err
+        if "PROMPT" not in arrays:
+            for needle, fix in WRONG_KIND.items():
+                if needle in msg:
+                    raise InferenceFailed(f"{msg}; {fix}") from err
         raise
     except Exception as err:  # connection refused, timeouts: name the URL
         raise UserError(f"cannot reach Triton at {url} over {protocol} ({type(err).__name__}: {err}); "

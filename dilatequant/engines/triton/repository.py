@@ -88,12 +88,9 @@ class Conditioning:
 def load_conditioning(spec_meta: dict[str, str], ckpt: Path | None) -> Conditioning:
     """From the q.pt when given (checked against the graph's checkpoint hash), else the base model."""
     if ckpt is not None:
-        from ...calibrate.checkpoint import checkpoint_hash, load_checkpoint
+        from ...calibrate.checkpoint import load_checkpoint
 
-        want = spec_meta.get("dilatequant.source_checkpoint_sha256")
-        if want and checkpoint_hash(ckpt) != want:
-            raise UserError(f"'{ckpt}' is not the checkpoint this graph was exported from (sha256 differs from the "
-                            "graph's dilatequant.source_checkpoint_sha256); pass the q.pt given to dq-export")
+        check_checkpoint(spec_meta, ckpt)
         model, source = load_checkpoint(ckpt).model, str(ckpt)
     else:
         from ...calibrate.models import load_model
@@ -112,6 +109,18 @@ def load_conditioning(spec_meta: dict[str, str], ckpt: Path | None) -> Condition
         cond.class_tokens = enc.table.weight.detach().float().numpy().copy()
         cond.token_shape = (int(enc.config.num_tokens), int(enc.config.dim))
     return cond
+
+
+def check_checkpoint(spec_meta: dict[str, str], ckpt: Path) -> None:
+    """--ckpt must be the q.pt the graph was exported from (its sha256 is in the graph's metadata)."""
+    from ...calibrate.checkpoint import checkpoint_hash
+
+    if not Path(ckpt).is_file():
+        raise UserError(f"checkpoint '{ckpt}' does not exist; pass the q.pt given to dq-export (or leave --ckpt out)")
+    want = spec_meta.get("dilatequant.source_checkpoint_sha256")
+    if want and checkpoint_hash(ckpt) != want:
+        raise UserError(f"'{ckpt}' is not the checkpoint this graph was exported from (sha256 differs from the "
+                        "graph's dilatequant.source_checkpoint_sha256); pass the q.pt given to dq-export")
 
 
 def plan_record(engine: Path, spec: UnetSpec, max_batch: int) -> dict[str, str]:
@@ -271,6 +280,8 @@ def write_repository(cfg: RepositoryConfig) -> dict:
 
         if cfg.name in ("text_encoder", "vae_decoder"):
             raise UserError(f"--name '{cfg.name}' is taken by the Stable Diffusion parts; choose another name")
+        if cfg.ckpt is not None:  # not needed (prompts, not class tokens), but a wrong one is still an error
+            check_checkpoint(cond_meta, cfg.ckpt)
         sd = load_parts(cond_meta, cfg.model)
         cond = Conditioning(sd.scheduler_config, token_shape=(sd.max_tokens, sd.text_dim), source=sd.source)
         if spec is None:
