@@ -13,7 +13,8 @@ pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] not ins
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] not installed: pip install 'dilatequant[serve]'")
 
 from dilatequant.cli import client_main, generate_main, triton_main  # noqa: E402
-from dilatequant.engines.triton.client import InferenceFailed, generate_from_prompt, prompt_inputs, request_images  # noqa: E402
+from dilatequant.engines.triton.client import (InferenceFailed, generate_from_prompt, prompt_inputs,  # noqa: E402
+                                               request_images)
 from dilatequant.engines.triton.repository import RepositoryConfig, validate_repository, write_repository  # noqa: E402
 from dilatequant.engines.triton.server import TritonServer, unavailable_reason  # noqa: E402
 
@@ -87,7 +88,8 @@ CASES = [  # (id, protocol, dq-generate flags); the client sends the same settin
     ("calibrated-steps-default-guidance", "http", dict(seed=3, steps=STEPS)),
     ("mapped-steps-negative-prompt", "grpc", dict(seed=11, steps=7, guidance=2.0,
                                                    negative_prompt="a handwritten digit one")),
-    ("euler-no-guidance", "http", dict(seed=5, steps=5, guidance=1.0, scheduler="euler", prompt="a handwritten digit two")),
+    ("euler-no-guidance", "http", dict(seed=5, steps=5, guidance=1.0, scheduler="euler",
+                                       prompt="a handwritten digit two")),
 ]
 
 

@@ -126,7 +126,8 @@ WRONG_KIND = {  # a server message that means the request was for the other kind
     "unexpected inference input 'CLASS_LABELS'": "this server's pipeline takes prompts (a Stable Diffusion "
                                                   "repository): pass --prompt TEXT",
 }
-WRONG_KIND_PROMPT = "this server's pipeline takes class labels or nothing, not prompts: pass --label N or leave both out"
+WRONG_KIND_PROMPT = ("this server's pipeline takes class labels or nothing, not prompts: pass --label N or leave "
+                     "both out")
 
 
 def request_images(url: str, arrays: dict[str, np.ndarray], protocol: str = "http", model: str = "pipeline",

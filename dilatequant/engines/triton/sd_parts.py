@@ -2,11 +2,11 @@
 ONNX graphs, and the tokenizer files, taken from the pipeline folder the UNet was calibrated from.
 
 The encoder and decoder are exported with torch's TorchScript exporter (under a second for sd-digits; the dynamo
-exporter takes ~10x longer for the same graph; this module is imported only on the SD path, torch with it), FP32, or converted to FP16 compute for the GPU kind with ONNX
+exporter takes ~10x longer for the same graph), FP32, or converted to FP16 compute for the GPU kind with ONNX
 Runtime's float16 converter (inputs and outputs stay FP32, so the pipeline model feeds both kinds alike).
 They run the pipeline's own modules with the calls diffusers makes: `text_encoder(input_ids)[0]` (no attention
 mask, as StableDiffusionPipeline.encode_prompt calls CLIP) and `vae.decode(latents / scaling_factor)`, the division
-left to the pipeline model, exactly where diffusers does it.
+left to the pipeline model, exactly where diffusers does it. Imported only on the SD path (it imports torch).
 """
 from __future__ import annotations
 
@@ -151,14 +151,15 @@ def export_vae_decoder(parts: SdParts, path: Path, fp16: bool = False) -> Path:
     h, w = (s // parts.vae_scale_factor for s in parts.image_size)
     z = torch.zeros((1, int(vae.config.latent_channels), h, w))
     _export(_VaeDecoder(vae).eval(), z, path, ("latent", "image"),
-            {"latent": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "pixel_height", 3: "pixel_width"}})
+            {"latent": {0: "batch", 2: "height", 3: "width"},
+             "image": {0: "batch", 2: "pixel_height", 3: "pixel_width"}})
     if fp16:
         _to_fp16(path)
     return path
 
 
 def copy_tokenizer(parts: SdParts, dest: Path) -> Path:
-    """The pipeline's own tokenizer files (vocab, merges, configs), so the server tokenizes offline as diffusers does."""
+    """The pipeline's own tokenizer files (vocab, merges, configs): the server tokenizes offline as diffusers does."""
     src = parts.folder / "tokenizer"
     if not src.is_dir():
         raise UserError(f"'{parts.folder}' has no tokenizer/ folder; save the whole pipeline with save_pretrained")

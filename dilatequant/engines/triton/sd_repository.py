@@ -40,7 +40,9 @@ def default_guidance(parts: SdParts) -> float:
 def dynamic_spatial(spec: UnetSpec) -> UnetSpec:
     """sample/noise_pred as [B, C, -1, -1]: the graph takes any multiple of its spatial factor."""
     def widen(t: TensorSpec) -> TensorSpec:
-        return TensorSpec(t.name, t.dtype, (t.shape[0], t.shape[1], -1, -1)) if t.name in ("sample", "noise_pred") else t
+        if t.name not in ("sample", "noise_pred"):
+            return t
+        return TensorSpec(t.name, t.dtype, (t.shape[0], t.shape[1], -1, -1))
     return UnetSpec([widen(t) for t in spec.inputs], [widen(t) for t in spec.outputs], spec.metadata)
 
 
@@ -62,7 +64,8 @@ PIPELINE_DOC = """\
 # The same seed and settings give dq-generate's images (see model.py's docstring for how each step matches).
 # Inputs (all [1]):
 #   PROMPT           BYTES  the text (tokenized here with the pipeline's own tokenizer, {tokens} tokens, truncated)
-#   SEED             INT64  latents = torch.randn((N, {c}, H/{f}, W/{f}), Generator().manual_seed(SEED)) * init_noise_sigma
+#   SEED             INT64  latents = torch.randn((N, {c}, H/{f}, W/{f}), Generator().manual_seed(SEED))
+#                           * init_noise_sigma
 #   NEGATIVE_PROMPT  BYTES  optional; the unconditional half under guidance (default "")
 #   STEPS            INT32  optional; sampling steps (default {steps}; the unet uses the nearest calibrated timestep's
 #                           scales, calibrated: {timesteps})

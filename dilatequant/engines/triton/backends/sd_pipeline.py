@@ -171,7 +171,8 @@ class TritonPythonModel:
 
     def _call(self, model, input_name, array, output_name):
         name = self.models[model]
-        response = pb_utils.InferenceRequest(model_name=name, inputs=[pb_utils.Tensor(input_name, np.ascontiguousarray(array))],
+        inputs = [pb_utils.Tensor(input_name, np.ascontiguousarray(array))]
+        response = pb_utils.InferenceRequest(model_name=name, inputs=inputs,
                                              requested_output_names=[output_name]).exec()
         if response.has_error():
             raise RequestError(f"model '{name}' failed: {response.error().message()}")
