@@ -255,6 +255,9 @@ def test_other_pipeline_weights_are_refused(sd_export, tmp_path, capsys):
     other = save(tiny_sd2(), tmp_path / "tiny-sd2")
     assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--model", other) == 2
     _one_error(capsys, "calibrated on other weights", "--model FOLDER")
+    unmarked = _with_metadata(graph, tmp_path / "unmarked.onnx", **{"dilatequant.fp_fingerprint": ""})
+    assert _cli(triton_main, "--onnx", unmarked, "--repo", tmp_path / "repo", "--kind", "cpu", "--model", other) == 2
+    _one_error(capsys, "encoder_hidden_states is [16, 64] per sample", "makes [16, 32]")
     assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--model",
                 tmp_path / "missing") == 2
     _one_error(capsys, "cannot load the pipeline folder", "--model FOLDER")

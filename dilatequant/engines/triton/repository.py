@@ -289,6 +289,10 @@ def write_repository(cfg: RepositoryConfig) -> dict:
             sd.size_multiple = 0  # a plan serves the sizes of its profile; keep to the calibrated one
         elif sd.size_multiple:
             spec = dynamic_spatial(spec)
+        ehs = spec.input("encoder_hidden_states").shape[1:]
+        if any(d not in (-1, want) for d, want in zip(ehs, cond.token_shape)):
+            raise UserError(f"encoder_hidden_states is {list(ehs)} per sample in the graph but the text encoder of "
+                            f"'{sd.source}' makes {list(cond.token_shape)}; pass --model, the pipeline it came from")
     else:
         cond = load_conditioning(cond_meta, cfg.ckpt)
     if spec is None:
