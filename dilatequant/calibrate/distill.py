@@ -21,6 +21,7 @@ from ..errors import UserError
 from .calibration_data import CalibrationSet, condition_of
 from .conditioning import unet_kwargs
 from .quant_unet import QuantLayer, QuantUNet
+from .block_cache import BlockCache, CacheFolder
 from .reporting import atomic_write_bytes
 
 PROGRESS_FORMAT = "dilatequant.bkd-progress"
@@ -42,62 +43,49 @@ class _Stop(Exception):
     pass
 
 
-def _merge(chunks: list[Any], sizes: list[int]) -> Any:
-    """Concatenate captured call arguments along the batch; anything else must be the same every call."""
-    first = chunks[0]
-    if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == sizes[0]:
-        return torch.cat(chunks)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_merge([c[i] for c in chunks], sizes) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _merge([c[k] for c in chunks], sizes) for k in first}
-    return first
-
-
-def _index(obj: Any, idx: torch.Tensor, n: int) -> Any:
-    if isinstance(obj, torch.Tensor) and obj.dim() > 0 and obj.shape[0] == n:
-        return obj[idx]
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_index(o, idx, n) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _index(v, idx, n) for k, v in obj.items()}
-    return obj
-
-
 def _first_tensor(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
 @torch.no_grad()
-def capture(run: Callable[[dict], Any], unit: nn.Module, data: CalibrationSet, batch: int, want_output: bool):
-    """Run the model over the calibration set and keep unit's call (args, kwargs) or its output."""
-    got: list[Any] = []
+def capture(run: Callable[[dict], Any], unit: nn.Module, data: CalibrationSet, batch: int, want_output: bool,
+            folder: Path, name: str) -> BlockCache:
+    """Run the model over the calibration set and stream unit's call (args, kwargs) or its output to disk.
+
+    Only one chunk's activations are in memory at a time; the rows land in a memory-mapped BlockCache.
+    """
+    cache = BlockCache(folder, name, len(data))
+    size = 0
 
     def pre(mod, args, kwargs):
         if not want_output:
-            got.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                        {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+            cache.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                          {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}), size)
             raise _Stop
 
     def post(mod, args, kwargs, output):
-        got.append(_first_tensor(output).detach())
+        cache.append(_first_tensor(output).detach(), size)
         raise _Stop
 
     h = unit.register_forward_pre_hook(pre, with_kwargs=True) if not want_output else \
         unit.register_forward_hook(post, with_kwargs=True)
-    sizes = []
+    calls = 0
     try:
         for chunk in data.chunks(batch * 4):
-            sizes.append(len(chunk["t_index"]))
+            size = len(chunk["t_index"])
+            calls += 1
             try:
                 run(chunk)
             except _Stop:
                 pass
+            if cache.rows_written != min(calls * batch * 4, len(data)):
+                raise RuntimeError(f"block {type(unit).__name__} was not called once per forward pass")
+    except BaseException:
+        cache.close()
+        raise
     finally:
         h.remove()
-    if len(got) != len(sizes):
-        raise RuntimeError(f"block {type(unit).__name__} was not called once per forward pass")
-    return torch.cat(got) if want_output else _merge(got, sizes)
+    return cache.finish()
 
 
 def fp_runner(fp_unet: nn.Module) -> Callable[[dict], Any]:
@@ -204,8 +192,13 @@ def load_progress(path: Path, qunet: QuantUNet, fingerprint: str,
 
 
 def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: DistillConfig,
-            progress_path: Path | None = None, resume: bool = False, fingerprint: str = "") -> dict:
-    """Train qunet (quantizers in 'quant' mode) against fp_unet; returns losses, times, settings."""
+            progress_path: Path | None = None, resume: bool = False, fingerprint: str = "",
+            cache_dir: Path | None = None) -> dict:
+    """Train qunet (quantizers in 'quant' mode) against fp_unet; returns losses, times, settings.
+
+    Each block's inputs and FP targets are streamed to a memory-mapped cache in a private folder under
+    cache_dir (default: next to the progress file, else the system temp folder), so memory stays flat in
+    the calibration-set size; the folder is removed when distillation ends or is interrupted."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     qunet.requires_grad_(False)
@@ -216,6 +209,8 @@ def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: Dis
         return {"mode": "full-model QAT", "final_loss": losses[-1] if losses else None,
                 "loss_first_last": [losses[0], losses[-1]] if losses else None,
                 "wall_s": time.perf_counter() - start, "config": asdict(cfg)}
+    if cache_dir is None and progress_path is not None:
+        cache_dir = progress_path.parent
     done: list[str] = []
     block_losses: dict[str, list[float]] = {}
     if resume and progress_path is not None and progress_path.is_file():
@@ -226,30 +221,36 @@ def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: Dis
     layers_of: dict[str, list[str]] = {}
     for layer, unit in qunet.unit_of_layer.items():
         layers_of.setdefault(unit, []).append(layer)
-    for k, unit in enumerate(qunet.unit_order):
-        if unit in done:
-            continue
-        target = capture(fp_runner(fp_unet), fp_modules[unit], data, cfg.batch, want_output=True)
-        args, kwargs = capture(quant_runner(qunet), modules[unit], data, cfg.batch, want_output=False)
-        groups = _param_groups(qunet, layers_of[unit], cfg, _attn_quantizers(qunet, unit))
-        n, block = len(data), modules[unit]
+    cache_bytes = 0
+    with CacheFolder(cache_dir) as folder:
+        for k, unit in enumerate(qunet.unit_order):
+            if unit in done:
+                continue
+            with capture(fp_runner(fp_unet), fp_modules[unit], data, cfg.batch, True, folder, "target") as target, \
+                    capture(quant_runner(qunet), modules[unit], data, cfg.batch, False, folder, "inputs") as inputs:
+                cache_bytes = max(cache_bytes, target.nbytes + inputs.nbytes)
+                groups = _param_groups(qunet, layers_of[unit], cfg, _attn_quantizers(qunet, unit))
+                n, block = len(data), modules[unit]
 
-        def step_loss():
-            idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
-            qunet.ctx.t_index = data.t_index[idx]
-            try:
-                out = _first_tensor(block(*_index(args, idx, n), **_index(kwargs, idx, n)))
-            finally:
-                qunet.ctx.t_index = None
-            return torch.nn.functional.mse_loss(out, target[idx])
+                def step_loss():
+                    idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
+                    args, kwargs = inputs.rows(idx)
+                    qunet.ctx.t_index = data.t_index[idx]
+                    try:
+                        out = _first_tensor(block(*args, **kwargs))
+                    finally:
+                        qunet.ctx.t_index = None
+                    return torch.nn.functional.mse_loss(out, target.rows(idx))
 
-        losses = _train(qunet, groups, step_loss, cfg.iters, f"BKD {k + 1}/{len(qunet.unit_order)} {unit}")
-        block_losses[unit] = [losses[0], losses[-1]] if losses else []
-        done.append(unit)
-        if progress_path is not None:
-            _save_progress(progress_path, qunet, done, block_losses, fingerprint, gen)
+                losses = _train(qunet, groups, step_loss, cfg.iters,
+                                f"BKD {k + 1}/{len(qunet.unit_order)} {unit}")
+            block_losses[unit] = [losses[0], losses[-1]] if losses else []
+            done.append(unit)
+            if progress_path is not None:
+                _save_progress(progress_path, qunet, done, block_losses, fingerprint, gen)
     return {"mode": "block-wise distillation", "blocks": len(qunet.unit_order), "block_losses": block_losses,
-            "wall_s": time.perf_counter() - start, "config": asdict(cfg)}
+            "wall_s": time.perf_counter() - start, "config": asdict(cfg),
+            "largest_block_cache_mb": round(cache_bytes / 2**20, 3)}
 
 
 def _distill_full(qunet, fp_unet, data, cfg, gen) -> list[float]:
