@@ -104,6 +104,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
                              resolution=parse_size(a.resolution, "--resolution") if a.resolution else None)
         s = run_calibration(job)
         print(f"wrote {a.out}: {s['bits']} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
+        print("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items()))
         print(f"  noise SQNR vs FP on validation inputs: {s['val_before_training']['noise_sqnr_db']:.2f} dB before "
               f"training -> {s['val_after_training']['noise_sqnr_db']:.2f} dB after")
         for block, (first, last) in s["distill"].get("block_losses", {}).items():

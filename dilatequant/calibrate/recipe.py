@@ -4,13 +4,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
-from .calibration_data import CalibrationSet, build_calibration_set, model_fingerprint
+from .calibration_data import CalibrationSet, build_calibration_sets, model_fingerprint, validation_size
 from .checkpoint import save_checkpoint
 from .distill import DistillConfig, distill, fp_runner, quant_runner
 from .metrics import mse, sqnr_db
@@ -41,7 +43,8 @@ def input_channel_absmax(qunet: QuantUNet, data: CalibrationSet, batch: int = 64
         hooks.append(layers[g.layers[0]].register_forward_pre_hook(pre))
     qunet.set_quant(weights=False, acts="off")
     try:
-        for chunk in data.chunks(batch):
+        for chunk in tqdm(data.chunks(batch), desc="channel ranges", total=-(-len(data) // batch), leave=False,
+                          mininterval=2):
             quant_runner(qunet)(chunk)
     finally:
         for h in hooks:
@@ -81,16 +84,35 @@ def apply_scaling(qunet: QuantUNet, data: CalibrationSet | None = None) -> dict:
 
 
 @torch.no_grad()
-def init_quantizers(qunet: QuantUNet, data: CalibrationSet, batch: int = 64) -> None:
-    """Weight scales by MSE search; activation tables per timestep from that step's activations."""
-    for layer in qunet.layers().values():
+def init_weight_scales(qunet: QuantUNet) -> None:
+    """Weight scales by MSE search, layer by layer."""
+    for layer in tqdm(qunet.layers().values(), desc="weight scales", leave=False, mininterval=2):
         layer.weight_quantizer.init_from(layer.weight)
+
+
+@torch.no_grad()
+def observe_activations(qunet: QuantUNet, data: CalibrationSet, batch: int = 64) -> None:
+    """Run the calibration set through the model; every activation quantizer keeps per-timestep samples."""
     qunet.set_quant(weights=True, acts="observe")
-    for chunk in tqdm(list(data.chunks(batch)), desc="observe activations", leave=False):
+    for chunk in tqdm(data.chunks(batch), desc="observe activations", total=-(-len(data) // batch), leave=False,
+                      mininterval=2):
         quant_runner(qunet)(chunk)
-    for q in qunet.act_quantizers.values():
+
+
+@torch.no_grad()
+def init_act_tables(qunet: QuantUNet) -> None:
+    """TPQ initialisation: every quantizer's per-timestep table from what it observed (search vectorised
+    per quantizer, timestep_quantizer.choose_ranges), then fake-quant on."""
+    for q in tqdm(qunet.act_quantizers.values(), desc="TPQ init", leave=False, mininterval=2):
         q.init_from_observations(qunet.config.act_init)
     qunet.set_quant(weights=True, acts="quant")
+
+
+def init_quantizers(qunet: QuantUNet, data: CalibrationSet, batch: int = 64) -> None:
+    """Weight scales by MSE search; activation tables per timestep from that step's activations."""
+    init_weight_scales(qunet)
+    observe_activations(qunet, data, batch)
+    init_act_tables(qunet)
 
 
 def init_ptq(qunet: QuantUNet, data: CalibrationSet) -> dict:
@@ -143,29 +165,57 @@ def load_calibration_model(job: CalibrationJob):
 @torch.no_grad()
 def noise_error(qunet: QuantUNet, fp_unet: torch.nn.Module, data: CalibrationSet, batch: int = 64) -> dict:
     """Noise-prediction MSE and SQNR of the fake-quant model against FP on the given inputs."""
-    q = torch.cat([quant_runner(qunet)(c) for c in data.chunks(batch)])
-    f = torch.cat([fp_runner(fp_unet)(c)[0] for c in data.chunks(batch)])
+    total = -(-len(data) // batch)
+    q = torch.cat([quant_runner(qunet)(c) for c in tqdm(data.chunks(batch), desc="validation (quantized)",
+                                                        total=total, leave=False, mininterval=2)])
+    f = torch.cat([fp_runner(fp_unet)(c)[0] for c in tqdm(data.chunks(batch), desc="validation (FP)", total=total,
+                                                          leave=False, mininterval=2)])
     return {"noise_mse": mse(q, f), "noise_sqnr_db": sqnr_db(q, f)}
+
+
+class StageTimer:
+    """Wall seconds of each named stage, in run order: the summary's `stages` (what a long run spent where)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def run_calibration(job: CalibrationJob) -> dict:
     """Calibration data -> WD/TPQ init -> BKD (resumable) -> q.pt; returns the run summary."""
     start = time.perf_counter()
+    stage = StageTimer()
     torch.manual_seed(job.distill.seed)
     ensure_writable_dir(job.out.parent if str(job.out.parent) else Path("."))
-    model = load_calibration_model(job)
-    qunet = QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before sampling
+    with stage("load"):
+        model = load_calibration_model(job)
+        qunet = QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before sampling
+        fingerprint = model_fingerprint(model)
     steps = job.config.num_steps
     guidance = job.guidance_scale if job.guidance_scale is not None else default_guidance(model)
     if model.is_conditional:
         model.guidance_scale = guidance  # recorded in q.pt: what verify, parity and generate sample with by default
-    data = build_calibration_set(model, job.calib_samples, steps, seed=job.distill.seed,
-                                 guidance_scale=guidance)
-    val = build_calibration_set(model, max(steps, 100), steps, seed=job.distill.seed + 1000,
-                                guidance_scale=guidance)
-    fingerprint = model_fingerprint(model)
-    scaling = init_ptq(qunet, data)
-    before = noise_error(qunet, model.unet, val)
+    val_samples = validation_size(job.calib_samples, steps)
+    with stage("calibration_data"):  # the validation set is held-out inputs of the same trajectories
+        data, val = build_calibration_sets(model, job.calib_samples, steps, val_samples, seed=job.distill.seed,
+                                           guidance_scale=guidance)
+    with stage("scaling"):
+        scaling = apply_scaling(qunet, data)
+    with stage("weight_scales"):
+        init_weight_scales(qunet)
+    with stage("observe_activations"):
+        observe_activations(qunet, data)
+    with stage("tpq_init"):
+        init_act_tables(qunet)
+    with stage("validation"):
+        before = noise_error(qunet, model.unet, val)
     distilled = {"mode": "none (PTQ)"}
     progress = Path(f"{job.out}.progress")
     if job.bkd:
@@ -173,18 +223,21 @@ def run_calibration(job: CalibrationJob) -> dict:
         if model.prompt_bank is not None:
             data_key += f"|{model.sample_shape}|{model.prompt_bank.prompts}|{model.prompt_bank.negative_prompt}"
         key = run_fingerprint(fingerprint, job.config, job.distill, data_key)
-        distilled = distill(qunet, model.unet, data, job.distill, progress_path=progress, resume=job.resume,
-                            fingerprint=key)
-    after = noise_error(qunet, model.unet, val)
+        with stage("bkd"):
+            distilled = distill(qunet, model.unet, data, job.distill, progress_path=progress, resume=job.resume,
+                                fingerprint=key)
+    with stage("validation"):
+        after = noise_error(qunet, model.unet, val)
     summary = {
         "model": job.model, "bits": job.config.bits_name, "quant_config": json.loads(job.config.to_json()),
         "calib_samples": job.calib_samples, "guidance": guidance, "bkd": job.bkd, "scaling": scaling,
         "distill": distilled, "pipeline_class": model.pipeline_class, "resolution": list(model.image_size),
         "prompts": model.prompt_bank.prompts if model.prompt_bank else None,
-        "val_before_training": before, "val_after_training": after,
-        "wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-        "environment": environment(),
+        "val_samples": len(val), "val_before_training": before, "val_after_training": after,
+        "stages": stage.seconds, "wall_s": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "environment": environment(),
     }
-    save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint, summary)
+    with stage("save"):  # its own time lands in the returned summary; q.pt records every stage before it
+        save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint, summary)
     progress.unlink(missing_ok=True)
     return summary
