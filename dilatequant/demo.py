@@ -1,4 +1,8 @@
-"""`dq-demo`, the main job: the whole chain on the embedded default models, ending in a report folder."""
+"""`dq-demo`, the main job: the whole chain on the embedded models, ending in a report folder.
+
+FP samples of every embedded model; then the Stable Diffusion pipeline `sd-digits` calibrated on its digit
+prompts, exported, checked (TensorRT rules, parity), verified on ONNX Runtime, and put back into diffusers'
+pipeline for a prompt grid, FP beside quantized."""
 from __future__ import annotations
 
 import time
@@ -10,13 +14,14 @@ import torch
 from .calibrate.checkpoint import load_checkpoint
 from .errors import UserError
 from .calibrate.distill import DistillConfig
-from .calibrate.evaluation import compare_to_fp, fp_reference, fp_trajectories
+from .calibrate.checkpoint import source_model
+from .calibrate.evaluation import compare_to_fp, fp_reference, fp_trajectories, requested_digits
 from .calibrate.metrics import digit_scores
 from .calibrate.models import DiffusionModel, load_model
 from .calibrate.reporting import environment, ensure_writable_dir, save_grid, write_json, write_text
 from .calibrate.quant_config import QuantConfig
 from .calibrate.recipe import CalibrationJob, run_calibration
-from .calibrate.sampling import DEFAULT_GUIDANCE, SampleResult, sample
+from .calibrate.sampling import SampleResult, default_guidance, sample
 from .dq_export.pipeline import export_and_verify
 from .dq_export.qdq_graph import ExportConfig
 
@@ -24,24 +29,41 @@ from .dq_export.qdq_graph import ExportConfig
 @dataclass
 class DemoConfig:
     report_dir: Path = Path("dq-report")
-    models: tuple[str, ...] = ("default", "default-cond")
+    models: tuple[str, ...] = ("default", "default-cond", "sd-digits")
     num_samples: int = 100
     steps: int = 50
-    guidance_scale: float = DEFAULT_GUIDANCE
+    guidance_scale: float | None = None  # None: each model's own (default-cond 1.1, sd-digits 3.0)
     seed: int = 0
-    quant_model: str = "default"   # the model the demo calibrates, exports and verifies
+    quant_model: str = "sd-digits"  # the model the demo calibrates, exports and verifies
     bits: str = "W4A8"
     symmetric: bool = True         # what TensorRT runs
     calib_samples: int = 128
     iters: int = 20                # BKD iterations per block: a short demo run (benchmarks train longer)
+    generate_steps: int = 20       # the prompt grid: diffusers' pipeline with the graph as pipe.unet
+    generate_schedulers: tuple[str, ...] = ("euler", "dpm")
+
+
+def guidance_of(cfg: DemoConfig, model: DiffusionModel) -> float:
+    return cfg.guidance_scale if cfg.guidance_scale is not None and model.is_conditional else default_guidance(model)
+
+
+def demo_prompts(model: DiffusionModel, n: int) -> list[str] | None:
+    """Text models: sample i asks for digit i % 10 in phrasing i // 10 (the model's calibration prompts cycled)."""
+    if not model.is_text_conditioned:
+        return None
+    from .calibrate.prompts import calibration_prompts
+
+    bank = calibration_prompts(model)
+    return [bank[i % len(bank)] for i in range(n)]
 
 
 def fp_section(name: str, model: DiffusionModel, cfg: DemoConfig) -> tuple[dict, SampleResult]:
     """FP samples from seeded noise and their digit metrics: the reference every later stage compares to."""
     start = time.perf_counter()
-    guidance = cfg.guidance_scale if model.is_conditional else 1.0
-    result = sample(model, num_samples=cfg.num_samples, steps=cfg.steps, seed=cfg.seed, guidance_scale=guidance)
-    scores = digit_scores(result.images, result.labels)
+    guidance = guidance_of(cfg, model)
+    result = sample(model, num_samples=cfg.num_samples, steps=cfg.steps, seed=cfg.seed, guidance_scale=guidance,
+                    labels=demo_prompts(model, cfg.num_samples))
+    scores = digit_scores(result.images, requested_digits(model, result.labels))
     grid = save_grid(cfg.report_dir / f"{name}_fp_samples.png", result.images[:40])
     return {
         "model": name, "source": model.source, "steps": cfg.steps, "guidance_scale": guidance,
@@ -60,17 +82,19 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
     calib = run_calibration(job)
     onnx_path = ckpt.with_suffix("").with_suffix(".onnx")
     export = export_and_verify(ckpt, onnx_path, ExportConfig(), torch_floor=True)
-    model = load_model(cfg.quant_model)
-    guidance = cfg.guidance_scale if model.is_conditional else 1.0
+    ck = load_checkpoint(ckpt)
+    model = source_model(ck)  # with the calibration prompts and guidance q.pt records
+    guidance = guidance_of(cfg, model)
     if fp_images is None:
         fp_images, fp_traj = fp_reference(model, cfg.num_samples, cfg.steps, cfg.seed, guidance)
     else:
         fp_traj = fp_trajectories(model, cfg.steps, cfg.seed, guidance)
-    fq, images = compare_to_fp(model, load_checkpoint(ckpt).qunet.predictor(), fp_images, fp_traj,
-                               cfg.steps, cfg.seed, guidance)
+    fq, images = compare_to_fp(model, ck.qunet.predictor(), fp_images, fp_traj, cfg.steps, cfg.seed, guidance)
     save_grid(cfg.report_dir / "quantized_samples.png", torch.cat([fp_images.images[:20], images[:20]]))
     verify = verify_section(cfg, ckpt, onnx_path)
-    return {"verify": verify, "model": cfg.quant_model, "bits": cfg.bits, "symmetric": cfg.symmetric, "checkpoint": ckpt.name,
+    generated = generate_section(cfg, model, onnx_path) if model.is_text_conditioned else None
+    return {"verify": verify, "generate": generated, "model": cfg.quant_model, "bits": cfg.bits,
+            "symmetric": cfg.symmetric, "checkpoint": ckpt.name, "guidance_scale": guidance,
             "calibration": {k: calib[k] for k in ("wall_s", "peak_rss_mb", "val_before_training", "val_after_training")},
             "export": {k: export[k] for k in ("onnx", "bytes", "export_s", "trt_rules")},
             "parity": {k: export["parity"][k] for k in ("min_sqnr_db", "median_sqnr_db", "min_median_sample_sqnr_db",
@@ -78,6 +102,34 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
                                                         "torch_self_min_sqnr_db")},
             "fake_quant_vs_fp": {k: v for k, v in fq.items() if k != "noise_per_step"},
             "grid": "quantized_samples.png"}
+
+
+def generate_section(cfg: DemoConfig, model: DiffusionModel, onnx_path: Path) -> dict:
+    """One prompt per digit through diffusers' own pipeline, the ONNX graph as pipe.unet, beside the FP UNet
+    from the same seeds: what dq-generate does, for a few samplers with other step counts than calibrated."""
+    from .calibrate.metrics import psnr_db, ssim
+    from .calibrate.sd_training import captions_for
+    from .engines.diffusers_unet import QuantizedUNet
+    from .engines.generate import GenerateConfig, run_pipeline
+    from .engines.runners import OrtRunner
+
+    prompts = [captions_for(d)[0] for d in range(10)]
+    qunet = QuantizedUNet(OrtRunner(onnx_path), model.unet.config)
+    rows, grids = [], []
+    for name in cfg.generate_schedulers:
+        gcfg = GenerateConfig(model=cfg.quant_model, runtime=onnx_path, prompt=prompts[0], steps=cfg.generate_steps,
+                              scheduler=name, seed=cfg.seed)
+        fp = run_pipeline(model, model.unet, gcfg, prompts) * 2 - 1
+        q = run_pipeline(model, qunet, gcfg, prompts) * 2 - 1
+        scores = digit_scores(q[:, :1], torch.arange(10))
+        rows.append({"scheduler": name, "steps": cfg.generate_steps, "prompts": len(prompts),
+                     "image_psnr_db": psnr_db(q, fp), "image_ssim": ssim(q, fp),
+                     "class_accuracy_fp": digit_scores(fp[:, :1], torch.arange(10))["class_accuracy"],
+                     "class_accuracy_quantized": scores["class_accuracy"]})
+        grids += [fp[:, :1], q[:, :1]]
+    grid = save_grid(cfg.report_dir / "generate_grid.png", torch.cat(grids), nrow=10)
+    return {"prompts": prompts, "seeds": f"{cfg.seed} + i", "guidance_scale": model.guidance_scale, "rows": rows,
+            "grid": grid.name}
 
 
 def verify_section(cfg: DemoConfig, ckpt: Path, onnx_path: Path) -> dict:
@@ -171,5 +223,14 @@ def summary_markdown(report: dict) -> str:
                       f"images vs fake-quant PSNR {im['image_psnr_db']:.1f} dB; UNet median latency vs "
                       + ", ".join(f"{base} x{r:.2f} (batch {b})" for base, per_b in v["speedup_of_runtime"].items()
                                   for b, r in per_b.items()) + " (>1: runtime faster)"]
+        g = q.get("generate")
+        if g:
+            lines += ["", f"### The graph inside diffusers' pipeline (`dq-generate`), {len(g['prompts'])} prompts "
+                      f"(one per digit), seeds {g['seeds']}, guidance {g['guidance_scale']}", "",
+                      "| sampler | steps | image PSNR vs FP (dB) | SSIM | class accuracy FP | class accuracy quantized |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['scheduler']} | {r['steps']} | {r['image_psnr_db']:.2f} | {r['image_ssim']:.3f} | "
+                      f"{r['class_accuracy_fp']:.1f} | {r['class_accuracy_quantized']:.1f} |" for r in g["rows"]]
+            lines += ["", f"Rows: FP then quantized, per sampler in the order above: ![]({g['grid']})"]
         lines.append("")
     return "\n".join(lines)

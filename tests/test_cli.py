@@ -46,9 +46,11 @@ def test_demo_quick_run_writes_report(tmp_path):
     import json
 
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    for name in ("default", "default-cond"):
+    for name in ("default", "default-cond", "sd-digits"):
         fp = report["models"][name]["fp"]
         assert fp["num_samples"] == 8 and fp["digit_fid"] > 0
         assert (tmp_path / "r" / fp["grid"]).stat().st_size > 100
     assert "class_accuracy" in report["models"]["default-cond"]["fp"]
+    sd = report["models"]["sd-digits"]["fp"]  # prompted: the digit each caption asks for, at the folder's guidance
+    assert sd["guidance_scale"] == 3.0 and len(sd["class_accuracy_per_class"]) == 10 and 0 <= sd["class_accuracy"] <= 1
     assert (tmp_path / "r" / "README.md").read_text().startswith("# DilateQuant demo report")

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..calibrate.checkpoint import checkpoint_hash, load_checkpoint
-from ..calibrate.evaluation import fp_trajectories
+from ..calibrate.evaluation import fp_trajectories, requested_digits
 from ..calibrate.metrics import psnr_db, reported_digit_scores, sqnr_db, ssim
 from ..calibrate.models import DiffusionModel, load_model
 from ..calibrate.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
-from ..calibrate.sampling import DEFAULT_GUIDANCE, SampleResult, sample, sampling_timesteps
+from ..calibrate.sampling import SampleResult, default_guidance, sample, sampling_timesteps
 from ..errors import UserError
 from ..dq_export.fold import int4_layers, w4a16_reference
 from ..dq_export.layer_parity import layer_parity_report
@@ -46,7 +46,7 @@ class VerifyConfig:
     warmup: int = 3
     repeats: int = 20
     seed: int = 0
-    guidance: float = DEFAULT_GUIDANCE
+    guidance: float | None = None  # None: what q.pt was calibrated at (sampling.default_guidance)
     model: str | None = None                   # FP model (default: the one the checkpoint names)
     threads: int = 0                           # ONNX Runtime intra-op threads (0: same as torch)
     compile: bool = True                       # torch.compile baseline on CUDA
@@ -105,10 +105,13 @@ def _image_metrics(x: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"image_psnr_db": psnr_db(x, ref), "image_ssim": ssim(x, ref) if min(x.shape[-2:]) >= 11 else None}
 
 
-def _digits(images: torch.Tensor, labels, shape) -> dict:
+def _digits(images: torch.Tensor, labels, model: DiffusionModel | None = None) -> dict:
     """Digit metrics with their sample count; digit-FID only from metrics.FID_MIN_SAMPLES images, with its spread."""
-    if tuple(shape) != DIGIT_SHAPE:
-        return {"skipped": f"digit-FID needs {DIGIT_SHAPE} images, model makes {tuple(shape)}"}
+    shape = tuple(images.shape[1:])
+    if shape != DIGIT_SHAPE:
+        return {"skipped": f"digit-FID needs {DIGIT_SHAPE} images, model makes {shape}"}
+    if model is not None:
+        labels = requested_digits(model, labels)  # prompts: the digit each asked for
     s = reported_digit_scores(images, labels)
     keys = ("num_samples", "digit_fid", "digit_fid_spread", "digit_fid_note", "classifier_mean_confidence",
             "class_accuracy")
@@ -210,7 +213,10 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
     weight_only = _configure_reference(ck, Path(cfg.runtime))  # INT4 graphs: W4A16 layers read float inputs
     fq = TorchRunner.from_checkpoint(ck, cfg.device)
     fp = TorchRunner.fp(fp_model, ck.timesteps, cfg.device)
-    guidance = cfg.guidance if ck.model.is_conditional else 1.0
+    guidance = (cfg.guidance if cfg.guidance is not None else default_guidance(ck.model)) if ck.model.is_conditional else 1.0
+    cfg = replace(cfg, guidance=guidance)
+    # text models sample latents; the FP model's pipeline decodes every runner's latents alike
+    img_model = fp_model if ck.model.is_text_conditioned else ck.model
     rt.activate()
     rss_after_load = peak_rss_mb()
 
@@ -220,9 +226,8 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     images = {"fp": _sample(fp_model, ScheduleMapper(fp, ck.timesteps), cfg, steps)}
     labels = images["fp"].labels
-    images["fake_quant"] = _sample(ck.model, ScheduleMapper(fq, ck.timesteps), cfg, steps, labels)
-    images["runtime"] = _sample(ck.model, ScheduleMapper(rt, ck.timesteps), cfg, steps, labels)
-    shape = ck.model.sample_shape
+    images["fake_quant"] = _sample(img_model, ScheduleMapper(fq, ck.timesteps), cfg, steps, labels)
+    images["runtime"] = _sample(img_model, ScheduleMapper(rt, ck.timesteps), cfg, steps, labels)
     accuracy = {
         "trajectory_samples": cfg.traj_samples, "image_steps": steps, "num_samples": cfg.num_samples,
         "guidance_scale": guidance, "per_step": rows,
@@ -231,7 +236,7 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
         "images": {"runtime_vs_fake_quant": _image_metrics(images["runtime"].images, images["fake_quant"].images),
                    "runtime_vs_fp": _image_metrics(images["runtime"].images, images["fp"].images),
                    "fake_quant_vs_fp": _image_metrics(images["fake_quant"].images, images["fp"].images)},
-        "digits": {k: _digits(v.images, labels, shape) for k, v in images.items()},
+        "digits": {k: _digits(v.images, labels, fp_model) for k, v in images.items()},
         "fp_agreement": fp_agreement(rows),
     }
     layer_parity = _layer_parity(cfg, ck, rt, weight_only, fp_model)
@@ -245,14 +250,14 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
             fp_img, rt_img = images["fp"], images["runtime"]
         else:
             fp_img = _sample(fp_model, ScheduleMapper(fp, ck.timesteps), cfg, s)
-            rt_img = _sample(ck.model, ScheduleMapper(rt, ck.timesteps), cfg, s, fp_img.labels)
+            rt_img = _sample(img_model, ScheduleMapper(rt, ck.timesteps), cfg, s, fp_img.labels)
         schedule_rows.append({
             "steps": s, "mapping": "exact" if t_map == list(range(T)) and s == T else "nearest",
             "t_index_per_step": t_map, "distinct_t_index_used": len(set(t_map)),
             "max_timestep_gap": max(abs(t - ck.timesteps[i]) for t, i in zip(inference, t_map)),
             "runtime_vs_fp": _image_metrics(rt_img.images, fp_img.images),
-            "runtime_digits": _digits(rt_img.images, fp_img.labels, shape),
-            "fp_digits": _digits(fp_img.images, fp_img.labels, shape)})
+            "runtime_digits": _digits(rt_img.images, fp_img.labels, fp_model),
+            "fp_digits": _digits(fp_img.images, fp_img.labels, fp_model)})
 
     # -- speed ------------------------------------------------------------------------------------
     baselines: list[Runner] = [fp, fq]
@@ -283,7 +288,7 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
         predict = ScheduleMapper(r, ck.timesteps)
         t0 = time.perf_counter()
         sample(model, predict, num_samples=sampler_batch, steps=steps, seed=cfg.seed, guidance_scale=guidance,
-               batch_size=sampler_batch, progress=False)
+               batch_size=sampler_batch, progress=False, decode=False)  # the UNet loop alike for every runner
         r.synchronize()
         sampler[r.metadata.name] = round(time.perf_counter() - t0, 4)
     speed = {"unet_latency_ms": latency, "speedup_of_runtime": ratios,
