@@ -321,7 +321,7 @@ def client_main(argv: list[str] | None = None) -> None:
         if a.prompt is not None:
             if a.label:
                 raise UserError("pass --prompt (Stable Diffusion repositories) or --label (class models), not both")
-            from .engines.triton.client import parse_size  # not calibrate.models': no torch import in the client
+            from .calibrate.sizes import parse_size  # torch-free, as the client is
 
             images = generate_from_prompt(a.url, a.prompt, a.seed, a.protocol, a.model, a.timeout, steps=a.steps,
                                           guidance=a.guidance, negative_prompt=a.negative_prompt,

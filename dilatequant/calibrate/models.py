@@ -22,6 +22,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import UserError
 from .conditioning import Condition, cat_conditions, cond_names, map_condition
+from .sizes import parse_size  # noqa: F401  (re-exported: callers take it from here)
 
 EMBEDDED_MODELS = ("default", "default-cond", "sd-digits")  # sd-digits: a StableDiffusionPipeline folder
 TRAINABLE_MODELS = ("default", "default-cond")  # fp_training.py; sd-digits is trained by sd_training.py
@@ -273,19 +274,6 @@ def new_model(name: str) -> DiffusionModel:
 
 def embedded_model_dir(name: str) -> Path:
     return Path(str(resources.files("dilatequant") / "assets" / name))
-
-
-def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
-    """'HxW' (or one number for a square) -> (H, W)."""
-    try:
-        parts = [int(v) for v in str(text).lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise UserError(f"{flag} must be HxW in pixels, e.g. 512x512; got '{text}'")
-    return parts[0], parts[1]
 
 
 def check_size(model: DiffusionModel, size: tuple[int, int], flag: str = "--size") -> tuple[int, int]:

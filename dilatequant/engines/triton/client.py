@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...calibrate.sizes import parse_size  # noqa: F401  (torch-free; dq-client parses --size with it)
 from ...errors import UserError
 
 PROTOCOLS = ("http", "grpc")
@@ -71,19 +72,6 @@ def pipeline_inputs(labels: list[int] | None, seed: int, steps: int | None = Non
     else:
         arrays["NUM_IMAGES"] = np.array([num_images], np.int32)
     return arrays
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'HxW' (or one number for a square) -> (H, W), as calibrate.models.parse_size, without importing torch."""
-    try:
-        parts = [int(v) for v in str(text).lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise UserError(f"--size must be HxW in pixels, e.g. 512x512; got '{text}'")
-    return parts[0], parts[1]
 
 
 def prompt_inputs(prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,

@@ -61,6 +61,17 @@ def model_input(t: TensorSpec, batched: bool, optional: bool = False):
     return msg
 
 
+def python_model(name: str, ins, outs, optional, instances: int):
+    """An unbatched Python-backend model on CPU instances (the pipelines): I/O from TensorSpecs, `optional` names."""
+    m = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    m.input.extend(model_input(t, False, optional=t.name in optional) for t in ins)
+    m.output.extend(model_output(t, False) for t in outs)
+    group = m.instance_group.add()
+    group.count = instances
+    group.kind = mc.ModelInstanceGroup.KIND_CPU
+    return m
+
+
 def model_output(t: TensorSpec, batched: bool):
     dims, reshape = tensor_dims(t, batched)
     msg = mc.ModelOutput(name=t.name, data_type=triton_dtype(t.dtype), dims=dims)

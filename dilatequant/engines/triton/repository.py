@@ -209,12 +209,7 @@ UNCOND_DOC = "#   NUM_IMAGES      INT32 [1]   optional; images to generate (defa
 
 def _pipeline_config(cfg: RepositoryConfig, spec: UnetSpec, cond: Conditioning):
     ins, outs, optional = pipeline_io(spec)
-    m = C.mc.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
-    m.input.extend(C.model_input(t, False, optional=t.name in optional) for t in ins)
-    m.output.extend(C.model_output(t, False) for t in outs)
-    group = m.instance_group.add()
-    group.count = cfg.pipeline_instances
-    group.kind = C.mc.ModelInstanceGroup.KIND_CPU
+    m = C.python_model(PIPELINE, ins, outs, optional, cfg.pipeline_instances)
     params = {"unet_model": cfg.name, "unet_output": spec.outputs[0].name, "unet_max_batch": str(cfg.max_batch), "timesteps": json.dumps(spec.timesteps),
               "sample_shape": json.dumps(list(spec.sample_shape)), "conditional": str(spec.conditional).lower(),
               "t_index_input": str(spec.has_t_index).lower(), "default_guidance": str(DEFAULT_GUIDANCE),

@@ -80,12 +80,7 @@ PIPELINE_DOC = """\
 
 def _pipeline_config(cfg, spec: UnetSpec, parts: SdParts):
     ins, outs, optional = pipeline_io(parts)
-    m = C.mc.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
-    m.input.extend(C.model_input(t, False, optional=t.name in optional) for t in ins)
-    m.output.extend(C.model_output(t, False) for t in outs)
-    group = m.instance_group.add()
-    group.count = cfg.pipeline_instances
-    group.kind = C.mc.ModelInstanceGroup.KIND_CPU
+    m = C.python_model(PIPELINE, ins, outs, optional, cfg.pipeline_instances)
     vae = parts.pipeline.vae.config
     steps, guidance = default_steps(), default_guidance(parts)
     max_size = MAX_SIZE_FACTOR * max(parts.image_size)
