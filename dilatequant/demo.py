@@ -16,7 +16,7 @@ from .errors import UserError
 from .calibrate.distill import DistillConfig
 from .calibrate.checkpoint import source_model
 from .calibrate.evaluation import compare_to_fp, fp_reference, fp_trajectories, requested_digits
-from .calibrate.metrics import digit_scores
+from .calibrate.metrics import digit_scores, format_digit_fid, with_fid_floor
 from .calibrate.models import DiffusionModel, load_model
 from .calibrate.reporting import environment, ensure_writable_dir, save_grid, write_json, write_text
 from .calibrate.quant_config import QuantConfig
@@ -63,7 +63,7 @@ def fp_section(name: str, model: DiffusionModel, cfg: DemoConfig) -> tuple[dict,
     guidance = guidance_of(cfg, model)
     result = sample(model, num_samples=cfg.num_samples, steps=cfg.steps, seed=cfg.seed, guidance_scale=guidance,
                     labels=demo_prompts(model, cfg.num_samples))
-    scores = digit_scores(result.images, requested_digits(model, result.labels))
+    scores = with_fid_floor(digit_scores(result.images, requested_digits(model, result.labels)))
     grid = save_grid(cfg.report_dir / f"{name}_fp_samples.png", result.images[:40])
     return {
         "model": name, "source": model.source, "steps": cfg.steps, "guidance_scale": guidance,
@@ -100,7 +100,7 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
             "parity": {k: export["parity"][k] for k in ("min_sqnr_db", "median_sqnr_db", "min_median_sample_sqnr_db",
                                                         "samples_below", "samples", "max_abs_error",
                                                         "torch_self_min_sqnr_db")},
-            "fake_quant_vs_fp": {k: v for k, v in fq.items() if k != "noise_per_step"},
+            "fake_quant_vs_fp": with_fid_floor({k: v for k, v in fq.items() if k != "noise_per_step"}),
             "grid": "quantized_samples.png"}
 
 
@@ -192,7 +192,7 @@ def summary_markdown(report: dict) -> str:
     for name, sec in report["models"].items():
         fp = sec["fp"]
         acc = f"{fp['class_accuracy']:.3f}" if "class_accuracy" in fp else "-"
-        lines.append(f"| {name} | {fp['num_samples']} | {fp['steps']} | {fp['guidance_scale']} | {fp['digit_fid']:.2f} "
+        lines.append(f"| {name} | {fp['num_samples']} | {fp['steps']} | {fp['guidance_scale']} | {format_digit_fid(fp)} "
                      f"| {fp['classifier_mean_confidence']:.3f} | {acc} | ![]({fp['grid']}) |")
     lines += ["", "Digit-FID: Frechet distance of the shipped digit classifier's features, generated samples vs "
               "1,000 held-out real MNIST digits. Lower is better.", ""]
@@ -204,7 +204,7 @@ def summary_markdown(report: dict) -> str:
                   f"{cal['val_before_training']['noise_sqnr_db']:.2f} dB before BKD -> "
                   f"{cal['val_after_training']['noise_sqnr_db']:.2f} dB after",
                   f"- fake-quant vs FP: per-step noise SQNR {fq['noise_mean_sqnr_db']:.2f} dB, image PSNR "
-                  f"{fq['image_psnr_db']:.2f} dB, SSIM {fq['image_ssim']:.3f}, digit-FID {fq['digit_fid']:.2f}, "
+                  f"{fq['image_psnr_db']:.2f} dB, SSIM {fq['image_ssim']:.3f}, digit-FID {format_digit_fid(fq)}, "
                   f"classifier confidence {fq['classifier_mean_confidence']:.3f}",
                   f"- export: `{Path(q['export']['onnx']).name}` ({q['export']['bytes'] / 1e6:.2f} MB) in "
                   f"{q['export']['export_s']} s, TensorRT rules {q['export']['trt_rules']}",

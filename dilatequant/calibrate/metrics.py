@@ -112,7 +112,13 @@ def digit_fid_spread(n: int) -> float | None:
 def reported_digit_scores(images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     """digit_scores for a report: digit-FID only from FID_MIN_SAMPLES images on, with its sample count and spread,
     so a difference smaller than the draw-to-draw noise is never shown as a result."""
-    s = digit_scores(images, labels)
+    return with_fid_floor(digit_scores(images, labels))
+
+
+def with_fid_floor(scores: dict) -> dict:
+    """A digit_scores dict as reports show it: digit-FID dropped below FID_MIN_SAMPLES (with the reason), else its
+    measured spread added."""
+    s = dict(scores)
     n = s["num_samples"]
     if n < FID_MIN_SAMPLES:
         s["digit_fid"] = None
@@ -120,6 +126,14 @@ def reported_digit_scores(images: torch.Tensor, labels: torch.Tensor | None = No
     else:
         s["digit_fid_spread"] = digit_fid_spread(n)
     return s
+
+
+def format_digit_fid(d: dict) -> str:
+    """'41.20 ± 5.1 (n=250)', the reason it is missing, or '-' where no digit metrics apply."""
+    if d.get("digit_fid") is not None:
+        spread = f" ± {d['digit_fid_spread']:.1f}" if d.get("digit_fid_spread") is not None else ""
+        return f"{d['digit_fid']:.2f}{spread} (n={d['num_samples']})"
+    return d.get("digit_fid_note", "-")
 
 
 @lru_cache(maxsize=1)

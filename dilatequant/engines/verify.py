@@ -16,7 +16,7 @@ import torch
 
 from ..calibrate.checkpoint import checkpoint_hash, load_checkpoint
 from ..calibrate.evaluation import fp_trajectories, requested_digits
-from ..calibrate.metrics import psnr_db, reported_digit_scores, sqnr_db, ssim
+from ..calibrate.metrics import format_digit_fid, psnr_db, reported_digit_scores, sqnr_db, ssim
 from ..calibrate.models import DiffusionModel, load_model
 from ..calibrate.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
 from ..calibrate.sampling import SampleResult, default_guidance, sample, sampling_timesteps
@@ -116,14 +116,6 @@ def _digits(images: torch.Tensor, labels, model: DiffusionModel | None = None) -
     keys = ("num_samples", "digit_fid", "digit_fid_spread", "digit_fid_note", "classifier_mean_confidence",
             "class_accuracy")
     return {k: s[k] for k in keys if k in s}
-
-
-def _fid_cell(d: dict) -> str:
-    """'41.20 ± 5.1 (n=250)', the reason it is missing, or '-' where no digit metrics apply."""
-    if d.get("digit_fid") is not None:
-        spread = f" ± {d['digit_fid_spread']:.1f}" if d.get("digit_fid_spread") is not None else ""
-        return f"{d['digit_fid']:.2f}{spread} (n={d['num_samples']})"
-    return d.get("digit_fid_note", "-")
 
 
 def _sample(model: DiffusionModel, predict, cfg: VerifyConfig, steps: int, labels=None) -> SampleResult:
@@ -399,7 +391,7 @@ def summary_markdown(r: dict) -> str:
         lines += ["", "| images | samples | digit-FID (lower is better; ± seed-to-seed std at this count) | "
                   "classifier confidence | class accuracy |", "|---|---|---|---|---|"]
         for k in ("fp", "fake_quant", "runtime"):
-            lines.append(f"| {k} | {d[k].get('num_samples', '-')} | {_fid_cell(d[k])} | "
+            lines.append(f"| {k} | {d[k].get('num_samples', '-')} | {format_digit_fid(d[k])} | "
                          f"{_f(d[k]['classifier_mean_confidence'], 3)} | "
                          f"{_f(d[k]['class_accuracy'], 3) if 'class_accuracy' in d[k] else '-'} |")
         if d["fp"].get("digit_fid") is not None:
@@ -415,7 +407,7 @@ def summary_markdown(r: dict) -> str:
     for s in r["schedule_mapping"]:
         lines.append(f"| {s['steps']} | {s['mapping']} | {s['distinct_t_index_used']} | {s['max_timestep_gap']} | "
                      f"{_f(s['runtime_vs_fp']['image_psnr_db'])} | {_f(s['runtime_vs_fp']['image_ssim'], 4)} | "
-                     f"{_fid_cell(s['runtime_digits'])} | {_fid_cell(s['fp_digits'])} |")
+                     f"{format_digit_fid(s['runtime_digits'])} | {format_digit_fid(s['fp_digits'])} |")
     lines += ["", f"![schedule mapping]({r['figures']['schedule']})", "", "## Speed", "",
               f"UNet latency in ms (median / p90 / min, {r['settings']['repeats']} repeats after {r['settings']['warmup']} "
               "warmup calls), full `infer()` including input checks and host copies:", ""]

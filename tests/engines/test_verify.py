@@ -117,19 +117,20 @@ def test_digit_fid_only_from_250_samples_with_count_and_spread():
 
     from dilatequant.calibrate.digits import load_digits
     from dilatequant.calibrate.metrics import FID_MIN_SAMPLES, FID_SPREAD, digit_fid_spread
-    from dilatequant.engines.verify import _digits, _fid_cell
+    from dilatequant.calibrate.metrics import format_digit_fid
+    from dilatequant.engines.verify import _digits
 
     d = load_digits()
     pick = torch.randperm(len(d.train_images), generator=torch.Generator().manual_seed(0))
     small = _digits(d.train_images[pick[:16]], d.train_labels[pick[:16]])
     assert small["digit_fid"] is None and small["num_samples"] == 16 and "digit_fid_spread" not in small
-    assert _fid_cell(small) == small["digit_fid_note"] == "not computed: needs >= 250 samples, got 16"
+    assert format_digit_fid(small) == small["digit_fid_note"] == "not computed: needs >= 250 samples, got 16"
     assert 0.5 < small["classifier_mean_confidence"] <= 1 and small["class_accuracy"] > 0.8  # still reported
     assert FID_MIN_SAMPLES == 250
     big = _digits(d.train_images[pick[:250]], d.train_labels[pick[:250]])
     assert big["num_samples"] == 250 and big["digit_fid_spread"] == FID_SPREAD[250] > 0
     assert 10 < big["digit_fid"] < 40, big  # real digits at n=250: 22.5 +- 5.1 over 20 draws
-    assert _fid_cell(big) == f"{big['digit_fid']:.2f} ± {FID_SPREAD[250]:.1f} (n=250)"
+    assert format_digit_fid(big) == f"{big['digit_fid']:.2f} ± {FID_SPREAD[250]:.1f} (n=250)"
     assert digit_fid_spread(400) == FID_SPREAD[250] and digit_fid_spread(100) is None
 
 
