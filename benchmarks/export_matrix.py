@@ -40,12 +40,13 @@ def ort_predictor(path: Path):
     return predict
 
 
-def checkpoint(model: str, bits: str, sym: bool, a, out: Path) -> Path:
-    path = out / f"{model}_{bits}_{'sym' if sym else 'asym'}.q.pt"
+def checkpoint(model: str, bits: str, sym: bool, a, out: Path, act_init: str = "mse") -> Path:
+    suffix = "" if act_init == "mse" else f"_{act_init}"
+    path = out / f"{model}_{bits}_{'sym' if sym else 'asym'}{suffix}.q.pt"
     if not path.is_file():
         w, act = QuantConfig.parse_bits(bits)
         run_calibration(CalibrationJob(model=model, config=QuantConfig(weight_bits=w, act_bits=act, symmetric=sym,
-                                                                       num_steps=a.steps),
+                                                                       num_steps=a.steps, act_init=act_init),
                                        distill=DistillConfig(iters=a.iters, seed=a.seed), bkd=a.iters > 0,
                                        calib_samples=a.calib_samples, out=path))
     return path
@@ -69,6 +70,9 @@ def main() -> None:
     p.add_argument("--fid-samples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-parity", action="store_true", help="only the static/t_index/FP16 comparison")
+    p.add_argument("--act-inits", nargs="+", default=["mse"], choices=["mse", "minmean", "percentile", "minmax"],
+                   help="activation initialisations compared in the static/t_index comparison (each its own q.pt; "
+                        "the static twin's one row is calibrated by the same rule on all timesteps pooled)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/export_matrix"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -86,32 +90,39 @@ def main() -> None:
                                           **parity_row(s)})
                     print(res["parity"][-1], flush=True)
                     write_json(a.out / "export_matrix.json", res)
-        res["timestep_scales"].append(scale_comparison(name, a))
+        for act_init in a.act_inits:
+            res["timestep_scales"].append(scale_comparison(name, a, act_init))
+            write_json(a.out / "export_matrix.json", res)
         write_json(a.out / "export_matrix.json", res)
     write_text(a.out / "export_matrix.md", markdown(res))
 
 
-def scale_comparison(name: str, a) -> dict:
-    """t_index graph vs static-scale twin vs FP16 fallback, on the W4A8 symmetric checkpoint."""
+def scale_comparison(name: str, a, act_init: str = "mse") -> dict:
+    """t_index graph vs static-scale twin vs FP16 fallback, on the W4A8 symmetric checkpoint.
+
+    The twin's single row is calibrated on every timestep's activations pooled (the same rule as the tables), so
+    it is the static scale a ModelOpt-style tool would pick from the same data, not a union of our tables."""
     model = load_model(name)
     guidance = DEFAULT_GUIDANCE if model.is_conditional else 1.0
-    ck_path = checkpoint(name, "W4A8", True, a, a.out)
+    ck_path = checkpoint(name, "W4A8", True, a, a.out, act_init)
     stem = a.out / ck_path.name.replace(".q.pt", "")
     graphs = {"t_index (fp32)": Path(f"{stem}.int8.onnx"), "static scales (fp32)": Path(f"{stem}.static.onnx"),
               "t_index (fp16 fallback)": Path(f"{stem}.fp16.onnx")}
+    if not graphs["t_index (fp32)"].is_file():  # written by the parity rows unless --skip-parity
+        export_and_verify(ck_path, graphs["t_index (fp32)"], ExportConfig(), verify=False)
     export_and_verify(ck_path, graphs["static scales (fp32)"], ExportConfig(static_scales=True), verify=False)
     start = time.perf_counter()
     fp16 = export_and_verify(ck_path, graphs["t_index (fp16 fallback)"], ExportConfig(dtype="fp16"), verify=False)
     traj = fp_trajectories(model, a.steps, a.seed, guidance)
     ck = load_checkpoint(ck_path)
-    out = {"model": name, "checkpoint": ck_path.name, "fp16_export_s": round(time.perf_counter() - start, 1),
+    out = {"model": name, "act_init": act_init, "checkpoint": ck_path.name, "fp16_export_s": round(time.perf_counter() - start, 1),
            "fp16_bytes": fp16["bytes"], "graphs": {}}
     predictors = {"PyTorch fake-quant": ck.qunet.predictor(), **{k: ort_predictor(v) for k, v in graphs.items()}}
     for label, pred in predictors.items():
         err = per_step_noise_error(model, pred, traj)
         row = {"noise_mean_sqnr_db": err["mean_sqnr_db"], "noise_mean_mse": err["mean_mse"],
                "noise_min_step_sqnr_db": min(r["sqnr_db"] for r in err["per_step"])}
-        if label in ("t_index (fp32)", "t_index (fp16 fallback)"):
+        if label != "PyTorch fake-quant":
             t0 = time.perf_counter()
             imgs = sample(model, pred, num_samples=a.fid_samples, steps=a.steps, seed=a.seed, guidance_scale=guidance,
                           batch_size=100)
@@ -124,19 +135,20 @@ def scale_comparison(name: str, a) -> dict:
 
 def markdown(res: dict) -> str:
     lines = ["| model | bits | activations | precision | min SQNR dB (pooled) | min median-sample SQNR dB | "
-             "samples < 50 dB | export s | MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "samples < 50 dB | export s | MB |", "|---|---|---|---|---|---|---|---|---|"] if res["parity"] else []
     for r in res["parity"]:
         lines.append(f"| {r['model']} | {r['bits']} | {'sym' if r['symmetric'] else 'asym'} | {r['precision']} | "
                      f"{r['min_sqnr_db']:.1f} | {r['min_median_sample_sqnr_db']:.1f} | {r['samples_below_50db']}/"
                      f"{r['samples']} | {r['export_s']:.1f} | {r['bytes'] / 1e6:.2f} |")
-    lines += ["", "| model | graph | per-step noise SQNR vs FP (mean) | worst step | digit-FID | class acc |",
-              "|---|---|---|---|---|---|"]
+    lines += [""] if lines else []
+    lines += ["| model | activation init | graph | per-step noise SQNR vs FP (mean) | worst step | noise MSE | "
+              "digit-FID | class acc |", "|---|---|---|---|---|---|---|---|"]
     for c in res["timestep_scales"]:
         for label, r in c["graphs"].items():
             fid = f"{r['digit_fid']:.2f}" if "digit_fid" in r else "-"
             acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else "-"
-            lines.append(f"| {c['model']} | {label} | {r['noise_mean_sqnr_db']:.2f} | {r['noise_min_step_sqnr_db']:.2f} | "
-                         f"{fid} | {acc} |")
+            lines.append(f"| {c['model']} | {c.get('act_init', 'mse')} | {label} | {r['noise_mean_sqnr_db']:.2f} | "
+                         f"{r['noise_min_step_sqnr_db']:.2f} | {r['noise_mean_mse']:.5f} | {fid} | {acc} |")
     return "\n".join(lines) + "\n"
 
 
