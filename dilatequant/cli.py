@@ -161,6 +161,7 @@ def export_main(argv: list[str] | None = None) -> None:
         if not a.ckpt or not a.onnx:
             raise UserError("pass --ckpt q.pt --onnx out.onnx (or --check FILE)")
         from .dq_export.pipeline import export_and_verify
+        from .calibrate.metrics import format_sqnr
 
         cfg = ExportConfig(precision=a.precision, dtype=a.dtype, static_scales=a.static_scales,
                            static_shapes=a.static_shapes, batch=a.batch, target=a.target)
@@ -173,13 +174,13 @@ def export_main(argv: list[str] | None = None) -> None:
             print(f"  layer-wise parity (teacher-forced, {lp['layers']} layers x {lp['t_index_values']} t_index, "
                   f"{lp['samples']} inputs): max level diff {lp['max_level_diff']:.0f}, {lp['differing_levels']} "
                   f"of {lp['levels_compared']} levels differ, min layer SQNR "
-                  f"{'exact' if sq == float('inf') else f'{sq:.1f} dB'}: "
+                  f"{format_sqnr(sq)}: "
                   f"{'passed' if lp['passed'] else 'not enforced (' + lp.get('note', '') + ')'}")
         par = s.get("parity")
         if isinstance(par, dict):
             print(f"  ORT vs PyTorch fake-quant over {len(par['per_t_index'])} t_index values: min SQNR "
                   f"{par['min_sqnr_db']:.1f} dB (median-sample {par['min_median_sample_sqnr_db']:.1f} dB), median "
-                  f"{par['median_sqnr_db']:.1f} dB, max |err| {par['max_abs_error']:.2e}; {par['samples_below']} of "
+                  f"{format_sqnr(par['median_sqnr_db'])}, max |err| {par['max_abs_error']:.2e}; {par['samples_below']} of "
                   f"{par['samples']} samples below {par['threshold_db']:.0f} dB")
             if "torch_self_min_sqnr_db" in par:
                 print(f"  (PyTorch vs itself at batch 1, the float-order floor: min {par['torch_self_min_sqnr_db']:.1f} "

@@ -16,7 +16,7 @@ from .errors import UserError
 from .calibrate.distill import DistillConfig
 from .calibrate.checkpoint import source_model
 from .calibrate.evaluation import compare_to_fp, fp_reference, fp_trajectories, requested_digits
-from .calibrate.metrics import digit_scores, format_digit_fid, with_fid_floor
+from .calibrate.metrics import digit_scores, format_digit_fid, format_sqnr, with_fid_floor
 from .calibrate.models import DiffusionModel, load_model
 from .calibrate.reporting import environment, ensure_writable_dir, save_grid, write_json, write_text
 from .calibrate.quant_config import QuantConfig
@@ -209,7 +209,7 @@ def summary_markdown(report: dict) -> str:
                   f"- export: `{Path(q['export']['onnx']).name}` ({q['export']['bytes'] / 1e6:.2f} MB) in "
                   f"{q['export']['export_s']} s, TensorRT rules {q['export']['trt_rules']}",
                   f"- ONNX Runtime vs PyTorch fake-quant at every t_index: min SQNR {par['min_sqnr_db']:.1f} dB, "
-                  f"median {par['median_sqnr_db']:.1f} dB, max abs error {par['max_abs_error']:.2e}; "
+                  f"median {format_sqnr(par['median_sqnr_db'])}, max abs error {par['max_abs_error']:.2e}; "
                   f"{par['samples_below']} of {par['samples']} samples below 50 dB; PyTorch against itself at batch "
                   f"1 (float-order floor): min {par['torch_self_min_sqnr_db']:.1f} dB",
                   "", f"FP (top two rows) and fake-quant from the same noise (bottom two): ![]({q['grid']})", ""]

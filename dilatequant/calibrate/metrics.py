@@ -136,6 +136,11 @@ def format_digit_fid(d: dict) -> str:
     return d.get("digit_fid_note", "-")
 
 
+def format_sqnr(db: float) -> str:
+    """'exact' where the two outputs are bit-identical (infinite SQNR), which a plain 'inf dB' hides."""
+    return "exact" if db == float("inf") else f"{db:.1f} dB"
+
+
 @lru_cache(maxsize=1)
 def held_out_features() -> np.ndarray:
     """Classifier features of the 1,000 held-out real digits (the digit-FID reference)."""

@@ -77,3 +77,10 @@ def test_mean_noise_mse_before_the_final_step():
     rows = [{"mse": 1.0}, {"mse": 3.0}, {"mse": 100.0}]
     assert mean_mse_before_final(rows) == 2.0
     assert mean_mse_before_final(rows[:1]) == 1.0  # a one-step schedule has nothing else to average
+
+
+def test_format_sqnr_names_bit_identical_outputs():
+    from dilatequant.calibrate.metrics import format_sqnr
+
+    assert format_sqnr(float("inf")) == "exact"
+    assert format_sqnr(45.27) == "45.3 dB"
