@@ -5,10 +5,13 @@ source, FP weight fingerprint), quantization config, sampling schedule (schedule
 timesteps in order: what each t_index means), the QuantUNet state dict (dilated weights, weight
 scales, 1/s vectors, TPQ tables, folded norms), the class encoder or, for Stable Diffusion pipelines,
 the pipeline class, resolution and the encoded calibration prompts, and a calibration summary.
+
+Memory (an SD 1.5 UNet is 3.4 GB of float32): save streams torch.save into the file (no in-memory copy of the
+payload), load memory-maps it and builds the model on the meta device, so the loaded tensors are the file's
+pages rather than a second copy (benchmarks/checkpoint_memory.py).
 """
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import zipfile
@@ -24,7 +27,7 @@ from ..errors import UserError
 from .models import ClassTokenEncoder, DiffusionModel, PromptBank, load_model
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
-from .reporting import atomic_write_bytes
+from .reporting import atomic_write_stream
 
 FORMAT = "dilatequant.q.pt"
 VERSION = 1
@@ -70,20 +73,27 @@ def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, t
         "quant_config": qunet.config.to_json(),
         "schedule": {"scheduler_config": _config_json(model.scheduler.config), "num_steps": len(timesteps),
                      "timesteps": [int(t) for t in timesteps], "sampler": "DDIM"},
-        "state_dict": {k: v.detach().clone() for k, v in qunet.state_dict().items()},
-        "class_encoder": {k: v.clone() for k, v in model.class_encoder.state_dict().items()} if model.class_encoder else {},
+        "state_dict": {k: _own_storage(v) for k, v in qunet.state_dict().items()},
+        "class_encoder": {k: _own_storage(v) for k, v in model.class_encoder.state_dict().items()} if model.class_encoder else {},
         "summary": json.dumps(summary, default=str),
     }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_stream(path, lambda f: torch.save(payload, f))
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself where it spans its whole storage; a copy only where it is a view into a larger one
+    (torch.save writes whole storages). Copying every tensor would be a second copy of the model."""
+    t = t.detach()
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
 
 
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist; create one with dq-calibrate --out {path}")
     try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
+        payload = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
             raise UserError(f"'{path}' holds Python objects other than tensors and plain data; refusing to unpickle "
@@ -108,13 +118,14 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
     cls = UNET_CLASSES.get(base["unet_class"])
     if cls is None:
         raise UserError(f"'{path}' was made from a {base['unet_class']}, which this version cannot rebuild")
-    unet = cls.from_config(json.loads(base["unet_config"]))
     config = QuantConfig.from_json(p["quant_config"])
-    qunet = QuantUNet(unet, config)
-    missing, unexpected = qunet.load_state_dict(p["state_dict"], strict=False)
+    with torch.device("meta"):  # shapes only: the tensors come from the file, not from a random init
+        qunet = QuantUNet(cls.from_config(json.loads(base["unet_config"])), config)
+    missing, unexpected = qunet.load_state_dict(p["state_dict"], strict=False, assign=True)
     if missing or unexpected:
         raise UserError(f"'{path}' does not match the model it names (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); it was written by an incompatible version")
+    _check_materialized(qunet, path)
     qunet.eval()
     qunet.set_quant(weights=True, acts="quant")
     encoder = None
@@ -137,6 +148,14 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
         model.guidance_scale = float(base["guidance_scale"])
     return QuantCheckpoint(qunet, model, list(p["schedule"]["timesteps"]), base["source"], base["fp_fingerprint"],
                            json.loads(p["summary"]))
+
+
+def _check_materialized(module: torch.nn.Module, path: Path) -> None:
+    """Every tensor came from the file: a meta tensor left over would fail later, far from its cause."""
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise UserError(f"'{path}' does not hold {left[:3]} ({len(left)} tensors), which this version needs; "
+                        "it was written by an incompatible version: re-run dq-calibrate")
 
 
 def source_model(ck: QuantCheckpoint) -> DiffusionModel:

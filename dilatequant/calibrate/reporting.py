@@ -7,7 +7,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -85,8 +85,13 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temporary name beside the target and rename, so no half-written file is ever seen."""
+def atomic_write_stream(path: str | Path, write: Callable[[BinaryIO], object], fsync: bool = True) -> Path:
+    """Stream `write(f)` into a temporary file beside the target, fsync it, rename it over the target.
+
+    Nothing is ever held whole in memory (torch.save of an 860M-parameter q.pt writes 3.4 GB as it goes), no
+    half-written file is ever seen under the target's name, and a failure removes the temporary file. fsync
+    makes the data durable before the rename (a crash then leaves the old file or the new one, whole).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,13 +100,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         raise UserError(f"cannot write '{path}' ({err.strerror or err}); choose a writable location") from err
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the permissions a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write to a temporary name beside the target and rename, so no half-written file is ever seen.
+
+    Small reports and grids: not fsynced (as before), which keeps many small writes cheap."""
+    return atomic_write_stream(path, lambda f: f.write(data), fsync=False)
 
 
 def _json_safe(obj: Any) -> Any:

@@ -157,8 +157,8 @@ class TimestepActQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("static_delta", "static_zero_point"):  # q.pt written before the pooled static row existed
-            if name in self._buffers and prefix + name not in state_dict:
-                state_dict[prefix + name] = self._buffers[name]
+            if name in self._buffers and prefix + name not in state_dict:  # NaN: not calibrated (built on meta
+                state_dict[prefix + name] = torch.full(self._buffers[name].shape, math.nan)  # by load_checkpoint)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def has_static_row(self) -> bool:

@@ -19,9 +19,11 @@ Comparison lives here; running the graphs stays in the runners (`ort_layer_runne
 from __future__ import annotations
 
 import math
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -34,6 +36,7 @@ from ..calibrate.conditioning import COND_NAMES
 from ..calibrate.metrics import sqnr_db
 from ..calibrate.quant_unet import QuantConv2d, QuantLayer
 from ..errors import UserError
+from .onnx_files import load_model, save_model
 
 MAX_LEVEL_DIFF = 1         # no level may differ by more than one (a float tie at most)
 MAX_DIFF_SHARE = 1e-4      # share of levels that may differ by one, per layer
@@ -61,22 +64,33 @@ class LayerSite:
 
 
 def _is_data(value: ir.Value | None, memo: dict, data_inputs: set[str]) -> bool:
-    """Does value depend on float data (sample, condition, timestep), shapes aside? t_index and constants do not."""
+    """Does value depend on float data (sample, condition, timestep), shapes aside? t_index and constants do not.
+
+    Walked with an explicit stack: an SDXL graph's data path runs thousands of nodes deep, past Python's
+    recursion limit. memo (id of a value -> answer) is shared between calls, so the whole graph is walked once.
+    """
     if value is None:
         return False
-    key = id(value)
-    if key in memo:
-        return memo[key]
-    memo[key] = False
-    node = value.producer()
-    if node is None:
-        out = value.is_graph_input() and value.name in data_inputs
-    elif node.op_type in ("Shape", "Size"):
-        out = False
-    else:
-        out = any(_is_data(i, memo, data_inputs) for i in node.inputs)
-    memo[key] = out
-    return out
+    expanded: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack[-1]
+        key = id(v)
+        if key in memo:
+            stack.pop()
+            continue
+        node = v.producer()
+        if node is None or node.op_type in ("Shape", "Size"):
+            memo[key] = node is None and v.is_graph_input() and v.name in data_inputs
+            stack.pop()
+            continue
+        if key not in expanded:  # first visit: its inputs first, then this value again
+            expanded.add(key)
+            stack.extend(i for i in node.inputs if i is not None and id(i) not in memo and id(i) not in expanded)
+            continue
+        memo[key] = any(memo.get(id(i), False) for i in node.inputs if i is not None)
+        stack.pop()
+    return memo[id(value)]
 
 
 def _data_operand(node: ir.Node, memo, data_inputs) -> ir.Value | None:
@@ -433,13 +447,25 @@ def raise_on_failure(report: dict, report_path: str | Path | None = None) -> Non
 LayerRunner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def ort_layer_runner(model: onnx.ModelProto, threads: int = 0) -> LayerRunner:
-    """ONNX Runtime on the teacher-forced model (the same session options as the end-to-end parity)."""
-    from .parity import ort_session_from_bytes
+def ort_layer_runner(path: Path, threads: int = 0) -> LayerRunner:
+    """ONNX Runtime on the teacher-forced model's file (the same session options as the end-to-end parity);
+    by path, so its external data is read beside it and no 2 GiB protobuf message is ever built."""
+    from .parity import ort_session
 
-    sess = ort_session_from_bytes(model.SerializeToString(), threads)
+    sess = ort_session(path, threads)
     names = [o.name for o in sess.get_outputs()]
     return lambda feeds: dict(zip(names, sess.run(names, feeds)))
+
+
+@contextmanager
+def scratch_dir(near: Path) -> Iterator[Path]:
+    """A temporary folder beside `near` (same disk as the graph, not a RAM-backed /tmp), else the system's."""
+    try:
+        tmp = tempfile.TemporaryDirectory(dir=near, prefix=".layer-parity-")
+    except OSError:
+        tmp = tempfile.TemporaryDirectory(prefix="dq-layer-parity-")
+    with tmp as name:
+        yield Path(name)
 
 
 def layer_inputs(ck: QuantCheckpoint, per_step: int, fp_model=None, seed: int = 4321) -> tuple[dict, str]:
@@ -477,14 +503,14 @@ def feeds_for(batch: dict[str, torch.Tensor], captured: dict[str, Captured], sit
 
 def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: int = 2, batch: int = 8,
                         weight_only: tuple[str, ...] = (), fp_model=None, inputs: dict | None = None,
-                        runner_factory: Callable[[onnx.ModelProto], LayerRunner] = ort_layer_runner,
+                        runner_factory: Callable[[Path], LayerRunner] = ort_layer_runner,
                         thresholds: Thresholds | None = None) -> dict:
     """Teacher-forced comparison of every quantized layer at every t_index (see the module docstring)."""
     th = thresholds or Thresholds()
     layers = ck.qunet.layers()
     if any(layers[n].input_quantizer.mode != "off" for n in weight_only):
         raise ValueError("configure the reference first: fold.w4a16_reference(ck.qunet, weight_only)")
-    proto = onnx.load(str(onnx_path))
+    proto = load_model(onnx_path)  # by path: external data is read from beside the graph
     props = {p.key: p.value for p in proto.metadata_props}
     if props.get("dilatequant.static_scales") == "true":
         return {"skipped": "static-scale twin: no per-timestep fake-quant reference to compare with", "passed": True,
@@ -496,8 +522,8 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
     sites, unmatched = find_sites(model, ck, weight_only)
     enforce = props.get("dilatequant.dtype", "fp32") == "fp32"
     teacher, graph_inputs = teacher_forced_model(model, sites)
+    del model, proto  # the teacher-forced copy is all that is needed from here
     types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in teacher.graph.input}
-    run = runner_factory(teacher)
     source = "given inputs"
     if inputs is None:
         inputs, source = layer_inputs(ck, per_step, fp_model)
@@ -508,11 +534,22 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
     per_input = sum(c.x.nbytes + c.y.nbytes + (0 if c.levels is None else c.levels.nbytes) for c in one.values())
     size = max(1, min(batch, CAPTURE_BYTES // (2 * max(1, per_input))))  # reference and runtime copies
     del one
-    for start in range(0, n, size):
-        b = {k: v[start:start + size] for k, v in inputs.items()}
-        ref = capture_layers(ck, b)
-        got = run(feeds_for(b, ref, sites, graph_inputs, types))
-        acc.add_batch(b["t_index"], ref, got)
+    with scratch_dir(Path(onnx_path).parent) as tmp:
+        # the runtime reads the teacher-forced graph from a file: over the external-data threshold (a >2 GB
+        # UNet) it is written as graph + data file, which no serialized bytes could hold
+        teacher_path = tmp / "teacher.onnx"
+        save_model(teacher, teacher_path)
+        del teacher
+        run = runner_factory(teacher_path)
+        try:
+            for start in range(0, n, size):
+                b = {k: v[start:start + size] for k, v in inputs.items()}
+                ref = capture_layers(ck, b)
+                got = run(feeds_for(b, ref, sites, graph_inputs, types))
+                acc.add_batch(b["t_index"], ref, got)
+        finally:
+            if callable(getattr(run, "close", None)):
+                run.close()
     rep = acc.report(unmatched, th, enforce)
     rep.update({"inputs": source, "samples": n, "runtime": getattr(run, "name", "onnxruntime"),
                 "weight_only_int4_layers": list(weight_only)})

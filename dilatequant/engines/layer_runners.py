@@ -7,8 +7,9 @@ layer with TensorRT's own kernels and fusions.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-import onnx
 
 from .trt_env import require_trt_and_gpu
 
@@ -23,20 +24,20 @@ class TrtLayerRunner:
 
     name = "tensorrt"
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model_bytes = model.SerializeToString()
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)  # parsed from the file: its external data is found beside it (graphs over 2 GB)
         self._runner = None
 
     def _build(self, feeds: dict[str, np.ndarray]) -> None:
         require_trt_and_gpu()
-        from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxBytes, Profile, TrtRunner
+        from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
 
         profile = Profile()
         for name, arr in feeds.items():
             shape = tuple(arr.shape)
             low = (1, *shape[1:]) if shape else shape
             profile.add(name, min=low, opt=shape, max=shape)
-        engine = EngineFromNetwork(NetworkFromOnnxBytes(self.model_bytes), config=CreateConfig(profiles=[profile]))
+        engine = EngineFromNetwork(NetworkFromOnnxPath(str(self.path)), config=CreateConfig(profiles=[profile]))
         self._runner = TrtRunner(engine, name="layer-parity")
         self._runner.activate()
 
@@ -52,5 +53,5 @@ class TrtLayerRunner:
             self._runner = None
 
 
-def trt_layer_runner(model: onnx.ModelProto) -> TrtLayerRunner:
-    return TrtLayerRunner(model)
+def trt_layer_runner(path: Path) -> TrtLayerRunner:
+    return TrtLayerRunner(path)

@@ -225,3 +225,41 @@ def test_deployment_copy_shares_the_float_tensors_and_holds_integer_weights(ext)
     assert len(params) > 20 and all(p.data_ptr() in source for p in params)  # norms, float layers: shared
     new_int8 = sum(t.numel() for t in unet.buffers() if t.dtype == torch.int8 and t.data_ptr() not in source)
     assert new_int8 > 0.8 * fp32 / 4  # the integer weights: about a quarter of the FP32 bytes
+
+
+# ---------------------------------------------------------------- layer parity and dq-verify on external data
+
+
+def test_layer_parity_runs_the_teacher_forced_graph_from_a_file_with_external_data(ext):
+    """The teacher-forced model holds every weight of the UNet: past 2 GB no serialized bytes can carry it, so the
+    runtime gets it as a file, with external data over the threshold, in a scratch folder removed afterwards."""
+    from dilatequant.dq_export.layer_parity import layer_parity_report, ort_layer_runner
+
+    ck, path, _ = ext
+    before = sorted(p.name for p in path.parent.iterdir())
+    seen = {}
+
+    def runner(teacher):
+        seen["path"], seen["external"] = teacher, _external(teacher)
+        seen["data"] = data_path(teacher).stat().st_size
+        return ort_layer_runner(teacher)
+
+    rep = layer_parity_report(path, ck, per_step=2, runner_factory=runner)
+    assert rep["passed"] and rep["layers"] > 10 and not rep["unmatched"], rep.get("failures")
+    weights = {n for n in _external(path) if n.endswith(".w_int")}
+    assert weights <= set(seen["external"]) and seen["data"] > 0  # the graph's integer weights, in a data file
+    assert not seen["path"].exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == before  # nothing left beside the graph
+
+
+def test_dq_verify_runs_an_external_data_graph(ext, tmp_path):
+    from dilatequant.engines.verify import VerifyConfig, run_verify
+
+    ck, path, _ = ext
+    cfg = VerifyConfig(ckpt=path.parent / "q.pt", runtime=path, report_dir=tmp_path / "r", batches=(1, 2), num_samples=2,
+                       traj_samples=2, mapped_steps=(2,), warmup=0, repeats=1)
+    r = run_verify(cfg, fp_model=tiny_uncond())
+    assert r["layer_parity"]["passed"] and r["layer_parity"]["layers"] > 10, r["layer_parity"]
+    per_step = sorted(row["runtime_vs_fake_quant_sqnr_db"] for row in r["accuracy"]["per_step"])
+    assert per_step[len(per_step) // 2] >= 80, per_step
+    assert r["memory"]["runtime_weight_bytes"] == path.stat().st_size + data_path(path).stat().st_size

@@ -247,11 +247,11 @@ def test_tensorrt_layer_runner_through_polygraphy_on_a_fake(w4a8_asym, monkeypat
 
     class FakeRunner:
         def __init__(self, engine, name=None):
-            self.model_bytes = engine[0].model_bytes
+            self.path = engine[0].path
             self.buffers = {}
 
         def activate(self):
-            self.sess = ort_session_from_bytes(self.model_bytes)
+            self.sess = ort_session_from_bytes(self.path)
 
         def infer(self, feeds, copy_outputs_to_host=True):
             record["infer"] += 1
@@ -267,11 +267,11 @@ def test_tensorrt_layer_runner_through_polygraphy_on_a_fake(w4a8_asym, monkeypat
             pass
 
     class FakeNetwork:
-        def __init__(self, model_bytes):
-            self.model_bytes = model_bytes
+        def __init__(self, path):  # the teacher-forced graph is parsed from its file (external data beside it)
+            self.path = path
 
     monkeypatch.setattr(layer_runners, "require_trt_and_gpu", lambda: (None, None))
-    monkeypatch.setattr(ptrt, "NetworkFromOnnxBytes", FakeNetwork)
+    monkeypatch.setattr(ptrt, "NetworkFromOnnxPath", FakeNetwork)
     monkeypatch.setattr(ptrt, "EngineFromNetwork", lambda net, config=None: (net, config))
     monkeypatch.setattr(ptrt, "CreateConfig", FakeConfig)
     monkeypatch.setattr(ptrt, "TrtRunner", FakeRunner)
@@ -286,3 +286,28 @@ def test_tensorrt_layer_runner_through_polygraphy_on_a_fake(w4a8_asym, monkeypat
     bad = layer_parity_report(path.parent / "trt_bad.onnx", load_checkpoint(ck), per_step=3, batch=8, fp_model=model,
                               runner_factory=layer_runners.trt_layer_runner)
     assert not bad["passed"]
+
+
+def test_data_dependence_walks_a_graph_deeper_than_the_recursion_limit():
+    """An SDXL graph's data path is thousands of nodes deep: the walk uses a stack, not Python recursion."""
+    import sys
+
+    import onnx_ir as ir
+
+    from dilatequant.dq_export.layer_parity import _is_data
+
+    depth = 3 * sys.getrecursionlimit()
+    x = ir.Value(name="sample", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+    t = ir.Value(name="t_index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
+    nodes, v, table = [], x, t
+    for i in range(depth):
+        relu = ir.Node("", "Relu", [v], name=f"r{i}")
+        shape = ir.Node("", "Shape", [v], name=f"s{i}")  # shapes of data are not data
+        cast = ir.Node("", "Cast", [table], attributes=[ir.AttrInt64("to", 1)], name=f"c{i}")
+        nodes += [relu, shape, cast]
+        v, table = relu.outputs[0], cast.outputs[0]
+    ir.Graph([x, t], [v, table, shape.outputs[0]], nodes=nodes, name="deep")
+    memo = {}
+    assert _is_data(v, memo, {"sample"}) is True
+    assert _is_data(table, memo, {"sample"}) is False and _is_data(shape.outputs[0], memo, {"sample"}) is False
+    assert _is_data(nodes[0].outputs[0], memo, {"sample"}) is True and _is_data(None, memo, {"sample"}) is False

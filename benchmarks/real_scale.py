@@ -1,0 +1,216 @@
+"""The whole chain on an SD-1.5-architecture UNet (benchmarks/unet_configs.py): wall time, peak RSS and file sizes
+per stage, in results/real_scale/<unet>.{json,md}.
+
+Every stage is the user's own command in a fresh process, timed by /usr/bin/time (wall, max RSS):
+
+    model        the UNet from its config, random weights from seed 0, saved as a class-token model folder
+                 (unet/ + class_encoder/: 77 tokens x cross_attention_dim, SD 1.5's text-conditioning shape)
+    calibrate    dq-calibrate W4A8 --sym, T=4, 16 samples, a few BKD iterations per block, at a reduced latent
+                 (its own per-stage times - load, calibration data, TPQ init, BKD - come from q.pt's summary)
+    export_int8  dq-export (TensorRT rules, layer-wise and end-to-end ORT parity inside it)
+    export_int4  dq-export --precision int4 (weight-only INT4 GEMMs)
+    fp16         dq-export --fp16-from (the FP16 fallback pass) + its rules check
+    rules        dq-export --check on the int8 graph
+    speed        benchmarks/cpu_speed.py's side-by-side ORT FP32 / ORT QDQ / ORT integer / PyTorch FP32 at the
+                 UNet's own sample_size (64x64 latents for SD 1.5), batch 1 and 2
+
+SDXL needs pooled text embeddings and time ids, which only a pipeline folder provides (not built here yet).
+
+    nice -n 19 python benchmarks/real_scale.py --unet sd15-tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "real_scale"
+HERE = Path(__file__).resolve().parent
+TOKENS = 77  # CLIP's sequence length: encoder_hidden_states [B, 77, cross_attention_dim]
+
+
+def build_model(unet_name: str, folder: Path) -> dict:
+    """The class-token model folder dq-calibrate loads (calibrate/models.py: unet/ + class_encoder/ + scheduler)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dilatequant.calibrate.models import ClassTokenEncoder, default_scheduler
+    from unet_configs import unet_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(unet_config(unet_name)).eval()
+    if unet.config.addition_embed_type is not None:
+        raise SystemExit(f"{unet_name}: SDXL's text_time conditioning needs a pipeline folder; not built here yet")
+    enc = ClassTokenEncoder(num_tokens=TOKENS, dim=unet.config.cross_attention_dim).eval()
+    unet.save_pretrained(folder / "unet")
+    enc.save_pretrained(folder / "class_encoder")
+    default_scheduler().save_pretrained(folder / "scheduler")
+    return {"unet_params": sum(p.numel() for p in unet.parameters()), "sample_size": unet.config.sample_size}
+
+
+def speed(ckpt: Path, model_dir: Path, work: Path, batches: list[int], rounds: int) -> dict:
+    import cpu_speed
+    from dilatequant.calibrate.models import load_model
+
+    fp = load_model(model_dir)
+    threads = cpu_speed.physical_cores()
+    res = cpu_speed.bench_model("unet", ckpt, fp, work, batches, threads=threads, rounds=rounds, warmup=1)
+    return {**res, "threads": threads}
+
+
+def _bytes(*paths: Path) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def _graph_bytes(graph: Path) -> int:
+    return _bytes(graph, Path(f"{graph}.data"))
+
+
+def run_stage(name: str, cmd: list[str], log: Path) -> dict:
+    """cmd in a fresh process under /usr/bin/time: wall seconds and max RSS; output kept in log."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+    out = subprocess.run(["/usr/bin/time", "-f", "DQTIME %e %M", *cmd], env=env, capture_output=True, text=True,
+                         cwd=ROOT)
+    log.write_text(out.stdout + out.stderr)
+    m = re.findall(r"DQTIME ([\d.]+) (\d+)", out.stderr)
+    row = {"stage": name, "command": " ".join(cmd).replace(str(ROOT) + "/", ""), "exit": out.returncode,
+           "wall_s": float(m[-1][0]) if m else None, "peak_rss_mb": round(int(m[-1][1]) / 1024, 1) if m else None}
+    print(f"{name}: exit {out.returncode}, {row['wall_s']} s, {row['peak_rss_mb']} MB", flush=True)
+    if out.returncode:
+        print(out.stderr[-3000:], flush=True)
+    return row
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# Real scale: {r['unet']} ({r['unet_params'] / 1e6:.1f} M parameters), the whole chain on 2 CPU cores",
+             "", f"`{r['command']}`", "",
+             f"Random weights (seed 0), class-token conditioning of SD 1.5's shape ({TOKENS} x "
+             f"{r['cross_attention_dim']}). Calibration W4A8 symmetric, T={r['steps']}, {r['calib_samples']} samples, "
+             f"{r['iters']} BKD iterations per block, at {r['calib_resolution']} latents; export and speed at "
+             f"{r['sample_size']}x{r['sample_size']}. Each stage a fresh process (wall, max RSS by /usr/bin/time).", "",
+             "| stage | wall | peak RSS | files | exit |", "|---|---:|---:|---:|---:|"]
+    for s in r["stages"]:
+        files = ", ".join(f"{k} {v / 1e6:,.1f} MB" for k, v in s.get("files", {}).items())
+        lines.append(f"| {s['stage']} | {s['wall_s']} s | {s['peak_rss_mb']:,} MB | {files} | {s['exit']} |")
+    cal = r.get("calibration_stages_s") or {}
+    if cal:
+        lines += ["", "Inside dq-calibrate (q.pt summary, s): " + ", ".join(f"{k} {v:.1f}" for k, v in cal.items())]
+    for key in ("int8_export", "int4_export"):
+        e = r.get(key) or {}
+        lp, par = e.get("layer_parity") or {}, e.get("parity") or {}
+        if lp or par:
+            db = par.get("min_median_sample_sqnr_db")
+            db = "exact" if db in (float("inf"), "inf") else f"{db:.1f} dB" if isinstance(db, float) else db
+            lines.append(f"- {key}: TensorRT rules {e.get('trt_rules')}; layer-wise parity "
+                         f"{'passed' if lp.get('passed') else lp.get('skipped') or 'FAILED'} "
+                         f"({lp.get('layers')} layers, max level diff {lp.get('max_level_diff')}); end to end, ORT vs "
+                         f"fake-quant min median-sample SQNR {db} ({par.get('samples_below')} of {par.get('samples')} "
+                         f"samples below {par.get('threshold_db')} dB; not enforced)")
+    sp = r.get("speed") or {}
+    if sp.get("batches"):
+        lines += ["", "| batch | ORT FP32 | ORT QDQ (TensorRT form) | ORT integer (--target ort) | PyTorch FP32 |",
+                  "|---:|---:|---:|---:|---:|"]
+        for b, row in sp["batches"].items():
+            lat = row["latency"]
+            cells = [f"{lat[k]['median_ms']:.0f} ms ({row['speedup_vs_ort_fp32'][k]:.2f}x)" for k in
+                     ("ort_fp32", "ort_qdq_trt_style", "ort_int_target_ort", "torch_fp32_eager")]
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("Median latency (speed-up against ORT FP32), interleaved rounds, "
+                     f"{sp.get('threads', '')} threads.")
+    env = r["environment"]
+    lines += ["", f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores, "
+              "shared with other jobs), " + env["platform"], ""]
+    lines += [f"- {n}" for n in r.get("notes", [])]  # what a reading of this run found (added by hand)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--unet", default="sd15-tiny", help="a name of benchmarks/unet_configs.py")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--iters", type=int, default=2, help="BKD iterations per block")
+    p.add_argument("--calib-latent", type=int, default=16, help="latent size to calibrate at (CPU)")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--work", type=Path, help="scratch folder (default: results/real_scale/.work-<unet>)")
+    p.add_argument("--child", choices=("model", "speed"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    tag = a.unet.replace("/", "_div")
+    work = (a.work or OUT / f".work-{tag}").resolve()
+    if a.child == "model":
+        print(json.dumps(build_model(a.unet, work / "model")))
+        return
+    if a.child == "speed":
+        res = speed(work / "q.pt", work / "model", work, a.batches, a.rounds)
+        (work / "speed.json").write_text(json.dumps(res, default=str))
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    py, me, cli = sys.executable, str(Path(__file__).resolve()), [sys.executable, "-m", "dilatequant.cli"]
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    stages = []
+
+    def stage(name, cmd, files=()):
+        row = run_stage(name, cmd, logs / f"{name}.log")
+        row["files"] = {Path(f).name: _graph_bytes(Path(f)) if str(f).endswith(".onnx") else _bytes(Path(f))
+                        for f in files}
+        stages.append(row)
+        return row
+
+    common = [me, "--unet", a.unet, "--work", str(work)]
+    stage("model", [py, *common, "--child", "model"])
+    info = json.loads((logs / "model.log").read_text().strip().splitlines()[0])
+    res = f"{a.calib_latent}x{a.calib_latent}"
+    q = work / "q.pt"
+    stage("calibrate", [*cli, "calibrate", "--model", str(work / "model"), "--bits", "W4A8", "--sym", "--steps",
+                        str(a.steps), "--calib-samples", str(a.calib_samples), "--iters", str(a.iters), "--batch", "4",
+                        "--resolution", res, "--out", str(q)], [q])
+    g8, g4, g16 = work / "unet_qdq.onnx", work / "unet_int4.onnx", work / "unet_fp16.onnx"
+    stage("export_int8", [*cli, "export", "--ckpt", str(q), "--onnx", str(g8)], [g8])
+    stage("export_int4", [*cli, "export", "--ckpt", str(q), "--onnx", str(g4), "--precision", "int4"], [g4])
+    stage("fp16_fallback", [*cli, "export", "--fp16-from", str(g8), "--onnx", str(g16)], [g16])
+    stage("rules_check", [*cli, "export", "--check", str(g8)])
+    stage("speed", [py, *common, "--child", "speed", "--batches", *map(str, a.batches), "--rounds", str(a.rounds)],
+          [work / "unet_fp32.onnx", work / "unet_ort.onnx"])
+
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from dilatequant.calibrate.reporting import environment, write_json, write_text
+    from unet_configs import unet_config
+
+    summary = torch.load(q, weights_only=True, mmap=True)["summary"] if q.is_file() else "{}"
+    summary = json.loads(summary)
+    def read(f: Path) -> dict | None:
+        """A stage's JSON report, less its per-layer rows (they stay in the work folder's .export.json)."""
+        if not f.is_file():
+            return None
+        d = json.loads(f.read_text())
+        for part in (d, d.get("layer_parity") or {}):
+            for key in ("per_layer", "int4_layers", "weight_only_int4_layers"):
+                if isinstance(part.get(key), (list, dict)) and len(part[key]) > 20:
+                    part[key] = f"{len(part[key])} entries (see the .export.json)"
+        return d
+    report = {"unet": a.unet, "command": "nice -n 19 python benchmarks/real_scale.py " + " ".join(sys.argv[1:]),
+              "unet_params": info["unet_params"], "sample_size": info["sample_size"],
+              "cross_attention_dim": unet_config(a.unet)["cross_attention_dim"], "steps": a.steps,
+              "calib_samples": a.calib_samples, "iters": a.iters, "calib_resolution": res, "stages": stages,
+              "calibration_stages_s": summary.get("stages"), "calibration_peak_rss_mb": summary.get("peak_rss_mb"),
+              "val_after_training": summary.get("val_after_training"),
+              "int8_export": read(Path(f"{g8}.export.json")), "int4_export": read(Path(f"{g4}.export.json")),
+              "speed": read(work / "speed.json"), "environment": environment()}
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_json(OUT / f"{tag}.json", report)
+    write_text(OUT / f"{tag}.md", _markdown(report))
+    print(_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The public SD 1.5 and SDXL UNet architectures (configs/*.json, diffusers' own config.json of each) and
+narrower variants of them for CPU runs: same blocks, depth, attention layout and text-conditioning shapes,
+block_out_channels divided. Random weights only: no weights are downloadable here.
+
+    sd15, sdxl            the public configs (859,520,964 and 2,567,463,684 parameters)
+    sd15/2.5, sdxl/4      block_out_channels divided by 2.5 or 4 (any divisor keeping 32 norm groups)
+    sd15-tiny, sdxl-tiny  divided by 10: the whole chain runs in minutes on 2 cores
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+CONFIGS = Path(__file__).parent / "configs"
+FILES = {"sd15": "sd15_unet.json", "sdxl": "sdxl_unet.json"}
+TINY_DIVISOR = 10.0
+NORM_GROUPS = 32
+
+
+def unet_config(name: str) -> dict:
+    """A UNet2DConditionModel config by name (see the module docstring)."""
+    base, _, div = name.partition("/")
+    if base.endswith("-tiny"):
+        base, div = base[: -len("-tiny")], str(TINY_DIVISOR)
+    if base not in FILES:
+        raise SystemExit(f"unknown UNet '{name}': use {', '.join(FILES)}, NAME-tiny or NAME/DIVISOR")
+    cfg = json.loads((CONFIGS / FILES[base]).read_text())
+    return narrowed(cfg, float(div)) if div else cfg
+
+
+def narrowed(cfg: dict, divisor: float) -> dict:
+    """block_out_channels divided (rounded to a multiple of the 32 norm groups); depth and text shapes kept.
+
+    attention_head_dim is diffusers' name for the number of heads in both configs; SDXL's per-block list
+    (5, 10, 20 heads of 64) becomes the largest count that still divides the narrower blocks (gcd).
+    """
+    out = dict(cfg)
+    chans = [max(NORM_GROUPS, round(c / divisor / NORM_GROUPS) * NORM_GROUPS) for c in cfg["block_out_channels"]]
+    heads = cfg["attention_head_dim"]
+    if isinstance(heads, list):
+        out["attention_head_dim"] = [math.gcd(c, h) for c, h in zip(chans, heads)]
+    elif any(c % heads for c in chans):
+        raise SystemExit(f"divisor {divisor}: channels {chans} do not split into {heads} attention heads")
+    out["block_out_channels"] = chans
+    return out
+
+
+def param_count(cfg: dict) -> int:
+    """Parameters of the UNet the config builds, counted on the meta device (no memory, no init time)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+    return sum(p.numel() for p in unet.parameters())

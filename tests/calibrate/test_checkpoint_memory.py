@@ -1,0 +1,165 @@
+"""q.pt at scale: save streams into the file (no in-memory copy of the payload), load maps the file instead of
+reading a second copy, and neither leaves a half-written file behind (benchmarks/checkpoint_memory.py measures
+an SD-shaped UNet)."""
+import hashlib
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from dilatequant.calibrate import checkpoint
+from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
+from dilatequant.calibrate.models import ClassTokenEncoder, DiffusionModel, default_scheduler
+from dilatequant.calibrate.quant_config import QuantConfig
+from dilatequant.calibrate.quant_unet import QuantUNet
+from dilatequant.calibrate.sampling import sampling_timesteps
+
+STEPS = 4
+
+
+def _model() -> DiffusionModel:
+    """A few million parameters: the payload (~10 MB) dwarfs save's and load's own Python bookkeeping."""
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        norm_num_groups=16, attention_head_dim=8, cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+    return DiffusionModel(unet, default_scheduler(), ClassTokenEncoder(num_tokens=2, dim=64).eval(), source="mid-random")
+
+
+@pytest.fixture(scope="module")
+def mid():
+    torch.manual_seed(0)
+    model = _model()
+    q = QuantUNet(model.unet, QuantConfig(num_steps=STEPS, symmetric=False))
+    with torch.no_grad():  # calibrated-looking state: distinct scales and tables, not the constructor's ones
+        for layer in q.layers().values():
+            layer.weight_quantizer.scale.copy_(layer.weight.abs().flatten(1).amax(1) / 127)
+        for aq in q.act_quantizers.values():
+            aq.delta.uniform_(0.01, 0.1)
+            aq.zero_point.copy_(torch.randint(-8, 8, aq.zero_point.shape).float())
+    q.set_quant(weights=True, acts="quant")
+    return q, model
+
+
+def _save(tmp_path, mid, name="q.pt") -> Path:
+    q, model = mid
+    return save_checkpoint(tmp_path / name, q, model, sampling_timesteps(model, STEPS), "fp-hash", {"k": 1})
+
+
+def _inputs(model: DiffusionModel) -> tuple:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    return x, torch.tensor([999, 750, 500, 0]), torch.arange(STEPS), model.condition(torch.tensor([0, 1, 2, 3]))
+
+
+def _mapped_from(path: Path) -> list[tuple[int, int]]:
+    """Address ranges this process maps from `path` (Linux /proc/self/maps)."""
+    target = str(path.resolve())
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target:
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (uncalibrated static rows are NaN, which torch.equal calls unequal)."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_round_trip_is_bit_identical(mid, tmp_path):
+    q, model = mid
+    ck = load_checkpoint(_save(tmp_path, mid))
+    ours, theirs = q.state_dict(), ck.qunet.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(_same(ours[k], theirs[k]) for k in ours), [k for k in ours if not _same(ours[k], theirs[k])][:3]
+    x, t, ti, cond = _inputs(model)
+    with torch.no_grad():
+        assert torch.equal(q(x, t, ti, cond), ck.qunet(x, t, ti, ck.model.condition(torch.tensor([0, 1, 2, 3]))))
+    assert ck.summary == {"k": 1} and ck.timesteps == sampling_timesteps(model, STEPS)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
+def test_load_maps_the_file_instead_of_copying_it(mid, tmp_path):
+    path = _save(tmp_path, mid)
+    ck = load_checkpoint(path)
+    ranges = _mapped_from(path)
+    tensors = [*ck.qunet.parameters(), *ck.qunet.buffers()]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    mapped = sum(t.numel() * t.element_size() for t in tensors
+                 if any(lo <= t.data_ptr() < hi for lo, hi in ranges))
+    # the old load read every tensor into fresh memory (0 % mapped) after a random init of the whole UNet
+    assert total > 8 * 2**20 and mapped / total >= 0.99, (mapped, total)
+
+
+def test_loaded_tensors_change_in_memory_only(mid, tmp_path):
+    """The mapping is private (copy on write): training or editing a loaded model never writes into q.pt."""
+    path = _save(tmp_path, mid)
+    before = _sha(path)
+    ck = load_checkpoint(path)
+    with torch.no_grad():
+        for p in ck.qunet.parameters():
+            p.add_(1.0)
+    assert _sha(path) == before
+    assert torch.equal(next(load_checkpoint(path).qunet.parameters()) + 1, next(ck.qunet.parameters()))
+
+
+def test_save_does_not_hold_the_payload_in_memory(mid, tmp_path):
+    tracemalloc.start()
+    try:
+        path = _save(tmp_path, mid)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = path.stat().st_size
+    # the old save serialized into a BytesIO and copied it out (>= 2x the file in Python memory)
+    assert size > 8 * 2**20 and peak < 0.05 * size, (peak, size)
+
+
+def test_failed_save_leaves_no_file_and_keeps_the_previous_one(mid, tmp_path, monkeypatch):
+    path = _save(tmp_path, mid)
+    before = _sha(path)
+    real = torch.save
+
+    def write_then_fail(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")  # part of it is on disk ...
+        raise OSError(28, "No space left on device")  # ... when the disk fills up
+
+    monkeypatch.setattr(torch, "save", write_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        _save(tmp_path, mid)
+    with pytest.raises(OSError):
+        _save(tmp_path, mid, name="new.pt")
+    monkeypatch.setattr(torch, "save", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.pt"]  # no temporaries, no new.pt
+    assert _sha(path) == before and load_checkpoint(path).summary == {"k": 1}
+
+
+def test_a_state_dict_view_is_saved_compactly():
+    """torch.save writes whole storages: a view into a larger tensor is copied, a whole tensor is not."""
+    whole = torch.arange(6.0)
+    assert checkpoint._own_storage(whole).data_ptr() == whole.data_ptr()
+    view = whole[2:4]
+    own = checkpoint._own_storage(view)
+    assert own.data_ptr() != view.data_ptr() and own.untyped_storage().nbytes() == 8 and torch.equal(own, view)
+
+
+def test_a_q_pt_from_before_the_static_rows_still_loads(mid, tmp_path):
+    """Tensors a q.pt predates (the pooled static rows) are filled in on the CPU, not left on the meta device."""
+    path = _save(tmp_path, mid)
+    raw = torch.load(path, weights_only=True)
+    raw["state_dict"] = {k: v for k, v in raw["state_dict"].items() if ".static_" not in k}
+    torch.save(raw, tmp_path / "old.pt")
+    ck = load_checkpoint(tmp_path / "old.pt")
+    rows = [q.static_delta for q in ck.qunet.act_quantizers.values()]
+    assert rows and all(r.device.type == "cpu" and torch.isnan(r).all() for r in rows)
