@@ -92,11 +92,16 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     def go() -> None:
-        from .calibrate.distributed import init_from_env, shutdown
+        from .calibrate.distributed import AgreedError, init_from_env, shutdown
 
         dist = init_from_env("cpu")
         try:
             _calibrate(a, dist)
+        except AgreedError as err:  # every rank raised it: rank 0 says it once, the others wait until it has
+            if dist.is_main:        # (a launcher stops the remaining ranks as soon as one exits)
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            dist.barrier()
+            sys.exit(2)
         except UserError as err:
             raise UserError(f"rank {dist.rank} of {dist.world}: {err}" if dist.enabled else str(err)) from err
         except Exception as err:

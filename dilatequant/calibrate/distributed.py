@@ -24,6 +24,11 @@ T = TypeVar("T")
 TIMEOUT_ENV = "DQ_DIST_TIMEOUT_S"  # how long a rank waits in a collective for the others (default 1800 s)
 
 
+class AgreedError(UserError):
+    """A UserError every rank raises alike (settings checks, rank 0's file errors sent to all): rank 0 alone
+    prints it, so a bad input is one line however many processes run."""
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the job: rank, world size and the backend (None: one process)."""
@@ -84,7 +89,7 @@ class Dist:
                 result = (False, str(err))
         ok, value = self.broadcast(result)
         if not ok:
-            raise UserError(value)
+            raise AgreedError(value)
         return value
 
     def check_same(self, what: str, text: str) -> None:
@@ -94,7 +99,7 @@ class Dist:
         digests = self.all_gather(hashlib.sha256(text.encode()).hexdigest())
         odd = [r for r, d in enumerate(digests) if d != digests[0]]
         if odd:
-            raise UserError(f"ranks {', '.join(map(str, odd))} were started with other {what} than rank 0; "
+            raise AgreedError(f"ranks {', '.join(map(str, odd))} were started with other {what} than rank 0; "
                             "launch every rank with the same command line")
 
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_sets, model_fingerprint,
                                trajectory_count, validation_size)
 from .checkpoint import save_checkpoint
-from .distributed import SINGLE, Dist
+from .distributed import SINGLE, AgreedError, Dist
 from .distill import DistillConfig, distill, fp_runner, quant_runner
 from .metrics import mse, sqnr_db
 from ..errors import UserError
@@ -186,10 +186,10 @@ def check_distributed(job: CalibrationJob, dist: Dist) -> None:
         return
     dist.check_same("settings", json.dumps(asdict(job), default=str, sort_keys=True))
     if dist.world > job.calib_samples:
-        raise UserError(f"world size {dist.world} is larger than the calibration set ({job.calib_samples} samples): "
+        raise AgreedError(f"world size {dist.world} is larger than the calibration set ({job.calib_samples} samples): "
                         "use fewer processes or more --calib-samples")
     if job.bkd and job.distill.full_model:
-        raise UserError("--full-qat runs in one process; launch it without torchrun (or drop --full-qat)")
+        raise AgreedError("--full-qat runs in one process; launch it without torchrun (or drop --full-qat)")
 
 
 def sample_batch_for(job: CalibrationJob, dist: Dist) -> int:
@@ -284,7 +284,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
     distilled = {"mode": "none (PTQ)"}
     progress = Path(f"{job.out}.progress")
     if job.bkd:
-        data_key = f"{job.calib_samples}|{guidance}"
+        data_key = f"{job.calib_samples}|{guidance}" + (f"|batch{sample_batch}" if sample_batch != SAMPLE_BATCH else "")
         if model.prompt_bank is not None:
             data_key += f"|{model.sample_shape}|{model.prompt_bank.prompts}|{model.prompt_bank.negative_prompt}"
         key = run_fingerprint(fingerprint, job.config, job.distill, data_key)
