@@ -89,12 +89,15 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-batch", type=int, help="trajectories per sampling batch (default: 250 in one process, "
                    "an equal share per rank under torchrun; one process with the same value reproduces the set)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per local rank, NCCL)")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="bf16: BKD's forward passes under bfloat16 autocast (the loss in float32)")
     a = p.parse_args(argv)
 
     def go() -> None:
         from .calibrate.distributed import AgreedError, init_from_env, shutdown
 
-        dist = init_from_env("cpu")
+        dist = init_from_env(a.device)
         try:
             _calibrate(a, dist)
         except AgreedError as err:  # every rank raised it: rank 0 says it once, the others wait until it has
@@ -153,7 +156,7 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
                          prompts=read_prompts(a.prompts) if a.prompts else None,
                          negative_prompt=a.negative_prompt,
                          resolution=parse_size(a.resolution, "--resolution") if a.resolution else None,
-                         sample_batch=a.sample_batch)
+                         sample_batch=a.sample_batch, device=a.device, autocast=a.autocast)
     s = run_calibration(job, dist)
     if not dist.is_main:
         return

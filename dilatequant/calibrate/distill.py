@@ -25,6 +25,7 @@ from .calibration_data import CalibrationSet, condition_of
 from .conditioning import unet_kwargs
 from .quant_unet import QuantLayer, QuantUNet
 from .block_cache import BlockCache, CacheFolder
+from .device import autocast, module_device, to_device
 from .distributed import SINGLE, Dist
 from .reporting import atomic_write_bytes
 
@@ -92,15 +93,22 @@ def capture(run: Callable[[dict], Any], unit: nn.Module, data: CalibrationSet, b
     return cache.finish()
 
 
-def fp_runner(fp_unet: nn.Module) -> Callable[[dict], Any]:
+def fp_runner(fp_unet: nn.Module, amp: str = "none") -> Callable[[dict], Any]:
+    """The FP model on a chunk of UNet inputs (moved to its device; amp: see device.autocast)."""
     def run(chunk):
-        return fp_unet(chunk["sample"], chunk["timestep"], return_dict=False, **unet_kwargs(condition_of(chunk)))
+        dev = module_device(fp_unet)
+        chunk = to_device(chunk, dev)
+        with autocast(dev, amp):
+            return fp_unet(chunk["sample"], chunk["timestep"], return_dict=False, **unet_kwargs(condition_of(chunk)))
     return run
 
 
-def quant_runner(qunet: QuantUNet) -> Callable[[dict], Any]:
+def quant_runner(qunet: QuantUNet, amp: str = "none") -> Callable[[dict], Any]:
     def run(chunk):
-        return qunet(chunk["sample"], chunk["timestep"], chunk["t_index"], condition_of(chunk))
+        dev = module_device(qunet)
+        chunk = to_device(chunk, dev)
+        with autocast(dev, amp):
+            return qunet(chunk["sample"], chunk["timestep"], chunk["t_index"], condition_of(chunk))
     return run
 
 
@@ -206,7 +214,7 @@ def _read_progress(path: Path, fingerprint: str, need_rng: bool) -> dict:
 
 def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: DistillConfig,
             progress_path: Path | None = None, resume: bool = False, fingerprint: str = "",
-            cache_dir: Path | None = None, dist: Dist = SINGLE) -> dict:
+            cache_dir: Path | None = None, dist: Dist = SINGLE, amp: str = "none") -> dict:
     """Train qunet (quantizers in 'quant' mode) against fp_unet; returns losses, times, settings.
 
     Each block's inputs and FP targets are streamed to a memory-mapped cache in a private folder under
@@ -251,27 +259,29 @@ def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: Dis
         for k, unit in enumerate(qunet.unit_order):
             if unit in done:
                 continue
-            with capture(fp_runner(fp_unet), fp_modules[unit], local, cfg.batch, True, folder, "target") as target, \
-                    capture(quant_runner(qunet), modules[unit], local, cfg.batch, False, folder, "inputs") as inputs:
+            with capture(fp_runner(fp_unet, amp), fp_modules[unit], local, cfg.batch, True, folder, "target") as target, \
+                    capture(quant_runner(qunet, amp), modules[unit], local, cfg.batch, False, folder,
+                            "inputs") as inputs:
                 cache_bytes = max(cache_bytes, target.nbytes + inputs.nbytes)
                 extra = _attn_quantizers(qunet, unit)
                 groups = _param_groups(qunet, layers_of[unit], cfg, extra)
-                n, block = len(data), modules[unit]
+                n, block, dev = len(data), modules[unit], module_device(qunet)
                 desc = f"BKD {k + 1}/{len(qunet.unit_order)} {unit}"
 
                 def step_loss():
                     idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
-                    args, kwargs = inputs.rows(idx)
+                    args, kwargs = to_device(inputs.rows(idx), dev)
                     qunet.ctx.t_index = data.t_index[idx]
                     try:
-                        out = _first_tensor(block(*args, **kwargs))
+                        with autocast(dev, amp):
+                            out = _first_tensor(block(*args, **kwargs))
                     finally:
                         qunet.ctx.t_index = None
-                    return torch.nn.functional.mse_loss(out, target.rows(idx))
+                    return torch.nn.functional.mse_loss(out.float(), to_device(target.rows(idx), dev).float())
 
                 if dist.enabled:
                     quantizers = extra + [qunet.layers()[name].input_quantizer for name in layers_of[unit]]
-                    step, report = _ddp_step(qunet, block, quantizers, data, inputs, target, own, gen, cfg, dist)
+                    step, report = _ddp_step(qunet, block, quantizers, data, inputs, target, own, gen, cfg, dist, amp)
                     losses = _train(qunet, groups, step, cfg.iters, desc, report=report, quiet=not dist.is_main)
                     _check_in_sync([p for g in groups for p in g["params"]], dist, unit)
                 else:
@@ -300,13 +310,13 @@ class _Unit(nn.Module):
 
 def _ddp_step(qunet: QuantUNet, block: nn.Module, quantizers: list[nn.Module], data: CalibrationSet,
               inputs: BlockCache, target: BlockCache, own: range, gen: torch.Generator, cfg: DistillConfig,
-              dist: Dist) -> tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], float]]:
+              dist: Dist, amp: str = "none") -> tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], float]]:
     """One rank's share of a global-batch BKD step, and the global loss for the log.
 
     The rank's loss is its rows' squared-error sum over the global batch's element count, times the world
     size: DDP averages gradients over ranks, so the update is the gradient of the global batch's MSE. A rank
     that owns no row of a batch runs one row at weight 0, so it still joins DDP's all-reduce."""
-    n, (a, b) = len(data), (own.start, own.stop)
+    n, (a, b), dev = len(data), (own.start, own.stop), module_device(qunet)
     ddp: list[nn.Module] = []
 
     def step() -> torch.Tensor:
@@ -322,13 +332,14 @@ def _ddp_step(qunet: QuantUNet, block: nn.Module, quantizers: list[nn.Module], d
         mine, weight = idx[(idx >= a) & (idx < b)], 1.0
         if len(mine) == 0:
             mine, weight = torch.tensor([a]), 0.0
-        args, kwargs = inputs.rows(mine - a)
+        args, kwargs = to_device(inputs.rows(mine - a), dev)
         qunet.ctx.t_index = data.t_index[mine]
         try:
-            out = ddp[0](*args, **kwargs)
+            with autocast(dev, amp):
+                out = ddp[0](*args, **kwargs).float()
         finally:
             qunet.ctx.t_index = None
-        sq = torch.nn.functional.mse_loss(out, target.rows(mine - a), reduction="sum")
+        sq = torch.nn.functional.mse_loss(out, to_device(target.rows(mine - a), dev).float(), reduction="sum")
         return sq * (weight * dist.world / (len(idx) * out[0].numel()))
 
     def report(loss: torch.Tensor) -> float:

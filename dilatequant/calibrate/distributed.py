@@ -127,6 +127,8 @@ def init_from_env(device: str = "cpu") -> Dist:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda needs a CUDA build of PyTorch and a visible GPU; use --device cpu")
         torch.cuda.set_device(local)
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
     if not torchdist.is_initialized():

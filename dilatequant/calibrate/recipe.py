@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_sets, model_fingerprint,
                                trajectory_count, validation_size)
 from .checkpoint import save_checkpoint
+from .device import resolve_device
 from .distributed import SINGLE, AgreedError, Dist
 from .distill import DistillConfig, distill, fp_runner, quant_runner
 from .metrics import mse, sqnr_db
@@ -177,6 +178,8 @@ class CalibrationJob:
     # trajectories per sampling batch; None: 250 in one process, an equal share per rank under torchrun (the
     # calibration set is bit-identical to one process's run with the same sample_batch and threads)
     sample_batch: int | None = None
+    device: str = "cpu"          # cpu | cuda (under torchrun: each rank's LOCAL_RANK GPU)
+    autocast: str = "none"       # none | bf16: BKD's captures and training forwards under bfloat16 autocast
 
 
 def check_distributed(job: CalibrationJob, dist: Dist) -> None:
@@ -220,8 +223,8 @@ def noise_error(qunet: QuantUNet, fp_unet: torch.nn.Module, data: CalibrationSet
     rank a range of the same chunks, gathered in order, so the figures equal one process's)."""
     if dist.enabled:
         mine = dist.shard(-(-len(data) // batch))
-        part = [(quant_runner(qunet)(c), fp_runner(fp_unet)(c)[0]) for i, c in enumerate(data.chunks(batch))
-                if i in mine]
+        part = [(quant_runner(qunet)(c).cpu(), fp_runner(fp_unet)(c)[0].cpu()) for i, c in
+                enumerate(data.chunks(batch)) if i in mine]
         pairs = [pair for p in dist.all_gather(part) for pair in p]
         q, f = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
         return {"noise_mse": mse(q, f), "noise_sqnr_db": sqnr_db(q, f)}
@@ -258,11 +261,16 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
     torch.manual_seed(job.distill.seed)
     check_distributed(job, dist)
     sample_batch = sample_batch_for(job, dist)
+    device = resolve_device(job.device, dist.local_rank)
+    if job.autocast not in ("none", "bf16"):
+        raise UserError(f"unknown autocast '{job.autocast}': choose none or bf16")
     dist.on_main(lambda: ensure_writable_dir(job.out.parent if str(job.out.parent) else Path(".")))
     with stage("load"):
         model = load_calibration_model(job)
         qunet = QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before sampling
         fingerprint = model_fingerprint(model)
+        model.unet.to(device)  # the identity on the CPU
+        qunet.to(device)
     steps = job.config.num_steps
     guidance = job.guidance_scale if job.guidance_scale is not None else default_guidance(model)
     if model.is_conditional:
@@ -290,7 +298,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         key = run_fingerprint(fingerprint, job.config, job.distill, data_key)
         with stage("bkd"):
             distilled = distill(qunet, model.unet, data, job.distill, progress_path=progress, resume=job.resume,
-                                fingerprint=key, dist=dist)
+                                fingerprint=key, dist=dist, amp=job.autocast)
     with stage("validation"):
         after = noise_error(qunet, model.unet, val, dist=dist)
     summary = {
@@ -301,7 +309,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         "val_samples": len(val), "val_before_training": before, "val_after_training": after,
         "stages": stage.seconds, "wall_s": round(time.perf_counter() - start, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1), "environment": environment(),
-        "world_size": dist.world, "sample_batch": sample_batch,
+        "world_size": dist.world, "sample_batch": sample_batch, "device": str(device), "autocast": job.autocast,
     }
     with stage("save"):  # its own time lands in the returned summary; q.pt records every stage before it
         dist.on_main(lambda: save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint,

@@ -14,6 +14,7 @@ from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from .conditioning import Condition, ConditionLike, cat_conditions, map_condition, unet_kwargs
+from .device import module_device, to_device
 from .models import DiffusionModel
 
 # Classifier-free guidance scale used by default for conditional models. On 1,000 DDIM-50 samples of the
@@ -59,7 +60,8 @@ def fp_predictor(model: DiffusionModel) -> NoisePredictor:
 
     @torch.no_grad()
     def predict(x, timestep, t_index, cond=None):
-        return model.unet(x, timestep, **unet_kwargs(cond)).sample
+        dev = module_device(model.unet)  # the sampler's tensors stay on the CPU (identity moves there)
+        return model.unet(x.to(dev), timestep.to(dev), **to_device(unet_kwargs(cond), dev)).sample.to(x.device)
 
     return predict
 

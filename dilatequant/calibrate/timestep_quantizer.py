@@ -60,13 +60,13 @@ class _RowStats:
         self.lo = min(self.lo, v.min().item())
         self.hi = max(self.hi, v.max().item())
         flat = v.reshape(v.shape[0], -1)
-        self.sample_lo.append(flat.amin(1).float())
-        self.sample_hi.append(flat.amax(1).float())
+        self.sample_lo.append(flat.amin(1).float().cpu())  # statistics live on the CPU (identity there)
+        self.sample_hi.append(flat.amax(1).float().cpu())
         self.sample_chunks.append(chunk)
         if self.count < 4 * _RESERVOIR:
             take = min(v.numel(), _RESERVOIR)
             idx = torch.randint(0, v.numel(), (take,), generator=gen)
-            self.values.append(v.flatten()[idx].float())
+            self.values.append(v.flatten()[idx.to(v.device)].float().cpu())
             self.value_chunks.append(chunk)
             self.count += take
 

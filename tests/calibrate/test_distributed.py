@@ -202,3 +202,33 @@ def test_mismatched_settings_between_ranks(tmp_path):
                                           "every rank with the same command line"]
     assert results[1][1].strip() == "" or not error_lines(results[1][1])
     assert not list(tmp_path.glob("q.pt*"))
+
+
+def test_bf16_autocast_bkd_trains_on_cpu(cond_model):
+    """--autocast bf16 (meant for GPUs; CPU autocast runs the same code, slowly): BKD captures bf16 targets
+    (a smaller cache than float32) and trains float32 parameters to finite losses."""
+    from dilatequant.calibrate.distill import distill
+    from dilatequant.calibrate.recipe import noise_error, prepare
+
+    data, _ = build_calibration_sets(cond_model, 32, 4, 0, use_cache=False)
+    q, _ = prepare(cond_model.unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=4), data)
+    import math
+
+    cfg = DistillConfig(iters=2, batch=8, lr_weight=1e-3, lr_act=1e-3)
+    fp32 = distill(prepare(cond_model.unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=4), data)[0],
+                   cond_model.unet, data, cfg)
+    report = distill(q, cond_model.unet, data, cfg, amp="bf16")
+    assert report["largest_block_cache_mb"] < fp32["largest_block_cache_mb"]  # bf16 conv/matmul outputs
+    assert all(math.isfinite(v) for first_last in report["block_losses"].values() for v in first_last)
+    assert all(p.dtype == torch.float32 for p in q.parameters())
+    assert math.isfinite(noise_error(q, cond_model.unet, data)["noise_mse"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_clear_error(tmp_path):
+    proc = calibrate(tmp_path, "--device", "cuda", "--out", str(tmp_path / "q.pt"))
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == ["error: --device cuda needs a CUDA build of PyTorch and a visible GPU "
+                                        "(torch.cuda.is_available() is False); install your CUDA build of torch "
+                                        "or use --device cpu"]
+    assert not list(tmp_path.glob("q.pt*"))
