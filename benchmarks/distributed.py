@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -135,10 +136,7 @@ def main() -> None:
     write_json(a.out / "distributed.json", res)
     write_text(a.out / "distributed.md", markdown(res))
     print(markdown(res))
-    for r in runs:  # checkpoints and caches are scratch
-        for f in sorted((work / r["name"]).rglob("*"), reverse=True):
-            f.unlink() if f.is_file() else f.rmdir()
-    (work).rmdir()
+    shutil.rmtree(work)  # checkpoints and caches are scratch
 
 
 if __name__ == "__main__":

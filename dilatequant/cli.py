@@ -110,7 +110,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
         except Exception as err:
             if not dist.enabled or not _is_peer_loss(err):
                 raise
-            raise UserError(_lost_peer(dist, err)) from err
+            raise UserError(_lost_peer(dist, err, a.out)) from err
         finally:
             shutdown(dist)
 
@@ -126,7 +126,7 @@ def _is_peer_loss(err: Exception) -> bool:
         w in text for w in ("gloo", "nccl", "connection", "peer", "timed out", "socket")))
 
 
-def _lost_peer(dist, err: Exception) -> str:
+def _lost_peer(dist, err: Exception, out: Path) -> str:
     """One line for a distributed failure: which rank died (when this host can tell) and how to go on."""
     from .calibrate.distributed import dead_ranks
 
@@ -134,7 +134,7 @@ def _lost_peer(dist, err: Exception) -> str:
     who = f"rank {', '.join(map(str, dead))} stopped" if dead else "a rank failed or stopped"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"rank {dist.rank} of {dist.world}: {who} ({type(err).__name__}: {first}); finished BKD blocks are "
-            "kept in OUT.progress: rerun with --resume (any number of processes)")
+            f"kept in {out}.progress: rerun with --resume (any number of processes)")
 
 
 def _calibrate(a: argparse.Namespace, dist) -> None:
