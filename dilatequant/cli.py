@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -87,30 +88,99 @@ def calibrate_main(argv: list[str] | None = None) -> None:
                    "x the VAE factor)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run at its next unfinished block")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-batch", type=int, help="trajectories per sampling batch (default: 250 in one process, "
+                   "an equal share per rank under torchrun; one process with the same value reproduces the set)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per local rank, NCCL)")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="bf16: BKD's forward passes under bfloat16 autocast (the loss in float32)")
     a = p.parse_args(argv)
 
     def go() -> None:
-        w_bits, a_bits = QuantConfig.parse_bits(a.bits)
-        config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=a.sym, scaling=a.scaling,
-                             smoothquant_alpha=a.smoothquant_alpha, tpq=not a.no_tpq, num_steps=a.steps,
-                             attn_matmul=a.attn_matmul, act_init=a.act_init, first_last_bits=a.first_last_bits or None,
-                             float_layers=tuple(n for n in a.float_layers if n != "none"))
-        distill = DistillConfig(iters=a.iters, batch=a.batch, lr_weight=a.lr_weight, lr_weight_scale=a.lr_quant,
-                                lr_act=a.lr_quant, full_model=a.full_qat, seed=a.seed)
-        job = CalibrationJob(model=a.model, config=config, distill=distill, calib_samples=a.calib_samples,
-                             bkd=not a.no_bkd, guidance_scale=a.guidance, out=a.out, resume=a.resume,
-                             prompts=read_prompts(a.prompts) if a.prompts else None,
-                             negative_prompt=a.negative_prompt,
-                             resolution=parse_size(a.resolution, "--resolution") if a.resolution else None)
-        s = run_calibration(job)
-        print(f"wrote {a.out}: {s['bits']} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
-        print("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items()))
-        print(f"  noise SQNR vs FP on validation inputs: {s['val_before_training']['noise_sqnr_db']:.2f} dB before "
-              f"training -> {s['val_after_training']['noise_sqnr_db']:.2f} dB after")
-        for block, (first, last) in s["distill"].get("block_losses", {}).items():
-            print(f"  {block:<48} loss {first:.3g} -> {last:.3g}")
+        from .calibrate.distributed import AgreedError, init_from_env, shutdown
+
+        dist = init_from_env(a.device)
+        if dist.enabled:  # the launcher stops the other ranks with SIGTERM when one dies: say why before going
+            signal.signal(signal.SIGTERM, _stopped_by_launcher)
+        try:
+            _calibrate(a, dist)
+        except AgreedError as err:  # every rank raised it: rank 0 says it once, the others wait until it has
+            if dist.is_main:        # (a launcher stops the remaining ranks as soon as one exits)
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            dist.barrier()
+            sys.exit(2)
+        except UserError as err:
+            raise UserError(f"rank {dist.rank} of {dist.world}: {err}" if dist.enabled else str(err)) from err
+        except Exception as err:
+            if not dist.enabled or not _is_peer_loss(err):
+                raise
+            raise UserError(_lost_peer(dist, err, a.out)) from err
+        finally:
+            if dist.enabled:  # on the way out: the error line is printed next, a late SIGTERM must not bury it
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            shutdown(dist)
 
     _run(go)
+
+
+class _StoppedByLauncher(RuntimeError):
+    """SIGTERM from torchrun's agent: another rank has exited."""
+
+
+def _stopped_by_launcher(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _StoppedByLauncher("stopped by the launcher (SIGTERM)")
+
+
+def _is_peer_loss(err: Exception) -> bool:
+    """A collective that failed because another rank went away (gloo / NCCL / the launcher's store)."""
+    import torch.distributed as torchdist
+
+    text = str(err).lower()
+    return isinstance(err, (torchdist.DistError, _StoppedByLauncher)) or (isinstance(err, RuntimeError) and any(
+        w in text for w in ("gloo", "nccl", "connection", "peer", "timed out", "socket")))
+
+
+def _lost_peer(dist, err: Exception, out: Path) -> str:
+    """One line for a distributed failure: which rank died (when this host can tell) and how to go on."""
+    from .calibrate.distributed import dead_ranks
+
+    dead = dead_ranks(dist)
+    who = f"rank {', '.join(map(str, dead))} stopped" if dead else "a rank failed or stopped"
+    first = str(err).strip().splitlines()[0].split(". This is typically")[0][:200] if str(err).strip() \
+        else type(err).__name__
+    return (f"rank {dist.rank} of {dist.world}: {who} ({type(err).__name__}: {first}); finished BKD blocks are "
+            f"kept in {out}.progress: rerun with --resume (any number of processes)")
+
+
+def _calibrate(a: argparse.Namespace, dist) -> None:
+    from .calibrate.distill import DistillConfig
+    from .calibrate.models import parse_size
+    from .calibrate.prompts import read_prompts
+    from .calibrate.quant_config import QuantConfig
+    from .calibrate.recipe import CalibrationJob, run_calibration
+
+    w_bits, a_bits = QuantConfig.parse_bits(a.bits)
+    config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=a.sym, scaling=a.scaling,
+                         smoothquant_alpha=a.smoothquant_alpha, tpq=not a.no_tpq, num_steps=a.steps,
+                         attn_matmul=a.attn_matmul, act_init=a.act_init, first_last_bits=a.first_last_bits or None,
+                         float_layers=tuple(n for n in a.float_layers if n != "none"))
+    distill = DistillConfig(iters=a.iters, batch=a.batch, lr_weight=a.lr_weight, lr_weight_scale=a.lr_quant,
+                            lr_act=a.lr_quant, full_model=a.full_qat, seed=a.seed)
+    job = CalibrationJob(model=a.model, config=config, distill=distill, calib_samples=a.calib_samples,
+                         bkd=not a.no_bkd, guidance_scale=a.guidance, out=a.out, resume=a.resume,
+                         prompts=read_prompts(a.prompts) if a.prompts else None,
+                         negative_prompt=a.negative_prompt,
+                         resolution=parse_size(a.resolution, "--resolution") if a.resolution else None,
+                         sample_batch=a.sample_batch, device=a.device, autocast=a.autocast)
+    s = run_calibration(job, dist)
+    if not dist.is_main:
+        return
+    print(f"wrote {a.out}: {s['bits']} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
+    print("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items()))
+    print(f"  noise SQNR vs FP on validation inputs: {s['val_before_training']['noise_sqnr_db']:.2f} dB before "
+          f"training -> {s['val_after_training']['noise_sqnr_db']:.2f} dB after")
+    for block, (first, last) in s["distill"].get("block_losses", {}).items():
+        print(f"  {block:<48} loss {first:.3g} -> {last:.3g}")
 
 
 def export_main(argv: list[str] | None = None) -> None:

@@ -74,7 +74,7 @@ class BlockCache:
             if tuple(v.shape) != (size, *leaf.row_shape) or v.dtype != leaf.dtype:
                 raise RuntimeError(f"block cache {self.name}: expected {(size, *leaf.row_shape)} {leaf.dtype}, "
                                    f"got {tuple(v.shape)} {v.dtype}")
-            t = v.detach().contiguous().view(_STORAGE.get(v.dtype, v.dtype))
+            t = v.detach().cpu().contiguous().view(_STORAGE.get(v.dtype, v.dtype))  # cached on the CPU
             leaf.file.write(memoryview(t.numpy()).cast("B"))
             self.nbytes += t.numel() * t.element_size()
         self.rows_written += size

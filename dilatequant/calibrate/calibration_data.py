@@ -11,12 +11,14 @@ from typing import Iterator
 import torch
 
 from ..errors import UserError
+from .distributed import SINGLE, Dist
 from .conditioning import COND_NAMES, Condition, map_condition
 from .models import DiffusionModel
 from .reporting import atomic_write_bytes
-from .sampling import default_guidance, sample
+from .sampling import Trajectory, default_guidance, sample
 
 CACHE_ENV = "DQ_CACHE_DIR"
+SAMPLE_BATCH = 250  # trajectories per sampling batch (one process's default; the bits depend on it)
 
 
 @dataclass
@@ -38,6 +40,12 @@ class CalibrationSet:
         out = {"sample": self.sample[idx], "timestep": self.timestep[idx], "t_index": self.t_index[idx]}
         out.update(map_condition(self.cond, lambda v: v[idx]) or {})
         return out
+
+    def rows(self, r: range) -> "CalibrationSet":
+        """The contiguous rows r (a rank's shard)."""
+        idx = slice(r.start, r.stop)
+        return CalibrationSet(self.sample[idx], self.timestep[idx], self.t_index[idx],
+                              map_condition(self.cond, lambda v: v[idx]))
 
     def chunks(self, batch: int) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(self), batch):
@@ -95,8 +103,9 @@ def validation_size(calib_samples: int, steps: int, floor: int = 32) -> int:
 
 
 def build_calibration_sets(model: DiffusionModel, num_samples: int, steps: int, val_samples: int, seed: int = 0,
-                           guidance_scale: float | None = None,
-                           use_cache: bool = True) -> tuple[CalibrationSet, CalibrationSet | None]:
+                           guidance_scale: float | None = None, use_cache: bool = True,
+                           sample_batch: int = SAMPLE_BATCH,
+                           dist: Dist = SINGLE) -> tuple[CalibrationSet, CalibrationSet | None]:
     """The calibration set and a validation set from the same trajectories' held-out inputs.
 
     The calibration draw leaves at least half of each step's latents unused (trajectories are
@@ -104,6 +113,11 @@ def build_calibration_sets(model: DiffusionModel, num_samples: int, steps: int, 
     costs no UNet call and shares no latent with the calibration set (small unguided runs hold out fewer
     than the floor of validation_size: 16 of 32 at 16 samples, 4 steps). The calibration set is the same with
     or without it.
+
+    Distributed (`dist`): the trajectories are sampled in batches of sample_batch, each rank a contiguous range
+    of batches (of seeds' rows), gathered in rank order; the picks then run on the full set on every rank, so
+    the sets equal one process's with the same sample_batch (and threads per process: CPU kernels round
+    differently at other batch sizes and thread counts). Rank 0 alone writes the disk cache.
     """
     if guidance_scale is None:
         guidance_scale = default_guidance(model)
@@ -114,20 +128,29 @@ def build_calibration_sets(model: DiffusionModel, num_samples: int, steps: int, 
             raise UserError("a text-conditioned model needs calibration prompts (dq-calibrate --prompts FILE)")
         bank = model.prompt_bank
         setting += f"|{model.sample_shape}|{bank.prompts}|{bank.negative_prompt}"
+    if sample_batch != SAMPLE_BATCH:  # other batches round differently: another set (today's key unchanged)
+        setting += f"|batch{sample_batch}"
     key = hashlib.sha256(setting.encode()).hexdigest()[:20]
     paths = [cache_dir() / f"calib-{key}.pt"] + ([cache_dir() / f"calib-{key}-val{val_samples}.pt"]
                                                   if val_samples else [])
-    if use_cache and all(p.is_file() for p in paths):
+    if use_cache and all(dist.all_gather(all(p.is_file() for p in paths))):
         try:
             sets = [CalibrationSet.load(p) for p in paths]
-            return sets[0], (sets[1] if val_samples else None)
         except Exception:  # a damaged cache entry is rebuilt, never trusted
+            sets = None
+        if all(dist.all_gather(sets is not None)):
+            return sets[0], (sets[1] if val_samples else None)
+        if dist.is_main:
             for p in paths:
                 p.unlink(missing_ok=True)
-    trajectories = max(8, 2 * math.ceil(num_samples / steps))
+    trajectories = trajectory_count(num_samples, steps)
     labels = torch.arange(trajectories) % model.num_labels if model.is_conditional else None
-    traj = sample(model, num_samples=trajectories, steps=steps, seed=seed, labels=labels,
-                  guidance_scale=guidance, return_trajectory=True, progress=True, decode=False).trajectory
+    mine = dist.shard(math.ceil(trajectories / sample_batch)) if dist.enabled else None
+    traj = sample(model, num_samples=trajectories, steps=steps, seed=seed, labels=labels, guidance_scale=guidance,
+                  return_trajectory=True, progress=dist.is_main, decode=False, batch_size=sample_batch,
+                  batches=mine).trajectory
+    if dist.enabled:
+        traj = Trajectory.concat([p for p in dist.all_gather(traj) if p is not None])
     per_step = traj.sample.shape[1]
     gen = torch.Generator().manual_seed(seed + 1)
     picks = _stratified(num_samples, steps, per_step, gen, taken=None)
@@ -136,13 +159,18 @@ def build_calibration_sets(model: DiffusionModel, num_samples: int, steps: int, 
         taken = _taken_with_twins(traj.sample, picks)
         sets.append(_pick(traj, _stratified(min(val_samples, int((~taken).sum())), steps, per_step,
                                             torch.Generator().manual_seed(seed + 2), taken)))
-    if use_cache:
+    if use_cache and dist.is_main:
         for p, d in zip(paths, sets):
             try:
                 atomic_write_bytes(p, d.to_bytes())
             except UserError:
                 pass  # caching is an optimisation; an unwritable cache must not stop calibration
     return sets[0], (sets[1] if val_samples else None)
+
+
+def trajectory_count(num_samples: int, steps: int) -> int:
+    """Sampling trajectories behind a calibration set: at least half of each step's latents stay unused."""
+    return max(8, 2 * math.ceil(num_samples / steps))
 
 
 def _taken_with_twins(samples: torch.Tensor, picks: list[tuple[int, int]]) -> torch.Tensor:

@@ -73,7 +73,7 @@ def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, t
         "quant_config": qunet.config.to_json(),
         "schedule": {"scheduler_config": _config_json(model.scheduler.config), "num_steps": len(timesteps),
                      "timesteps": [int(t) for t in timesteps], "sampler": "DDIM"},
-        "state_dict": {k: _own_storage(v) for k, v in qunet.state_dict().items()},
+        "state_dict": {k: _own_storage(v.detach().cpu()) for k, v in qunet.state_dict().items()},
         "class_encoder": {k: _own_storage(v) for k, v in model.class_encoder.state_dict().items()} if model.class_encoder else {},
         "summary": json.dumps(summary, default=str),
     }

@@ -7,8 +7,11 @@ interrupted run continues at the next unfinished block.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +25,8 @@ from .calibration_data import CalibrationSet, condition_of
 from .conditioning import unet_kwargs
 from .quant_unet import QuantLayer, QuantUNet
 from .block_cache import BlockCache, CacheFolder
+from .device import autocast, module_device, to_device
+from .distributed import SINGLE, Dist
 from .reporting import atomic_write_bytes
 
 PROGRESS_FORMAT = "dilatequant.bkd-progress"
@@ -88,15 +93,22 @@ def capture(run: Callable[[dict], Any], unit: nn.Module, data: CalibrationSet, b
     return cache.finish()
 
 
-def fp_runner(fp_unet: nn.Module) -> Callable[[dict], Any]:
+def fp_runner(fp_unet: nn.Module, amp: str = "none") -> Callable[[dict], Any]:
+    """The FP model on a chunk of UNet inputs (moved to its device; amp: see device.autocast)."""
     def run(chunk):
-        return fp_unet(chunk["sample"], chunk["timestep"], return_dict=False, **unet_kwargs(condition_of(chunk)))
+        dev = module_device(fp_unet)
+        chunk = to_device(chunk, dev)
+        with autocast(dev, amp):
+            return fp_unet(chunk["sample"], chunk["timestep"], return_dict=False, **unet_kwargs(condition_of(chunk)))
     return run
 
 
-def quant_runner(qunet: QuantUNet) -> Callable[[dict], Any]:
+def quant_runner(qunet: QuantUNet, amp: str = "none") -> Callable[[dict], Any]:
     def run(chunk):
-        return qunet(chunk["sample"], chunk["timestep"], chunk["t_index"], condition_of(chunk))
+        dev = module_device(qunet)
+        chunk = to_device(chunk, dev)
+        with autocast(dev, amp):
+            return qunet(chunk["sample"], chunk["timestep"], chunk["t_index"], condition_of(chunk))
     return run
 
 
@@ -141,19 +153,21 @@ def _keep_valid(qunet: QuantUNet) -> None:
         layer.weight_quantizer.scale.clamp_(min=1e-8)
 
 
-def _train(qunet, groups, step_loss, iters, desc) -> list[float]:
+def _train(qunet, groups, step_loss, iters, desc, report: Callable[[torch.Tensor], float] | None = None,
+           quiet: bool = False) -> list[float]:
+    """Adam over the groups; `report` turns a step's loss into the logged value (distributed: the global loss)."""
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(groups)
     losses = []
-    for _ in tqdm(range(iters), desc=desc, leave=False, mininterval=2):
+    for _ in tqdm(range(iters), desc=desc, leave=False, mininterval=2, disable=quiet):
         loss = step_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         _keep_valid(qunet)
-        losses.append(loss.item())
+        losses.append(loss.item() if report is None else report(loss))
     for p in params:
         p.requires_grad_(False)
     return losses
@@ -171,7 +185,18 @@ def _save_progress(path: Path, qunet: QuantUNet, done: list[str], losses: dict, 
 
 
 def load_progress(path: Path, qunet: QuantUNet, fingerprint: str,
-                  gen: torch.Generator | None = None) -> tuple[list[str], dict]:
+                  gen: torch.Generator | None = None, dist: Dist = SINGLE) -> tuple[list[str], dict]:
+    """Restore the model and random streams after the last finished block (distributed: rank 0 reads the file
+    and sends it; the progress does not depend on the world size, so any world size may resume it)."""
+    d = dist.on_main(lambda: _read_progress(path, fingerprint, gen is not None))
+    qunet.load_state_dict(d["state_dict"])
+    if gen is not None:
+        gen.set_state(d["rng"]["batches"])
+        torch.set_rng_state(d["rng"]["torch"])
+    return list(d["completed"]), dict(d["block_losses"])
+
+
+def _read_progress(path: Path, fingerprint: str, need_rng: bool) -> dict:
     try:
         d = torch.load(path, weights_only=True)
     except Exception as err:
@@ -181,76 +206,199 @@ def load_progress(path: Path, qunet: QuantUNet, fingerprint: str,
     if d["fingerprint"] != fingerprint:
         raise UserError(f"'{path}' was written for other settings or another model; delete it or rerun "
                         "with the settings it was started with")
-    if gen is not None and "rng" not in d:
+    if need_rng and "rng" not in d:
         raise UserError(f"'{path}' predates resumable random state (its resumed run would draw other batches); "
                         "delete it to start over")
-    qunet.load_state_dict(d["state_dict"])
-    if gen is not None:
-        gen.set_state(d["rng"]["batches"])
-        torch.set_rng_state(d["rng"]["torch"])
-    return list(d["completed"]), dict(d["block_losses"])
+    return d
 
 
 def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: DistillConfig,
             progress_path: Path | None = None, resume: bool = False, fingerprint: str = "",
-            cache_dir: Path | None = None) -> dict:
+            cache_dir: Path | None = None, dist: Dist = SINGLE, amp: str = "none") -> dict:
     """Train qunet (quantizers in 'quant' mode) against fp_unet; returns losses, times, settings.
 
     Each block's inputs and FP targets are streamed to a memory-mapped cache in a private folder under
     cache_dir (default: next to the progress file, else the system temp folder), so memory stays flat in
-    the calibration-set size; the folder is removed when distillation ends or is interrupted."""
+    the calibration-set size; the folder is removed when distillation ends or is interrupted.
+
+    Distributed (dist): each rank owns a contiguous range of the calibration rows and caches only those;
+    every rank draws the same global batch indices, runs the rows of the batch it owns through a
+    DistributedDataParallel copy of the block, and DDP's gradient all-reduce makes the step one process's
+    step on the whole batch (up to float summation order; see bkd_divergence_bound). Rank 0 writes progress."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     qunet.requires_grad_(False)
     qunet.set_quant(weights=True, acts="quant")
     start = time.perf_counter()
     if cfg.full_model:
+        if dist.enabled:
+            raise UserError("full-model QAT runs in one process; launch it without torchrun")
         losses = _distill_full(qunet, fp_unet, data, cfg, gen)
         return {"mode": "full-model QAT", "final_loss": losses[-1] if losses else None,
                 "loss_first_last": [losses[0], losses[-1]] if losses else None,
                 "wall_s": time.perf_counter() - start, "config": asdict(cfg)}
+    if dist.enabled and len(data) < dist.world:
+        raise UserError(f"world size {dist.world} is larger than the calibration set ({len(data)} samples)")
     if cache_dir is None and progress_path is not None:
         cache_dir = progress_path.parent
     done: list[str] = []
     block_losses: dict[str, list[float]] = {}
-    if resume and progress_path is not None and progress_path.is_file():
-        done, block_losses = load_progress(progress_path, qunet, fingerprint, gen)
-        print(f"resuming: {len(done)} of {len(qunet.unit_order)} blocks already distilled")
+    if resume and progress_path is not None and dist.on_main(progress_path.is_file):
+        done, block_losses = load_progress(progress_path, qunet, fingerprint, gen, dist)
+        if dist.is_main:
+            print(f"resuming: {len(done)} of {len(qunet.unit_order)} blocks already distilled")
     modules = dict(qunet.unet.named_modules())
     fp_modules = dict(fp_unet.named_modules())
     layers_of: dict[str, list[str]] = {}
     for layer, unit in qunet.unit_of_layer.items():
         layers_of.setdefault(unit, []).append(layer)
+    own = dist.shard(len(data)) if dist.enabled else range(len(data))
+    local = data.rows(own) if dist.enabled else data
     cache_bytes = 0
     with CacheFolder(cache_dir) as folder:
         for k, unit in enumerate(qunet.unit_order):
             if unit in done:
                 continue
-            with capture(fp_runner(fp_unet), fp_modules[unit], data, cfg.batch, True, folder, "target") as target, \
-                    capture(quant_runner(qunet), modules[unit], data, cfg.batch, False, folder, "inputs") as inputs:
+            with capture(fp_runner(fp_unet, amp), fp_modules[unit], local, cfg.batch, True, folder, "target") as target, \
+                    capture(quant_runner(qunet, amp), modules[unit], local, cfg.batch, False, folder,
+                            "inputs") as inputs:
                 cache_bytes = max(cache_bytes, target.nbytes + inputs.nbytes)
-                groups = _param_groups(qunet, layers_of[unit], cfg, _attn_quantizers(qunet, unit))
-                n, block = len(data), modules[unit]
+                extra = _attn_quantizers(qunet, unit)
+                groups = _param_groups(qunet, layers_of[unit], cfg, extra)
+                n, block, dev = len(data), modules[unit], module_device(qunet)
+                desc = f"BKD {k + 1}/{len(qunet.unit_order)} {unit}"
 
                 def step_loss():
                     idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
-                    args, kwargs = inputs.rows(idx)
+                    args, kwargs = to_device(inputs.rows(idx), dev)
                     qunet.ctx.t_index = data.t_index[idx]
                     try:
-                        out = _first_tensor(block(*args, **kwargs))
+                        with autocast(dev, amp):
+                            out = _first_tensor(block(*args, **kwargs))
                     finally:
                         qunet.ctx.t_index = None
-                    return torch.nn.functional.mse_loss(out, target.rows(idx))
+                    return torch.nn.functional.mse_loss(out.float(), to_device(target.rows(idx), dev).float())
 
-                losses = _train(qunet, groups, step_loss, cfg.iters,
-                                f"BKD {k + 1}/{len(qunet.unit_order)} {unit}")
+                if dist.enabled:
+                    quantizers = extra + [qunet.layers()[name].input_quantizer for name in layers_of[unit]]
+                    step, report = _ddp_step(qunet, block, quantizers, data, inputs, target, own, gen, cfg, dist, amp)
+                    losses = _train(qunet, groups, step, cfg.iters, desc, report=report, quiet=not dist.is_main)
+                    _check_in_sync([p for g in groups for p in g["params"]], dist, unit)
+                else:
+                    losses = _train(qunet, groups, step_loss, cfg.iters, desc)
             block_losses[unit] = [losses[0], losses[-1]] if losses else []
             done.append(unit)
             if progress_path is not None:
-                _save_progress(progress_path, qunet, done, block_losses, fingerprint, gen)
+                dist.on_main(lambda: _save_progress(progress_path, qunet, done, block_losses, fingerprint, gen))
     return {"mode": "block-wise distillation", "blocks": len(qunet.unit_order), "block_losses": block_losses,
             "wall_s": time.perf_counter() - start, "config": asdict(cfg),
-            "largest_block_cache_mb": round(cache_bytes / 2**20, 3)}
+            "largest_block_cache_mb": round(cache_bytes / 2**20, 3), "world_size": dist.world}
+
+
+class _Unit(nn.Module):
+    """The block plus the quantizers it trains that live outside it (in QuantUNet.act_quantizers): one module
+    holding every trained parameter, which is what DistributedDataParallel wraps."""
+
+    def __init__(self, block: nn.Module, quantizers: list[nn.Module]) -> None:
+        super().__init__()
+        self.block = block
+        self.quantizers = nn.ModuleList(list({id(q): q for q in quantizers}.values()))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return _first_tensor(self.block(*args, **kwargs))
+
+
+def _ddp_step(qunet: QuantUNet, block: nn.Module, quantizers: list[nn.Module], data: CalibrationSet,
+              inputs: BlockCache, target: BlockCache, own: range, gen: torch.Generator, cfg: DistillConfig,
+              dist: Dist, amp: str = "none") -> tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], float]]:
+    """One rank's share of a global-batch BKD step, and the global loss for the log.
+
+    The rank's loss is its rows' squared-error sum over the global batch's element count, times the world
+    size: DDP averages gradients over ranks, so the update is the gradient of the global batch's MSE. A rank
+    that owns no row of a batch runs one row at weight 0, so it still joins DDP's all-reduce."""
+    n, (a, b), dev = len(data), (own.start, own.stop), module_device(qunet)
+    ddp: list[nn.Module] = []
+
+    def step() -> torch.Tensor:
+        if not ddp:  # built once the parameters require grad (_train switches them on)
+            from torch.nn.parallel import DistributedDataParallel
+
+            unit = _Unit(block, quantizers)
+            ids = [dist.local_rank] if dist.backend == "nccl" else None
+            with warnings.catch_warnings():  # the buffers are equal on every rank and never trained: no syncing
+                warnings.simplefilter("ignore", FutureWarning)
+                ddp.append(DistributedDataParallel(unit, device_ids=ids, broadcast_buffers=False))
+        idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
+        mine, weight = idx[(idx >= a) & (idx < b)], 1.0
+        if len(mine) == 0:
+            mine, weight = torch.tensor([a]), 0.0
+        args, kwargs = to_device(inputs.rows(mine - a), dev)
+        qunet.ctx.t_index = data.t_index[mine]
+        try:
+            with autocast(dev, amp):
+                out = ddp[0](*args, **kwargs).float()
+        finally:
+            qunet.ctx.t_index = None
+        sq = torch.nn.functional.mse_loss(out, to_device(target.rows(mine - a), dev).float(), reduction="sum")
+        return sq * (weight * dist.world / (len(idx) * out[0].numel()))
+
+    def report(loss: torch.Tensor) -> float:
+        return float(dist.sum(loss.detach())) / dist.world
+
+    return step, report
+
+
+def _check_in_sync(params: list[torch.Tensor], dist: Dist, unit: str) -> None:
+    """Every rank must end a block with the same parameters (DDP keeps them equal; a rank that drifted would
+    make rank 0's q.pt a silent average of nothing)."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    digests = dist.all_gather(h.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"BKD block {unit}: ranks {[r for r, d in enumerate(digests) if d != digests[0]]} "
+                           "ended with other parameters than rank 0")
+
+
+ADAM_BETAS = (0.9, 0.999)
+
+
+def adam_radius(iters: int, betas: tuple[float, float] = ADAM_BETAS) -> float:
+    """sum_t max |m_hat_t / sqrt(v_hat_t)| over t = 1..iters: how far, in units of lr, Adam can move one element.
+
+    By Cauchy-Schwarz, |m_t| <= (1-b1) sqrt(sum_k (b1^2/b2)^k) sqrt(v_t / (1-b2)) (k < t); with the bias
+    corrections, |m_hat/sqrt(v_hat)| <= (1-b1)/(1-b1^t) sqrt((1-b2^t)/(1-b2)) sqrt(sum_k (b1^2/b2)^k)
+    (1 at t = 1, about 7.3 for large t), whatever the gradients; eps only shrinks the step."""
+    b1, b2 = betas
+    r, geo, total = b1 * b1 / b2, 0.0, 0.0
+    for t in range(1, iters + 1):
+        geo += r ** (t - 1)
+        total += (1 - b1) / (1 - b1 ** t) * math.sqrt((1 - b2 ** t) / (1 - b2)) * math.sqrt(geo)
+    return total
+
+
+@torch.no_grad()
+def bkd_divergence_bound(qunet: QuantUNet, cfg: DistillConfig) -> dict[str, float]:
+    """Per state-dict tensor, the largest elementwise difference two BKD runs from this same initial model
+    (same settings, same global batches) can end with, whatever their float rounding: 2 * lr * adam_radius
+    summed over the blocks that train it (each run stays within lr * radius of the start; the clamps of
+    _keep_valid are projections, which never move a point further from a valid start). Tensors no block
+    trains get 0: they must match exactly.
+
+    Why a trust-region bound and not a perturbation one: the fake-quant model is discontinuous in its
+    parameters (a rounding tie that flips moves a level), so ulp-level differences in the summation order of
+    the loss and of the gradient all-reduce are not guaranteed to stay ulp-level."""
+    names = {id(p): k for k, p in qunet.named_parameters()}
+    bound = {k: 0.0 for k in qunet.state_dict()}
+    radius = adam_radius(cfg.iters)
+    layers_of: dict[str, list[str]] = {}
+    for layer, unit in qunet.unit_of_layer.items():
+        layers_of.setdefault(unit, []).append(layer)
+    for unit in qunet.unit_order:
+        for g in _param_groups(qunet, layers_of[unit], cfg, _attn_quantizers(qunet, unit)):
+            for p in g["params"]:
+                bound[names[id(p)]] += 2 * g["lr"] * radius
+    return bound
 
 
 def _distill_full(qunet, fp_unet, data, cfg, gen) -> list[float]:

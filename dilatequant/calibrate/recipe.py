@@ -12,8 +12,11 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from .calibration_data import CalibrationSet, build_calibration_sets, model_fingerprint, validation_size
+from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_sets, model_fingerprint,
+                               trajectory_count, validation_size)
 from .checkpoint import save_checkpoint
+from .device import resolve_device
+from .distributed import SINGLE, AgreedError, Dist
 from .distill import DistillConfig, distill, fp_runner, quant_runner
 from .metrics import mse, sqnr_db
 from ..errors import UserError
@@ -91,12 +94,35 @@ def init_weight_scales(qunet: QuantUNet) -> None:
 
 
 @torch.no_grad()
-def observe_activations(qunet: QuantUNet, data: CalibrationSet, batch: int = 64) -> None:
-    """Run the calibration set through the model; every activation quantizer keeps per-timestep samples."""
+def observe_activations(qunet: QuantUNet, data: CalibrationSet, batch: int = 64, dist: Dist = SINGLE) -> None:
+    """Run the calibration set through the model; every activation quantizer keeps per-timestep samples.
+
+    Distributed: each rank runs a contiguous range of the chunks and steps its quantizers' reservoir draws
+    past the others' (skip_chunk), then the statistics of all ranks merge in chunk order: the same
+    statistics, hence the same TPQ tables, as one process."""
+    if not dist.enabled:
+        qunet.set_quant(weights=True, acts="observe")
+        for chunk in tqdm(data.chunks(batch), desc="observe activations", total=-(-len(data) // batch), leave=False,
+                          mininterval=2):
+            quant_runner(qunet)(chunk)
+        return
+    qunet.set_quant(weights=True, acts="probe")  # each quantizer's calls and per-sample shapes, from one row
+    for q in qunet.act_quantizers.values():
+        q.probed = []
+    quant_runner(qunet)(data.inputs(slice(0, 1)))
     qunet.set_quant(weights=True, acts="observe")
-    for chunk in tqdm(data.chunks(batch), desc="observe activations", total=-(-len(data) // batch), leave=False,
-                      mininterval=2):
-        quant_runner(qunet)(chunk)
+    mine = dist.shard(-(-len(data) // batch))
+    for c, chunk in enumerate(tqdm(data.chunks(batch), desc="observe activations", total=-(-len(data) // batch),
+                                   leave=False, mininterval=2, disable=not dist.is_main)):
+        for q in qunet.act_quantizers.values():
+            q.chunk = c
+            if c not in mine:
+                q.skip_chunk(chunk["t_index"])
+        if c in mine:
+            quant_runner(qunet)(chunk)
+    gathered = dist.all_gather({k: q.export_stats() for k, q in qunet.act_quantizers.items()})
+    for k, q in qunet.act_quantizers.items():
+        q.merge_stats([g[k] for g in gathered])
 
 
 @torch.no_grad()
@@ -149,6 +175,34 @@ class CalibrationJob:
     prompts: list[str] | None = None
     negative_prompt: str = ""
     resolution: tuple[int, int] | None = None
+    # trajectories per sampling batch; None: 250 in one process, an equal share per rank under torchrun (the
+    # calibration set is bit-identical to one process's run with the same sample_batch and threads)
+    sample_batch: int | None = None
+    device: str = "cpu"          # cpu | cuda (under torchrun: each rank's LOCAL_RANK GPU)
+    autocast: str = "none"       # none | bf16: BKD's captures and training forwards under bfloat16 autocast
+
+
+def check_distributed(job: CalibrationJob, dist: Dist) -> None:
+    """Bad distributed input fails on every rank before any work: other settings on some rank, more ranks
+    than calibration samples, full-model QAT (not data-parallel)."""
+    if not dist.enabled:
+        return
+    dist.check_same("settings", json.dumps(asdict(job), default=str, sort_keys=True))
+    if dist.world > job.calib_samples:
+        raise AgreedError(f"world size {dist.world} is larger than the calibration set ({job.calib_samples} samples): "
+                        "use fewer processes or more --calib-samples")
+    if job.bkd and job.distill.full_model:
+        raise AgreedError("--full-qat runs in one process; launch it without torchrun (or drop --full-qat)")
+
+
+def sample_batch_for(job: CalibrationJob, dist: Dist) -> int:
+    if job.sample_batch is not None:
+        if job.sample_batch < 1:
+            raise UserError(f"--sample-batch must be at least 1, got {job.sample_batch}")
+        return job.sample_batch
+    if not dist.enabled:
+        return SAMPLE_BATCH
+    return -(-trajectory_count(job.calib_samples, job.config.num_steps) // dist.world)
 
 
 def load_calibration_model(job: CalibrationJob):
@@ -163,8 +217,17 @@ def load_calibration_model(job: CalibrationJob):
 
 
 @torch.no_grad()
-def noise_error(qunet: QuantUNet, fp_unet: torch.nn.Module, data: CalibrationSet, batch: int = 64) -> dict:
-    """Noise-prediction MSE and SQNR of the fake-quant model against FP on the given inputs."""
+def noise_error(qunet: QuantUNet, fp_unet: torch.nn.Module, data: CalibrationSet, batch: int = 64,
+                dist: Dist = SINGLE) -> dict:
+    """Noise-prediction MSE and SQNR of the fake-quant model against FP on the given inputs (distributed: each
+    rank a range of the same chunks, gathered in order, so the figures equal one process's)."""
+    if dist.enabled:
+        mine = dist.shard(-(-len(data) // batch))
+        part = [(quant_runner(qunet)(c).cpu(), fp_runner(fp_unet)(c)[0].cpu()) for i, c in
+                enumerate(data.chunks(batch)) if i in mine]
+        pairs = [pair for p in dist.all_gather(part) for pair in p]
+        q, f = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        return {"noise_mse": mse(q, f), "noise_sqnr_db": sqnr_db(q, f)}
     total = -(-len(data) // batch)
     q = torch.cat([quant_runner(qunet)(c) for c in tqdm(data.chunks(batch), desc="validation (quantized)",
                                                         total=total, leave=False, mininterval=2)])
@@ -188,16 +251,26 @@ class StageTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def run_calibration(job: CalibrationJob) -> dict:
-    """Calibration data -> WD/TPQ init -> BKD (resumable) -> q.pt; returns the run summary."""
+def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
+    """Calibration data -> WD/TPQ init -> BKD (resumable) -> q.pt; returns the run summary.
+
+    Under torchrun (dist) every rank runs this: sampling, observation, validation and BKD are split across
+    ranks; rank 0 alone writes q.pt and the progress file."""
     start = time.perf_counter()
     stage = StageTimer()
     torch.manual_seed(job.distill.seed)
-    ensure_writable_dir(job.out.parent if str(job.out.parent) else Path("."))
+    check_distributed(job, dist)
+    sample_batch = sample_batch_for(job, dist)
+    device = resolve_device(job.device, dist.local_rank)
+    if job.autocast not in ("none", "bf16"):
+        raise UserError(f"unknown autocast '{job.autocast}': choose none or bf16")
+    dist.on_main(lambda: ensure_writable_dir(job.out.parent if str(job.out.parent) else Path(".")))
     with stage("load"):
         model = load_calibration_model(job)
         qunet = QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before sampling
         fingerprint = model_fingerprint(model)
+        model.unet.to(device)  # the identity on the CPU
+        qunet.to(device)
     steps = job.config.num_steps
     guidance = job.guidance_scale if job.guidance_scale is not None else default_guidance(model)
     if model.is_conditional:
@@ -205,29 +278,29 @@ def run_calibration(job: CalibrationJob) -> dict:
     val_samples = validation_size(job.calib_samples, steps)
     with stage("calibration_data"):  # the validation set is held-out inputs of the same trajectories
         data, val = build_calibration_sets(model, job.calib_samples, steps, val_samples, seed=job.distill.seed,
-                                           guidance_scale=guidance)
+                                           guidance_scale=guidance, sample_batch=sample_batch, dist=dist)
     with stage("scaling"):
         scaling = apply_scaling(qunet, data)
     with stage("weight_scales"):
         init_weight_scales(qunet)
     with stage("observe_activations"):
-        observe_activations(qunet, data)
+        observe_activations(qunet, data, dist=dist)
     with stage("tpq_init"):
         init_act_tables(qunet)
     with stage("validation"):
-        before = noise_error(qunet, model.unet, val)
+        before = noise_error(qunet, model.unet, val, dist=dist)
     distilled = {"mode": "none (PTQ)"}
     progress = Path(f"{job.out}.progress")
     if job.bkd:
-        data_key = f"{job.calib_samples}|{guidance}"
+        data_key = f"{job.calib_samples}|{guidance}" + (f"|batch{sample_batch}" if sample_batch != SAMPLE_BATCH else "")
         if model.prompt_bank is not None:
             data_key += f"|{model.sample_shape}|{model.prompt_bank.prompts}|{model.prompt_bank.negative_prompt}"
         key = run_fingerprint(fingerprint, job.config, job.distill, data_key)
         with stage("bkd"):
             distilled = distill(qunet, model.unet, data, job.distill, progress_path=progress, resume=job.resume,
-                                fingerprint=key)
+                                fingerprint=key, dist=dist, amp=job.autocast)
     with stage("validation"):
-        after = noise_error(qunet, model.unet, val)
+        after = noise_error(qunet, model.unet, val, dist=dist)
     summary = {
         "model": job.model, "bits": job.config.bits_name, "quant_config": json.loads(job.config.to_json()),
         "calib_samples": job.calib_samples, "guidance": guidance, "bkd": job.bkd, "scaling": scaling,
@@ -236,8 +309,11 @@ def run_calibration(job: CalibrationJob) -> dict:
         "val_samples": len(val), "val_before_training": before, "val_after_training": after,
         "stages": stage.seconds, "wall_s": round(time.perf_counter() - start, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1), "environment": environment(),
+        "world_size": dist.world, "sample_batch": sample_batch, "device": str(device), "autocast": job.autocast,
     }
     with stage("save"):  # its own time lands in the returned summary; q.pt records every stage before it
-        save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint, summary)
-    progress.unlink(missing_ok=True)
+        dist.on_main(lambda: save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint,
+                                             summary))
+    if dist.is_main:
+        progress.unlink(missing_ok=True)
     return summary

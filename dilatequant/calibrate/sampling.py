@@ -14,6 +14,7 @@ from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from .conditioning import Condition, ConditionLike, cat_conditions, map_condition, unet_kwargs
+from .device import module_device, to_device
 from .models import DiffusionModel
 
 # Classifier-free guidance scale used by default for conditional models. On 1,000 DDIM-50 samples of the
@@ -59,7 +60,8 @@ def fp_predictor(model: DiffusionModel) -> NoisePredictor:
 
     @torch.no_grad()
     def predict(x, timestep, t_index, cond=None):
-        return model.unet(x, timestep, **unet_kwargs(cond)).sample
+        dev = module_device(model.unet)  # the sampler's tensors stay on the CPU (identity moves there)
+        return model.unet(x.to(dev), timestep.to(dev), **to_device(unet_kwargs(cond), dev)).sample.to(x.device)
 
     return predict
 
@@ -113,10 +115,12 @@ def sample(
     return_trajectory: bool = False,
     progress: bool = True,
     decode: bool = True,
+    batches: range | None = None,
 ) -> SampleResult:
     """DDIM (eta 0) from seeded noise. Conditional models get labels: class labels, prompt-bank labels or
     prompt strings (default: the labels cycling). Latent models are decoded by the VAE when `decode` and the
-    pipeline is loaded; otherwise `images` are the final latents."""
+    pipeline is loaded; otherwise `images` are the final latents. `batches`: only these batches of batch_size
+    (one rank's share of a distributed run; the samples of batch b are rows b*batch_size.. of the full run)."""
     predict = predict or fp_predictor(model)
     if model.is_conditional and labels is None:
         labels = torch.arange(num_samples) % model.num_labels
@@ -126,6 +130,8 @@ def sample(
     images, parts = [], []
     bar = tqdm(total=num_samples * steps, desc=f"DDIM-{steps}", unit="unet", disable=not progress, mininterval=2)
     for start in range(0, num_samples, batch_size):
+        if batches is not None and start // batch_size not in batches:
+            continue
         x = noise[start:start + batch_size].clone()
         cond = None
         if model.is_conditional:
@@ -137,7 +143,8 @@ def sample(
         if traj is not None:
             parts.append(traj)
     bar.close()
-    return SampleResult(torch.cat(images), labels, Trajectory.concat(parts) if parts else None)
+    return SampleResult(torch.cat(images) if images else torch.empty(0, *model.sample_shape), labels,
+                        Trajectory.concat(parts) if parts else None)
 
 
 def _ddim_loop(model, predict, x, cond, steps, guidance_scale, keep, bar):

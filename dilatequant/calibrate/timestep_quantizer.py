@@ -52,18 +52,44 @@ class _RowStats:
     count: int = 0
     sample_lo: list[torch.Tensor] = field(default_factory=list)  # per sample min (for minmean)
     sample_hi: list[torch.Tensor] = field(default_factory=list)  # per sample max
+    # the calibration chunk each entry of values / sample_lo (and _hi) came from: ranks' shares merge in order
+    value_chunks: list[int] = field(default_factory=list)
+    sample_chunks: list[int] = field(default_factory=list)
 
-    def update(self, v: torch.Tensor, gen: torch.Generator) -> None:
+    def update(self, v: torch.Tensor, gen: torch.Generator, chunk: int = 0) -> None:
         self.lo = min(self.lo, v.min().item())
         self.hi = max(self.hi, v.max().item())
         flat = v.reshape(v.shape[0], -1)
-        self.sample_lo.append(flat.amin(1).float())
-        self.sample_hi.append(flat.amax(1).float())
+        self.sample_lo.append(flat.amin(1).float().cpu())  # statistics live on the CPU (identity there)
+        self.sample_hi.append(flat.amax(1).float().cpu())
+        self.sample_chunks.append(chunk)
         if self.count < 4 * _RESERVOIR:
             take = min(v.numel(), _RESERVOIR)
             idx = torch.randint(0, v.numel(), (take,), generator=gen)
-            self.values.append(v.flatten()[idx].float())
+            self.values.append(v.flatten()[idx.to(v.device)].float().cpu())
+            self.value_chunks.append(chunk)
             self.count += take
+
+    def skip(self, numel: int, gen: torch.Generator) -> None:
+        """What update draws from gen for `numel` values, without the values (another rank's chunk)."""
+        if self.count < 4 * _RESERVOIR:
+            take = min(numel, _RESERVOIR)
+            torch.randint(0, numel, (take,), generator=gen)
+            self.count += take
+
+    @staticmethod
+    def merged(parts: list["_RowStats"]) -> "_RowStats":
+        """Several ranks' statistics of one row as one process would have gathered them (entries in chunk
+        order; a stable sort keeps a chunk's several calls in their call order)."""
+        out = _RowStats(lo=min(p.lo for p in parts), hi=max(p.hi for p in parts))
+        vals = sorted(((c, v) for p in parts for c, v in zip(p.value_chunks, p.values)), key=lambda e: e[0])
+        samples = sorted(((c, lo, hi) for p in parts for c, lo, hi in zip(p.sample_chunks, p.sample_lo, p.sample_hi)),
+                         key=lambda e: e[0])
+        out.values, out.value_chunks = [v for _, v in vals], [c for c, _ in vals]
+        out.sample_lo, out.sample_hi = [e[1] for e in samples], [e[2] for e in samples]
+        out.sample_chunks = [e[0] for e in samples]
+        out.count = sum(len(v) for v in out.values)
+        return out
 
 
 class TimestepActQuantizer(nn.Module):
@@ -80,9 +106,11 @@ class TimestepActQuantizer(nn.Module):
         self.register_buffer("static_delta", torch.full((1, heads), math.nan))
         if not symmetric:
             self.register_buffer("static_zero_point", torch.full((1, heads), math.nan))
-        self.mode = "off"  # off | observe | quant
+        self.mode = "off"  # off | observe | probe | quant
         self._stats: dict[tuple[int, int], _RowStats] = {}
         self._gen = torch.Generator().manual_seed(0)
+        self.chunk = 0  # the calibration chunk being observed (distributed observation tags entries with it)
+        self.probed: list[tuple[int, ...]] = []  # per-sample input shape of each call of one forward pass
 
     @property
     def num_steps(self) -> int:
@@ -134,6 +162,9 @@ class TimestepActQuantizer(nn.Module):
         """
         if self.mode == "off":
             return Levels(self._scaled(x), None, None)
+        if self.mode == "probe":
+            self.probed.append(tuple(x.shape[1:]))
+            return Levels(self._scaled(x), None, None)
         rows = self.rows(x.shape[0])
         if self.mode == "observe":
             x = self._scaled(x)
@@ -171,7 +202,26 @@ class TimestepActQuantizer(nn.Module):
             xs = x[rows == r]
             for h in range(self.heads):
                 v = xs if self.heads == 1 else xs[:, h]
-                self._stats.setdefault((r, h), _RowStats()).update(v, self._gen)
+                self._stats.setdefault((r, h), _RowStats()).update(v, self._gen, self.chunk)
+
+    def skip_chunk(self, t_index: torch.Tensor) -> None:
+        """Advance the reservoir draws past a chunk another rank observes, as _observe would have drawn them
+        (the draws depend only on sizes: each call's probed per-sample shape and the chunk's t_index)."""
+        rows = t_index  # what _observe keys by, a single static row included (it pools the timesteps apart)
+        for shape in self.probed:
+            per_sample = math.prod(shape) // (self.heads if self.heads > 1 else 1)
+            for r in rows.unique().tolist():
+                n = int((rows == r).sum())
+                for h in range(self.heads):
+                    self._stats.setdefault((r, h), _RowStats()).skip(n * per_sample, self._gen)
+
+    def export_stats(self) -> dict[tuple[int, int], _RowStats]:
+        return dict(self._stats)
+
+    def merge_stats(self, parts: list[dict[tuple[int, int], _RowStats]]) -> None:
+        """All ranks' observations as one process's (key order: every rank visits every chunk in order, so
+        each rank's keys arrive in the same order as one process's)."""
+        self._stats = {k: _RowStats.merged([p[k] for p in parts if k in p]) for k in parts[0]}
 
     @torch.no_grad()
     def init_from_observations(self, method: str = "mse") -> None:

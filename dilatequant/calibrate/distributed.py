@@ -1,0 +1,181 @@
+"""Process-group helpers for data-parallel calibration under `torchrun` (gloo on CPU, NCCL on GPU).
+
+One process (no WORLD_SIZE, or WORLD_SIZE=1) gets `SINGLE`, whose collectives are identities, so the
+single-process path runs exactly the code it ran before. Under torchrun every rank runs the same recipe;
+work is split by contiguous index ranges (`shard`), results are gathered in rank order, and only rank 0
+writes files (`on_main`: rank 0 runs, every rank gets the same result or raises the same UserError, so a
+failure on rank 0 ends all ranks with one message instead of leaving the others blocked in a collective).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as torchdist
+
+from ..errors import UserError
+
+T = TypeVar("T")
+TIMEOUT_ENV = "DQ_DIST_TIMEOUT_S"  # how long a rank waits in a collective for the others (default 1800 s)
+
+
+class AgreedError(UserError):
+    """A UserError every rank raises alike (settings checks, rank 0's file errors sent to all): rank 0 alone
+    prints it, so a bad input is one line however many processes run."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: rank, world size and the backend (None: one process)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous share of 0..n-1 (the first n % world ranks take one more)."""
+        return shard(n, self.rank, self.world)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torchdist.barrier()
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's obj, in rank order (picklable objects; tensors travel on the CPU)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torchdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's obj on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.is_main else None]
+        torchdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum over ranks (a new tensor)."""
+        if not self.enabled:
+            return x
+        y = x.detach().clone()
+        torchdist.all_reduce(y)
+        return y
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """fn() on rank 0, its result (or its UserError) on every rank."""
+        if not self.enabled:
+            return fn()
+        result: tuple[bool, Any] = (True, None)
+        if self.is_main:
+            try:
+                result = (True, fn())
+            except UserError as err:
+                result = (False, str(err))
+        ok, value = self.broadcast(result)
+        if not ok:
+            raise AgreedError(value)
+        return value
+
+    def check_same(self, what: str, text: str) -> None:
+        """Refuse to run when the ranks were started with different settings (e.g. per-node command lines)."""
+        if not self.enabled:
+            return
+        digests = self.all_gather(hashlib.sha256(text.encode()).hexdigest())
+        odd = [r for r, d in enumerate(digests) if d != digests[0]]
+        if odd:
+            raise AgreedError(f"ranks {', '.join(map(str, odd))} were started with other {what} than rank 0; "
+                            "launch every rank with the same command line")
+
+
+SINGLE = Dist()
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def world_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(device: str = "cpu") -> Dist:
+    """Join the process group torchrun (or any launcher setting RANK, WORLD_SIZE, MASTER_ADDR/PORT) describes.
+
+    WORLD_SIZE unset or 1: SINGLE, nothing initialised. gloo on CPU, NCCL on CUDA (one GPU per local rank).
+    """
+    world = world_from_env()
+    if world <= 1:
+        return SINGLE
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda needs a CUDA build of PyTorch and a visible GPU; use --device cpu")
+        torch.cuda.set_device(local)
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+    if not torchdist.is_initialized():
+        torchdist.init_process_group(backend, timeout=timeout)
+    d = Dist(rank=rank, world=world, local_rank=local, backend=backend)
+    _register(d)
+    return d
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and torchdist.is_initialized():
+        torchdist.destroy_process_group()
+
+
+def _register(d: Dist) -> None:
+    """Leave (host, pid) of this rank in the launcher's store, so a survivor can name a rank that died."""
+    try:
+        store = torchdist.distributed_c10d._get_default_store()
+        store.set(f"dq/pid/{d.rank}", f"{socket.gethostname()} {os.getpid()}")
+    except Exception:  # naming a dead rank is a courtesy; the run does not depend on it
+        pass
+
+
+def dead_ranks(d: Dist) -> list[int]:
+    """Ranks on this host whose process no longer exists (best effort; [] when unknown)."""
+    dead = []
+    try:
+        store = torchdist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        for r in range(d.world):
+            host, pid = store.get(f"dq/pid/{r}").decode().split()
+            if host == socket.gethostname() and not _alive(int(pid)):
+                dead.append(r)
+    except Exception:
+        return dead
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie is dead, not yet reaped
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
