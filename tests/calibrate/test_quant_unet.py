@@ -49,3 +49,18 @@ def test_config_round_trips_and_older_configs_quantize_every_layer():
     old = json.loads(QuantConfig().to_json())
     del old["float_layers"]  # a q.pt written before the option existed
     assert QuantConfig.from_json(json.dumps(old)).float_layers == ()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (64, 64, 3, 3), (320, 1280), (3, 70000)])
+def test_weight_mse_search_in_place_equals_out_of_place_loop(shape, bits):
+    """The in-place search picks exactly the scales of the out-of-place loop it replaced."""
+    from dilatequant.calibrate.quantizers import IntRange, _mse_search_reference, mse_search_symmetric
+
+    torch.manual_seed(bits)
+    w = torch.randn(shape) * torch.rand(shape[0], *([1] * (len(shape) - 1)))
+    r = IntRange.for_weights(bits)
+    got, want = mse_search_symmetric(w, r), _mse_search_reference(w, r)
+    assert torch.equal(got, want)
+    if w[0].numel() >= 500:  # wide rows: the search clips, so the scales are not just absmax / qmax
+        assert (got < w.abs().flatten(1).amax(1) / r.qmax).any()
