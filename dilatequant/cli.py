@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -96,60 +95,11 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     def go() -> None:
-        from .calibrate.distributed import AgreedError, init_from_env, shutdown
+        from .calibrate.distributed import run_on_ranks
 
-        dist = init_from_env(a.device)
-        if dist.enabled:  # the launcher stops the other ranks with SIGTERM when one dies: say why before going
-            signal.signal(signal.SIGTERM, _stopped_by_launcher)
-        try:
-            _calibrate(a, dist)
-        except AgreedError as err:  # every rank raised it: rank 0 says it once, the others wait until it has
-            if dist.is_main:        # (a launcher stops the remaining ranks as soon as one exits)
-                print(f"error: {err}", file=sys.stderr, flush=True)
-            dist.barrier()
-            sys.exit(2)
-        except UserError as err:
-            raise UserError(f"rank {dist.rank} of {dist.world}: {err}" if dist.enabled else str(err)) from err
-        except Exception as err:
-            if not dist.enabled or not _is_peer_loss(err):
-                raise
-            raise UserError(_lost_peer(dist, err, a.out)) from err
-        finally:
-            if dist.enabled:  # on the way out: the error line is printed next, a late SIGTERM must not bury it
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            shutdown(dist)
+        run_on_ranks(lambda dist: _calibrate(a, dist), a.device, a.out)
 
     _run(go)
-
-
-class _StoppedByLauncher(RuntimeError):
-    """SIGTERM from torchrun's agent: another rank has exited."""
-
-
-def _stopped_by_launcher(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise _StoppedByLauncher("stopped by the launcher (SIGTERM)")
-
-
-def _is_peer_loss(err: Exception) -> bool:
-    """A collective that failed because another rank went away (gloo / NCCL / the launcher's store)."""
-    import torch.distributed as torchdist
-
-    text = str(err).lower()
-    return isinstance(err, (torchdist.DistError, _StoppedByLauncher)) or (isinstance(err, RuntimeError) and any(
-        w in text for w in ("gloo", "nccl", "connection", "peer", "timed out", "socket")))
-
-
-def _lost_peer(dist, err: Exception, out: Path) -> str:
-    """One line for a distributed failure: which rank died (when this host can tell) and how to go on."""
-    from .calibrate.distributed import dead_ranks
-
-    dead = dead_ranks(dist)
-    who = f"rank {', '.join(map(str, dead))} stopped" if dead else "a rank failed or stopped"
-    first = str(err).strip().splitlines()[0].split(". This is typically")[0][:200] if str(err).strip() \
-        else type(err).__name__
-    return (f"rank {dist.rank} of {dist.world}: {who} ({type(err).__name__}: {first}); finished BKD blocks are "
-            f"kept in {out}.progress: rerun with --resume (any number of processes)")
 
 
 def _calibrate(a: argparse.Namespace, dist) -> None:

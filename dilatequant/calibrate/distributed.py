@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -179,3 +182,54 @@ def _alive(pid: int) -> bool:
         except PermissionError:
             return True
         return True
+
+
+def run_on_ranks(work: Callable[[Dist], None], device: str, out: Path) -> None:
+    """Run `work` on this rank, ending a failed job with one line: an error every rank hit alike is printed by
+    rank 0 alone; a lost peer is named, with how to resume from the finished blocks."""
+    dist = init_from_env(device)
+    if dist.enabled:  # the launcher stops the other ranks with SIGTERM when one dies: say why before going
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    try:
+        work(dist)
+    except AgreedError as err:  # every rank raised it: rank 0 says it once, the others wait until it has
+        if dist.is_main:        # (a launcher stops the remaining ranks as soon as one exits)
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        dist.barrier()
+        sys.exit(2)
+    except UserError as err:
+        raise UserError(f"rank {dist.rank} of {dist.world}: {err}" if dist.enabled else str(err)) from err
+    except Exception as err:
+        if not dist.enabled or not _is_peer_loss(err):
+            raise
+        raise UserError(_lost_peer(dist, err, out)) from err
+    finally:
+        if dist.enabled:  # on the way out: the error line is printed next, a late SIGTERM must not bury it
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        shutdown(dist)
+
+
+class _StoppedByLauncher(RuntimeError):
+    """SIGTERM from torchrun's agent: another rank has exited."""
+
+
+def _stopped_by_launcher(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _StoppedByLauncher("stopped by the launcher (SIGTERM)")
+
+
+def _is_peer_loss(err: Exception) -> bool:
+    """A collective that failed because another rank went away (gloo / NCCL / the launcher's store)."""
+    text = str(err).lower()
+    return isinstance(err, (torchdist.DistError, _StoppedByLauncher)) or (isinstance(err, RuntimeError) and any(
+        w in text for w in ("gloo", "nccl", "connection", "peer", "timed out", "socket")))
+
+
+def _lost_peer(dist: Dist, err: Exception, out: Path) -> str:
+    """One line for a distributed failure: which rank died (when this host can tell) and how to go on."""
+    dead = dead_ranks(dist)
+    who = f"rank {', '.join(map(str, dead))} stopped" if dead else "a rank failed or stopped"
+    first = str(err).strip().splitlines()[0].split(". This is typically")[0][:200] if str(err).strip() \
+        else type(err).__name__
+    return (f"rank {dist.rank} of {dist.world}: {who} ({type(err).__name__}: {first}); finished BKD blocks are "
+            f"kept in {out}.progress: rerun with --resume (any number of processes)")
