@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -147,11 +148,6 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else round((v[len(v) // 2 - 1] + v[len(v) // 2]) / 2, 2)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--unet", default=Setup.unet, help="a name of benchmarks/unet_configs.py (default sd15/2.5)")
@@ -186,7 +182,7 @@ def main() -> None:
                "load_peak_rise_mb": ("load", "peak_rise_mb"), "load_wall_s": ("load", "wall_s"),
                "after_read_anon_rise_mb": ("load", "after_read_anon_rise_mb"),
                "after_read_file_rise_mb": ("load", "after_read_file_rise_mb")}
-    median = {label: {col: _median([r[part][k] for r in rs]) for col, (part, k) in columns.items()}
+    median = {label: {col: round(statistics.median([r[part][k] for r in rs]), 2) for col, (part, k) in columns.items()}
               for label, rs in runs.items()}
     report = {"command": "nice -n 19 python benchmarks/checkpoint_memory.py " + " ".join(sys.argv[1:]),
               "setup": asdict(setup), "old_ref": a.old_ref, "repeats": a.repeats,

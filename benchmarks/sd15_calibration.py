@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.reporting import environment, write_json, write_text
+from unet_configs import unet_config  # benchmarks/ (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 SD_DIGITS = REPO / "dilatequant" / "assets" / "sd-digits"
@@ -56,7 +57,7 @@ def build_pipeline(folder: Path, seed: int) -> dict:
                                                 max_position_embeddings=tokenizer.model_max_length,
                                                 bos_token_id=small["bos_token_id"], eos_token_id=small["eos_token_id"],
                                                 pad_token_id=small["pad_token_id"]))
-    unet = UNet2DConditionModel.from_config(json.loads((REPO / "benchmarks/configs/sd15_unet.json").read_text()))
+    unet = UNet2DConditionModel.from_config(unet_config("sd15"))
     vae = AutoencoderKL.from_config(SD15_VAE)
     scheduler = PNDMScheduler.from_pretrained(SD_DIGITS / "scheduler")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

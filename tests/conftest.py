@@ -22,13 +22,15 @@ def tiny_uncond() -> DiffusionModel:
     return DiffusionModel(unet, default_scheduler(), None, source="tiny-random")
 
 
-def tiny_cond() -> DiffusionModel:
+def tiny_cond(channels: tuple[int, int] = (8, 16), in_channels: int = 1, groups: int = 4, heads: int = 2,
+              dim: int = 16, source: str = "tiny-random") -> DiffusionModel:
+    """A class-token conditional UNet with one cross-attention block each way, at the width asked for."""
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, attention_head_dim=2, cross_attention_dim=16,
+        sample_size=8, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+        block_out_channels=channels, norm_num_groups=groups, attention_head_dim=heads, cross_attention_dim=dim,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     ).eval()
-    return DiffusionModel(unet, default_scheduler(), ClassTokenEncoder(num_tokens=2, dim=16).eval(), source="tiny-random")
+    return DiffusionModel(unet, default_scheduler(), ClassTokenEncoder(num_tokens=2, dim=dim).eval(), source=source)
 
 
 @pytest.fixture

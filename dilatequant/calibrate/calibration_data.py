@@ -119,18 +119,9 @@ def build_calibration_sets(model: DiffusionModel, num_samples: int, steps: int, 
     the sets equal one process's with the same sample_batch (and threads per process: CPU kernels round
     differently at other batch sizes and thread counts). Rank 0 alone writes the disk cache.
     """
-    if guidance_scale is None:
-        guidance_scale = default_guidance(model)
-    guidance = guidance_scale if model.is_conditional else 1.0
-    setting = f"{model_fingerprint(model)}|{num_samples}|{steps}|{seed}|{guidance}"
-    if model.is_text_conditioned:
-        if model.prompt_bank is None:
-            raise UserError("a text-conditioned model needs calibration prompts (dq-calibrate --prompts FILE)")
-        bank = model.prompt_bank
-        setting += f"|{model.sample_shape}|{bank.prompts}|{bank.negative_prompt}"
-    if sample_batch != SAMPLE_BATCH:  # other batches round differently: another set (today's key unchanged)
-        setting += f"|batch{sample_batch}"
-    key = hashlib.sha256(setting.encode()).hexdigest()[:20]
+    guidance = _guidance(model, guidance_scale)
+    key = hashlib.sha256(calibration_setting(model, num_samples, steps, seed, guidance_scale,
+                                             sample_batch).encode()).hexdigest()[:20]
     paths = [cache_dir() / f"calib-{key}.pt"] + ([cache_dir() / f"calib-{key}-val{val_samples}.pt"]
                                                   if val_samples else [])
     if use_cache and all(dist.all_gather(all(p.is_file() for p in paths))):
@@ -166,6 +157,27 @@ def build_calibration_sets(model: DiffusionModel, num_samples: int, steps: int, 
             except UserError:
                 pass  # caching is an optimisation; an unwritable cache must not stop calibration
     return sets[0], (sets[1] if val_samples else None)
+
+
+def _guidance(model: DiffusionModel, guidance_scale: float | None) -> float:
+    if guidance_scale is None:
+        guidance_scale = default_guidance(model)
+    return guidance_scale if model.is_conditional else 1.0
+
+
+def calibration_setting(model: DiffusionModel, num_samples: int, steps: int, seed: int,
+                        guidance_scale: float | None, sample_batch: int = SAMPLE_BATCH) -> str:
+    """Everything the calibration set depends on, as text: its disk-cache key, and part of a BKD run's identity
+    (a progress file resumes only on the same set)."""
+    setting = f"{model_fingerprint(model)}|{num_samples}|{steps}|{seed}|{_guidance(model, guidance_scale)}"
+    if model.is_text_conditioned:
+        if model.prompt_bank is None:
+            raise UserError("a text-conditioned model needs calibration prompts (dq-calibrate --prompts FILE)")
+        bank = model.prompt_bank
+        setting += f"|{model.sample_shape}|{bank.prompts}|{bank.negative_prompt}"
+    if sample_batch != SAMPLE_BATCH:  # other batches round differently: another set (today's key unchanged)
+        setting += f"|batch{sample_batch}"
+    return setting
 
 
 def trajectory_count(num_samples: int, steps: int) -> int:

@@ -249,9 +249,7 @@ def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: Dis
             print(f"resuming: {len(done)} of {len(qunet.unit_order)} blocks already distilled")
     modules = dict(qunet.unet.named_modules())
     fp_modules = dict(fp_unet.named_modules())
-    layers_of: dict[str, list[str]] = {}
-    for layer, unit in qunet.unit_of_layer.items():
-        layers_of.setdefault(unit, []).append(layer)
+    layers_of = _layers_of(qunet)
     own = dist.shard(len(data)) if dist.enabled else range(len(data))
     local = data.rows(own) if dist.enabled else data
     cache_bytes = 0
@@ -293,6 +291,14 @@ def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: Dis
     return {"mode": "block-wise distillation", "blocks": len(qunet.unit_order), "block_losses": block_losses,
             "wall_s": time.perf_counter() - start, "config": asdict(cfg),
             "largest_block_cache_mb": round(cache_bytes / 2**20, 3), "world_size": dist.world}
+
+
+def _layers_of(qunet: QuantUNet) -> dict[str, list[str]]:
+    """Each BKD unit's quantized layers, in layer order."""
+    out: dict[str, list[str]] = {}
+    for layer, unit in qunet.unit_of_layer.items():
+        out.setdefault(unit, []).append(layer)
+    return out
 
 
 class _Unit(nn.Module):
@@ -391,9 +397,7 @@ def bkd_divergence_bound(qunet: QuantUNet, cfg: DistillConfig) -> dict[str, floa
     names = {id(p): k for k, p in qunet.named_parameters()}
     bound = {k: 0.0 for k in qunet.state_dict()}
     radius = adam_radius(cfg.iters)
-    layers_of: dict[str, list[str]] = {}
-    for layer, unit in qunet.unit_of_layer.items():
-        layers_of.setdefault(unit, []).append(layer)
+    layers_of = _layers_of(qunet)
     for unit in qunet.unit_order:
         for g in _param_groups(qunet, layers_of[unit], cfg, _attn_quantizers(qunet, unit)):
             for p in g["params"]:

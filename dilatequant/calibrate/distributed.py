@@ -22,6 +22,7 @@ import torch
 import torch.distributed as torchdist
 
 from ..errors import UserError
+from .device import resolve_device
 
 T = TypeVar("T")
 TIMEOUT_ENV = "DQ_DIST_TIMEOUT_S"  # how long a rank waits in a collective for the others (default 1800 s)
@@ -130,8 +131,7 @@ def init_from_env(device: str = "cpu") -> Dist:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda needs a CUDA build of PyTorch and a visible GPU; use --device cpu")
+        resolve_device(device, local)  # no GPU: its one clear line
         torch.cuda.set_device(local)
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
     if not torchdist.is_initialized():

@@ -12,10 +12,10 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_sets, model_fingerprint,
-                               trajectory_count, validation_size)
+from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_sets, calibration_setting,
+                               model_fingerprint, trajectory_count, validation_size)
 from .checkpoint import save_checkpoint
-from .device import resolve_device
+from .device import AUTOCAST, resolve_device
 from .distributed import SINGLE, AgreedError, Dist
 from .distill import DistillConfig, distill, fp_runner, quant_runner
 from .metrics import mse, sqnr_db
@@ -262,8 +262,8 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
     check_distributed(job, dist)
     sample_batch = sample_batch_for(job, dist)
     device = resolve_device(job.device, dist.local_rank)
-    if job.autocast not in ("none", "bf16"):
-        raise UserError(f"unknown autocast '{job.autocast}': choose none or bf16")
+    if job.autocast not in AUTOCAST:
+        raise UserError(f"unknown autocast '{job.autocast}': choose from {', '.join(AUTOCAST)}")
     dist.on_main(lambda: ensure_writable_dir(job.out.parent if str(job.out.parent) else Path(".")))
     with stage("load"):
         model = load_calibration_model(job)
@@ -292,14 +292,12 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
     distilled = {"mode": "none (PTQ)"}
     progress = Path(f"{job.out}.progress")
     if job.bkd:
-        data_key = f"{job.calib_samples}|{guidance}" + (f"|batch{sample_batch}" if sample_batch != SAMPLE_BATCH else "")
-        if model.prompt_bank is not None:
-            data_key += f"|{model.sample_shape}|{model.prompt_bank.prompts}|{model.prompt_bank.negative_prompt}"
+        data_key = calibration_setting(model, job.calib_samples, steps, job.distill.seed, guidance, sample_batch)
         key = run_fingerprint(fingerprint, job.config, job.distill, data_key)
         with stage("bkd"):
             distilled = distill(qunet, model.unet, data, job.distill, progress_path=progress, resume=job.resume,
                                 fingerprint=key, dist=dist, amp=job.autocast)
-    after = before  # PTQ: nothing changed since; at SD 1.5 size a second pass cost 17 minutes
+    after = before  # PTQ: nothing changed since; at SD 1.5 size a pass costs about 17 minutes
     if job.bkd:
         with stage("validation"):
             after = noise_error(qunet, model.unet, val, dist=dist)

@@ -8,26 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from dilatequant.calibrate import checkpoint
 from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
-from dilatequant.calibrate.models import ClassTokenEncoder, DiffusionModel, default_scheduler
+from dilatequant.calibrate.models import DiffusionModel
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
 from dilatequant.calibrate.sampling import sampling_timesteps
+from conftest import tiny_cond
 
 STEPS = 4
 
 
 def _model() -> DiffusionModel:
     """A few million parameters: the payload (~10 MB) dwarfs save's and load's own Python bookkeeping."""
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-        norm_num_groups=16, attention_head_dim=8, cross_attention_dim=64,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    ).eval()
-    return DiffusionModel(unet, default_scheduler(), ClassTokenEncoder(num_tokens=2, dim=64).eval(), source="mid-random")
+    return tiny_cond(channels=(64, 128), in_channels=4, groups=16, heads=8, dim=64, source="mid-random")
 
 
 @pytest.fixture(scope="module")
