@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .quantizers import IntRange, lsq_factor, round_ste, scale_grad
+from .quantizers import IntRange, lsq_factor, round_clamp, round_ste, scale_grad
 
 # mse: MSE search over clipping ranges; percentile: the 1e-4 / 1 - 1e-4 quantiles; minmax: the full range;
 # minmean: ModelOpt's diffusers percentile calibrator with collect_method "min-mean" (percentile 1.0): per
@@ -173,10 +173,10 @@ class TimestepActQuantizer(nn.Module):
         delta = self._per_sample(scale_grad(self.delta, lsq_factor(x[0].numel() // self.heads, self.range)), rows, x)
         u = x * self._multiplier(delta, x)
         if self.zero_point is None:
-            return Levels(torch.clamp(round_ste(u), self.range.qmin, self.range.qmax), delta, None)
+            return Levels(round_clamp(u, self.range.qmin, self.range.qmax), delta, None)
         half = 2 ** (self.bits - 1)
         z = round_ste(self._per_sample(self.zero_point, rows, x))
-        return Levels(torch.clamp(round_ste(u + (z - half)), -half, half - 1), delta, half - z)
+        return Levels(round_clamp(u + (z - half), -half, half - 1), delta, half - z)
 
     def _multiplier(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(1/s) / delta as one factor: the exported graph multiplies by exactly this table."""

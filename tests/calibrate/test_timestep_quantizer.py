@@ -3,7 +3,7 @@ import torch
 
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
-from dilatequant.calibrate.quantizers import IntRange, WeightQuantizer, fake_quant
+from dilatequant.calibrate.quantizers import IntRange, WeightQuantizer, fake_quant, round_clamp
 from dilatequant.calibrate.timestep_quantizer import StepContext, TimestepActQuantizer
 from dilatequant.errors import UserError
 
@@ -76,3 +76,24 @@ def test_out_of_range_t_index_is_rejected(uncond_model):
     q = QuantUNet(uncond_model.unet, QuantConfig(num_steps=4))
     with pytest.raises(UserError, match="t_index out of range"):
         q(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 4]))
+
+
+def test_no_grad_round_clamp_matches_the_straight_through_path_bit_for_bit():
+    """PTQ passes round and clamp in place (no gradient to carry); the values must be the STE path's exactly,
+    ties (x.5: round half to even), values just off them, large magnitudes and clamped ones included."""
+    g = torch.Generator().manual_seed(0)
+    ties = torch.arange(-300, 300, dtype=torch.float32) + 0.5
+    near = torch.cat([ties.nextafter(ties + 1), ties.nextafter(ties - 1)])
+    big = torch.tensor([2.0**22 + 0.5, 2.0**23 - 0.5, 2.0**23 + 1, -(2.0**22) - 0.5, 1e9, -1e9])
+    u = torch.cat([ties, near, big, torch.randn(10_000, generator=g) * 200, torch.tensor([0.0, -0.0, 0.49999997])])
+    leaf = u.clone().requires_grad_()
+    with_grad = round_clamp(leaf * 1.0, -128, 127)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        fresh = u.clone()
+        in_place = round_clamp(fresh, -128, 127)
+    assert in_place.data_ptr() == fresh.data_ptr()  # no new tensor
+    assert torch.equal(in_place, with_grad.detach())
+    assert torch.equal(in_place, torch.clamp(torch.round(u), -128, 127))
+    with torch.no_grad():  # round half away from zero (a plausible slip) is caught by the ties
+        assert not torch.equal(torch.clamp(torch.floor(u + 0.5), -128, 127), in_place)
