@@ -27,6 +27,7 @@ class CalibrationSet:
     timestep: torch.Tensor          # [N]
     t_index: torch.Tensor           # [N]
     cond: Condition | None          # encoder_hidden_states [N, L, D] (+ SDXL text_embeds, time_ids)
+    fp_output: torch.Tensor | None = None  # [N, C, H, W]: the FP UNet's output, kept from sampling (or None)
 
     def __len__(self) -> int:
         return len(self.t_index)
@@ -45,7 +46,8 @@ class CalibrationSet:
         """The contiguous rows r (a rank's shard)."""
         idx = slice(r.start, r.stop)
         return CalibrationSet(self.sample[idx], self.timestep[idx], self.t_index[idx],
-                              map_condition(self.cond, lambda v: v[idx]))
+                              map_condition(self.cond, lambda v: v[idx]),
+                              None if self.fp_output is None else self.fp_output[idx])
 
     def chunks(self, batch: int) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(self), batch):
@@ -55,13 +57,14 @@ class CalibrationSet:
         import io
 
         buf = io.BytesIO()
-        torch.save({k: v for k, v in self.inputs(slice(None)).items()}, buf)
+        extra = {} if self.fp_output is None else {"fp_output": self.fp_output}
+        torch.save({**self.inputs(slice(None)), **extra}, buf)
         return buf.getvalue()
 
     @staticmethod
     def load(path: Path) -> "CalibrationSet":
         d = torch.load(path, weights_only=True)
-        return CalibrationSet(d["sample"], d["timestep"], d["t_index"], condition_of(d))
+        return CalibrationSet(d["sample"], d["timestep"], d["t_index"], condition_of(d), d.get("fp_output"))
 
 
 def condition_of(inputs: dict) -> Condition | None:
@@ -233,4 +236,5 @@ def _pick(traj, picks: list[tuple[int, int]]) -> CalibrationSet:
     si = torch.tensor([p[0] for p in picks])
     ci = torch.tensor([p[1] for p in picks])
     cond = map_condition(traj.cond, lambda v: v[si, ci])
-    return CalibrationSet(traj.sample[si, ci], traj.timestep[si, ci], traj.t_index[si, ci], cond)
+    return CalibrationSet(traj.sample[si, ci], traj.timestep[si, ci], traj.t_index[si, ci], cond,
+                          None if traj.output is None else traj.output[si, ci])

@@ -68,12 +68,14 @@ def fp_predictor(model: DiffusionModel) -> NoisePredictor:
 
 @dataclass
 class Trajectory:
-    """The exact UNet inputs at every step: [steps, B, ...] (B doubled under guidance)."""
+    """The exact UNet inputs at every step: [steps, B, ...] (B doubled under guidance), and what the UNet
+    returned for them (before guidance combines the halves): a validation set's FP reference, already paid for."""
 
     sample: torch.Tensor
     timestep: torch.Tensor
     t_index: torch.Tensor
     cond: Condition | None  # every tensor [steps, B, ...]
+    output: torch.Tensor | None = None  # [steps, B, C, H, W]
 
     @property
     def encoder_hidden_states(self) -> torch.Tensor | None:
@@ -87,6 +89,7 @@ class Trajectory:
         return Trajectory(
             torch.cat([p.sample for p in parts], 1), torch.cat([p.timestep for p in parts], 1),
             torch.cat([p.t_index for p in parts], 1), cat_conditions([p.cond for p in parts], 1),
+            None if any(p.output is None for p in parts) else torch.cat([p.output for p in parts], 1),
         )
 
 
@@ -159,6 +162,8 @@ def _ddim_loop(model, predict, x, cond, steps, guidance_scale, keep, bar):
         if keep:
             record.append((x_in.clone(), timestep, t_idx))
         eps = predict(x_in, timestep, t_idx, cond)
+        if keep:
+            record[-1] += (eps.clone(),)
         if guided:
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -170,5 +175,6 @@ def _ddim_loop(model, predict, x, cond, steps, guidance_scale, keep, bar):
             torch.stack([r[0] for r in record]), torch.stack([r[1] for r in record]),
             torch.stack([r[2] for r in record]),
             map_condition(cond, lambda v: v.unsqueeze(0).expand(len(record), *v.shape).clone()),
+            torch.stack([r[3] for r in record]),
         )
     return (x if model.is_text_conditioned else x.clamp(-1, 1)), traj

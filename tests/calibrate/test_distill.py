@@ -86,3 +86,31 @@ def test_full_model_qat_runs(setup):
     model, data, q = setup
     report = distill(q, model.unet, data, DistillConfig(iters=3, batch=8, full_model=True))
     assert report["mode"] == "full-model QAT" and len(report["loss_first_last"]) == 2
+
+
+def test_validation_reference_is_the_samplers_own_fp_output(cond_model, tmp_path, monkeypatch):
+    """noise_error's FP reference comes from sampling (no FP pass of its own): the UNet's raw output for each
+    held-out input (not the guided mix), equal to a fresh FP run up to batch-size rounding, kept by the disk
+    cache, and giving the same error figures as running the FP model."""
+    from dataclasses import replace
+
+    from dilatequant.calibrate.calibration_data import build_calibration_sets
+    from dilatequant.calibrate.distill import fp_runner
+    from dilatequant.calibrate.metrics import sqnr_db
+
+    monkeypatch.setenv("DQ_CACHE_DIR", str(tmp_path))
+    data, val = build_calibration_sets(cond_model, 16, 4, 8, guidance_scale=2.0)
+    assert val.fp_output is not None and val.fp_output.shape == val.sample.shape
+    fresh = fp_runner(cond_model.unet)(val.inputs(slice(None)))[0]
+    assert sqnr_db(val.fp_output, fresh) > 80
+    _, cached = build_calibration_sets(cond_model, 16, 4, 8, guidance_scale=2.0)
+    assert torch.equal(cached.fp_output, val.fp_output)
+    q, _ = prepare(cond_model.unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=4), data)
+    calls = []
+    hook = cond_model.unet.register_forward_hook(lambda *_: calls.append(1))
+    kept = noise_error(q, cond_model.unet, val)
+    assert not calls
+    ran = noise_error(q, cond_model.unet, replace(val, fp_output=None))
+    hook.remove()
+    assert calls
+    assert kept["noise_sqnr_db"] == pytest.approx(ran["noise_sqnr_db"], abs=1e-3)
