@@ -34,6 +34,7 @@ from dilatequant.calibrate.recipe import prepare
 from dilatequant.calibrate.reporting import environment, write_json, write_text
 from dilatequant.calibrate.sampling import sampling_timesteps
 from dilatequant.dq_export.graph_passes import simplify
+from dilatequant.dq_export.onnx_files import save_model
 from dilatequant.dq_export.ort_graph import convert_file
 from dilatequant.dq_export.parity import ORT_DISABLED_OPTIMIZERS
 from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
@@ -115,8 +116,6 @@ class _FPWrapper(torch.nn.Module):
 
 def export_fp32(model: DiffusionModel, feeds: dict, path: Path) -> None:
     """The FP UNet through the same exporter and clean-up as the quantized graph (no Q/DQ)."""
-    import onnx
-
     if path.is_file():
         return
     names = ["sample", "timestep"] + (["encoder_hidden_states"] if model.is_conditional else [])
@@ -126,7 +125,7 @@ def export_fp32(model: DiffusionModel, feeds: dict, path: Path) -> None:
         program = torch.onnx.export(_FPWrapper(model.unet.eval()), tuple(torch.from_numpy(feeds[n]) for n in names),
                                     input_names=names, output_names=["noise_pred"], dynamo=True, opset_version=21,
                                     dynamic_shapes={n: {0: batch} for n in names}, verbose=False, optimize=False)
-    onnx.save(simplify(program.model), str(path))
+    save_model(simplify(program.model), path)  # over ~2 GB (SD 1.5's 3.4 GB): external data
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -166,48 +165,96 @@ def measure(runners: dict, rounds: int, warmup: int) -> dict[str, dict]:
                 "min_ms": 1e3 * float(np.min(v)), "runs": len(v)} for k, v in times.items()}
 
 
-def bench_model(name: str, ckpt: Path, fp: DiffusionModel, work: Path, batches: list[int], threads: int,
-                rounds: int, warmup: int) -> dict:
+def prepare_graphs(name: str, ckpt: Path, fp: DiffusionModel, work: Path) -> dict:
+    """The three graphs of a checkpoint, each written once and reused: QDQ (TensorRT form), ORT integer, FP32."""
     work.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(ckpt)
-    trt_path, ort_path, fp_path = work / f"{name}_qdq.onnx", work / f"{name}_ort.onnx", work / f"{name}_fp32.onnx"
+    paths = {"ort_qdq_trt_style": work / f"{name}_qdq.onnx", "ort_int_target_ort": work / f"{name}_ort.onnx",
+             "ort_fp32": work / f"{name}_fp32.onnx"}
     t0 = time.perf_counter()
-    if not trt_path.is_file():
-        export_onnx(ckpt, trt_path, ExportConfig())
-    rewrite = convert_file(trt_path, ort_path)
-    export_fp32(fp, make_feeds(fp, ck.timesteps, 2), fp_path)
+    if not paths["ort_qdq_trt_style"].is_file():
+        export_onnx(ckpt, paths["ort_qdq_trt_style"], ExportConfig())
+    rewrite = convert_file(paths["ort_qdq_trt_style"], paths["ort_int_target_ort"])
+    export_fp32(fp, make_feeds(fp, ck.timesteps, 2), paths["ort_fp32"])
     print(f"{name}: graphs ready in {time.perf_counter() - t0:.0f} s; rewrite {rewrite}", flush=True)
-    if not batches:
-        return {}
-    sessions = {"ort_fp32": session(fp_path, threads), "ort_qdq_trt_style": session(trt_path, threads),
-                "ort_int_target_ort": session(ort_path, threads)}
-    torch.set_num_threads(threads)
-    out = {"checkpoint": str(ckpt), "bits": ck.qunet.config.bits_name, "symmetric": ck.qunet.config.symmetric,
-           "sample_shape": list(fp.sample_shape), "parameters_m": sum(p.numel() for p in fp.unet.parameters()) / 1e6,
-           "graph_bytes": {k: p.stat().st_size for k, p in (("fp32", fp_path), ("qdq", trt_path), ("ort", ort_path))},
-           "rewrite": rewrite, "batches": {}}
-    for batch in batches:
-        feeds = make_feeds(fp, ck.timesteps, batch)
-        sub = lambda s: {i.name: feeds[i.name] for i in s.get_inputs()}  # noqa: E731
-        runners = {k: (lambda s=s, f=sub(s): s.run(None, f)) for k, s in sessions.items()}
-        tin = {k: torch.from_numpy(v) for k, v in feeds.items() if k != "t_index"}
+    return {"paths": paths, "rewrite": rewrite, "timesteps": ck.timesteps, "bits": ck.qunet.config.bits_name,
+            "symmetric": ck.qunet.config.symmetric}
+
+
+def variant_runner(variant: str, graphs: dict, fp: DiffusionModel | None, threads: int):
+    """run(feeds) -> output array for one variant; only that variant's session (or model) is loaded (the FP
+    model only for PyTorch)."""
+    if variant == "torch_fp32_eager":
+        torch.set_num_threads(threads)
         fpw = _FPWrapper(fp.unet.eval())
 
-        def torch_run():
+        def run(feeds):
             with torch.inference_mode():
-                fpw(**tin)
-        runners["torch_fp32_eager"] = torch_run
-        outs = {k: sessions[k].run(None, sub(sessions[k]))[0] for k in sessions}
-        lat = measure(runners, rounds, warmup)
-        base = lat["ort_fp32"]["median_ms"]
-        row = {"latency": lat, "speedup_vs_ort_fp32": {k: base / v["median_ms"] for k, v in lat.items()},
-               "int_vs_qdq_sqnr_db": sqnr_db(torch.from_numpy(outs["ort_int_target_ort"]),
-                                             torch.from_numpy(outs["ort_qdq_trt_style"])),
-               "quant_vs_fp32_sqnr_db": sqnr_db(torch.from_numpy(outs["ort_qdq_trt_style"]),
-                                                torch.from_numpy(outs["ort_fp32"]))}
-        out["batches"][str(batch)] = row
+                return fpw(**{k: torch.from_numpy(v) for k, v in feeds.items() if k != "t_index"}).numpy()
+        return run
+    s = session(graphs["paths"][variant], threads)
+    names = [i.name for i in s.get_inputs()]
+    return lambda feeds: s.run(None, {n: feeds[n] for n in names})[0]
+
+
+def _batch_row(lat: dict, outs: dict) -> dict:
+    base = lat["ort_fp32"]["median_ms"]
+    row = {"latency": lat, "speedup_vs_ort_fp32": {k: base / v["median_ms"] for k, v in lat.items()}}
+    if "ort_int_target_ort" in outs and "ort_qdq_trt_style" in outs:
+        row["int_vs_qdq_sqnr_db"] = sqnr_db(torch.from_numpy(outs["ort_int_target_ort"]),
+                                            torch.from_numpy(outs["ort_qdq_trt_style"]))
+    if "ort_qdq_trt_style" in outs and "ort_fp32" in outs:
+        row["quant_vs_fp32_sqnr_db"] = sqnr_db(torch.from_numpy(outs["ort_qdq_trt_style"]),
+                                               torch.from_numpy(outs["ort_fp32"]))
+    return row
+
+
+def _model_info(graphs: dict, fp: DiffusionModel, ckpt: Path) -> dict:
+    return {"checkpoint": str(ckpt), "bits": graphs["bits"], "symmetric": graphs["symmetric"],
+            "sample_shape": list(fp.sample_shape), "parameters_m": sum(p.numel() for p in fp.unet.parameters()) / 1e6,
+            "graph_bytes": {k: p.stat().st_size for k, p in graphs["paths"].items()}, "rewrite": graphs["rewrite"],
+            "batches": {}}
+
+
+def bench_model(name: str, ckpt: Path, fp: DiffusionModel, work: Path, batches: list[int], threads: int,
+                rounds: int, warmup: int) -> dict:
+    """Every variant in one process, interleaved round by round (a busy machine slows all of them alike)."""
+    graphs = prepare_graphs(name, ckpt, fp, work)
+    if not batches:
+        return {}
+    runs = {v: variant_runner(v, graphs, fp, threads) for v in VARIANTS}
+    out = _model_info(graphs, fp, ckpt)
+    for batch in batches:
+        feeds = make_feeds(fp, graphs["timesteps"], batch)
+        outs = {k: run(feeds) for k, run in runs.items()}
+        lat = measure({k: (lambda run=run: run(feeds)) for k, run in runs.items()}, rounds, warmup)
+        out["batches"][str(batch)] = row = _batch_row(lat, outs)
         print(f"  batch {batch}: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in lat.items())
               + f"; target-ort speedup {row['speedup_vs_ort_fp32']['ort_int_target_ort']:.2f}x", flush=True)
+    return out
+
+
+def bench_variant(variant: str, graphs: dict, feeds_of: dict[int, dict], fp: DiffusionModel | None, threads: int,
+                  rounds: int, warmup: int, outputs: Path) -> dict:
+    """One variant alone (its own process, for models whose sessions do not fit in memory together): latency
+    per batch on the same feeds as the others (make_feeds, saved once), and its outputs saved as
+    outputs/<variant>-b<batch>.npy for combine_variants' SQNRs."""
+    run = variant_runner(variant, graphs, fp, threads)
+    res = {}
+    for batch, feeds in feeds_of.items():
+        np.save(outputs / f"{variant}-b{batch}.npy", run(feeds))
+        res[str(batch)] = measure({variant: lambda: run(feeds)}, rounds, warmup)[variant]
+        print(f"  {variant} batch {batch}: {res[str(batch)]['median_ms']:.1f} ms", flush=True)
+    return res
+
+
+def combine_variants(info: dict, per_variant: dict[str, dict], outputs: Path) -> dict:
+    """bench_model's result from variants measured one after another (bench_variant)."""
+    out = dict(info, batches={})
+    for batch in next(iter(per_variant.values())):
+        lat = {v: per_variant[v][batch] for v in VARIANTS if v in per_variant}
+        outs = {v: np.load(outputs / f"{v}-b{batch}.npy") for v in lat}
+        out["batches"][batch] = _batch_row(lat, outs)
     return out
 
 

@@ -11,8 +11,11 @@ Every stage is the user's own command in a fresh process, timed by /usr/bin/time
     export_int4  dq-export --precision int4 (weight-only INT4 GEMMs)
     fp16         dq-export --fp16-from (the FP16 fallback pass) + its rules check
     rules        dq-export --check on the int8 graph
-    speed        benchmarks/cpu_speed.py's side-by-side ORT FP32 / ORT QDQ / ORT integer / PyTorch FP32 at the
-                 UNet's own sample_size (64x64 latents for SD 1.5), batch 1 and 2
+    verify_ort   dq-verify of the int8 graph on ONNX Runtime (2 images, batch 1, 3 timed calls: bounded at SD size)
+    triton_repository  dq-triton --kind cpu on the int8 graph
+    speed_*      benchmarks/cpu_speed.py's ORT FP32 / ORT QDQ / ORT integer / PyTorch FP32 at the UNet's own
+                 sample_size (64x64 latents for SD 1.5), batch 1 and 2: the graphs first (speed_graphs), then each
+                 variant in its own process (at SD 1.5 width four sessions do not fit one process), on the same feeds
 
 SDXL needs pooled text embeddings and time ids, which only a pipeline folder provides (not built here yet).
 
@@ -53,14 +56,58 @@ def build_model(unet_name: str, folder: Path) -> dict:
     return {"unet_params": sum(p.numel() for p in unet.parameters()), "sample_size": unet.config.sample_size}
 
 
-def speed(ckpt: Path, model_dir: Path, work: Path, batches: list[int], rounds: int) -> dict:
+def graphs_child(ckpt: Path, model_dir: Path, work: Path, batches: list[int]) -> None:
+    """The speed stage's three graphs (cpu_speed.prepare_graphs) and the feeds every variant runs on."""
+    import numpy as np
+
     import cpu_speed
     from dilatequant.calibrate.models import load_model
 
     fp = load_model(model_dir)
-    threads = cpu_speed.physical_cores()
-    res = cpu_speed.bench_model("unet", ckpt, fp, work, batches, threads=threads, rounds=rounds, warmup=1)
-    return {**res, "threads": threads}
+    graphs = cpu_speed.prepare_graphs("unet", ckpt, fp, work)
+    for b in batches:
+        np.savez(work / f"feeds-b{b}.npz", **cpu_speed.make_feeds(fp, graphs["timesteps"], b))
+    info = cpu_speed._model_info(graphs, fp, ckpt)
+    (work / "graphs.json").write_text(json.dumps({**graphs, "paths": {k: str(v) for k, v in graphs["paths"].items()},
+                                                  "info": info}, default=str))
+
+
+def speed_child(variant: str, model_dir: Path, work: Path, batches: list[int], rounds: int) -> None:
+    """One variant in its own process: at SD 1.5 width the four cannot share one process's memory."""
+    import numpy as np
+
+    import cpu_speed
+    from dilatequant.calibrate.models import load_model
+
+    graphs = json.loads((work / "graphs.json").read_text())
+    graphs["paths"] = {k: Path(v) for k, v in graphs["paths"].items()}
+    feeds = {b: dict(np.load(work / f"feeds-b{b}.npz")) for b in batches}
+    fp = load_model(model_dir) if variant == "torch_fp32_eager" else None
+    res = cpu_speed.bench_variant(variant, graphs, feeds, fp, cpu_speed.physical_cores(), rounds, 1, work)
+    (work / f"speed-{variant}.json").write_text(json.dumps(res))
+
+
+def combine_speed(work: Path) -> dict | None:
+    import cpu_speed
+
+    per = {v: json.loads((work / f"speed-{v}.json").read_text()) for v in cpu_speed.VARIANTS
+           if (work / f"speed-{v}.json").is_file()}
+    if "ort_fp32" not in per or not (work / "graphs.json").is_file():
+        return None
+    info = json.loads((work / "graphs.json").read_text())["info"]
+    return {**cpu_speed.combine_variants(info, per, work), "threads": cpu_speed.physical_cores()}
+
+
+def verify_summary(report: Path) -> dict | None:
+    """dq-verify's headline figures (the whole report stays in the work folder)."""
+    if not report.is_file():
+        return None
+    r = json.loads(report.read_text())
+    acc, lp = r["accuracy"], r.get("layer_parity") or {}
+    return {"runtime": r["runtime"]["name"], "noise_sqnr_db": acc["noise_sqnr_db"],
+            "image_psnr_db": {k: v["image_psnr_db"] for k, v in acc["images"].items()},
+            "layer_parity_passed": lp.get("passed"), "layer_parity_max_level_diff": lp.get("max_level_diff"),
+            "peak_host_rss_mb": r["memory"]["peak_host_rss_mb"], "wall_s": r["wall_s"]}
 
 
 def _bytes(*paths: Path) -> int:
@@ -111,6 +158,14 @@ def _markdown(r: dict) -> str:
                          f"({lp.get('layers')} layers, max level diff {lp.get('max_level_diff')}); end to end, ORT vs "
                          f"fake-quant min median-sample SQNR {db} ({par.get('samples_below')} of {par.get('samples')} "
                          f"samples below {par.get('threshold_db')} dB; not enforced)")
+    v = r.get("verify")
+    if v:
+        sq = v["noise_sqnr_db"]
+        lines.append(f"- verify_ort ({v['runtime']}): per-step noise SQNR vs fake-quant mean "
+                     f"{sq['runtime_vs_fake_quant_sqnr_db']['mean']:.1f} dB, vs FP {sq['runtime_vs_fp_sqnr_db']['mean']:.1f} dB "
+                     f"(fake-quant vs FP {sq['fake_quant_vs_fp_sqnr_db']['mean']:.1f} dB); image PSNR "
+                     + ", ".join(f"{k} {x:.1f} dB" for k, x in v["image_psnr_db"].items())
+                     + f"; layer-wise parity {'passed' if v['layer_parity_passed'] else v['layer_parity_passed']}")
     sp = r.get("speed") or {}
     if sp.get("batches"):
         lines += ["", "| batch | ORT FP32 | ORT QDQ (TensorRT form) | ORT integer (--target ort) | PyTorch FP32 |",
@@ -121,8 +176,8 @@ def _markdown(r: dict) -> str:
                      ("ort_fp32", "ort_qdq_trt_style", "ort_int_target_ort", "torch_fp32_eager")]
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append("Median latency (speed-up against ORT FP32), interleaved rounds, "
-                     f"{sp.get('threads', '')} threads.")
+        lines.append("Median latency (speed-up against ORT FP32), each variant in its own process one after another "
+                     f"(memory), {sp.get('threads', '')} threads.")
     env = r["environment"]
     lines += ["", f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores, "
               "shared with other jobs), " + env["platform"], ""]
@@ -140,16 +195,20 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--work", type=Path, help="scratch folder (default: results/real_scale/.work-<unet>)")
-    p.add_argument("--child", choices=("model", "speed"), help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="skip the stages an earlier run of this work folder finished")
+    p.add_argument("--child", choices=("model", "graphs", "speed"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
     a = p.parse_args()
     tag = a.unet.replace("/", "_div")
     work = (a.work or OUT / f".work-{tag}").resolve()
     if a.child == "model":
         print(json.dumps(build_model(a.unet, work / "model")))
         return
+    if a.child == "graphs":
+        graphs_child(work / "q.pt", work / "model", work, a.batches)
+        return
     if a.child == "speed":
-        res = speed(work / "q.pt", work / "model", work, a.batches, a.rounds)
-        (work / "speed.json").write_text(json.dumps(res, default=str))
+        speed_child(a.variant, work / "model", work, a.batches, a.rounds)
         return
     work.mkdir(parents=True, exist_ok=True)
     py, me, cli = sys.executable, str(Path(__file__).resolve()), [sys.executable, "-m", "dilatequant.cli"]
@@ -157,11 +216,21 @@ def main() -> None:
     logs.mkdir(exist_ok=True)
     stages = []
 
+    done_file = work / "stages.json"  # every finished stage, so --resume skips them after an interruption
+    done = {r["stage"]: r for r in json.loads(done_file.read_text())} if a.resume and done_file.is_file() else {}
+
     def stage(name, cmd, files=()):
-        row = run_stage(name, cmd, logs / f"{name}.log")
-        row["files"] = {Path(f).name: _graph_bytes(Path(f)) if str(f).endswith(".onnx") else _bytes(Path(f))
-                        for f in files}
+        if done.get(name, {}).get("exit") == 0:
+            row = done[name]
+            print(f"{name}: done in an earlier run ({row['wall_s']} s), skipped", flush=True)
+        else:
+            row = run_stage(name, cmd, logs / f"{name}.log")
+            row["files"] = {Path(f).name: _graph_bytes(Path(f)) if str(f).endswith(".onnx") else _bytes(Path(f))
+                            for f in files}
         stages.append(row)
+        tmp = done_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stages, indent=1))
+        tmp.replace(done_file)
         return row
 
     common = [me, "--unet", a.unet, "--work", str(work)]
@@ -177,8 +246,16 @@ def main() -> None:
     stage("export_int4", [*cli, "export", "--ckpt", str(q), "--onnx", str(g4), "--precision", "int4"], [g4])
     stage("fp16_fallback", [*cli, "export", "--fp16-from", str(g8), "--onnx", str(g16)], [g16])
     stage("rules_check", [*cli, "export", "--check", str(g8)])
-    stage("speed", [py, *common, "--child", "speed", "--batches", *map(str, a.batches), "--rounds", str(a.rounds)],
-          [work / "unet_fp32.onnx", work / "unet_ort.onnx"])
+    stage("verify_ort", [*cli, "verify", "--ckpt", str(q), "--onnx", str(g8), "--report", str(work / "verify"),
+                         "--batch", "1", "--samples", "2", "--traj-samples", "1", "--repeats", "3", "--warmup", "1",
+                         "--mapped-steps", str(a.steps), "--layer-per-step", "1"], [work / "verify" / "report.json"])
+    stage("triton_repository", [*cli, "triton", "--onnx", str(g8), "--ckpt", str(q), "--repo", str(work / "triton"),
+                                "--kind", "cpu", "--overwrite"])
+    batches = ["--batches", *map(str, a.batches)]
+    stage("speed_graphs", [py, *common, "--child", "graphs", *batches], [work / "unet_fp32.onnx", work / "unet_ort.onnx"])
+    import cpu_speed
+    for v in cpu_speed.VARIANTS:  # one process each, one after another (not interleaved: memory)
+        stage(f"speed_{v}", [py, *common, "--child", "speed", "--variant", v, *batches, "--rounds", str(a.rounds)])
 
     sys.path.insert(0, str(ROOT))
     import torch
@@ -205,7 +282,8 @@ def main() -> None:
               "calibration_stages_s": summary.get("stages"), "calibration_peak_rss_mb": summary.get("peak_rss_mb"),
               "val_after_training": summary.get("val_after_training"),
               "int8_export": read(Path(f"{g8}.export.json")), "int4_export": read(Path(f"{g4}.export.json")),
-              "speed": read(work / "speed.json"), "environment": environment()}
+              "verify": verify_summary(work / "verify" / "report.json"), "speed": combine_speed(work),
+              "environment": environment()}
     OUT.mkdir(parents=True, exist_ok=True)
     write_json(OUT / f"{tag}.json", report)
     write_text(OUT / f"{tag}.md", _markdown(report))
