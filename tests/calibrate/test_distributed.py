@@ -168,6 +168,33 @@ def test_killed_rank_ends_the_run_and_resume_completes(tmp_path):
     assert out.is_file() and not progress.exists()
 
 
+def test_one_process_run_resumes_under_two_ranks(tmp_path):
+    """A one-process run killed mid-BKD resumes under torchrun with 2 ranks (the other direction of the test
+    above) and finishes without retraining the blocks it had done."""
+    out = tmp_path / "q.pt"
+    progress = Path(f"{out}.progress")
+    proc = subprocess.Popen([sys.executable, "-m", "dilatequant.cli", "calibrate", *RUN, "--iters", "6", "--out",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 90
+        while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert progress.exists() and proc.poll() is None, "no BKD block finished while the run was alive"
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    completed = torch.load(progress, weights_only=True)["completed"]
+    assert 0 < len(completed) < 21
+    resumed = torchrun(tmp_path, "-m", "dilatequant.cli", "calibrate", *RUN, "--iters", "6", "--out", str(out),
+                       "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming: {len(completed)} of 21 blocks already distilled" in resumed.stdout
+    assert out.is_file() and not progress.exists()
+
+
 def test_world_size_larger_than_the_calibration_set(tmp_path):
     proc = torchrun(tmp_path, "-m", "dilatequant.cli", "calibrate", "--calib-samples", "1", "--out",
                     str(tmp_path / "q.pt"))
