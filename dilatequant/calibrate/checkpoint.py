@@ -27,7 +27,7 @@ from ..errors import UserError
 from .models import ClassTokenEncoder, DiffusionModel, PromptBank, load_model
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
-from .reporting import atomic_write_stream
+from .reporting import atomic_write_stream, own_storage
 
 FORMAT = "dilatequant.q.pt"
 VERSION = 1
@@ -73,20 +73,11 @@ def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, t
         "quant_config": qunet.config.to_json(),
         "schedule": {"scheduler_config": _config_json(model.scheduler.config), "num_steps": len(timesteps),
                      "timesteps": [int(t) for t in timesteps], "sampler": "DDIM"},
-        "state_dict": {k: _own_storage(v.detach().cpu()) for k, v in qunet.state_dict().items()},
-        "class_encoder": {k: _own_storage(v) for k, v in model.class_encoder.state_dict().items()} if model.class_encoder else {},
+        "state_dict": {k: own_storage(v.detach().cpu()) for k, v in qunet.state_dict().items()},
+        "class_encoder": {k: own_storage(v) for k, v in model.class_encoder.state_dict().items()} if model.class_encoder else {},
         "summary": json.dumps(summary, default=str),
     }
     return atomic_write_stream(path, lambda f: torch.save(payload, f))
-
-
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    """The tensor itself where it spans its whole storage; a copy only where it is a view into a larger one
-    (torch.save writes whole storages). Copying every tensor would be a second copy of the model."""
-    t = t.detach()
-    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.clone()
 
 
 def _read(path: Path) -> dict:

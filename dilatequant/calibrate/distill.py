@@ -8,7 +8,6 @@ interrupted run continues at the next unfinished block.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import time
 import warnings
@@ -27,7 +26,7 @@ from .quant_unet import QuantLayer, QuantUNet
 from .block_cache import BlockCache, CacheFolder
 from .device import autocast, module_device, to_device
 from .distributed import SINGLE, Dist
-from .reporting import atomic_write_bytes
+from .reporting import atomic_write_stream, own_storage
 
 PROGRESS_FORMAT = "dilatequant.bkd-progress"
 
@@ -176,12 +175,12 @@ def _train(qunet, groups, step_loss, iters, desc, report: Callable[[torch.Tensor
 def _save_progress(path: Path, qunet: QuantUNet, done: list[str], losses: dict, fingerprint: str,
                    gen: torch.Generator) -> None:
     """The model and both random streams (the batch-index generator, torch's global one) after the last
-    finished block: a resumed run draws the same batches as an uninterrupted one, so q.pt is bit-identical."""
-    buf = io.BytesIO()
-    torch.save({"format": PROGRESS_FORMAT, "fingerprint": fingerprint, "completed": done,
-                "block_losses": losses, "state_dict": qunet.state_dict(),
-                "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()}}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    finished block: a resumed run draws the same batches as an uninterrupted one, so q.pt is bit-identical.
+    Streamed to disk like q.pt (an in-memory copy was 3.4 GB more RSS after every block at SD 1.5 size)."""
+    payload = {"format": PROGRESS_FORMAT, "fingerprint": fingerprint, "completed": done, "block_losses": losses,
+               "state_dict": {k: own_storage(v.cpu()) for k, v in qunet.state_dict().items()},
+               "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()}}
+    atomic_write_stream(path, lambda f: torch.save(payload, f))
 
 
 def load_progress(path: Path, qunet: QuantUNet, fingerprint: str,

@@ -112,6 +112,15 @@ def atomic_write_stream(path: str | Path, write: Callable[[BinaryIO], object], f
     return path
 
 
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself where it spans its whole storage; a copy only where it is a view into a larger one
+    (torch.save writes whole storages). Copying every tensor would be a second copy of the model."""
+    t = t.detach()
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temporary name beside the target and rename, so no half-written file is ever seen.
 
