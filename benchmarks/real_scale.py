@@ -119,17 +119,19 @@ def _graph_bytes(graph: Path) -> int:
 
 
 def run_stage(name: str, cmd: list[str], log: Path) -> dict:
-    """cmd in a fresh process under /usr/bin/time: wall seconds and max RSS; output kept in log."""
+    """cmd in a fresh process under /usr/bin/time: wall seconds and max RSS; its output goes to log as it runs
+    (tail it to watch a long stage's progress bars)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
-    out = subprocess.run(["/usr/bin/time", "-f", "DQTIME %e %M", *cmd], env=env, capture_output=True, text=True,
-                         cwd=ROOT)
-    log.write_text(out.stdout + out.stderr)
-    m = re.findall(r"DQTIME ([\d.]+) (\d+)", out.stderr)
+    with open(log, "w") as f:
+        out = subprocess.run(["/usr/bin/time", "-f", "DQTIME %e %M", *cmd], env=env, stdout=f,
+                             stderr=subprocess.STDOUT, cwd=ROOT)
+    text = log.read_text(errors="replace")
+    m = re.findall(r"DQTIME ([\d.]+) (\d+)", text)
     row = {"stage": name, "command": " ".join(cmd).replace(str(ROOT) + "/", ""), "exit": out.returncode,
            "wall_s": float(m[-1][0]) if m else None, "peak_rss_mb": round(int(m[-1][1]) / 1024, 1) if m else None}
     print(f"{name}: exit {out.returncode}, {row['wall_s']} s, {row['peak_rss_mb']} MB", flush=True)
     if out.returncode:
-        print(out.stderr[-3000:], flush=True)
+        print(text[-3000:], flush=True)
     return row
 
 
@@ -235,7 +237,7 @@ def main() -> None:
 
     common = [me, "--unet", a.unet, "--work", str(work)]
     stage("model", [py, *common, "--child", "model"])
-    info = json.loads((logs / "model.log").read_text().strip().splitlines()[0])
+    info = json.loads(next(line for line in (logs / "model.log").read_text().splitlines() if line.startswith("{")))
     res = f"{a.calib_latent}x{a.calib_latent}"
     q = work / "q.pt"
     stage("calibrate", [*cli, "calibrate", "--model", str(work / "model"), "--bits", "W4A8", "--sym", "--steps",
