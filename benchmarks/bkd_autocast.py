@@ -11,12 +11,11 @@ about a GPU (this CPU has no native bfloat16 arithmetic: no AMX, no AVX512-BF16)
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
 
-from distributed import run  # benchmarks/ (this script's folder is on sys.path)
+from distributed import calibration_args, calibration_parser, run  # benchmarks/ (this script's folder is on sys.path)
 from dilatequant.calibrate.reporting import environment, write_json, write_text
 
 
@@ -49,17 +48,11 @@ def markdown(res: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--batch", type=int, default=16)
+    p = calibration_parser(__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/bkd_autocast"))
     a = p.parse_args()
-    args = ["--model", a.model, "--steps", str(a.steps), "--calib-samples", str(a.calib_samples), "--iters",
-            str(a.iters), "--batch", str(a.batch)]
+    args = calibration_args(a)
     work = a.out / "runs"
     load_before = os.getloadavg()
     runs, states = [], {}

@@ -110,18 +110,28 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def calibration_parser(description: str) -> argparse.ArgumentParser:
+    """The small BKD run these benchmarks repeat (default: `default`, 10 steps, 64 samples, 20 iterations)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="default")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--batch", type=int, default=16)
+    return p
+
+
+def calibration_args(a: argparse.Namespace) -> list[str]:
+    return ["--model", a.model, "--steps", str(a.steps), "--calib-samples", str(a.calib_samples), "--iters",
+            str(a.iters), "--batch", str(a.batch)]
+
+
+def main() -> None:
+    p = calibration_parser(__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/distributed"))
     a = p.parse_args()
     sample_batch = -(-trajectory_count(a.calib_samples, a.steps) // 2)
-    args = ["--model", a.model, "--steps", str(a.steps), "--calib-samples", str(a.calib_samples), "--iters",
-            str(a.iters), "--batch", str(a.batch), "--sample-batch", str(sample_batch)]
+    args = [*calibration_args(a), "--sample-batch", str(sample_batch)]
     work = a.out / "runs"
     load_before = os.getloadavg()
     runs = [run("1proc_1thread", 1, 1, args, work), run("1proc_2threads", 1, 2, args, work),
