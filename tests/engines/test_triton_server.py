@@ -2,6 +2,7 @@
 tiny conditional model, on 127.0.0.1 only, always torn down: pipeline == direct ORT sampler, dynamic
 batches mixing t_index == separate requests, bad requests -> errors naming the problem."""
 import concurrent.futures as cf
+import time
 
 import numpy as np
 import pytest
@@ -97,6 +98,17 @@ def _stats(server):
     return int(s["inference_count"]), int(s["execution_count"])
 
 
+def _stats_after(server, inferences: int, timeout: float = 10.0):
+    """The statistics once they count `inferences` requests: Triton may send a response before it updates
+    them (a clean-clone CI run read both counters unchanged right after two answered requests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        inf, exe = _stats(server)
+        if inf >= inferences or time.monotonic() > deadline:
+            return inf, exe
+        time.sleep(0.05)
+
+
 def test_mixed_t_index_batch_equals_separate_requests(served):
     server, ck, _ = served
     a, b = _unet_inputs(ck, [0], seed=1), _unet_inputs(ck, [3], seed=2)
@@ -108,7 +120,7 @@ def test_mixed_t_index_batch_equals_separate_requests(served):
     inf0, exe0 = _stats(server)
     with cf.ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda x: _unet(server, x), [a, b]))
-    inf1, exe1 = _stats(server)
+    inf1, exe1 = _stats_after(server, inf0 + 2)
     assert (inf1 - inf0, exe1 - exe0) == (2, 1), "the two requests were not batched together"
     np.testing.assert_allclose(np.concatenate(outs), np.concatenate(sep), rtol=0, atol=1e-5)
     assert np.abs(sep[0] - sep[1]).max() > 1e-3  # the two t_index values really give different outputs
