@@ -91,7 +91,8 @@ def sd_width_checkpoint(path: Path, latent: int, steps: int, samples: int) -> tu
     with torch.no_grad():
         ehs = model.class_encoder(labels)
     data = CalibrationSet(sample=torch.randn(samples, 4, latent, latent, generator=gen),
-                          timestep=torch.tensor(timesteps)[t_index], t_index=t_index, encoder_hidden_states=ehs)
+                          timestep=torch.tensor(timesteps)[t_index], t_index=t_index,
+                          cond={"encoder_hidden_states": ehs})
     cfg = QuantConfig(weight_bits=8, act_bits=8, symmetric=True, num_steps=steps, act_init="minmax", scaling="none")
     absmax = lambda self, w: self.scale.copy_(w.abs().flatten(1).amax(1).clamp_min(1e-8) / self.range.qmax)  # noqa: E731
     cls = quantizers.WeightQuantizer
