@@ -210,7 +210,7 @@ def _batch_row(lat: dict, outs: dict) -> dict:
     return row
 
 
-def _model_info(graphs: dict, fp: DiffusionModel, ckpt: Path) -> dict:
+def model_info(graphs: dict, fp: DiffusionModel, ckpt: Path) -> dict:
     return {"checkpoint": str(ckpt), "bits": graphs["bits"], "symmetric": graphs["symmetric"],
             "sample_shape": list(fp.sample_shape), "parameters_m": sum(p.numel() for p in fp.unet.parameters()) / 1e6,
             "graph_bytes": {k: p.stat().st_size for k, p in graphs["paths"].items()}, "rewrite": graphs["rewrite"],
@@ -224,7 +224,7 @@ def bench_model(name: str, ckpt: Path, fp: DiffusionModel, work: Path, batches: 
     if not batches:
         return {}
     runs = {v: variant_runner(v, graphs, fp, threads) for v in VARIANTS}
-    out = _model_info(graphs, fp, ckpt)
+    out = model_info(graphs, fp, ckpt)
     for batch in batches:
         feeds = make_feeds(fp, graphs["timesteps"], batch)
         outs = {k: run(feeds) for k, run in runs.items()}

@@ -67,7 +67,7 @@ def graphs_child(ckpt: Path, model_dir: Path, work: Path, batches: list[int]) ->
     graphs = cpu_speed.prepare_graphs("unet", ckpt, fp, work)
     for b in batches:
         np.savez(work / f"feeds-b{b}.npz", **cpu_speed.make_feeds(fp, graphs["timesteps"], b))
-    info = cpu_speed._model_info(graphs, fp, ckpt)
+    info = cpu_speed.model_info(graphs, fp, ckpt)
     (work / "graphs.json").write_text(json.dumps({**graphs, "paths": {k: str(v) for k, v in graphs["paths"].items()},
                                                   "info": info}, default=str))
 
@@ -277,7 +277,7 @@ def main() -> None:
                 if isinstance(part.get(key), (list, dict)) and len(part[key]) > 20:
                     part[key] = f"{len(part[key])} entries (see the .export.json)"
         return d
-    report = {"unet": a.unet, "command": "nice -n 19 python benchmarks/real_scale.py " + " ".join(sys.argv[1:]),
+    report = {"unet": a.unet, "command": "python benchmarks/real_scale.py " + " ".join(sys.argv[1:]),
               "unet_params": info["unet_params"], "sample_size": info["sample_size"],
               "cross_attention_dim": unet_config(a.unet)["cross_attention_dim"], "steps": a.steps,
               "calib_samples": a.calib_samples, "iters": a.iters, "calib_resolution": res, "stages": stages,

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,7 +102,8 @@ def main() -> None:
         wall = round(time.perf_counter() - start, 1)
     peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     summary = json.loads(torch.load(ckpt, weights_only=True, mmap=True)["summary"])
-    res = {"command": "dq-calibrate " + " ".join(args).replace(str(a.models_dir), "<models-dir>"),
+    res = {"command": "dq-calibrate " + " ".join(args).replace(str(a.models_dir), "<models-dir>").replace(
+               str(REPO) + "/", ""),
            "pipeline": build, "wall_s": wall, "peak_rss_mb": peak_mb, "stages_s": summary["stages"],
            "val_samples": summary.get("val_samples"),
            "val_noise_sqnr_db": summary["val_before_training"]["noise_sqnr_db"],

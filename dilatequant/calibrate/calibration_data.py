@@ -98,8 +98,8 @@ def build_calibration_set(model: DiffusionModel, num_samples: int, steps: int, s
 def validation_size(calib_samples: int, steps: int, floor: int = 32) -> int:
     """Validation inputs for a run: a quarter of the calibration set, at least `floor` and one per step.
 
-    Validation runs four passes (FP and fake-quant, before and after training), so a quarter costs about one
-    pass over the calibration set whatever its size; the floor keeps small runs' SQNR from resting on a few
+    Validation runs one fake-quant pass before and one after training (its FP reference comes from sampling),
+    so a quarter costs about half a pass over the calibration set whatever its size; the floor keeps small runs' SQNR from resting on a few
     inputs. (It was a fixed 100 from 50 extra trajectories: 30 minutes of sampling at SD 1.5 size.)
     """
     return max(steps, floor, math.ceil(calib_samples / 4))

@@ -159,11 +159,10 @@ def _ddim_loop(model, predict, x, cond, steps, guidance_scale, keep, bar):
         n = len(x_in)
         timestep = torch.full((n,), int(t), dtype=torch.int64)
         t_idx = torch.full((n,), t_index, dtype=torch.int64)
-        if keep:
-            record.append((x_in.clone(), timestep, t_idx))
+        kept_in = x_in.clone() if keep else None
         eps = predict(x_in, timestep, t_idx, cond)
-        if keep:
-            record[-1] += (eps.clone(),)
+        if keep:  # copies: a runtime runner may hand back (and later reuse) its own buffers
+            record.append((kept_in, timestep, t_idx, eps.clone()))
         if guided:
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
