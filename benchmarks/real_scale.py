@@ -35,10 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "real_scale"
 HERE = Path(__file__).resolve().parent
 TOKENS = 77  # CLIP's sequence length: encoder_hidden_states [B, 77, cross_attention_dim]
+STAGES = ("model", "calibrate", "export_int8", "export_int4", "fp16_fallback", "rules_check", "verify_ort",
+          "triton_repository", "speed")
 
 
 def build_model(unet_name: str, folder: Path) -> dict:
-    """The class-token model folder dq-calibrate loads (calibrate/models.py: unet/ + class_encoder/ + scheduler)."""
+    """The folder dq-calibrate loads: SD 1.5's UNet with class-token conditioning (calibrate/models.py: unet/ +
+    class_encoder/ + scheduler), SDXL's (text_time conditioning) in an SDXL pipeline folder (sdxl_pipeline)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -47,13 +50,60 @@ def build_model(unet_name: str, folder: Path) -> dict:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(unet_config(unet_name)).eval()
-    if unet.config.addition_embed_type is not None:
-        raise SystemExit(f"{unet_name}: SDXL's text_time conditioning needs a pipeline folder; not built here yet")
+    info = {"unet_params": sum(p.numel() for p in unet.parameters()), "sample_size": unet.config.sample_size,
+            "vae_scale_factor": 1}
+    if unet.config.addition_embed_type == "text_time":
+        return {**info, **sdxl_pipeline(unet, folder)}
     enc = ClassTokenEncoder(num_tokens=TOKENS, dim=unet.config.cross_attention_dim).eval()
-    unet.save_pretrained(folder / "unet")
+    unet.save_pretrained(folder / "unet", max_shard_size=SHARD)
     enc.save_pretrained(folder / "class_encoder")
     default_scheduler().save_pretrained(folder / "scheduler")
-    return {"unet_params": sum(p.numel() for p in unet.parameters()), "sample_size": unet.config.sample_size}
+    return info
+
+
+SHARD = "2GB"  # safetensors serializes a shard in memory: 10 GB shards would hold a second copy of SDXL's UNet
+
+
+def sdxl_pipeline(unet, folder: Path) -> dict:
+    """An SDXL pipeline folder around `unet`: SDXL's two text towers (CLIP ViT-L/14: 768 wide, 12 layers; OpenCLIP
+    ViT-bigG/14: 1280 wide, 32 layers, projected pooled output), its VAE and Euler scheduler, random weights.
+
+    The towers have the public depths and widths, so encoder_hidden_states [B, 77, 2048], text_embeds [B, 1280]
+    and time_ids [B, 6] come from the pipeline's own encode_prompt; their vocabulary is the embedded sd-digits
+    model's tokenizer (573 tokens, no downloads), so the token embeddings are smaller than CLIP's 49,408 rows.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(ROOT / "dilatequant" / "assets" / "sd-digits" / "tokenizer",
+                                        model_max_length=TOKENS)
+
+    def tower(hidden: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=TOKENS,
+                              projection_dim=hidden, hidden_act=act, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    te1 = CLIPTextModel(tower(768, 12, 12, "quick_gelu")).eval()
+    te2 = CLIPTextModelWithProjection(tower(1280, 32, 20, "gelu")).eval()
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        sample_size=1024, scaling_factor=0.13025).eval()
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
+    pipe.save_pretrained(folder, max_shard_size=SHARD)
+    return {"text_encoder_params": sum(p.numel() for m in (te1, te2) for p in m.parameters()),
+            "vae_params": sum(p.numel() for p in vae.parameters()), "vae_scale_factor": int(pipe.vae_scale_factor)}
+
+
+def conditioning(info: dict) -> str:
+    if "text_encoder_params" in info:
+        return (f"an SDXL pipeline folder: SDXL's two text towers at full depth and width "
+                f"({info['text_encoder_params'] / 1e6:.0f} M parameters, a 573-token vocabulary), encoder_hidden_states "
+                f"{TOKENS} x 2048, pooled text_embeds 1280, time_ids 6; VAE {info['vae_params'] / 1e6:.0f} M")
+    return f"class-token conditioning of SD 1.5's text shape ({TOKENS} tokens)"
 
 
 def graphs_child(ckpt: Path, model_dir: Path, work: Path, batches: list[int]) -> None:
@@ -138,9 +188,9 @@ def run_stage(name: str, cmd: list[str], log: Path) -> dict:
 def _markdown(r: dict) -> str:
     lines = [f"# Real scale: {r['unet']} ({r['unet_params'] / 1e6:.1f} M parameters), the whole chain on 2 CPU cores",
              "", f"`{r['command']}`", "",
-             f"Random weights (seed 0), class-token conditioning of SD 1.5's shape ({TOKENS} x "
-             f"{r['cross_attention_dim']}). Calibration W4A8 symmetric, T={r['steps']}, {r['calib_samples']} samples, "
-             f"{r['iters']} BKD iterations per block, at {r['calib_resolution']} latents; export and speed at "
+             f"Random weights (seed 0), {r.get('conditioning') or 'class-token conditioning'}. Calibration W4A8 "
+             f"symmetric, T={r['steps']}, {r['calib_samples']} samples, {r['iters']} BKD iterations per block, "
+             f"teacher {r.get('teacher_dtype', 'fp32')}, at {r['calib_resolution']} latents; export and speed at "
              f"{r['sample_size']}x{r['sample_size']}. Each stage a fresh process (wall, max RSS by /usr/bin/time).", "",
              "| stage | wall | peak RSS | files | exit |", "|---|---:|---:|---:|---:|"]
     for s in r["stages"]:
@@ -194,10 +244,13 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--iters", type=int, default=2, help="BKD iterations per block")
     p.add_argument("--calib-latent", type=int, default=16, help="latent size to calibrate at (CPU)")
+    p.add_argument("--teacher-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dq-calibrate --teacher-dtype (bf16: one float32 UNet copy; SDXL needs it in 24 GB)")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--work", type=Path, help="scratch folder (default: results/real_scale/.work-<unet>)")
     p.add_argument("--resume", action="store_true", help="skip the stages an earlier run of this work folder finished")
+    p.add_argument("--stages", nargs="*", help=f"run only these stages (of {', '.join(STAGES)}; speed = every speed_*)")
     p.add_argument("--child", choices=("model", "graphs", "speed"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -221,7 +274,14 @@ def main() -> None:
     done_file = work / "stages.json"  # every finished stage, so --resume skips them after an interruption
     done = {r["stage"]: r for r in json.loads(done_file.read_text())} if a.resume and done_file.is_file() else {}
 
+    wanted = set(a.stages or STAGES)
+    unknown = wanted - set(STAGES)
+    if unknown:
+        raise SystemExit(f"unknown stages {sorted(unknown)}: choose from {', '.join(STAGES)}")
+
     def stage(name, cmd, files=()):
+        if name.split("_")[0] == "speed" and "speed" not in wanted or name.split("_")[0] != "speed" and name not in wanted:
+            return None
         if done.get(name, {}).get("exit") == 0:
             row = done[name]
             print(f"{name}: done in an earlier run ({row['wall_s']} s), skipped", flush=True)
@@ -238,11 +298,12 @@ def main() -> None:
     common = [me, "--unet", a.unet, "--work", str(work)]
     stage("model", [py, *common, "--child", "model"])
     info = json.loads(next(line for line in (logs / "model.log").read_text().splitlines() if line.startswith("{")))
-    res = f"{a.calib_latent}x{a.calib_latent}"
+    pixels = a.calib_latent * info.get("vae_scale_factor", 1)  # --resolution is in pixels (8 per latent for SDXL)
+    res = f"{pixels}x{pixels}"
     q = work / "q.pt"
     stage("calibrate", [*cli, "calibrate", "--model", str(work / "model"), "--bits", "W4A8", "--sym", "--steps",
                         str(a.steps), "--calib-samples", str(a.calib_samples), "--iters", str(a.iters), "--batch", "4",
-                        "--resolution", res, "--out", str(q)], [q])
+                        "--resolution", res, "--teacher-dtype", a.teacher_dtype, "--out", str(q)], [q])
     g8, g4, g16 = work / "unet_qdq.onnx", work / "unet_int4.onnx", work / "unet_fp16.onnx"
     stage("export_int8", [*cli, "export", "--ckpt", str(q), "--onnx", str(g8)], [g8])
     stage("export_int4", [*cli, "export", "--ckpt", str(q), "--onnx", str(g4), "--precision", "int4"], [g4])
@@ -280,7 +341,8 @@ def main() -> None:
     report = {"unet": a.unet, "command": "python benchmarks/real_scale.py " + " ".join(sys.argv[1:]),
               "unet_params": info["unet_params"], "sample_size": info["sample_size"],
               "cross_attention_dim": unet_config(a.unet)["cross_attention_dim"], "steps": a.steps,
-              "calib_samples": a.calib_samples, "iters": a.iters, "calib_resolution": res, "stages": stages,
+              "calib_samples": a.calib_samples, "iters": a.iters, "calib_resolution": f"{a.calib_latent}x{a.calib_latent}",
+              "calib_pixels": res, "teacher_dtype": a.teacher_dtype, "conditioning": conditioning(info), "stages": stages,
               "calibration_stages_s": summary.get("stages"), "calibration_peak_rss_mb": summary.get("peak_rss_mb"),
               "val_after_training": summary.get("val_after_training"),
               "int8_export": read(Path(f"{g8}.export.json")), "int4_export": read(Path(f"{g4}.export.json")),

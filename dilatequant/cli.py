@@ -92,6 +92,9 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per local rank, NCCL)")
     p.add_argument("--autocast", choices=("none", "bf16"), default="none",
                    help="bf16: BKD's forward passes under bfloat16 autocast (the loss in float32)")
+    p.add_argument("--teacher-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: BKD's FP teacher held in bfloat16 and the UNet quantized in place - one float32 copy "
+                   "of the UNet, not two (what lets SDXL calibrate in 24 GB); calibration data stays float32")
     a = p.parse_args(argv)
 
     def go() -> None:
@@ -121,7 +124,8 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
                          prompts=read_prompts(a.prompts) if a.prompts else None,
                          negative_prompt=a.negative_prompt,
                          resolution=parse_size(a.resolution, "--resolution") if a.resolution else None,
-                         sample_batch=a.sample_batch, device=a.device, autocast=a.autocast)
+                         sample_batch=a.sample_batch, device=a.device, autocast=a.autocast,
+                         teacher_dtype=a.teacher_dtype)
     s = run_calibration(job, dist)
     if not dist.is_main:
         return

@@ -73,6 +73,8 @@ def condition_of(inputs: dict) -> Condition | None:
 
 
 def model_fingerprint(model: DiffusionModel) -> str:
+    if model.pinned_fingerprint is not None:
+        return model.pinned_fingerprint
     h = hashlib.sha256()
     modules = [model.unet] + ([model.class_encoder] if model.class_encoder is not None else [])
     if model.pipeline is not None:  # the text encoders decide the conditions the UNet is calibrated on

@@ -92,11 +92,22 @@ def capture(run: Callable[[dict], Any], unit: nn.Module, data: CalibrationSet, b
     return cache.finish()
 
 
+_EMBEDDED_AS_FLOAT32 = ("timestep", "time_ids")  # diffusers' sinusoidal embeddings compute these in float32
+
+
 def fp_runner(fp_unet: nn.Module, amp: str = "none") -> Callable[[dict], Any]:
-    """The FP model on a chunk of UNet inputs (moved to its device; amp: see device.autocast)."""
+    """The FP model on a chunk of UNet inputs (moved to its device; amp: see device.autocast).
+
+    A teacher held in a lower precision (recipe's --teacher-dtype bf16) gets its float inputs in its own dtype;
+    its outputs stay in that dtype (a block's captured target too: half the cache) and the losses upcast them."""
+    dtype = next(fp_unet.parameters()).dtype
+
     def run(chunk):
         dev = module_device(fp_unet)
         chunk = to_device(chunk, dev)
+        if dtype != torch.float32:
+            chunk = {k: v.to(dtype) if torch.is_floating_point(v) and k not in _EMBEDDED_AS_FLOAT32 else v
+                     for k, v in chunk.items()}
         with autocast(dev, amp):
             return fp_unet(chunk["sample"], chunk["timestep"], return_dict=False, **unet_kwargs(condition_of(chunk)))
     return run

@@ -137,6 +137,9 @@ class DiffusionModel:
     # calibrated at; None: sampling.default_guidance's rule
     guidance_scale: float | None = None
     default_prompts: list[str] | None = None  # calibration prompts named by the folder (None: the package's set)
+    # the weights' fingerprint, pinned by calibration before it drops the text encoders and swaps the UNet for a
+    # lower-precision teacher (calibration_data.model_fingerprint answers it from then on)
+    pinned_fingerprint: str | None = None
 
     @property
     def is_conditional(self) -> bool:
@@ -325,7 +328,7 @@ def load_pipeline(folder: Path, source: str) -> DiffusionModel:
     diffusers.utils.logging.disable_progress_bar()  # per-component loading bars say nothing on a local folder
     transformers.utils.logging.disable_progress_bar()
     try:
-        pipe = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False, **kwargs)
+        pipe = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=True, **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         raise ModelLoadError(f"cannot load the pipeline in '{folder}': {str(err).splitlines()[0]}") from err
     finally:
@@ -406,7 +409,7 @@ def _load_model(name_or_path: str | Path) -> DiffusionModel:
             f"'{config_file}' describes a '{class_name}'; supported UNets are {', '.join(classes)}"
         )
     try:
-        unet = classes[class_name].from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
+        unet = classes[class_name].from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"cannot load the UNet weights in '{unet_dir}': {err}") from err
     scheduler = (

@@ -48,8 +48,10 @@ class QuantLayer(nn.Module):
 
     def __init__(self, src: nn.Conv2d | nn.Linear, weight_bits: int, input_quantizer: TimestepActQuantizer):
         super().__init__()
-        self.weight = nn.Parameter(src.weight.detach().clone())
-        self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().clone())
+        # src's own tensors, not clones: QuantUNet already works on its copy (or wraps in place on purpose), and a
+        # clone per layer would hold a second copy of every weight while QuantUNet's module map keeps src alive
+        self.weight = nn.Parameter(src.weight.detach())
+        self.bias = None if src.bias is None else nn.Parameter(src.bias.detach())
         self.weight_quantizer = WeightQuantizer(src.weight.shape[0], weight_bits)
         object.__setattr__(self, "input_quantizer", input_quantizer)  # owned by QuantUNet.act_quantizers
 
@@ -289,13 +291,15 @@ def _check_float_layers(names: tuple[str, ...], layers: list[str], groups) -> se
 class QuantUNet(nn.Module):
     """forward(sample, timestep, t_index, cond=None) -> noise prediction (cond: see conditioning.py)."""
 
-    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, config: QuantConfig) -> None:
+    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, config: QuantConfig, copy_weights: bool = True) -> None:
+        """copy_weights=False wraps `unet` itself (its layers are replaced): no second full-precision copy, for a
+        caller that keeps its teacher elsewhere (recipe's --teacher-dtype bf16) or builds a meta-device check."""
         super().__init__()
         if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
             raise UserError(f"unsupported model {type(unet).__name__}: expected a diffusers UNet2DModel or UNet2DConditionModel")
         self.config = config
         self.ctx = StepContext()
-        self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
+        self.unet = (copy.deepcopy(unet) if copy_weights else unet).eval().requires_grad_(False)
         self.act_quantizers = nn.ModuleDict()
         layers, readers, self.unit_order = _trace(self.unet)
         modules = dict(self.unet.named_modules())

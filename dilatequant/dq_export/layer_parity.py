@@ -18,6 +18,7 @@ Comparison lives here; running the graphs stays in the runners (`ort_layer_runne
 """
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
 from contextlib import contextmanager
@@ -510,23 +511,26 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
     layers = ck.qunet.layers()
     if any(layers[n].input_quantizer.mode != "off" for n in weight_only):
         raise ValueError("configure the reference first: fold.w4a16_reference(ck.qunet, weight_only)")
-    proto = load_model(onnx_path)  # by path: external data is read from beside the graph
-    props = {p.key: p.value for p in proto.metadata_props}
+    structure = load_model(onnx_path, with_data=False)
+    props = {p.key: p.value for p in structure.metadata_props}
     if props.get("dilatequant.static_scales") == "true":
         return {"skipped": "static-scale twin: no per-timestep fake-quant reference to compare with", "passed": True,
                 "enforced": False}
-    if any(n.op_type == "MatMulIntegerToFloat" for n in proto.graph.node):
+    if any(n.op_type == "MatMulIntegerToFloat" for n in structure.graph.node):
         return {"skipped": "--target ort graph: its layer-wise parity ran at export, on the TensorRT-form graph it "
                 "was converted from", "passed": True, "enforced": False}
+    del structure
+    source = "given inputs"
+    if inputs is None:  # first: the FP model that samples them is gone before the graph and the reference load
+        inputs, source = layer_inputs(ck, per_step, fp_model)
+        gc.collect()
+    proto = load_model(onnx_path)  # by path: external data is read from beside the graph
     model = ir.serde.deserialize_model(proto)
     sites, unmatched = find_sites(model, ck, weight_only)
     enforce = props.get("dilatequant.dtype", "fp32") == "fp32"
     teacher, graph_inputs = teacher_forced_model(model, sites)
     del model, proto  # the teacher-forced copy is all that is needed from here
     types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in teacher.graph.input}
-    source = "given inputs"
-    if inputs is None:
-        inputs, source = layer_inputs(ck, per_step, fp_model)
     acc = LayerParity(sites, len(ck.timesteps))
     n = len(inputs["sample"])
     # one input's captured activations size the batches (an SD-size UNet holds GBs of them per input)
