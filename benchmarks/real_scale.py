@@ -242,7 +242,7 @@ def main() -> None:
     p.add_argument("--unet", default="sd15-tiny", help="a name of benchmarks/unet_configs.py")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--iters", type=int, default=2, help="BKD iterations per block")
+    p.add_argument("--iters", type=int, default=2, help="BKD iterations per block (0: PTQ, dq-calibrate --no-bkd)")
     p.add_argument("--calib-latent", type=int, default=16, help="latent size to calibrate at (CPU)")
     p.add_argument("--teacher-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="dq-calibrate --teacher-dtype (bf16: one float32 UNet copy; SDXL needs it in 24 GB)")
@@ -303,7 +303,8 @@ def main() -> None:
     q = work / "q.pt"
     stage("calibrate", [*cli, "calibrate", "--model", str(work / "model"), "--bits", "W4A8", "--sym", "--steps",
                         str(a.steps), "--calib-samples", str(a.calib_samples), "--iters", str(a.iters), "--batch", "4",
-                        "--resolution", res, "--teacher-dtype", a.teacher_dtype, "--out", str(q)], [q])
+                        "--resolution", res, "--teacher-dtype", a.teacher_dtype, "--out", str(q),
+                        *([] if a.iters else ["--no-bkd"])], [q])
     g8, g4, g16 = work / "unet_qdq.onnx", work / "unet_int4.onnx", work / "unet_fp16.onnx"
     stage("export_int8", [*cli, "export", "--ckpt", str(q), "--onnx", str(g8)], [g8])
     stage("export_int4", [*cli, "export", "--ckpt", str(q), "--onnx", str(g4), "--precision", "int4"], [g4])

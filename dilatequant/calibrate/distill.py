@@ -180,6 +180,7 @@ def _train(qunet, groups, step_loss, iters, desc, report: Callable[[torch.Tensor
         losses.append(loss.item() if report is None else report(loss))
     for p in params:
         p.requires_grad_(False)
+        p.grad = None  # the last step's gradients: kept, they would add a copy of every trained block's weights
     return losses
 
 

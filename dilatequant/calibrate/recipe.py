@@ -24,7 +24,7 @@ from .models import load_model, make_prompt_bank
 from .prompts import calibration_prompts
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
-from .reporting import ensure_writable_dir, environment, peak_rss_mb
+from .reporting import ensure_writable_dir, environment, peak_rss_mb, return_free_memory
 from .sampling import default_guidance, sampling_timesteps
 from .weight_dilation import dilate, dilation_scales, scale_weight, smoothquant_scales
 
@@ -307,6 +307,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         model = load_calibration_model(job)
         fingerprint = model.pinned_fingerprint = model_fingerprint(model)
         release_text_encoders(model)
+        return_free_memory()
         if job.teacher_dtype == "fp32":
             qunet = QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before sampling
             qunet.to(device)
@@ -326,6 +327,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
             teacher = teacher_copy(model.unet, TEACHER_DTYPES[job.teacher_dtype])
             qunet = QuantUNet(model.unet, job.config, copy_weights=False).to(device)
             model.unet = teacher
+            return_free_memory()
     with stage("scaling"):
         scaling = apply_scaling(qunet, data)
     with stage("weight_scales"):
