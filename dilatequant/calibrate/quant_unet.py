@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from .conditioning import ConditionLike, cond_names, unet_kwargs
+from .device import module_device, to_device
 from .quant_config import QuantConfig
 from .quantizers import WeightQuantizer
 from .timestep_quantizer import StepContext, TimestepActQuantizer
@@ -265,7 +266,7 @@ def _trace(unet: nn.Module) -> tuple[list[str], dict[str, int], list[str]]:
             hooks.append(m.register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
-            unet(**example_inputs(unet))
+            unet(**to_device(example_inputs(unet), module_device(unet)))  # bf16 teacher: the UNet is on its device
     finally:
         for h in hooks:
             h.remove()

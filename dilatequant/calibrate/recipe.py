@@ -17,14 +17,14 @@ from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_s
 from .checkpoint import save_checkpoint
 from .device import AUTOCAST, resolve_device
 from .distributed import SINGLE, AgreedError, Dist
-from .distill import DistillConfig, distill, fp_runner, quant_runner
+from .distill import DistillConfig, distill, fp_runner, quant_runner, remove_progress
 from .metrics import mse, sqnr_db
 from ..errors import UserError
 from .models import load_model, make_prompt_bank
 from .prompts import calibration_prompts
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
-from .reporting import ensure_writable_dir, environment, peak_rss_mb, return_free_memory
+from .reporting import ensure_writable_dir, environment, peak_gpu_mb, peak_rss_mb, return_free_memory
 from .sampling import default_guidance, sampling_timesteps
 from .weight_dilation import dilate, dilation_scales, scale_weight, smoothquant_scales
 
@@ -358,7 +358,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         "prompts": model.prompt_bank.prompts if model.prompt_bank else None,
         "val_samples": len(val), "val_before_training": before, "val_after_training": after,
         "stages": stage.seconds, "wall_s": round(time.perf_counter() - start, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1), "environment": environment(),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": peak_gpu_mb(device), "environment": environment(),
         "world_size": dist.world, "sample_batch": sample_batch, "device": str(device), "autocast": job.autocast,
         "teacher_dtype": job.teacher_dtype,
     }
@@ -366,5 +366,5 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         dist.on_main(lambda: save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint,
                                              summary))
     if dist.is_main:
-        progress.unlink(missing_ok=True)
+        remove_progress(progress)
     return summary

@@ -49,6 +49,13 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def peak_gpu_mb(device: torch.device) -> float | None:
+    """Peak memory PyTorch's allocator held on a CUDA device (None off CUDA): what a GPU calibration needs."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, in MiB.
 

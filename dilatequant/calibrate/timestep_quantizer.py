@@ -130,7 +130,7 @@ class TimestepActQuantizer(nn.Module):
     def rows(self, batch: int) -> torch.Tensor:
         """Row index of each sample: its t_index (always 0 for a single static row)."""
         if self.num_steps == 1:
-            return torch.zeros(batch, dtype=torch.long)
+            return torch.zeros(batch, dtype=torch.long, device=self.delta.device)
         t = self.ctx.t_index
         if t is None:
             raise RuntimeError("no t_index set: call the model through QuantUNet.forward(sample, timestep, t_index)")
@@ -247,9 +247,9 @@ class TimestepActQuantizer(nn.Module):
         keys = list(self._stats)
         delta, z = choose_ranges([self._stats[k] for k in keys], self.range, self.symmetric, method)
         rows, heads = torch.tensor([k[0] for k in keys]), torch.tensor([k[1] for k in keys])
-        self.delta[rows, heads] = delta.float()
+        self.delta[rows, heads] = delta.float().to(self.delta.device)  # the statistics live on the CPU
         if self.zero_point is not None:
-            self.zero_point[rows, heads] = z.float()
+            self.zero_point[rows, heads] = z.float().to(self.zero_point.device)
         observed = set(steps)
         missing = [r for r in range(self.num_steps) if r not in observed]
         if missing:  # steps with no data borrow their nearest observed neighbour's row

@@ -1,6 +1,7 @@
 """q.pt at scale: save streams into the file (no in-memory copy of the payload), load maps the file instead of
 reading a second copy, and neither leaves a half-written file behind (benchmarks/checkpoint_memory.py measures
 an SD-shaped UNet)."""
+import copy
 import hashlib
 import sys
 import tracemalloc
@@ -118,28 +119,35 @@ def test_save_does_not_hold_the_payload_in_memory(mid, tmp_path):
     finally:
         tracemalloc.stop()
     size = path.stat().st_size
-    # the old save serialized into a BytesIO and copied it out (>= 2x the file in Python memory)
-    assert size > 8 * 2**20 and peak < 0.05 * size, (peak, size)
+    # the old save serialized into a BytesIO and copied it out (>= 2x the file in Python memory); what is left is
+    # pickling ~1 MB of metadata, 0.84 MB once in a whole-suite run (0.05 x the file was too tight)
+    assert size > 8 * 2**20 and peak < 0.1 * size, (peak, size)
 
 
 def test_bkd_progress_is_streamed_too_and_restores_the_model(mid, tmp_path):
-    """The progress file BKD writes after every block holds the whole model as well (3.4 GB at SD 1.5 size)."""
-    from dilatequant.calibrate.distill import _save_progress, load_progress
+    """A finished block's trained tensors are streamed to their own file (a big block here: the whole model);
+    the progress file itself stays small (the whole model after every block was 3.4 GB per block at SD 1.5)."""
+    from dilatequant.calibrate.distill import (_keep_valid, _save_progress, _start_progress, load_progress,
+                                               progress_blocks)
 
     q, _ = mid
     path = tmp_path / "q.pt.progress"
     gen = torch.Generator().manual_seed(3)
+    _start_progress(path, q)
     tracemalloc.start()
     try:
-        _save_progress(path, q, ["a", "b"], {"a": [1.0]}, "fp", gen)
+        _save_progress(path, "big", dict(q.state_dict()), ["big"], {"big": [1.0]}, "fp", gen)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    size = path.stat().st_size  # an in-memory copy would be >= the file; pickling ~1 MB of tensor metadata is not
+    size = (progress_blocks(path) / "big.pt").stat().st_size  # pickling ~1 MB of tensor metadata is no copy
     assert size > 8 * 2**20 and peak < 0.1 * size, (peak, size)
+    assert path.stat().st_size < 64 * 2**10, path.stat().st_size
     other = QuantUNet(mid[1].unet, q.config)
-    assert load_progress(path, other, "fp", torch.Generator()) == (["a", "b"], {"a": [1.0]})
-    for k, v in q.state_dict().items():  # NaN: a static row never calibrated
+    assert load_progress(path, other, "fp", torch.Generator()) == (["big"], {"big": [1.0]})
+    ref = copy.deepcopy(q)
+    _keep_valid(ref)  # what every training step does to the whole model; the fixture's zero points break it
+    for k, v in ref.state_dict().items():  # NaN: a static row never calibrated
         torch.testing.assert_close(other.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
 
 
