@@ -3,10 +3,11 @@
 `--compare autocast` (default): `--autocast bf16` runs BKD's captures and training forwards in bfloat16 (losses
 and reductions in FP32); it is meant for GPUs. `--compare teacher-dtype`: `--teacher-dtype bf16` keeps the FP
 teacher in bfloat16 (half its memory; what lets SDXL calibrate in 24 GB) while the student stays FP32. This
-measures the part that does not depend on the device: the numbers bf16 arithmetic produces. Two seeds (each its own calibration set and BKD draws), FP32 and bf16 at each,
-one process with two threads: validation noise SQNR after BKD, bf16 minus FP32 at the same seed against the
-seed-to-seed spread, and how far bf16 moves the trained tensors. CPU wall times are listed but say nothing
-about a GPU (this CPU has no native bfloat16 arithmetic: no AMX, no AVX512-BF16).
+measures the part that does not depend on the device: the numbers bf16 arithmetic produces. Two seeds (each its
+own calibration set and BKD draws), FP32 and bf16 at each, one process with two threads: validation noise SQNR
+after BKD, bf16 minus FP32 at the same seed against the seed-to-seed spread, and how far bf16 moves the trained
+tensors. CPU wall times are listed but say nothing about a GPU (our CPUs have no native bfloat16 arithmetic: no
+AMX, no AVX512-BF16; benchmarks/gpu_calibration.py times it on a GPU).
 
     python benchmarks/bkd_autocast.py --out benchmarks/results/bkd_autocast
     python benchmarks/bkd_autocast.py --compare teacher-dtype --out benchmarks/results/teacher_dtype

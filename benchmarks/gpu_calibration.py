@@ -103,8 +103,9 @@ def markdown(res: dict) -> str:
               if "val_sqnr_db_after_bkd" in r else "-")
         cpu = r.get("cpu_val_sqnr_db_after_bkd")
         stages = ", ".join(f"{k} {v:.1f}" for k, v in (r.get("stages_s") or {}).items())
-        lines.append(f"| {r['job']} | {r.get('exit', 'skipped')} | {r.get('wall_s', '-')} | {r.get('peak_gpu_mb', '-')} "
-                     f"| {r.get('peak_rss_mb', '-')} | {sq} | {f'{cpu:.2f}' if cpu else '-'} | {stages} |")
+        lines.append(f"| {r['job']} | {r.get('exit', 'skipped')} | {r.get('wall_s', '-')} | "
+                     f"{r.get('peak_gpu_mb', '-')} | {r.get('peak_rss_mb', '-')} | {sq} | "
+                     f"{f'{cpu:.2f}' if cpu else '-'} | {stages} |")
     lines += ["", "Commands:", *[f"- {r['job']}: `{r['command']}`" for r in res["jobs"] if "command" in r], ""]
     lines += [f"- {n}" for n in res.get("notes", [])]  # what a reading of the run found (added by hand)
     return "\n".join(lines) + "\n"
@@ -120,7 +121,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try this script itself")
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_calibration.py needs a CUDA build of PyTorch and a visible GPU (or --device cpu to try it)")
+        raise SystemExit("gpu_calibration.py needs a CUDA build of PyTorch and a visible GPU "
+                         "(or --device cpu to try it)")
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
