@@ -2,9 +2,12 @@
 
 ORT's CPU provider fuses Q/DQ into integer kernels only when a Q follows the op (QLinearConv), which
 would re-quantize the output: the per-timestep scales would no longer be exact. What it does run fast
-and exactly is an int8 GEMM with int32 accumulation (MLAS, weights pre-packed, AVX512-VNNI where the CPU
-has it) behind MatMulInteger / MatMulIntegerToFloat. ConvInteger is exact too but slower than FP32
-Conv in ORT 1.32 (no weight pre-packing; measured), so convolutions become im2col + the integer GEMM.
+and exactly is an 8-bit GEMM with int32 accumulation (MLAS, weights pre-packed) behind MatMulInteger /
+MatMulIntegerToFloat. ConvInteger is exact too but slower than FP32 Conv in ORT 1.32 (no weight
+pre-packing; measured), so convolutions become im2col + the integer GEMM. Both operands are uint8 (the
+weights shifted by 128, zero point 128): MLAS's uint8 x int8 kernel for x86 CPUs without VNNI (AVX2 only)
+sums product pairs in saturating int16 and is wrong by up to millions on such CPUs (seen on an AMD EPYC
+without AVX-512: every element of a K=576 GEMM off), while uint8 x uint8 is exact on every CPU.
 
 Pattern (fold.py's deployment form; the t_index Muls/Adds around it are left alone):
 
@@ -12,9 +15,9 @@ Pattern (fold.py's deployment form; the t_index Muls/Adds around it are left alo
 
 Replacement (s: per-output-channel weight scale, 1 for the unit-scale weights of asymmetric layers):
 
-    MatMul: Q(u, 1, 128, uint8) -> MatMulIntegerToFloat(., W_int8, a_scale 1, b_scale s, a_zp 128)
+    MatMul: Q(u, 1, 128, uint8) -> MatMulIntegerToFloat(., W_int8 + 128, a_scale 1, b_scale s, a_zp 128, b_zp 128)
     Conv:   Q(u, 1, 128, uint8) -> Transpose(NHWC) -> Pad(128) -> k*k strided Slices -> Concat (im2col)
-            -> MatMulIntegerToFloat(., W_col int8 [k*k*Cin, Cout], 1, s, 128) -> Transpose(NCHW)
+            -> MatMulIntegerToFloat(., W_col + 128 [k*k*Cin, Cout], 1, s, 128, 128) -> Transpose(NCHW)
 
 Q(u, 1, 128, uint8) - 128 == Q(u, 1, 0, int8) for every u, and padding with the zero point 128 is
 padding with 0, so the integer sums equal the TensorRT graph's; MatMulIntegerToFloat (ORT's
@@ -227,7 +230,8 @@ def rewrite_layer(b: _Builder, layer: IntegerLayer, cache: dict) -> None:
     if scale_mul is not None:  # int32 sum * (1 * s) is the sum * 1, then * s: the Mul's own values, one pass fewer
         scale = scale_mul[1]
         ir.convenience.replace_all_uses_with(scale_mul[0].outputs[0], op.outputs[0])
-    ins = [x, b.const("weight_int8", w), cache["one"], b.const("weight_scale", scale), cache["zp"], None]
+    w_u8 = (w.astype(np.int16) + ZERO).astype(np.uint8)  # uint8 x uint8: exact without VNNI too (module doc)
+    ins = [x, b.const("weight_u8", w_u8), cache["one"], b.const("weight_scale", scale), cache["zp"], cache["zp"]]
     if layer.bias is not None:
         ins.append(b.const("bias", layer.bias))
     y = b.node(op, "MatMulIntegerToFloat", ins, "matmul_integer", domain=MS_DOMAIN)

@@ -137,7 +137,7 @@ def test_ort_flavor_rewrites_an_external_data_graph_in_place(ext, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
     tensors = _external(work)
     assert {loc for loc, *_ in tensors.values()} == {"unet.onnx.data"}
-    assert any(n.startswith("ort_int/weight_int8") and dt == TP.INT8 for n, (*_, dt) in tensors.items())
+    assert any(n.startswith("ort_int/weight_u8") and dt == TP.UINT8 for n, (*_, dt) in tensors.items())
     inputs = parity_inputs(ck, per_step=2)
     ref, got = run_ort(ort_session(path), inputs), run_ort(ort_session(work), inputs)
     for t in range(STEPS):

@@ -10,14 +10,30 @@ sample carries its own timestep and t_index, so requests at different timesteps 
 A bad request gets an error response naming the problem; the others in the batch are still served.
 """
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-# ORT 1.32 rejects some opset-21 QDQ graphs in this pass (see dilatequant.dq_export.parity).
-DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
+
+
+def _int8_gemm_is_exact() -> bool:
+    """dilatequant.dq_export.parity.int8_gemm_is_exact, repeated: this file runs inside Triton on its own."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+# As dilatequant.dq_export.parity.ORT_DISABLED_OPTIMIZERS: ORT 1.32 rejects some opset-21 QDQ graphs in the
+# first; the second fuses DQ -> MatMul into a uint8 x int8 kernel that is exact only on CPUs with VNNI.
+DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"] + ([] if _int8_gemm_is_exact() else
+                                                       ["QDQSelectorActionTransformer"])
 ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32}
 
