@@ -192,3 +192,25 @@ def test_target_is_validated():
     with pytest.raises(UserError, match="fp16"):
         ExportConfig(target="ort", dtype="fp16")
     assert ExportConfig().target == "tensorrt"
+
+
+def test_int8_gemm_counts_as_exact_only_with_vnni_on_x86(monkeypatch, tmp_path):
+    """Without VNNI, MLAS's uint8 x int8 kernel saturates: ORT sessions must not fuse DQ -> MatMul into it."""
+    from dilatequant.dq_export import parity
+
+    on_this_cpu = "QDQSelectorActionTransformer" in parity.ORT_DISABLED_OPTIMIZERS
+    assert on_this_cpu == (not parity.int8_gemm_is_exact())
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = parity.Path
+    monkeypatch.setattr(parity, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.setattr(parity.platform, "machine", lambda: "x86_64")
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 fma\n")                  # AMD EPYC (Zen 2/3), Haswell..Skylake client
+    assert not parity.int8_gemm_is_exact()
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n")  # Cascade Lake and newer Xeons
+    assert parity.int8_gemm_is_exact()
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx_vnni\n")                  # Alder Lake
+    assert parity.int8_gemm_is_exact()
+    cpuinfo.unlink()                                                     # cannot tell: the exact path
+    assert not parity.int8_gemm_is_exact()
+    monkeypatch.setattr(parity.platform, "machine", lambda: "aarch64")
+    assert parity.int8_gemm_is_exact()
