@@ -30,6 +30,7 @@ from .distributed import SINGLE, Dist
 from .reporting import atomic_write_stream, own_storage
 
 PROGRESS_FORMAT = "dilatequant.bkd-progress/2"  # /2: one file per finished block
+BASE = "_base"  # the progress file of the model as BKD found it (units are module paths: never this name)
 
 
 @dataclass
@@ -188,9 +189,6 @@ def _train(qunet, groups, step_loss, iters, desc, report: Callable[[torch.Tensor
 def progress_blocks(path: Path) -> Path:
     """The folder beside the progress file that holds each finished block's trained tensors."""
     return Path(f"{path}.blocks")
-
-
-BASE = "_base"  # the model as BKD found it (units are module paths: never this name)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -18,7 +18,6 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
-
 def _int8_gemm_is_exact() -> bool:
     """dilatequant.dq_export.parity.int8_gemm_is_exact, repeated: this file runs inside Triton on its own."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
