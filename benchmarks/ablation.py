@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.evaluation import compare_to_fp, fp_reference, mean_mse_before_final
-from dilatequant.calibrate.metrics import digit_scores
-from dilatequant.calibrate.models import load_model
-from dilatequant.calibrate.reporting import environment, write_json, write_text
-from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE
+from dilatequant.core.evaluation import compare_to_fp, fp_reference, mean_mse_before_final
+from dilatequant.core.metrics import digit_scores
+from dilatequant.core.models import load_model
+from dilatequant.core.reporting import environment, write_json, write_text
+from dilatequant.core.sampling import DEFAULT_GUIDANCE
 
 ALL = ["--float-layers", "none"]  # every layer quantized, the UNet input included (the grid's common setting)
 VARIANTS = {
@@ -149,7 +149,7 @@ def markdown(results: dict) -> str:
                      f"{f('peak_rss_mb', '{:.0f}')} |")
     s = results["settings"]
     lines += ["", "noise MSE, t > 0: every step but the last (t = 0), whose noise prediction reaches the image "
-              "multiplied by 0.01 at most (dilatequant.calibrate.evaluation.mean_mse_before_final)."]
+              "multiplied by 0.01 at most (dilatequant.core.evaluation.mean_mse_before_final)."]
     lines += ["", f"Settings: {s['calib_samples']} calibration samples, {s['iters']} BKD iterations per block, "
               f"{s['eval_samples']} evaluation samples, DDIM-{s['steps']}, seed {s['seed']}."]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from distributed import calibration_args, calibration_parser, run  # benchmarks/ (this script's folder is on sys.path)
-from dilatequant.calibrate.reporting import environment, write_json, write_text
+from dilatequant.core.reporting import environment, write_json, write_text
 
 # what is compared: the dq-calibrate flag, its FP32 value and its bf16 value
 COMPARISONS = {"autocast": ("--autocast", "none", "bf16"), "teacher-dtype": ("--teacher-dtype", "fp32", "bf16")}

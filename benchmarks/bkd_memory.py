@@ -51,9 +51,9 @@ def child(n: int, setup: Setup) -> dict:
 
     from dilatequant.calibrate.calibration_data import build_calibration_set
     from dilatequant.calibrate.distill import DistillConfig, distill
-    from dilatequant.calibrate.models import DiffusionModel, default_scheduler
     from dilatequant.calibrate.quant_config import QuantConfig
     from dilatequant.calibrate.recipe import prepare
+    from dilatequant.core.models import DiffusionModel, default_scheduler
 
     torch.set_num_threads(setup.threads)
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def main() -> None:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(a.label, runs[-1], flush=True)
     sys.path.insert(0, str(ROOT))
-    from dilatequant.calibrate.reporting import atomic_write_bytes, environment
+    from dilatequant.core.reporting import atomic_write_bytes, environment
 
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[a.label] = {"setup": asdict(setup), "tree": str(a.tree), "runs": runs,

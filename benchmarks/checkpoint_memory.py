@@ -59,10 +59,10 @@ def child_save(setup: Setup, path: Path) -> dict:
     from diffusers import UNet2DConditionModel
 
     from dilatequant.calibrate.checkpoint import save_checkpoint
-    from dilatequant.calibrate.models import ClassTokenEncoder, DiffusionModel, default_scheduler
     from dilatequant.calibrate.quant_config import QuantConfig
     from dilatequant.calibrate.quant_unet import QuantUNet
-    from dilatequant.calibrate.sampling import sampling_timesteps
+    from dilatequant.core.models import ClassTokenEncoder, DiffusionModel, default_scheduler
+    from dilatequant.core.sampling import sampling_timesteps
     from unet_configs import unet_config
 
     torch.set_num_threads(setup.threads)
@@ -175,7 +175,7 @@ def main() -> None:
                 runs[label].append({"save": save, "load": load})
                 print(label, i, "save", save, "load", load, flush=True)
     sys.path.insert(0, str(ROOT))
-    from dilatequant.calibrate.reporting import environment, write_json, write_text
+    from dilatequant.core.reporting import environment, write_json, write_text
 
     first = runs["streamed-mmap"][0]["save"]
     columns = {"save_peak_rise_mb": ("save", "peak_rise_mb"), "save_wall_s": ("save", "wall_s"),

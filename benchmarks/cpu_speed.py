@@ -27,12 +27,12 @@ import torch
 
 from dilatequant.calibrate.calibration_data import CalibrationSet
 from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
-from dilatequant.calibrate.metrics import sqnr_db
-from dilatequant.calibrate.models import ClassTokenEncoder, DiffusionModel, default_scheduler, load_model
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import prepare
-from dilatequant.calibrate.reporting import environment, write_json, write_text
-from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.core.metrics import sqnr_db
+from dilatequant.core.models import ClassTokenEncoder, DiffusionModel, default_scheduler, load_model
+from dilatequant.core.reporting import environment, write_json, write_text
+from dilatequant.core.sampling import sampling_timesteps
 from dilatequant.dq_export.graph_passes import simplify
 from dilatequant.dq_export.onnx_files import save_model
 from dilatequant.dq_export.ort_graph import convert_file

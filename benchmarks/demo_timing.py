@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dilatequant.calibrate.reporting import environment, write_json, write_text
+from dilatequant.core.reporting import environment, write_json, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from dilatequant.calibrate.digit_classifier import classify
-from dilatequant.calibrate.digits import load_digits
-from dilatequant.calibrate.metrics import frechet_distance, held_out_features
-from dilatequant.calibrate.models import load_model
-from dilatequant.calibrate.reporting import environment, write_json, write_text
-from dilatequant.calibrate.sampling import sample
+from dilatequant.core.digit_classifier import classify
+from dilatequant.core.digits import load_digits
+from dilatequant.core.metrics import frechet_distance, held_out_features
+from dilatequant.core.models import load_model
+from dilatequant.core.reporting import environment, write_json, write_text
+from dilatequant.core.sampling import sample
 
 
 def spread(feats: torch.Tensor, sizes: list[int], repeats: int, seed: int) -> dict[str, dict]:

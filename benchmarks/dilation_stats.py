@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dilatequant.calibrate.models import load_model
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
-from dilatequant.calibrate.reporting import environment, write_json
 from dilatequant.calibrate.weight_dilation import dilation_scales
+from dilatequant.core.models import load_model
+from dilatequant.core.reporting import environment, write_json
 
 
 def summarize(s: torch.Tensor) -> dict:

@@ -23,11 +23,11 @@ import torch
 
 from dilatequant.calibrate.calibration_data import build_calibration_sets, trajectory_count
 from dilatequant.calibrate.distill import DistillConfig, adam_radius, bkd_divergence_bound
-from dilatequant.calibrate.models import load_model
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
 from dilatequant.calibrate.recipe import apply_scaling, init_act_tables, init_weight_scales, observe_activations
-from dilatequant.calibrate.reporting import environment, write_json, write_text
+from dilatequant.core.models import load_model
+from dilatequant.core.reporting import environment, write_json, write_text
 
 
 def run(name: str, nproc: int, threads: int, args: list[str], out: Path) -> dict:

@@ -17,13 +17,13 @@ import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.calibrate.distill import DistillConfig
-from dilatequant.calibrate.evaluation import fp_trajectories, per_step_noise_error
-from dilatequant.calibrate.metrics import digit_scores
-from dilatequant.calibrate.models import load_model
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import CalibrationJob, run_calibration
-from dilatequant.calibrate.reporting import environment, write_json, write_text
-from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE, sample
+from dilatequant.core.evaluation import fp_trajectories, per_step_noise_error
+from dilatequant.core.metrics import digit_scores
+from dilatequant.core.models import load_model
+from dilatequant.core.reporting import environment, write_json, write_text
+from dilatequant.core.sampling import DEFAULT_GUIDANCE, sample
 from dilatequant.dq_export.parity import ort_session
 from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import ExportConfig

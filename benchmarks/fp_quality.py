@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from dilatequant.calibrate.digits import load_digits
 from dilatequant.calibrate.checkpoint import checkpoint_hash
-from dilatequant.calibrate.metrics import digit_scores
-from dilatequant.calibrate.models import EMBEDDED_MODELS, embedded_model_dir, load_model
-from dilatequant.calibrate.reporting import environment, save_grid, write_json, write_text
-from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE, sample
+from dilatequant.core.digits import load_digits
+from dilatequant.core.metrics import digit_scores
+from dilatequant.core.models import EMBEDDED_MODELS, embedded_model_dir, load_model
+from dilatequant.core.reporting import environment, save_grid, write_json, write_text
+from dilatequant.core.sampling import DEFAULT_GUIDANCE, sample
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.calibration_data import CACHE_ENV
-from dilatequant.calibrate.reporting import environment, write_json, write_text
+from dilatequant.core.reporting import environment, write_json, write_text
 from sd15_calibration import SD_DIGITS, build_pipeline  # benchmarks/ (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ BATCHES=${BATCHES:-1,4,8}
 # Fail in seconds, not after calibration, when TensorRT 11 or the GPU is missing (one line, what to install).
 python - <<'EOF'
 import sys
-from dilatequant.engines.trt_env import require_trt_and_gpu
-from dilatequant.errors import UserError
+from dilatequant.engines.tensorrt.env import require_trt_and_gpu
+from dilatequant.core.errors import UserError
 try:
     trt, gpu = require_trt_and_gpu()
 except UserError as err:

@@ -16,7 +16,7 @@ from pathlib import Path
 from dilatequant.calibrate.distill import DistillConfig
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import CalibrationJob, run_calibration
-from dilatequant.calibrate.reporting import environment, write_json
+from dilatequant.core.reporting import environment, write_json
 from dilatequant.dq_export.layer_parity import LayerParityError
 from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import ExportConfig

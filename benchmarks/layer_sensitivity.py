@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.evaluation import compare_to_fp, fp_reference, fp_trajectories
-from dilatequant.calibrate.metrics import sqnr_db
-from dilatequant.calibrate.reporting import environment, write_json
-from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE, fp_predictor
+from dilatequant.core.evaluation import compare_to_fp, fp_reference, fp_trajectories
+from dilatequant.core.metrics import sqnr_db
+from dilatequant.core.reporting import environment, write_json
+from dilatequant.core.sampling import DEFAULT_GUIDANCE, fp_predictor
 from dilatequant.engines.runners import fp_model_of
 
 

@@ -40,12 +40,12 @@ STAGES = ("model", "calibrate", "export_int8", "export_int4", "fp16_fallback", "
 
 
 def build_model(unet_name: str, folder: Path) -> dict:
-    """The folder dq-calibrate loads: SD 1.5's UNet with class-token conditioning (calibrate/models.py: unet/ +
+    """The folder dq-calibrate loads: SD 1.5's UNet with class-token conditioning (core/models.py: unet/ +
     class_encoder/ + scheduler), SDXL's (text_time conditioning) in an SDXL pipeline folder (sdxl_pipeline)."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    from dilatequant.calibrate.models import ClassTokenEncoder, default_scheduler
+    from dilatequant.core.models import ClassTokenEncoder, default_scheduler
     from unet_configs import unet_config
 
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def graphs_child(ckpt: Path, model_dir: Path, work: Path, batches: list[int]) ->
     import numpy as np
 
     import cpu_speed
-    from dilatequant.calibrate.models import load_model
+    from dilatequant.core.models import load_model
 
     fp = load_model(model_dir)
     graphs = cpu_speed.prepare_graphs("unet", ckpt, fp, work)
@@ -127,7 +127,7 @@ def speed_child(variant: str, model_dir: Path, work: Path, batches: list[int], r
     import numpy as np
 
     import cpu_speed
-    from dilatequant.calibrate.models import load_model
+    from dilatequant.core.models import load_model
 
     graphs = json.loads((work / "graphs.json").read_text())
     graphs["paths"] = {k: Path(v) for k, v in graphs["paths"].items()}
@@ -324,7 +324,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from dilatequant.calibrate.reporting import environment, write_json, write_text
+    from dilatequant.core.reporting import environment, write_json, write_text
     from unet_configs import unet_config
 
     summary = torch.load(q, weights_only=True, mmap=True)["summary"] if q.is_file() else "{}"

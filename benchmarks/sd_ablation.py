@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.evaluation import per_step_noise_error
-from dilatequant.calibrate.metrics import digit_scores, psnr_db, ssim
-from dilatequant.calibrate.models import load_model, make_prompt_bank
-from dilatequant.calibrate.prompts import read_prompts
-from dilatequant.calibrate.reporting import environment, write_json, write_text
-from dilatequant.calibrate.sampling import sample
-from dilatequant.calibrate.sd_training import captions_for
+from dilatequant.core.digits import captions_for
+from dilatequant.core.evaluation import per_step_noise_error
+from dilatequant.core.metrics import digit_scores, psnr_db, ssim
+from dilatequant.core.models import load_model, make_prompt_bank
+from dilatequant.core.prompts import read_prompts
+from dilatequant.core.reporting import environment, write_json, write_text
+from dilatequant.core.sampling import sample
 
 # dq-calibrate flags of each variant on top of its defaults (conv_in, whose input is x_t, stays float as in
 # every dq-calibrate run); names follow benchmarks/ablation.py

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from dilatequant.calibrate.digit_classifier import classify
-from dilatequant.calibrate.metrics import psnr_db, ssim
-from dilatequant.calibrate.models import load_model
-from dilatequant.calibrate.reporting import environment, save_grid, write_json, write_text
-from dilatequant.calibrate.sd_training import captions_for
-from dilatequant.engines.diffusers_unet import QuantizedUNet
+from dilatequant.core.digit_classifier import classify
+from dilatequant.core.digits import captions_for
+from dilatequant.core.metrics import psnr_db, ssim
+from dilatequant.core.models import load_model
+from dilatequant.core.reporting import environment, save_grid, write_json, write_text
 from dilatequant.engines.generate import SCHEDULERS, GenerateConfig, check_pairing, run_pipeline
+from dilatequant.engines.pytorch.diffusers_unet import QuantizedUNet
 from dilatequant.engines.runners import open_runner
 
 SEED_STRIDE = 1000  # image (digit d, seed s) uses generator seed SEED_STRIDE * s + d

@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.checkpoint import checkpoint_hash
-from dilatequant.calibrate.digit_classifier import classify
-from dilatequant.calibrate.digits import IMAGE_SIZE, load_digits
-from dilatequant.calibrate.metrics import digit_scores
-from dilatequant.calibrate.reporting import environment, save_grid, write_json, write_text
-from dilatequant.calibrate.sd_training import CAPTION_TEMPLATES, captions_for
-from dilatequant.errors import UserError
+from dilatequant.core.digit_classifier import classify
+from dilatequant.core.digits import CAPTION_TEMPLATES, IMAGE_SIZE, captions_for, load_digits
+from dilatequant.core.errors import UserError
+from dilatequant.core.metrics import digit_scores
+from dilatequant.core.reporting import environment, save_grid, write_json, write_text
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "dilatequant" / "assets" / "sd-digits"
 BAR = 0.90

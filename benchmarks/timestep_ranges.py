@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dilatequant.calibrate.reporting import environment, write_json, write_text
+from dilatequant.core.reporting import environment, write_json, write_text
 
 PROMPTED = {"sd-digits": ["--prompts", "benchmarks/prompts/sd_digits.txt", "--guidance", "3.0"]}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dilatequant.calibrate.reporting import environment, write_json, write_text
+from dilatequant.core.reporting import environment, write_json, write_text
 from dilatequant.engines.triton.client import connect, infer, pipeline_inputs
 from dilatequant.engines.triton.repository import RepositoryConfig, write_repository
 from dilatequant.engines.triton.server import TritonServer

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from .core.errors import UserError
 
 
 def _run(fn: Callable[[], object]) -> None:
@@ -48,11 +48,11 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     from .calibrate.distill import DistillConfig
     from .calibrate.quant_config import QuantConfig
     from .calibrate.recipe import CalibrationJob, run_calibration
-    from .calibrate.models import parse_size
-    from .calibrate.prompts import read_prompts
-    from .calibrate.sampling import DEFAULT_GUIDANCE, TEXT_GUIDANCE
     from .calibrate.timestep_quantizer import INIT_METHODS
     from .calibrate.weight_dilation import SCALING_METHODS
+    from .core.models import parse_size
+    from .core.prompts import read_prompts
+    from .core.sampling import DEFAULT_GUIDANCE, TEXT_GUIDANCE
 
     d, q = DistillConfig(), QuantConfig()
     p = argparse.ArgumentParser(prog="dq-calibrate", description="DilateQuant QAT (WD + TPQ + BKD) -> q.pt")
@@ -107,10 +107,10 @@ def calibrate_main(argv: list[str] | None = None) -> None:
 
 def _calibrate(a: argparse.Namespace, dist) -> None:
     from .calibrate.distill import DistillConfig
-    from .calibrate.models import parse_size
-    from .calibrate.prompts import read_prompts
     from .calibrate.quant_config import QuantConfig
     from .calibrate.recipe import CalibrationJob, run_calibration
+    from .core.models import parse_size
+    from .core.prompts import read_prompts
 
     w_bits, a_bits = QuantConfig.parse_bits(a.bits)
     config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=a.sym, scaling=a.scaling,
@@ -184,8 +184,8 @@ def export_main(argv: list[str] | None = None) -> None:
             return
         if not a.ckpt or not a.onnx:
             raise UserError("pass --ckpt q.pt --onnx out.onnx (or --check FILE)")
+        from .core.metrics import format_sqnr
         from .dq_export.pipeline import export_and_verify
-        from .calibrate.metrics import format_sqnr
 
         cfg = ExportConfig(precision=a.precision, dtype=a.dtype, static_scales=a.static_scales,
                            static_shapes=a.static_shapes, batch=a.batch, target=a.target)
@@ -235,7 +235,7 @@ def build_engine_main(argv: list[str] | None = None) -> None:
     def go() -> None:
         if not a.onnx or not a.engine:
             raise UserError("pass --onnx unet.onnx --engine unet.plan")
-        from .engines.trt_build import BuildConfig, build_engine, sidecar_path
+        from .engines.tensorrt.build import BuildConfig, build_engine, sidecar_path
 
         cfg = BuildConfig(onnx=a.onnx, engine=a.engine, fp16_fallback=a.fp16_fallback, min_shapes=a.min_shapes,
                           opt_shapes=a.opt_shapes, max_shapes=a.max_shapes, timing_cache=a.timing_cache,
@@ -346,7 +346,7 @@ def client_main(argv: list[str] | None = None) -> None:
         if a.prompt is not None:
             if a.label:
                 raise UserError("pass --prompt (Stable Diffusion repositories) or --label (class models), not both")
-            from .calibrate.sizes import parse_size  # torch-free, as the client is
+            from .core.sizes import parse_size  # torch-free, as the client is
 
             images = generate_from_prompt(a.url, a.prompt, a.seed, a.protocol, a.model, a.timeout, steps=a.steps,
                                           guidance=a.guidance, negative_prompt=a.negative_prompt,
@@ -429,7 +429,7 @@ def verify_main(argv: list[str] | None = None) -> None:
 
 
 def generate_main(argv: list[str] | None = None) -> None:
-    from .calibrate.models import parse_size
+    from .core.models import parse_size
     from .engines.generate import SCHEDULERS, GenerateConfig, generate
 
     p = argparse.ArgumentParser(prog="dq-generate", description="a prompt through the Stable Diffusion pipeline "

@@ -12,16 +12,16 @@ from pathlib import Path
 import torch
 
 from .calibrate.checkpoint import load_checkpoint
-from .errors import UserError
-from .calibrate.distill import DistillConfig
 from .calibrate.checkpoint import source_model
-from .calibrate.evaluation import compare_to_fp, fp_reference, fp_trajectories, requested_digits
-from .calibrate.metrics import digit_scores, format_digit_fid, format_sqnr, with_fid_floor
-from .calibrate.models import DiffusionModel, load_model
-from .calibrate.reporting import environment, ensure_writable_dir, save_grid, write_json, write_text
+from .calibrate.distill import DistillConfig
 from .calibrate.quant_config import QuantConfig
 from .calibrate.recipe import CalibrationJob, run_calibration
-from .calibrate.sampling import SampleResult, default_guidance, sample
+from .core.errors import UserError
+from .core.evaluation import compare_to_fp, fp_reference, fp_trajectories, requested_digits
+from .core.metrics import digit_scores, format_digit_fid, format_sqnr, with_fid_floor
+from .core.models import DiffusionModel, load_model
+from .core.reporting import environment, ensure_writable_dir, save_grid, write_json, write_text
+from .core.sampling import SampleResult, default_guidance, sample
 from .dq_export.pipeline import export_and_verify
 from .dq_export.qdq_graph import ExportConfig
 
@@ -51,7 +51,7 @@ def demo_prompts(model: DiffusionModel, n: int) -> list[str] | None:
     """Text models: sample i asks for digit i % 10 in phrasing i // 10 (the model's calibration prompts cycled)."""
     if not model.is_text_conditioned:
         return None
-    from .calibrate.prompts import calibration_prompts
+    from .core.prompts import calibration_prompts
 
     bank = calibration_prompts(model)
     return [bank[i % len(bank)] for i in range(n)]
@@ -107,11 +107,11 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
 def generate_section(cfg: DemoConfig, model: DiffusionModel, onnx_path: Path) -> dict:
     """One prompt per digit through diffusers' own pipeline, the ONNX graph as pipe.unet, beside the FP UNet
     from the same seeds: what dq-generate does, for a few samplers with other step counts than calibrated."""
-    from .calibrate.metrics import psnr_db, ssim
-    from .calibrate.sd_training import captions_for
-    from .engines.diffusers_unet import QuantizedUNet
+    from .core.digits import captions_for
+    from .core.metrics import psnr_db, ssim
     from .engines.generate import GenerateConfig, run_pipeline
-    from .engines.runners import OrtRunner
+    from .engines.onnxruntime.runner import OrtRunner
+    from .engines.pytorch.diffusers_unet import QuantizedUNet
 
     prompts = [captions_for(d)[0] for d in range(10)]
     qunet = QuantizedUNet(OrtRunner(onnx_path), model.unet.config)
@@ -134,7 +134,7 @@ def generate_section(cfg: DemoConfig, model: DiffusionModel, onnx_path: Path) ->
 
 def verify_section(cfg: DemoConfig, ckpt: Path, onnx_path: Path) -> dict:
     """dq-verify on ONNX Runtime (CPU), and on a TensorRT engine where TensorRT 11 and a GPU exist."""
-    from .engines.trt_env import require_trt_and_gpu
+    from .engines.tensorrt.env import require_trt_and_gpu
     from .engines.verify import VerifyConfig, run_verify
 
     light = dict(batches=(1, 8), num_samples=16, repeats=10, mapped_steps=(cfg.steps // 2,), seed=cfg.seed)
@@ -146,7 +146,7 @@ def verify_section(cfg: DemoConfig, ckpt: Path, onnx_path: Path) -> dict:
     except UserError as err:
         reports["tensorrt"] = {"skipped": str(err)}
         return reports
-    from .engines.trt_build import BuildConfig, build_engine
+    from .engines.tensorrt.build import BuildConfig, build_engine
 
     plan = onnx_path.with_suffix(".plan")
     build_engine(BuildConfig(onnx=onnx_path, engine=plan, fp16_fallback=True, inspect=True))

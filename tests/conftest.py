@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from dilatequant.calibrate.models import ClassTokenEncoder, DiffusionModel, default_scheduler
+from dilatequant.core.models import ClassTokenEncoder, DiffusionModel, default_scheduler
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +76,7 @@ def tiny_checkpoint(tmp, model, steps: int = 4, **cfg):
     from dilatequant.calibrate.checkpoint import save_checkpoint
     from dilatequant.calibrate.quant_config import QuantConfig
     from dilatequant.calibrate.recipe import prepare
-    from dilatequant.calibrate.sampling import sampling_timesteps
+    from dilatequant.core.sampling import sampling_timesteps
 
     torch.manual_seed(0)
     data = build_calibration_set(model, 16, steps, use_cache=False)

@@ -11,7 +11,10 @@ from pathlib import Path
 import dilatequant
 
 PACKAGE = Path(dilatequant.__file__).parent
-LAYERS = ("calibrate", "dq_export", "engines", "cli")  # calibrate <- dq_export <- engines <- cli (README)
+# core <- calibrate <- dq_export <- engines <- cli (README's package map); demo.py orchestrates like cli.py
+LAYERS = ("core", "calibrate", "dq_export", "engines", "cli")
+TRAINING_MAY_IMPORT = ("core", "calibrate")
+BACKENDS = ("pytorch", "onnxruntime", "tensorrt", "triton")
 
 
 def _module_name(path: Path) -> str:
@@ -100,16 +103,48 @@ def test_no_module_imports_itself_back():
     assert not cycles, f"import cycles (deferred imports included): {cycles}"
 
 
+def _layer(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
 def test_layers_import_one_way():
-    """calibrate never imports dq_export/engines/cli, dq_export never engines/cli, engines never cli."""
+    """core imports no other layer, calibrate never dq_export/engines/cli, dq_export never engines/cli, engines never
+    cli; nothing but the cli side imports training, and training imports core and calibrate only."""
+    wrong = []
+    for mod, targets in import_graph().items():
+        layer = _layer(mod)
+        for t in targets:
+            tl = _layer(t)
+            if layer in LAYERS and tl in LAYERS and LAYERS.index(tl) > LAYERS.index(layer):
+                wrong.append(f"{mod} -> {t}")
+            if tl == "training" and layer not in ("training", "cli", "demo"):
+                wrong.append(f"{mod} -> {t}")
+            if layer == "training" and tl not in ("training", *TRAINING_MAY_IMPORT, ""):
+                wrong.append(f"{mod} -> {t}")
+    assert not wrong, wrong
+
+
+def test_backends_import_only_the_base_and_themselves():
+    """A runtime folder (engines/<runtime>/) never imports another runtime: runners.py is the one place that knows
+    them all, as Polygraphy keeps backend/<runtime>/ apart. Triton is a server that hosts the others (a TensorRT
+    plan's profile decides its config), so it may read them."""
     wrong = []
     for mod, targets in import_graph().items():
         parts = mod.split(".")
-        if len(parts) < 2 or parts[1] not in LAYERS:
+        if len(parts) < 3 or parts[1] != "engines" or parts[2] not in BACKENDS:
             continue
-        rank = LAYERS.index(parts[1])
         for t in targets:
             tp = t.split(".")
-            if len(tp) > 1 and tp[1] in LAYERS and LAYERS.index(tp[1]) > rank:
+            if (len(tp) > 2 and tp[1] == "engines" and tp[2] in BACKENDS and tp[2] != parts[2]
+                    and parts[2] != "triton"):
                 wrong.append(f"{mod} -> {t}")
     assert not wrong, wrong
+
+
+def test_the_package_map_is_the_tree():
+    """The layers and backends these tests check are the folders that exist (a renamed folder fails here)."""
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders == {*LAYERS[:-1], "training"}, folders
+    backends = {p.name for p in (PACKAGE / "engines").iterdir() if (p / "__init__.py").is_file()}
+    assert backends == set(BACKENDS), backends

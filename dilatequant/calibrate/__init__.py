@@ -1,1 +1,1 @@
-"""Training side: models, sampling, metrics and DilateQuant calibration up to the checkpoint q.pt."""
+"""The method, up to q.pt: Weight Dilation, the Temporal Parallel Quantizer, Block-wise Knowledge Distillation."""

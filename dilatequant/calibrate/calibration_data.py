@@ -10,12 +10,12 @@ from typing import Iterator
 
 import torch
 
-from ..errors import UserError
+from ..core.conditioning import COND_NAMES, Condition, map_condition
+from ..core.errors import UserError
+from ..core.models import DiffusionModel
+from ..core.reporting import atomic_write_bytes
+from ..core.sampling import Trajectory, default_guidance, sample
 from .distributed import SINGLE, Dist
-from .conditioning import COND_NAMES, Condition, map_condition
-from .models import DiffusionModel
-from .reporting import atomic_write_bytes
-from .sampling import Trajectory, default_guidance, sample
 
 CACHE_ENV = "DQ_CACHE_DIR"
 SAMPLE_BATCH = 250  # trajectories per sampling batch (one process's default; the bits depend on it)

@@ -23,11 +23,11 @@ import diffusers
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..errors import UserError
-from .models import ClassTokenEncoder, DiffusionModel, PromptBank, load_model
+from ..core.errors import UserError
+from ..core.models import ClassTokenEncoder, DiffusionModel, PromptBank, load_model
+from ..core.reporting import atomic_write_stream, own_storage
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
-from .reporting import atomic_write_stream, own_storage
 
 FORMAT = "dilatequant.q.pt"
 VERSION = 1

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import UserError
-from .calibration_data import CalibrationSet, condition_of
-from .conditioning import unet_kwargs
-from .quant_unet import QuantLayer, QuantUNet
+from ..core.conditioning import unet_kwargs
+from ..core.device import autocast, module_device, to_device
+from ..core.errors import UserError
+from ..core.reporting import atomic_write_stream, own_storage
 from .block_cache import BlockCache, CacheFolder
-from .device import autocast, module_device, to_device
+from .calibration_data import CalibrationSet, condition_of
 from .distributed import SINGLE, Dist
-from .reporting import atomic_write_stream, own_storage
+from .quant_unet import QuantLayer, QuantUNet
 
 PROGRESS_FORMAT = "dilatequant.bkd-progress/2"  # /2: one file per finished block
 BASE = "_base"  # the progress file of the model as BKD found it (units are module paths: never this name)

@@ -21,8 +21,8 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as torchdist
 
-from ..errors import UserError
-from .device import resolve_device
+from ..core.device import resolve_device
+from ..core.errors import UserError
 
 T = TypeVar("T")
 TIMEOUT_ENV = "DQ_DIST_TIMEOUT_S"  # how long a rank waits in a collective for the others (default 1800 s)

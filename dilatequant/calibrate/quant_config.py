@@ -5,7 +5,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .timestep_quantizer import INIT_METHODS
 from .weight_dilation import SCALING_METHODS
 

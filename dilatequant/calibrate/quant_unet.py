@@ -19,9 +19,9 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from ..errors import UserError
-from .conditioning import ConditionLike, cond_names, unet_kwargs
-from .device import module_device, to_device
+from ..core.conditioning import ConditionLike, cond_names, unet_kwargs
+from ..core.device import module_device, to_device
+from ..core.errors import UserError
 from .quant_config import QuantConfig
 from .quantizers import WeightQuantizer
 from .timestep_quantizer import StepContext, TimestepActQuantizer

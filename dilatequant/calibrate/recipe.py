@@ -12,20 +12,20 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from ..core.device import AUTOCAST, resolve_device
+from ..core.errors import UserError
+from ..core.metrics import mse, sqnr_db
+from ..core.models import load_model, make_prompt_bank
+from ..core.prompts import calibration_prompts
+from ..core.reporting import ensure_writable_dir, environment, peak_gpu_mb, peak_rss_mb, return_free_memory
+from ..core.sampling import default_guidance, sampling_timesteps
 from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_sets, calibration_setting,
                                model_fingerprint, trajectory_count, validation_size)
 from .checkpoint import save_checkpoint
-from .device import AUTOCAST, resolve_device
-from .distributed import SINGLE, AgreedError, Dist
 from .distill import DistillConfig, distill, fp_runner, quant_runner, remove_progress
-from .metrics import mse, sqnr_db
-from ..errors import UserError
-from .models import load_model, make_prompt_bank
-from .prompts import calibration_prompts
+from .distributed import SINGLE, AgreedError, Dist
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
-from .reporting import ensure_writable_dir, environment, peak_gpu_mb, peak_rss_mb, return_free_memory
-from .sampling import default_guidance, sampling_timesteps
 from .weight_dilation import dilate, dilation_scales, scale_weight, smoothquant_scales
 
 

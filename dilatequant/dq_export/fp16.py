@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .onnx_files import load_model, save_model, without_weights
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16

@@ -33,10 +33,10 @@ import torch
 from onnx_ir.passes import common
 
 from ..calibrate.checkpoint import QuantCheckpoint
-from ..calibrate.conditioning import COND_NAMES
-from ..calibrate.metrics import sqnr_db
 from ..calibrate.quant_unet import QuantConv2d, QuantLayer
-from ..errors import UserError
+from ..core.conditioning import COND_NAMES
+from ..core.errors import UserError
+from ..core.metrics import sqnr_db
 from .onnx_files import load_model, save_model
 
 MAX_LEVEL_DIFF = 1         # no level may differ by more than one (a float tie at most)

@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
-from ..calibrate.reporting import atomic_write_bytes
-from ..errors import UserError
+from ..core.errors import UserError
+from ..core.reporting import atomic_write_bytes
 
 ENV_THRESHOLD = "DILATEQUANT_EXTERNAL_DATA_BYTES"
 # protobuf's 2 GiB limit less 64 MiB of headroom for nodes, names and metadata (not counted in the estimate)

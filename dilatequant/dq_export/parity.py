@@ -8,11 +8,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..calibrate.checkpoint import QuantCheckpoint
-from ..calibrate.metrics import sqnr_db
 from ..calibrate.calibration_data import condition_of
-from ..calibrate.conditioning import map_condition
-from ..calibrate.sampling import default_guidance, sample
+from ..calibrate.checkpoint import QuantCheckpoint
+from ..core.conditioning import map_condition
+from ..core.metrics import sqnr_db
+from ..core.sampling import default_guidance, sample
 
 
 def int8_gemm_is_exact() -> bool:

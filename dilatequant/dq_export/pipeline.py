@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..calibrate.checkpoint import load_checkpoint
-from ..calibrate.reporting import write_json
+from ..core.reporting import write_json
 from .fold import w4a16_reference
 from .layer_parity import layer_parity_report, raise_on_failure
 from .ort_graph import convert_file

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
-from ..calibrate.conditioning import as_condition, unet_kwargs
-from ..errors import UserError
+from ..core.conditioning import as_condition, unet_kwargs
+from ..core.errors import UserError
 from .fold import ExportContext, deploy_unet, int4_layers
 from .fp16 import to_fp16
 from .graph_passes import finalize_graph, simplify

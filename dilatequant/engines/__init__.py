@@ -1,1 +1,2 @@
-"""Runtime side: TensorRT engine builds, one runner interface over every backend, verification reports, Triton serving."""
+"""Runtime side, one folder per backend (`pytorch/`, `onnxruntime/`, `tensorrt/`, `triton/`), one runner interface
+(`base.py`, `runners.open_runner`), dq-verify and dq-generate."""

@@ -10,12 +10,13 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from ..calibrate.calibration_data import model_fingerprint
-from ..calibrate.metrics import psnr_db, ssim
-from ..calibrate.models import DiffusionModel, check_size, load_model
-from ..calibrate.reporting import atomic_write_bytes
-from ..errors import UserError
-from .diffusers_unet import QuantizedUNet
-from .runners import Runner, open_runner
+from ..core.errors import UserError
+from ..core.metrics import psnr_db, ssim
+from ..core.models import DiffusionModel, check_size, load_model
+from ..core.reporting import atomic_write_bytes
+from .base import Runner
+from .pytorch.diffusers_unet import QuantizedUNet
+from .runners import open_runner
 
 SCHEDULERS = ("ddim", "euler", "dpm")
 

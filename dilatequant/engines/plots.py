@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate.reporting import atomic_write_bytes, image_grid
+from ..core.reporting import atomic_write_bytes, image_grid
 
 
 def _pyplot():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .runners import Runner
+from .base import Runner
 
 
 @dataclass

@@ -15,18 +15,22 @@ from pathlib import Path
 import torch
 
 from ..calibrate.checkpoint import checkpoint_hash, load_checkpoint
-from ..calibrate.evaluation import fp_trajectories, requested_digits
-from ..calibrate.metrics import format_digit_fid, psnr_db, reported_digit_scores, sqnr_db, ssim
-from ..calibrate.models import DiffusionModel, load_model
-from ..calibrate.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
-from ..calibrate.sampling import SampleResult, default_guidance, sample, sampling_timesteps
-from ..errors import UserError
+from ..core.errors import UserError
+from ..core.evaluation import fp_trajectories, requested_digits
+from ..core.metrics import format_digit_fid, psnr_db, reported_digit_scores, sqnr_db, ssim
+from ..core.models import DiffusionModel, load_model
+from ..core.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
+from ..core.sampling import SampleResult, default_guidance, sample, sampling_timesteps
 from ..dq_export.fold import int4_layers, w4a16_reference
 from ..dq_export.layer_parity import layer_parity_report
 from ..dq_export.qdq_graph import ExportConfig
 from . import plots
-from .runners import ENGINE_SUFFIXES, OrtRunner, Runner, TensorRTRunner, TorchRunner, fp_model_of
+from .base import Runner
+from .onnxruntime.runner import OrtRunner
+from .pytorch.runner import TorchRunner
+from .runners import ENGINE_SUFFIXES, fp_model_of
 from .schedule import ScheduleMapper, map_schedule
+from .tensorrt.runner import TensorRTRunner
 from .timing import gpu_memory, unet_latency
 
 DIGIT_SHAPE = (1, 32, 32)  # digit-FID needs images the shipped digit classifier reads
@@ -175,7 +179,7 @@ def _layer_parity(cfg: VerifyConfig, ck, rt: Runner, weight_only: list[str], fp_
         return {"skipped": "--layer-per-step 0"}
     graph, factory = Path(cfg.runtime), None
     if isinstance(rt, TensorRTRunner):  # the engine's own source graph, run as per-layer subgraphs on TensorRT
-        from .layer_runners import trt_layer_runner
+        from .tensorrt.layer_runner import trt_layer_runner
 
         graph = Path(json.loads(Path(f"{cfg.runtime}.json").read_text()).get("built_onnx", ""))
         if not graph.is_file():
@@ -331,7 +335,7 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
 def environment_device(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from ..calibrate.reporting import _cpu_name
+    from ..core.reporting import _cpu_name
 
     return f"{_cpu_name()}, {torch.get_num_threads()} threads"
 

@@ -8,10 +8,10 @@ import torch
 
 from dilatequant.calibrate.calibration_data import build_calibration_sets
 from dilatequant.calibrate.distributed import init_from_env, shutdown
-from dilatequant.calibrate.models import load_model
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
 from dilatequant.calibrate.recipe import apply_scaling, init_act_tables, init_weight_scales, observe_activations
+from dilatequant.core.models import load_model
 
 MODEL, SAMPLES, STEPS, VAL, SAMPLE_BATCH, OBSERVE_BATCH = "default-cond", 24, 4, 8, 3, 5
 

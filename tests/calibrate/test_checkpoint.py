@@ -5,8 +5,8 @@ from dilatequant.calibrate.calibration_data import build_calibration_set
 from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import prepare
-from dilatequant.calibrate.sampling import sampling_timesteps
-from dilatequant.errors import UserError
+from dilatequant.core.errors import UserError
+from dilatequant.core.sampling import sampling_timesteps
 
 
 @pytest.fixture(params=[False, True], ids=["asym-float-input", "sym-attn"])

@@ -12,11 +12,11 @@ import torch
 
 from dilatequant.calibrate import checkpoint
 from dilatequant.calibrate.checkpoint import load_checkpoint, save_checkpoint
-from dilatequant.calibrate.models import DiffusionModel
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
-from dilatequant.calibrate.reporting import own_storage
-from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.core.models import DiffusionModel
+from dilatequant.core.reporting import own_storage
+from dilatequant.core.sampling import sampling_timesteps
 from conftest import tiny_cond
 
 STEPS = 4

@@ -106,7 +106,7 @@ def test_validation_reference_is_the_samplers_own_fp_output(cond_model, tmp_path
 
     from dilatequant.calibrate.calibration_data import build_calibration_sets
     from dilatequant.calibrate.distill import fp_runner
-    from dilatequant.calibrate.metrics import sqnr_db
+    from dilatequant.core.metrics import sqnr_db
 
     monkeypatch.setenv("DQ_CACHE_DIR", str(tmp_path))
     data, val = build_calibration_sets(cond_model, 16, 4, 8, guidance_scale=2.0)

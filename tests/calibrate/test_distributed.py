@@ -21,10 +21,10 @@ import dist_worker
 from dilatequant.calibrate.calibration_data import build_calibration_sets
 from dilatequant.calibrate.distill import DistillConfig, adam_radius, bkd_divergence_bound
 from dilatequant.calibrate.distributed import SINGLE, shard
-from dilatequant.calibrate.models import load_model
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
 from dilatequant.calibrate.recipe import apply_scaling, init_act_tables, init_weight_scales, observe_activations
+from dilatequant.core.models import load_model
 
 WORKER = Path(dist_worker.__file__)
 # the BKD runs: `default`, 4 steps, 16 samples (8 trajectories: 4 per rank), 3 iterations per block, batch 8

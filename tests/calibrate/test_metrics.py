@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dilatequant.calibrate.metrics import frechet_distance, mse, psnr_db, sqnr_db, ssim
+from dilatequant.core.metrics import frechet_distance, mse, psnr_db, sqnr_db, ssim
 
 
 def test_identical_inputs_give_zero_error():
@@ -57,8 +57,8 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
 
 def test_class_accuracy_per_requested_class():
     """Held-out digits with every 1 relabelled 7: class 7 loses accuracy, the other classes keep theirs."""
-    from dilatequant.calibrate.digits import load_digits
-    from dilatequant.calibrate.metrics import digit_scores
+    from dilatequant.core.digits import load_digits
+    from dilatequant.core.metrics import digit_scores
 
     d = load_digits()
     images, labels = d.test_images[::4], d.test_labels[::4].clone()  # 25 of each class
@@ -73,14 +73,14 @@ def test_class_accuracy_per_requested_class():
 
 
 def test_mean_noise_mse_before_the_final_step():
-    from dilatequant.calibrate.evaluation import mean_mse_before_final
+    from dilatequant.core.evaluation import mean_mse_before_final
     rows = [{"mse": 1.0}, {"mse": 3.0}, {"mse": 100.0}]
     assert mean_mse_before_final(rows) == 2.0
     assert mean_mse_before_final(rows[:1]) == 1.0  # a one-step schedule has nothing else to average
 
 
 def test_format_sqnr_names_bit_identical_outputs():
-    from dilatequant.calibrate.metrics import format_sqnr
+    from dilatequant.core.metrics import format_sqnr
 
     assert format_sqnr(float("inf")) == "exact"
     assert format_sqnr(45.27) == "45.3 dB"

@@ -4,9 +4,9 @@ import socket
 import pytest
 import torch
 
-from dilatequant.calibrate.digit_classifier import classify
-from dilatequant.calibrate.digits import load_digits
-from dilatequant.calibrate.models import ModelLoadError, load_model
+from dilatequant.core.digit_classifier import classify
+from dilatequant.core.digits import load_digits
+from dilatequant.core.models import ModelLoadError, load_model
 
 
 @pytest.fixture

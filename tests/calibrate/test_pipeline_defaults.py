@@ -5,11 +5,11 @@ import shutil
 import pytest
 import torch
 
-from dilatequant.calibrate.evaluation import requested_digits
-from dilatequant.calibrate.models import embedded_model_dir, load_model, make_prompt_bank
-from dilatequant.calibrate.prompts import calibration_prompts, default_prompts
-from dilatequant.calibrate.sampling import TEXT_GUIDANCE, default_guidance
-from dilatequant.errors import UserError
+from dilatequant.core.errors import UserError
+from dilatequant.core.evaluation import requested_digits
+from dilatequant.core.models import embedded_model_dir, load_model, make_prompt_bank
+from dilatequant.core.prompts import calibration_prompts, default_prompts
+from dilatequant.core.sampling import TEXT_GUIDANCE, default_guidance
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from torch import nn
 
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantLayer, QuantUNet
-from dilatequant.errors import UserError
+from dilatequant.core.errors import UserError
 
 
 def test_float_input_layer_stays_float_and_out_of_training(uncond_model):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dilatequant.calibrate.reporting import atomic_write_bytes
+from dilatequant.core.reporting import atomic_write_bytes
 
 
 def test_atomic_write_has_plain_file_permissions_and_leaves_no_temp(tmp_path):
@@ -32,7 +32,7 @@ def test_peak_rss_of_a_subprocess_is_its_own():
     parent = (
         "import subprocess, sys, numpy as np\n"
         "big = np.ones(1536 * 2**20 // 8)\n"
-        "child = 'from dilatequant.calibrate.reporting import peak_rss_mb; print(peak_rss_mb())'\n"
+        "child = 'from dilatequant.core.reporting import peak_rss_mb; print(peak_rss_mb())'\n"
         "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n"
     )
     child_peak = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,

@@ -1,6 +1,6 @@
 import torch
 
-from dilatequant.calibrate.sampling import sample, sampling_timesteps
+from dilatequant.core.sampling import sample, sampling_timesteps
 
 
 def test_trajectory_records_every_step(uncond_model):

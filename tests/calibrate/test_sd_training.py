@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from dilatequant.calibrate import sd_training as sd
-from dilatequant.errors import UserError
+from dilatequant.core.errors import UserError
+from dilatequant.training import sd_training as sd
 
 
 def test_learn_bpe_merges_ties_deterministically_until_each_word_is_one_token():

@@ -9,7 +9,7 @@ from dilatequant.calibrate import recipe
 from dilatequant.calibrate.distill import DistillConfig, distill
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
-from dilatequant.errors import UserError
+from dilatequant.core.errors import UserError
 
 from conftest import tiny_cond
 

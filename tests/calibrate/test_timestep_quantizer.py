@@ -5,7 +5,7 @@ from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
 from dilatequant.calibrate.quantizers import IntRange, WeightQuantizer, fake_quant, round_clamp
 from dilatequant.calibrate.timestep_quantizer import StepContext, TimestepActQuantizer
-from dilatequant.errors import UserError
+from dilatequant.core.errors import UserError
 
 
 def _quantizer(symmetric, steps=3, bits=8, heads=1):

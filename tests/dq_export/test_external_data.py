@@ -10,7 +10,8 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.metrics import sqnr_db
+from dilatequant.core.errors import UserError
+from dilatequant.core.metrics import sqnr_db
 from dilatequant.dq_export import onnx_files
 from dilatequant.dq_export.fp16 import convert_file as fp16_file
 from dilatequant.dq_export.onnx_files import ENV_THRESHOLD, data_path, external_data_threshold, save_model
@@ -19,7 +20,6 @@ from dilatequant.dq_export.ort_graph import convert_file as ort_file
 from dilatequant.dq_export.parity import ort_session, parity_inputs, parity_report, run_ort
 from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
 from dilatequant.dq_export.trt_rules import check_file, enforce
-from dilatequant.errors import UserError
 
 from conftest import assert_parity, tiny_checkpoint, tiny_uncond
 

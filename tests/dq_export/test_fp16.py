@@ -6,9 +6,9 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
+from dilatequant.core.errors import UserError
 from dilatequant.dq_export.fp16 import Fp16Options, fp32_nodes, to_fp16
 from dilatequant.dq_export.trt_rules import check_graph
-from dilatequant.errors import UserError
 
 
 def _toy_graph() -> onnx.ModelProto:

@@ -8,13 +8,13 @@ import pytest
 from onnx import numpy_helper
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
+from dilatequant.core.errors import UserError
 from dilatequant.dq_export import pipeline
 from dilatequant.dq_export.fold import w4a16_reference
 from dilatequant.dq_export.layer_parity import LayerParityError, layer_parity_report
 from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
 from dilatequant.dq_export.trt_rules import check_graph
-from dilatequant.errors import UserError
 
 from conftest import tiny_checkpoint, tiny_cond, tiny_uncond
 
@@ -180,7 +180,7 @@ def test_planted_fault_makes_dq_export_fail(w4a8_asym, tmp_path, monkeypatch, ca
         return dict(s, onnx=str(onnx_path))
 
     monkeypatch.setattr(pipeline, "export_onnx", export_with_fault)
-    from dilatequant.calibrate import models
+    from dilatequant.core import models
 
     monkeypatch.setattr(models, "load_model", lambda source: model)
     from dilatequant.cli import export_main
@@ -212,7 +212,7 @@ def test_w4a16_reference_switches_only_the_int4_layers_inputs_off(w4a8_asym_int4
 
 
 def test_verify_reports_layer_parity_and_fp_agreement(w4a8_asym, tmp_path):
-    from dilatequant.engines.runners import OrtRunner
+    from dilatequant.engines.onnxruntime.runner import OrtRunner
     from dilatequant.engines.verify import VerifyConfig, _layer_parity, fp_agreement, layer_parity_markdown
 
     ck, path, _, model = w4a8_asym
@@ -237,7 +237,7 @@ def test_tensorrt_layer_runner_through_polygraphy_on_a_fake(w4a8_asym, monkeypat
     import polygraphy.backend.trt as ptrt
 
     from dilatequant.dq_export.parity import ort_session_from_bytes
-    from dilatequant.engines import layer_runners
+    from dilatequant.engines.tensorrt import layer_runner as layer_runners
 
     record = {"profiles": None, "infer": 0}
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
+from dilatequant.core.errors import UserError
 from dilatequant.dq_export.parity import ort_session, parity_inputs, run_ort
 from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import ExportConfig
-from dilatequant.errors import UserError
 
 from conftest import assert_parity, tiny_checkpoint, tiny_cond, tiny_uncond
 
@@ -136,7 +136,7 @@ def test_spatial_sizes_are_dynamic(cond_asym):
     with torch.no_grad():
         ref = ck.qunet(ins["sample"], ins["timestep"], ins["t_index"], ins["encoder_hidden_states"])
     assert out.shape == (10, 1, 16, 12)
-    from dilatequant.calibrate.metrics import sqnr_db
+    from dilatequant.core.metrics import sqnr_db
     # per sample: a rounding flip may move single samples (README "Export"), a wrong shape handling all of them
     assert sorted(sqnr_db(a, b) for a, b in zip(out, ref))[5] >= 50
     # the batch range declared at export (<= 63, a diffusers guard) does not bind the ONNX graph

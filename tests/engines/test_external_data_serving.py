@@ -13,8 +13,8 @@ from onnx import numpy_helper
 from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.dq_export.onnx_files import ENV_THRESHOLD, data_path, save_model
 from dilatequant.dq_export.parity import ort_session
-from dilatequant.engines.runners import OrtRunner
-from dilatequant.engines.trt_build import BuildConfig, build_engine, fp16_graph_path
+from dilatequant.engines.onnxruntime.runner import OrtRunner
+from dilatequant.engines.tensorrt.build import BuildConfig, build_engine, fp16_graph_path
 
 from test_trt_build import polygraphy_on_fake_trt  # noqa: F401  (the fixture: Polygraphy on a fake TensorRT 11)
 from triton_fixtures import tiny_cond_export

@@ -5,11 +5,15 @@ import pytest
 import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.metrics import psnr_db, sqnr_db
-from dilatequant.calibrate.sampling import sample, sampling_timesteps
-from dilatequant.engines.runners import (OrtRunner, TensorRTRunner, TorchRunner, open_runner, require_tensorrt,
-                                         sidecar_path)
-from dilatequant.errors import UserError
+from dilatequant.core.errors import UserError
+from dilatequant.core.metrics import psnr_db, sqnr_db
+from dilatequant.core.sampling import sample, sampling_timesteps
+from dilatequant.engines.onnxruntime.runner import OrtRunner
+from dilatequant.engines.pytorch.runner import TorchRunner
+from dilatequant.engines.runners import open_runner
+from dilatequant.engines.tensorrt.env import require_trt_and_gpu
+from dilatequant.engines.tensorrt.plan_files import sidecar_path
+from dilatequant.engines.tensorrt.runner import TensorRTRunner
 
 from tiny_runtime import STEPS, get
 
@@ -178,7 +182,7 @@ def test_engine_runner_reads_sidecar_and_needs_tensorrt(tmp_path, uncond):
     with pytest.raises(UserError, match=r"t_index in \[0, 4\)"):  # validated before TensorRT is touched
         runner.infer(x, ts, ti + 4)
     try:
-        require_tensorrt()
+        require_trt_and_gpu()
     except UserError as err:
         assert "dilatequant[trt]" in str(err) or "GPU" in str(err)
         with pytest.raises(UserError, match="dilatequant\\[trt\\]|GPU"):
@@ -187,7 +191,7 @@ def test_engine_runner_reads_sidecar_and_needs_tensorrt(tmp_path, uncond):
 
 def test_tensorrt_engine_inference(tmp_path, uncond):
     try:
-        require_tensorrt()
+        require_trt_and_gpu()
     except UserError as err:
         pytest.skip(f"needs TensorRT 11 and a GPU: {err}")
     # On a GPU machine: build the tiny graph with Polygraphy and compare with ONNX Runtime.

@@ -1,8 +1,8 @@
 """Schedule mapping: identity on the calibrated schedule, nearest calibrated timestep otherwise."""
 import torch
 
-from dilatequant.calibrate.models import default_scheduler, DiffusionModel
-from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.core.models import default_scheduler, DiffusionModel
+from dilatequant.core.sampling import sampling_timesteps
 from dilatequant.engines.schedule import ScheduleMapper, map_schedule, nearest_t_index
 
 CAL = [750, 500, 250, 0]  # DDIM-4 on 1000 training steps

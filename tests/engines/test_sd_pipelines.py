@@ -12,12 +12,12 @@ from sd_pipelines import save, tiny_sd2, tiny_sdxl
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.metrics import sqnr_db
-from dilatequant.calibrate.models import load_model
 from dilatequant.cli import calibrate_main, export_main, generate_main
-from dilatequant.engines.diffusers_unet import QuantizedUNet
+from dilatequant.core.metrics import sqnr_db
+from dilatequant.core.models import load_model
 from dilatequant.engines.generate import GenerateConfig, run_pipeline
-from dilatequant.engines.runners import OrtRunner
+from dilatequant.engines.onnxruntime.runner import OrtRunner
+from dilatequant.engines.pytorch.diffusers_unet import QuantizedUNet
 
 PROMPTS = "a red cat\na blue dog\na green tree\na yellow car\n"
 

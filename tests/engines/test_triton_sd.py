@@ -272,8 +272,8 @@ def test_other_pipeline_weights_are_refused(sd_export, tmp_path, capsys):
 
 
 def test_a_failure_while_writing_leaves_nothing(sd_export, tmp_path, monkeypatch):
+    from dilatequant.core.errors import UserError
     from dilatequant.engines.triton import sd_repository
-    from dilatequant.errors import UserError
 
     _, graph = sd_export
 
@@ -296,7 +296,7 @@ def test_cli_summary_names_the_prompt_models(sd_export, tmp_path, capsys):
                  "SCHEDULER", "IMAGES"):
         assert f"#   {name}" in header or f", {name}" in header, name
     assert "default 3.0" in header  # sd-digits' own guidance (dilatequant.json), as dq-generate's default
-    from dilatequant.calibrate.models import embedded_model_dir
+    from dilatequant.core.models import embedded_model_dir
 
     copied = tmp_path / "repo" / "pipeline" / "1" / "tokenizer"
     shipped = embedded_model_dir("sd-digits") / "tokenizer"

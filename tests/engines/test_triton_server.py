@@ -12,8 +12,8 @@ pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] not ins
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] not installed: pip install 'dilatequant[serve]'")
 
 from dilatequant.calibrate.checkpoint import load_checkpoint  # noqa: E402
-from dilatequant.calibrate.metrics import psnr_db  # noqa: E402
-from dilatequant.calibrate.sampling import DEFAULT_GUIDANCE, sample  # noqa: E402
+from dilatequant.core.metrics import psnr_db  # noqa: E402
+from dilatequant.core.sampling import DEFAULT_GUIDANCE, sample  # noqa: E402
 from dilatequant.dq_export.parity import ort_session  # noqa: E402
 from dilatequant.engines.triton.client import InferenceFailed, connect, generate, infer  # noqa: E402
 from dilatequant.engines.triton.repository import RepositoryConfig, write_repository  # noqa: E402

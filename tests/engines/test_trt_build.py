@@ -17,13 +17,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dilatequant.engines import trt_build, trt_env
-from dilatequant.engines.trt_build import (BuildConfig, BuildInfo, TrtBuildResult, build_engine, build_error_message,
+from dilatequant.core.errors import UserError
+from dilatequant.engines.tensorrt import build as trt_build
+from dilatequant.engines.tensorrt import env as trt_env
+from dilatequant.engines.tensorrt.build import (BuildConfig, BuildInfo, TrtBuildResult, build_engine, build_error_message,
                                            error_lines, fp16_graph_path, layer_summary, make_sidecar, sidecar_path)
-from dilatequant.engines.trt_env import GpuInfo, parse_nvidia_smi
-from dilatequant.engines.trt_profiles import (DEFAULT_BATCH, graph_inputs, graph_metadata, parse_shapes,
+from dilatequant.engines.tensorrt.env import GpuInfo, parse_nvidia_smi
+from dilatequant.engines.tensorrt.profiles import (DEFAULT_BATCH, graph_inputs, graph_metadata, parse_shapes,
                                               profile_from_flags, resolve_profile)
-from dilatequant.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 META = {"dilatequant.timesteps": "[750, 500, 250, 0]", "dilatequant.num_steps": "4",
@@ -403,7 +404,7 @@ def test_cuda13_tensorrt_on_a_cuda12_driver_is_one_line_before_any_work(tmp_path
 
 def test_cli_cuda_mismatch_with_tensorrt_failing_to_import_is_one_line(tmp_path, onnx_file):
     code = ("import sys; sys.modules['tensorrt'] = None\n"  # the import fails, as a CUDA 13 build's can
-            "from dilatequant.engines import trt_env\n"
+            "from dilatequant.engines.tensorrt import env as trt_env\n"
             "trt_env.tensorrt_cuda_major = lambda: 13; trt_env.driver_cuda_version = lambda: (12, 2)\n"
             "from dilatequant.cli import build_engine_main; build_engine_main(sys.argv[1:])")
     proc = subprocess.run([sys.executable, "-c", code, "--onnx", str(onnx_file), "--engine", str(tmp_path / "u.plan")],
@@ -838,7 +839,7 @@ x = "CreateConfig(int8=True)"
 
 def test_no_removed_tensorrt10_api_in_the_package():
     files = sorted((REPO / "dilatequant").rglob("*.py")) + sorted((REPO / "benchmarks").rglob("*.py"))
-    assert any(f.name == "trt_build.py" for f in files)
+    assert any(f.parts[-2:] == ("tensorrt", "build.py") for f in files)
     hits = [h for f in files for h in removed_api_uses(f.read_text(), str(f.relative_to(REPO)))]
     assert hits == [], "TensorRT 10-only API (removed in TensorRT 11) found:\n" + "\n".join(hits)
 
@@ -879,7 +880,7 @@ def test_real_build_inspect_timing_cache_and_parity_with_ort(tmp_path, request):
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     from dilatequant.calibrate.checkpoint import load_checkpoint
-    from dilatequant.calibrate.metrics import sqnr_db
+    from dilatequant.core.metrics import sqnr_db
     from dilatequant.dq_export.parity import ort_session, parity_inputs, run_ort
 
     ins = {k: v[:8] for k, v in parity_inputs(load_checkpoint(ck_path), per_step=2).items()}

@@ -6,11 +6,12 @@ import types
 import pytest
 import torch
 
-from dilatequant.engines import runners
-from dilatequant.engines.runners import TensorRTRunner, sidecar_path
-from dilatequant.engines.trt_env import GpuInfo, plan_mismatch
-from dilatequant.engines.trt_profiles import EngineProfile
-from dilatequant.errors import UserError
+from dilatequant.core.errors import UserError
+from dilatequant.engines.tensorrt import runner as trt_runner
+from dilatequant.engines.tensorrt.env import GpuInfo, plan_mismatch
+from dilatequant.engines.tensorrt.plan_files import sidecar_path
+from dilatequant.engines.tensorrt.profiles import EngineProfile
+from dilatequant.engines.tensorrt.runner import TensorRTRunner
 
 TIMESTEPS = [750, 500, 250, 0]
 
@@ -99,7 +100,7 @@ def fake_polygraphy(monkeypatch):
 
     trt = types.SimpleNamespace(__version__="11.4.0.106")
     gpu = GpuInfo("NVIDIA H100 80GB HBM3", "9.0", "test")
-    monkeypatch.setattr(runners, "require_trt_and_gpu", lambda: (trt, gpu))
+    monkeypatch.setattr(trt_runner, "require_trt_and_gpu", lambda: (trt, gpu))
     monkeypatch.setattr(ptrt, "EngineFromBytes", engine_from_bytes)
     monkeypatch.setattr(ptrt, "TrtRunner", FakeTrtRunner)
     monkeypatch.setattr(TensorRTRunner, "FEED_DEVICE", "cpu")
@@ -139,7 +140,7 @@ def test_a_classifier_free_guidance_batch_is_split_for_any_sampler(tmp_path, fak
     same images as on a plan that takes the whole batch."""
     from conftest import tiny_cond
 
-    from dilatequant.calibrate.sampling import sample
+    from dilatequant.core.sampling import sample
 
     model = tiny_cond()
     images = []
@@ -158,7 +159,7 @@ def test_a_classifier_free_guidance_batch_is_split_for_any_sampler(tmp_path, fak
 
 
 def test_sizes_outside_the_profile_are_refused_before_tensorrt(tmp_path, monkeypatch):
-    monkeypatch.setattr(runners, "require_trt_and_gpu", lambda: pytest.fail("TensorRT must not be reached"))
+    monkeypatch.setattr(trt_runner, "require_trt_and_gpu", lambda: pytest.fail("TensorRT must not be reached"))
     runner = TensorRTRunner(_plan(tmp_path, _profile(2, 8)))
     x, ts, ti = _inputs(1)
     with pytest.raises(UserError) as err:
@@ -213,7 +214,7 @@ def test_a_plan_tensorrt_cannot_load_is_one_line(tmp_path, fake_polygraphy, monk
     import polygraphy.backend.trt as ptrt
     from polygraphy.exception import PolygraphyException
 
-    from dilatequant.engines import trt_env
+    from dilatequant.engines.tensorrt import env as trt_env
 
     def broken(data):
         def load():

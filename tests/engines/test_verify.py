@@ -64,7 +64,7 @@ def test_report_fields_and_bounds(tiny):
 
 
 def test_bad_config_is_rejected_before_work(tiny, tmp_path):
-    from dilatequant.errors import UserError
+    from dilatequant.core.errors import UserError
 
     _, model, ck, onnx_path = tiny
     for bad, needle in ((dict(device="tpu"), "unknown device"), (dict(batches=(0, 4)), "positive batch"),
@@ -77,14 +77,14 @@ def test_bad_config_is_rejected_before_work(tiny, tmp_path):
 
 
 def test_checkpoint_graph_mismatch_is_rejected(tiny, tmp_path):
-    from dilatequant.errors import UserError
+    from dilatequant.core.errors import UserError
 
     _, model, _, onnx_path = tiny
     other = tiny_uncond()
     from dilatequant.calibrate.checkpoint import save_checkpoint
     from dilatequant.calibrate.quant_config import QuantConfig
     from dilatequant.calibrate.quant_unet import QuantUNet
-    from dilatequant.calibrate.sampling import sampling_timesteps
+    from dilatequant.core.sampling import sampling_timesteps
 
     q = QuantUNet(other.unet, QuantConfig(num_steps=5, weight_bits=8, act_bits=8, symmetric=True))
     ck5 = save_checkpoint(tmp_path / "q5.pt", q, other, sampling_timesteps(other, 5), "fp", {})
@@ -115,9 +115,9 @@ def test_digit_fid_only_from_250_samples_with_count_and_spread():
     says it was not computed; from 250 on it comes with its sample count and the measured spread."""
     import torch
 
-    from dilatequant.calibrate.digits import load_digits
-    from dilatequant.calibrate.metrics import FID_MIN_SAMPLES, FID_SPREAD, digit_fid_spread
-    from dilatequant.calibrate.metrics import format_digit_fid
+    from dilatequant.core.digits import load_digits
+    from dilatequant.core.metrics import FID_MIN_SAMPLES, FID_SPREAD, digit_fid_spread
+    from dilatequant.core.metrics import format_digit_fid
     from dilatequant.engines.verify import _digits
 
     d = load_digits()
@@ -138,7 +138,7 @@ def test_fid_spread_table_is_the_committed_measurement():
     """FID_SPREAD is benchmarks/digit_fid_spread.py's std (the larger of real digits and FP samples) per count."""
     from pathlib import Path
 
-    from dilatequant.calibrate.metrics import FID_MIN_SAMPLES, FID_SPREAD
+    from dilatequant.core.metrics import FID_MIN_SAMPLES, FID_SPREAD
 
     path = Path(__file__).parents[2] / "benchmarks" / "results" / "digit_fid_spread" / "digit_fid_spread.json"
     m = json.loads(path.read_text())

@@ -8,7 +8,7 @@ from dilatequant.calibrate.calibration_data import build_calibration_set
 from dilatequant.calibrate.checkpoint import save_checkpoint
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import prepare
-from dilatequant.calibrate.sampling import sampling_timesteps
+from dilatequant.core.sampling import sampling_timesteps
 from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
 
 from conftest import tiny_cond

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...calibrate.sizes import parse_size  # noqa: F401  (torch-free; dq-client parses --size with it)
-from ...errors import UserError
+from ...core.errors import UserError
+from ...core.sizes import parse_size  # noqa: F401  (torch-free; dq-client parses --size with it)
 
 PROTOCOLS = ("http", "grpc")
 
@@ -143,7 +143,7 @@ def save_png(images: np.ndarray, path: str | Path, scale: int = 4) -> Path:
     """Images side by side in one PNG (grey or RGB), enlarged `scale` times for viewing."""
     from PIL import Image
 
-    from ...calibrate.reporting import atomic_write_bytes
+    from ...core.reporting import atomic_write_bytes
 
     strip = np.concatenate(list(images), axis=1)
     if strip.shape[-1] == 1:

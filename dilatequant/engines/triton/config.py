@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import UserError
+from ...core.errors import UserError
 from .unet_spec import TensorSpec
 
 try:  # the `serve` extra

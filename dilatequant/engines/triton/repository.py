@@ -28,16 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ...calibrate.reporting import atomic_write_bytes, write_text
-from ...errors import UserError
-from ..trt_env import GpuInfo, plan_mismatch
-from ..trt_profiles import EngineProfile
+from ...core.errors import UserError
+from ...core.reporting import atomic_write_bytes, write_text
+from ..tensorrt.env import GpuInfo, plan_mismatch
+from ..tensorrt.profiles import EngineProfile
 from . import config as C
 from .unet_spec import TensorSpec, UnetSpec, spec_from_onnx, spec_from_plan
 
 KINDS = ("gpu", "cpu")
 PIPELINE = "pipeline"
-DEFAULT_GUIDANCE = 1.1  # calibrate.sampling.DEFAULT_GUIDANCE (not imported: keeps torch out of this module)
+DEFAULT_GUIDANCE = 1.1  # core.sampling.DEFAULT_GUIDANCE (not imported: keeps torch out of this module)
 
 
 @dataclass
@@ -93,7 +93,7 @@ def load_conditioning(spec_meta: dict[str, str], ckpt: Path | None) -> Condition
         check_checkpoint(spec_meta, ckpt)
         model, source = load_checkpoint(ckpt).model, str(ckpt)
     else:
-        from ...calibrate.models import load_model
+        from ...core.models import load_model
 
         base = spec_meta.get("dilatequant.base_model", "")
         try:
@@ -385,7 +385,7 @@ def plan_environment_problems(repo: str | Path, tensorrt_version: str | None = N
         except (ImportError, OSError):
             tensorrt_version = None
     if gpu is None:
-        from ..trt_env import detect_gpu
+        from ..tensorrt.env import detect_gpu
 
         gpu = detect_gpu()
     problems = []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserError
+from ...core.errors import UserError
 from .unet_spec import BATCH, TensorSpec
 
 SUPPORTED_PIPELINE = "StableDiffusionPipeline"
@@ -70,7 +70,7 @@ def load_parts(meta: dict[str, str], model: str | Path | None) -> SdParts:
     import json
 
     from ...calibrate.calibration_data import model_fingerprint
-    from ...calibrate.models import EMBEDDED_MODELS, embedded_model_dir, load_model
+    from ...core.models import EMBEDDED_MODELS, embedded_model_dir, load_model
 
     refuse_unsupported(meta.get("dilatequant.pipeline_class", ""))
     name = str(model) if model is not None else meta.get("dilatequant.base_model", "")

@@ -14,7 +14,7 @@ import inspect
 import json
 from pathlib import Path
 
-from ...calibrate.reporting import atomic_write_bytes
+from ...core.reporting import atomic_write_bytes
 from . import config as C
 from .sd_parts import TEXT_ENCODER, VAE_DECODER, SdParts, copy_tokenizer, export_text_encoder, export_vae_decoder
 from .unet_spec import TensorSpec, UnetSpec

@@ -25,7 +25,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import UserError
+from ...core.errors import UserError
 
 LOCALHOST = "127.0.0.1"
 

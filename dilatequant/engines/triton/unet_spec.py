@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UserError
+from ...core.errors import UserError
 
 BATCH = -1  # a dynamic dimension
 

@@ -6,7 +6,7 @@ batching merges steps of concurrent pipelines (t_index is per sample). Every tim
 to the t_index of the nearest calibrated timestep (exact when steps == the calibrated count).
 
 Needs torch and diffusers in the server's Python: the starting noise is torch's seeded Generator
-(identical to dilatequant.calibrate.sampling.initial_noise) and the step is diffusers' DDIMScheduler
+(identical to dilatequant.core.sampling.initial_noise) and the step is diffusers' DDIMScheduler
 built from the model's own scheduler config (scheduler_config.json beside this file).
 
 Inputs (see config.pbtxt): SEED int64 [1]; STEPS int32 [1] (optional, default: calibrated count);

@@ -4,7 +4,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from ..errors import UserError
+from .errors import UserError
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from types import ModuleType
 
-from ..errors import UserError
+from ...core.errors import UserError
 
 MIN_MAJOR = 11
 MIN_POLYGRAPHY = (0, 53)

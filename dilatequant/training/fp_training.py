@@ -1,9 +1,9 @@
 """Train the embedded full-precision models from scratch (done once; the results ship in assets/).
 
-    python -m dilatequant.calibrate.fp_training --model default --iters 3500 --seed 0 --out /tmp/default-stage1
-    python -m dilatequant.calibrate.fp_training --model default --iters 2000 --seed 1 --lr 3e-4 \
+    python -m dilatequant.training.fp_training --model default --iters 3500 --seed 0 --out /tmp/default-stage1
+    python -m dilatequant.training.fp_training --model default --iters 2000 --seed 1 --lr 3e-4 \
         --init-from /tmp/default-stage1
-    python -m dilatequant.calibrate.fp_training --model default-cond --iters 3000 --seed 0
+    python -m dilatequant.training.fp_training --model default-cond --iters 3000 --seed 0
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .digits import load_digits
-from .models import TRAINABLE_MODELS, DiffusionModel, embedded_model_dir, load_model, new_model
+from ..core.digits import load_digits
+from ..core.models import TRAINABLE_MODELS, DiffusionModel, embedded_model_dir, load_model, new_model
 
 COND_DROPOUT = 0.1
 
@@ -71,7 +71,7 @@ def train(name: str, iters: int, seed: int, batch: int, lr: float, ema_decay: fl
     trained.save(out)
     record = {
         "model": name,
-        "command": "python -m dilatequant.calibrate.fp_training " + " ".join(sys.argv[1:]),
+        "command": "python -m dilatequant.training.fp_training " + " ".join(sys.argv[1:]),
         "seed": seed, "iters": iters, "batch": batch, "lr": lr, "ema_decay": ema_decay,
         "cond_dropout": COND_DROPOUT if model.class_encoder else None,
         "train_images": len(data.train_labels),

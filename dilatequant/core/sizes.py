@@ -1,7 +1,7 @@
 """Image sizes given on the command line; no torch import, so the Triton client can parse them too."""
 from __future__ import annotations
 
-from ..errors import UserError
+from .errors import UserError
 
 
 def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:

@@ -34,3 +34,24 @@ def load_digits() -> DigitSplit:
     for digit in range(10):
         test_mask[torch.nonzero(labels == digit).flatten()[-HELD_OUT_PER_CLASS:]] = True
     return DigitSplit(images[~test_mask], labels[~test_mask], images[test_mask], labels[test_mask])
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# {word}: "seven", {num}: "7", {a}: the article that fits the word ("an eight")
+CAPTION_TEMPLATES = (
+    "a handwritten digit {word}",
+    "the number {num}",
+    "a picture of {a} {word}",
+    "a handwritten {num}",
+    "the digit {word}",
+    "an image of the number {word}",
+    "{word}",
+    "{num}",
+)
+
+
+def captions_for(digit: int) -> list[str]:
+    """Every phrasing of one digit's caption."""
+    word = DIGIT_WORDS[digit]
+    article = "an" if word[0] in "aeiou" else "a"
+    return [t.format(word=word, num=str(digit), a=article) for t in CAPTION_TEMPLATES]

@@ -11,7 +11,7 @@ from typing import Any, ContextManager
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import UserError
+from .errors import UserError
 
 AUTOCAST = ("none", "bf16")
 

@@ -29,13 +29,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from ..calibrate.checkpoint import checkpoint_hash as sha256_file
-from ..calibrate.reporting import atomic_write_bytes, ensure_writable_dir, environment, write_json
-from ..dq_export.onnx_files import data_path
-from ..dq_export.trt_rules import enforce
-from ..errors import UserError
-from .trt_env import GpuInfo, explain_cuda_failure, require_trt_and_gpu
-from .trt_profiles import ProfileShapes, graph_inputs, graph_metadata, load_onnx, profile_from_flags
+from ...calibrate.checkpoint import checkpoint_hash as sha256_file
+from ...core.errors import UserError
+from ...core.reporting import atomic_write_bytes, ensure_writable_dir, environment, write_json
+from ...dq_export.onnx_files import data_path
+from ...dq_export.trt_rules import enforce
+from .env import GpuInfo, explain_cuda_failure, require_trt_and_gpu
+from .plan_files import fp16_graph_path, layers_path, sidecar_path
+from .profiles import ProfileShapes, graph_inputs, graph_metadata, load_onnx, profile_from_flags
 
 SIDECAR_FORMAT = "dilatequant.trt_engine/1"
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; NVIDIA's SDXL QDQ recipe uses 4 (more tactics, slower build)
@@ -67,19 +68,6 @@ class BuildConfig:
             raise UserError(f"--engine '{self.engine}' would overwrite the ONNX graph; name the plan e.g. unet.plan")
         if self.engine.is_dir():
             raise UserError(f"--engine '{self.engine}' is a folder; pass a file name such as {self.engine}/unet.plan")
-
-
-def sidecar_path(engine: str | Path) -> Path:
-    return Path(f"{engine}.json")
-
-
-def layers_path(engine: str | Path) -> Path:
-    return Path(f"{engine}.layers.json")
-
-
-def fp16_graph_path(engine: str | Path) -> Path:
-    """Where the FP16-fallback graph is kept (beside the engine: it is what TensorRT actually built)."""
-    return Path(f"{engine}.fp16.onnx")
 
 
 @dataclass
@@ -164,7 +152,7 @@ def fp16_pass(src: Path, dst: Path, metadata: dict[str, str]) -> tuple[Path, dic
     if metadata.get("dilatequant.dtype") == "fp16":
         return src, {"skipped": "the graph is FP16 already (dilatequant.dtype=fp16)"}
     try:
-        from ..dq_export.fp16 import convert_file
+        from ...dq_export.fp16 import convert_file
     except ImportError as err:
         if err.name not in ("dilatequant.dq_export.fp16", None):
             raise

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .trt_env import require_trt_and_gpu
+from .env import require_trt_and_gpu
 
 
 class TrtLayerRunner:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import UserError
+from ...core.errors import UserError
 
 LEVELS = ("min", "opt", "max")
 DEFAULT_BATCH = {"min": 1, "opt": 4, "max": 16}

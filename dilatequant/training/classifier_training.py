@@ -1,7 +1,5 @@
-"""A small digit classifier whose penultimate features define digit-FID (no Inception offline).
-
-Trained once by this repository and shipped (< 1 MB):
-    python -m dilatequant.calibrate.digit_classifier --seed 0 --epochs 12
+"""Train the digit classifier whose features define digit-FID (shipped in assets/digit_classifier):
+    python -m dilatequant.training.classifier_training --seed 0 --epochs 12
 """
 from __future__ import annotations
 
@@ -9,61 +7,15 @@ import argparse
 import json
 import sys
 import time
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from .digits import load_digits
-
-FEATURE_DIM = 128
-
-
-class DigitClassifier(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, FEATURE_DIM), nn.ReLU(),
-        )
-        self.head = nn.Linear(FEATURE_DIM, 10)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [N,1,32,32] in [-1,1] -> (features [N,128], logits [N,10])."""
-        feats = self.features(images)
-        return feats, self.head(feats)
-
-
-def classifier_path() -> Path:
-    return Path(str(resources.files("dilatequant") / "assets" / "digit_classifier" / "model.safetensors"))
-
-
-@lru_cache(maxsize=1)
-def load_classifier() -> DigitClassifier:
-    path = classifier_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"digit classifier weights missing at {path}; reinstall the package")
-    model = DigitClassifier()
-    model.load_state_dict(load_file(path))
-    return model.eval()
-
-
-@torch.no_grad()
-def classify(images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, softmax probabilities) of images in [-1, 1]."""
-    model = load_classifier()
-    feats, probs = [], []
-    for chunk in images.float().clamp(-1, 1).split(batch):
-        f, logits = model(chunk)
-        feats.append(f)
-        probs.append(logits.softmax(-1))
-    return torch.cat(feats), torch.cat(probs)
+from ..core.digit_classifier import DigitClassifier, classifier_path
+from ..core.digits import load_digits
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -96,7 +48,7 @@ def train(seed: int, epochs: int, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
     record = {
-        "command": "python -m dilatequant.calibrate.digit_classifier " + " ".join(sys.argv[1:]),
+        "command": "python -m dilatequant.training.classifier_training " + " ".join(sys.argv[1:]),
         "seed": seed, "epochs": epochs, "held_out_accuracy": acc, "wall_s": round(time.time() - start, 1),
         "torch": torch.__version__,
     }

@@ -14,10 +14,10 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from ..calibrate.conditioning import from_unet_kwargs
-from ..errors import UserError
-from .runners import Runner
-from .schedule import nearest_t_index
+from ...core.conditioning import from_unet_kwargs
+from ...core.errors import UserError
+from ..base import Runner
+from ..schedule import nearest_t_index
 
 
 class QuantizedUNet(torch.nn.Module):

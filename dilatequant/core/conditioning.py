@@ -28,7 +28,7 @@ def cond_names(unet: torch.nn.Module) -> tuple[str, ...]:
     if cfg.addition_embed_type == "text_time":
         return COND_NAMES
     if cfg.addition_embed_type is not None:
-        from ..errors import UserError
+        from .errors import UserError
 
         raise UserError(f"UNet addition_embed_type '{cfg.addition_embed_type}' is not supported; supported: "
                         "none (SD 1.x/2.x) and 'text_time' (SDXL)")
@@ -42,13 +42,13 @@ def as_condition(cond: ConditionLike) -> Condition | None:
     if isinstance(cond, torch.Tensor):
         return {ENCODER_HIDDEN_STATES: cond}
     if not isinstance(cond, Mapping):
-        from ..errors import UserError
+        from .errors import UserError
 
         raise UserError(f"a condition is a tensor (encoder_hidden_states) or a dict of {', '.join(COND_NAMES)}; "
                         f"got {type(cond).__name__}")
     unknown = [k for k in cond if k not in COND_NAMES]
     if unknown:
-        from ..errors import UserError
+        from .errors import UserError
 
         raise UserError(f"unknown condition input(s) {unknown}: a condition holds {', '.join(COND_NAMES)}")
     return {k: cond[k] for k in COND_NAMES if k in cond and cond[k] is not None} or None

@@ -42,7 +42,7 @@ def requested_digits(model: DiffusionModel, labels) -> torch.Tensor | None:
     indices) through the sd-digits captions. None when a prompt names no digit (accuracy is then not reported)."""
     if labels is None or not model.is_text_conditioned:
         return labels
-    from .sd_training import captions_for
+    from .digits import captions_for
 
     if isinstance(labels, torch.Tensor):
         if model.prompt_bank is None:

@@ -20,8 +20,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..errors import UserError
 from .conditioning import Condition, cat_conditions, cond_names, map_condition
+from .errors import UserError
 from .sizes import parse_size  # noqa: F401  (re-exported: callers take it from here)
 
 EMBEDDED_MODELS = ("default", "default-cond", "sd-digits")  # sd-digits: a StableDiffusionPipeline folder

@@ -6,7 +6,7 @@ UNet2DConditionModel with cross-attention transformers, and SD's scaled-linear s
 first (its latent std gives `scaling_factor`, as in SD), then UNet and text encoder jointly on the scaled
 latents. Each phase checkpoints every --ckpt-every steps into --work and resumes from there when rerun.
 
-    python -m dilatequant.calibrate.sd_training --vae-iters 1500 --unet-iters 4000 --seed 0 --out /tmp/sd-digits
+    python -m dilatequant.training.sd_training --vae-iters 1500 --unet-iters 4000 --seed 0 --out /tmp/sd-digits
 """
 from __future__ import annotations
 
@@ -28,34 +28,15 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
-from .digits import IMAGE_SIZE, load_digits
-from .reporting import atomic_write_bytes, write_json
+from ..core.digits import CAPTION_TEMPLATES, IMAGE_SIZE, captions_for, load_digits
+from ..core.errors import UserError
+from ..core.reporting import atomic_write_bytes, write_json
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# {word}: "seven", {num}: "7", {a}: the article that fits the word ("an eight")
-CAPTION_TEMPLATES = (
-    "a handwritten digit {word}",
-    "the number {num}",
-    "a picture of {a} {word}",
-    "a handwritten {num}",
-    "the digit {word}",
-    "an image of the number {word}",
-    "{word}",
-    "{num}",
-)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 16  # longest caption is 8 tokens with BOS/EOS; the pipeline pads every prompt to this
 CAPTION_DROPOUT = 0.1  # share of empty captions "", the prompt diffusers encodes as the unconditional one
 # CLIP's pre-tokenizer: letter runs, single digits, punctuation runs (specials kept whole)
 _WORD_RE = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
-
-
-def captions_for(digit: int) -> list[str]:
-    """Every phrasing of one digit's caption."""
-    word = DIGIT_WORDS[digit]
-    article = "an" if word[0] in "aeiou" else "a"
-    return [t.format(word=word, num=str(digit), a=article) for t in CAPTION_TEMPLATES]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -305,8 +286,8 @@ def encode_all(vae, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tenso
 @torch.no_grad()
 def vae_quality(vae, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """Reconstruction PSNR and classifier accuracy on held-out digits: the ceiling for generated samples."""
-    from .digit_classifier import classify
-    from .metrics import psnr_db
+    from ..core.digit_classifier import classify
+    from ..core.metrics import psnr_db
 
     rec = torch.cat([vae.decode(m).sample for m in encode_all(vae, images)[0].split(500)]).clamp(-1, 1)
     acc = (classify(rec)[1].argmax(-1) == labels).double().mean().item()
@@ -409,7 +390,7 @@ def train(cfg: SDTrainConfig, out: Path, work: Path, threads: int, ckpt_every: i
                                               Checkpoint(work, "unet", asdict(cfg), ckpt_every))
     save_pipeline(out, vae, text_encoder, tokenizer, unet, work / "vocabulary")
     record = {
-        "command": "python -m dilatequant.calibrate.sd_training " + " ".join(sys.argv[1:]),
+        "command": "python -m dilatequant.training.sd_training " + " ".join(sys.argv[1:]),
         "config": asdict(cfg), "threads": threads, "train_images": len(data.train_labels),
         "seeds": {"torch.manual_seed (init)": cfg.seed, "vae data/noise generator": cfg.seed,
                   "unet init": cfg.seed + 1, "unet data/noise generator": cfg.seed + 1},

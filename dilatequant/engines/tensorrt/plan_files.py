@@ -1,0 +1,17 @@
+"""Where an engine's companions live: the sidecar, the layer table, the FP16 graph it was built from."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    return Path(f"{engine}.json")
+
+
+def layers_path(engine: str | Path) -> Path:
+    return Path(f"{engine}.layers.json")
+
+
+def fp16_graph_path(engine: str | Path) -> Path:
+    """Where the FP16-fallback graph is kept (beside the engine: it is what TensorRT actually built)."""
+    return Path(f"{engine}.fp16.onnx")
