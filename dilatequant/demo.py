@@ -6,41 +6,25 @@ pipeline for a prompt grid, FP beside quantized."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .calibrate.checkpoint import load_checkpoint
 from .calibrate.checkpoint import source_model
-from .calibrate.distill import DistillConfig
+from .calibrate.distill_config import DistillConfig
 from .calibrate.quant_config import QuantConfig
 from .calibrate.recipe import CalibrationJob, run_calibration
 from .core.errors import UserError
+from .demo_config import DemoConfig
 from .core.evaluation import compare_to_fp, fp_reference, fp_trajectories, requested_digits
 from .core.metrics import digit_scores, format_digit_fid, format_sqnr, with_fid_floor
 from .core.models import DiffusionModel, load_model
 from .core.reporting import environment, ensure_writable_dir, save_grid, write_json, write_text
 from .core.sampling import SampleResult, default_guidance, sample
+from .dq_export.export_config import ExportConfig
 from .dq_export.pipeline import export_and_verify
-from .dq_export.qdq_graph import ExportConfig
-
-
-@dataclass
-class DemoConfig:
-    report_dir: Path = Path("dq-report")
-    models: tuple[str, ...] = ("default", "default-cond", "sd-digits")
-    num_samples: int = 100
-    steps: int = 50
-    guidance_scale: float | None = None  # None: each model's own (default-cond 1.1, sd-digits 3.0)
-    seed: int = 0
-    quant_model: str = "sd-digits"  # the model the demo calibrates, exports and verifies
-    bits: str = "W4A8"
-    symmetric: bool = True         # what TensorRT runs
-    calib_samples: int = 128
-    iters: int = 20                # BKD iterations per block: a short demo run (benchmarks train longer)
-    generate_steps: int = 20       # the prompt grid: diffusers' pipeline with the graph as pipe.unet
-    generate_schedulers: tuple[str, ...] = ("euler", "dpm")
 
 
 def guidance_of(cfg: DemoConfig, model: DiffusionModel) -> float:
@@ -109,7 +93,8 @@ def generate_section(cfg: DemoConfig, model: DiffusionModel, onnx_path: Path) ->
     from the same seeds: what dq-generate does, for a few samplers with other step counts than calibrated."""
     from .core.digits import captions_for
     from .core.metrics import psnr_db, ssim
-    from .engines.generate import GenerateConfig, run_pipeline
+    from .engines.generate import run_pipeline
+    from .engines.generate_config import GenerateConfig
     from .engines.onnxruntime.runner import OrtRunner
     from .engines.pytorch.diffusers_unet import QuantizedUNet
 
