@@ -151,8 +151,9 @@ def fetch_images(url: str, arrays: dict[str, np.ndarray], protocol: str = "http"
         if set(err.attempts.failures) <= refused:
             raise RetriesExhausted(f"cannot reach Triton at {url} over {protocol}: {err}; start it with dq-serve "
                                    "--repo DIR", err.attempts) from err
-        raise RetriesExhausted(f"Triton at {url} did not serve '{model}': {err}; the server may be recovering a "
-                               "model: try again, or allow more with --retries / --timeout", err.attempts) from err
+        hint = ("allow it more time with --timeout" if err.attempts.failures[-1] == "timed out" else
+                "the server may be recovering a model: try again, or allow more with --retries / --timeout")
+        raise RetriesExhausted(f"Triton at {url} did not serve '{model}': {err}; {hint}", err.attempts) from err
     except InferenceFailed as err:
         msg = str(err)
         if "PROMPT" in arrays and "unexpected inference input 'PROMPT'" in msg:
