@@ -9,8 +9,9 @@ and settings give the same images:
 - latents: torch.randn((N, C, H/f, W/f), generator=torch.Generator().manual_seed(SEED)) * init_noise_sigma;
 - scheduler: the pipeline's scheduler config (scheduler_config.json) under DDIM (default), Euler or DPM-Solver++,
   set_timesteps(STEPS), scale_model_input, step(..., eta=0 / generator where the step takes them);
-- UNet: guidance > 1 doubles the batch as [uncond; cond]; float timesteps round to integers; t_index is the
-  nearest calibrated timestep (first minimum of |t - timesteps|, so a tie takes the larger timestep);
+- UNet: guidance > 1 doubles the batch as [uncond; cond]; t_index is the nearest calibrated timestep (first
+  minimum of |t - timesteps| on the unrounded t, so a tie takes the larger timestep); float timesteps then round
+  to the integers the graph takes;
 - decode: vae_decoder(latents / scaling_factor); image = clamp(x * 0.5 + 0.5, 0, 1); uint8 = round(image * 255).
 
 Needs torch, diffusers and transformers in the server's Python. Inputs: see config.pbtxt's header.
@@ -74,7 +75,7 @@ class TritonPythonModel:
         self.unet_output = p["unet_output"]
         self.unet_batch = int(p["unet_max_batch"])
         self.t_index_input = p.get("t_index_input", "true") == "true"  # static-scale graphs take no t_index
-        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.int64)
+        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.float64)  # floats: Euler-type calibration
         self.latent_channels = int(p["latent_channels"])
         self.vae_scale_factor = int(p["vae_scale_factor"])
         self.scaling_factor = float(p["scaling_factor"])
@@ -182,8 +183,8 @@ class TritonPythonModel:
         return int(np.abs(self.timesteps - t).argmin())
 
     def _unet(self, sample, t, cond):
-        t = torch.as_tensor(t)
-        t = int(t.double().round().item()) if t.is_floating_point() else int(t.item())
+        t_index = self.t_index(float(t))
+        t = int(round(float(t)))
         outs = []
         for s in range(0, len(sample), self.unet_batch):
             chunk = np.ascontiguousarray(sample[s:s + self.unet_batch], dtype=np.float32)
@@ -191,7 +192,7 @@ class TritonPythonModel:
             inputs = [pb_utils.Tensor("sample", chunk), pb_utils.Tensor("timestep", np.full((b, 1), t, np.int64)),
                       pb_utils.Tensor("encoder_hidden_states", np.ascontiguousarray(cond[s:s + b]))]
             if self.t_index_input:
-                inputs.append(pb_utils.Tensor("t_index", np.full((b, 1), self.t_index(t), np.int64)))
+                inputs.append(pb_utils.Tensor("t_index", np.full((b, 1), t_index, np.int64)))
             response = pb_utils.InferenceRequest(model_name=self.models["unet"], inputs=inputs,
                                                  requested_output_names=[self.unet_output]).exec()
             if response.has_error():
