@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any
+from typing import Any, Mapping
 
 import diffusers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -63,10 +63,14 @@ def _settings(cls: type) -> dict[str, Any]:
             if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
 
 
-def resolved_config(config) -> dict[str, Any]:
-    """Every setting of the config's own class: the config's value, else that class's default."""
-    config = dict(config)
-    cls = scheduler_class(config.get("_class_name"))
+def resolved_config(source: SchedulerMixin | Mapping) -> dict[str, Any]:
+    """Every setting of the source's own class (a scheduler, or a config naming its `_class_name`): the config's
+    value, else that class's default."""
+    if isinstance(source, SchedulerMixin):
+        cls, config = type(source), dict(source.config)
+    else:
+        config = dict(source)
+        cls = scheduler_class(config.get("_class_name"))
     if cls is None:  # not a diffusers scheduler: its keys are all we know
         return {k: v for k, v in config.items() if not k.startswith("_")}
     return {k: config.get(k, default) for k, default in _settings(cls).items()}
@@ -78,13 +82,14 @@ def check_name(name: str) -> str:
     return name
 
 
-def build_scheduler(name: str, config) -> SchedulerMixin:
-    """The named sampler on the noise schedule of `config` (a scheduler's config); see the module docstring."""
+def build_scheduler(name: str, source: SchedulerMixin | Mapping) -> SchedulerMixin:
+    """The named sampler on the noise schedule of `source` (a scheduler, or a config with its `_class_name`, as a
+    folder's scheduler_config.json has it); see the module docstring."""
     if check_name(name) == PIPELINE:
         raise ValueError("'pipeline' names a model's own scheduler: use resolve_scheduler(model)")
     class_name, fixed = SCHEDULERS[name]
     cls = scheduler_class(class_name)
-    source = resolved_config(config)
+    source = resolved_config(source)
     settings = {k: source[k] if k in source else NEUTRAL.get(k, default) for k, default in _settings(cls).items()}
     return cls.from_config({**settings, **fixed})
 
@@ -98,9 +103,9 @@ def own_scheduler(model) -> SchedulerMixin:
     """The sampler a model is deployed with (`pipeline`): a pipeline folder's own scheduler, or the one its
     dilatequant.json names; DDIM on a UNet folder's training schedule."""
     if model.sampler is not None:
-        return build_scheduler(model.sampler, model.scheduler.config)
+        return build_scheduler(model.sampler, model.scheduler)
     if model.pipeline_class is None:
-        return build_scheduler("ddim", model.scheduler.config)
+        return build_scheduler("ddim", model.scheduler)
     return copy_scheduler(model.scheduler)
 
 
@@ -108,7 +113,7 @@ def resolve_scheduler(model, name: str = PIPELINE) -> SchedulerMixin:
     """`pipeline` (the model's own) or a name from SCHEDULERS, on the model's noise schedule."""
     if check_name(name) == PIPELINE:
         return own_scheduler(model)
-    return build_scheduler(name, model.scheduler.config)
+    return build_scheduler(name, model.scheduler)
 
 
 def describe(scheduler: SchedulerMixin) -> str:
@@ -121,8 +126,9 @@ def describe(scheduler: SchedulerMixin) -> str:
 
 
 def config_json(scheduler: SchedulerMixin) -> str:
-    """The scheduler's whole config (class included) as JSON: what q.pt records, and how two are compared."""
-    data = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    """Every setting of the scheduler (its class and constructor settings; keys its class ignores are left out)
+    as JSON: what q.pt records, and how two are compared."""
+    data = resolved_config(scheduler)
     data["_class_name"] = type(scheduler).__name__
     return json.dumps(data, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 

@@ -131,7 +131,7 @@ def test_calibrated_with_the_pipelines_own_sampler(chain):
     assert len(own) == len(ddim) == 4
     assert all(o >= d - 3 for o, d in zip(own, ddim)), (own, ddim)
     assert min(own) >= 15, own  # W8A8 PTQ on random weights
-    same = per_call_sqnr(model, runner, build_scheduler("ddim", model.scheduler.config), 4)
+    same = per_call_sqnr(model, runner, build_scheduler("ddim", model.scheduler), 4)
     assert all(abs(a - b) < 0.5 for a, b in zip(same, own)), (same, own)
 
 
