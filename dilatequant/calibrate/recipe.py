@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
 from ..core.device import AUTOCAST, resolve_device
@@ -186,8 +187,10 @@ class CalibrationJob:
     # data and the validation reference still come from the float32 model, before the teacher is made
     teacher_dtype: str = "fp32"
     # the sampler of the calibration trajectories: the one the model is deployed with (core.schedulers: `pipeline`,
-    # the folder's own) or a name (ddim, euler, euler-a, dpm, ...)
-    scheduler: str = PIPELINE
+    # the folder's own), a name (ddim, euler, euler-a, dpm, ...) or a scheduler instance, with its set_timesteps
+    # kwargs (flow matching: sigmas, mu)
+    scheduler: str | SchedulerMixin = PIPELINE
+    timestep_kwargs: dict | None = None
 
 
 def check_distributed(job: CalibrationJob, dist: Dist) -> None:
@@ -300,7 +303,8 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
     stage = StageTimer()
     torch.manual_seed(job.distill.seed)
     check_distributed(job, dist)
-    check_name(job.scheduler)
+    if isinstance(job.scheduler, str):
+        check_name(job.scheduler)
     sample_batch = sample_batch_for(job, dist)
     device = resolve_device(job.device, dist.local_rank)
     if job.autocast not in AUTOCAST:
@@ -314,7 +318,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         release_text_encoders(model)
         return_free_memory()
         steps = job.config.num_steps
-        schedule = SamplingSchedule.build(model, job.scheduler, steps)
+        schedule = SamplingSchedule.build(model, job.scheduler, steps, job.timestep_kwargs)
         config = job.config
         if len(schedule.timesteps) != steps:  # a sampler that repeats a timestep: one table row per distinct one
             config = replace(config, num_steps=len(schedule.timesteps))
@@ -364,7 +368,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
             after = noise_error(qunet, model.unet, val, dist=dist)
     summary = {
         "model": job.model, "bits": config.bits_name, "quant_config": json.loads(config.to_json()),
-        "scheduler": {"name": job.scheduler, "sampler": describe(schedule.scheduler), "steps": schedule.steps,
+        "scheduler": {"name": schedule.name, "sampler": describe(schedule.scheduler), "steps": schedule.steps,
                       "timesteps": schedule.timesteps, "config": json.loads(config_json(schedule.scheduler))},
         "calib_samples": job.calib_samples, "guidance": guidance, "bkd": job.bkd, "scaling": scaling,
         "distill": distilled, "pipeline_class": model.pipeline_class, "resolution": list(model.image_size),

@@ -100,14 +100,18 @@ class SamplingSchedule:
     scheduler: SchedulerMixin
     steps: int                   # what set_timesteps is given
     timesteps: list[int | float]  # the distinct timesteps, in sampling order
-    name: str = PIPELINE         # what it was asked for: pipeline | a core.schedulers name
+    name: str = PIPELINE         # what it was asked for: pipeline | a core.schedulers name | "given" (an instance)
     timestep_kwargs: dict[str, Any] | None = None
 
     @staticmethod
-    def build(model: DiffusionModel, name: str, steps: int, timestep_kwargs: dict | None = None) -> "SamplingSchedule":
-        sched = resolve_scheduler(model, name)
-        return SamplingSchedule(sched, steps, sampling_timesteps(model, steps, sched, timestep_kwargs), name,
-                                timestep_kwargs)
+    def build(model: DiffusionModel, scheduler: str | SchedulerMixin, steps: int,
+              timestep_kwargs: dict | None = None) -> "SamplingSchedule":
+        """`scheduler`: a name (core.schedulers: `pipeline` or a sampler on the model's noise schedule), or a
+        scheduler instance used as it is (a flow-matching scheduler, an SDE variant, ...)."""
+        given = isinstance(scheduler, SchedulerMixin)
+        sched = scheduler if given else resolve_scheduler(model, scheduler)
+        return SamplingSchedule(sched, steps, sampling_timesteps(model, steps, sched, timestep_kwargs),
+                                "given" if given else scheduler, timestep_kwargs)
 
     @property
     def label(self) -> str:
