@@ -337,7 +337,8 @@ def client_main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", help="text to generate from (Stable Diffusion repositories)")
     p.add_argument("--negative-prompt", help="with --prompt: the unconditional half under guidance (default '')")
     p.add_argument("--size", metavar="HxW", help="with --prompt: image size in pixels (default: the calibrated size)")
-    p.add_argument("--scheduler", choices=("ddim", "euler", "dpm"), help="with --prompt: sampler (default ddim)")
+    p.add_argument("--scheduler", choices=("pipeline", "ddim", "euler", "dpm"), help="with --prompt: sampler (default: "
+                   "pipeline, the folder's own, as dq-generate)")
     p.add_argument("--num-images", type=int, help="unconditional models and prompts: images to generate (default 1)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the server's; the calibrated count for class "
                    "models, 20 for prompts as dq-generate)")

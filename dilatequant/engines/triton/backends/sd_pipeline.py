@@ -7,8 +7,9 @@ and settings give the same images:
 - tokens: the pipeline's own tokenizer (files in tokenizer/ beside this file), padded to model_max_length and
   truncated; the prompt and the negative prompt ("" when none) are encoded by separate calls, as encode_prompt does;
 - latents: torch.randn((N, C, H/f, W/f), generator=torch.Generator().manual_seed(SEED)) * init_noise_sigma;
-- scheduler: the pipeline's scheduler config (scheduler_config.json) under DDIM (default), Euler or DPM-Solver++,
-  set_timesteps(STEPS), scale_model_input, step(..., eta=0 / generator where the step takes them);
+- scheduler: the one SCHEDULER names in schedulers.json (written by dq-triton with dilatequant.core.schedulers, as
+  dq-generate builds it: `pipeline`, the folder's own, by default), set_timesteps(STEPS), scale_model_input,
+  step(..., eta=0 / generator where the step takes them);
 - UNet: guidance > 1 doubles the batch as [uncond; cond]; t_index is the nearest calibrated timestep (first
   minimum of |t - timesteps| on the unrounded t, so a tie takes the larger timestep); float timesteps then round
   to the integers the graph takes;
@@ -26,13 +27,13 @@ import triton_python_backend_utils as pb_utils
 try:
     import torch
     import transformers
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    import diffusers
 except ImportError as err:  # reported on every request: the model still loads and says what is missing
     torch = None
     IMPORT_ERROR = (f"the pipeline needs torch, diffusers and transformers in the server's Python ({err}); "
                     "pip install them there")
 
-SCHEDULERS = ("ddim", "euler", "dpm")
+DEFAULT_SCHEDULER = "pipeline"
 
 
 class RequestError(ValueError):
@@ -57,13 +58,9 @@ def _value(request, name, default=None):
     return v.item() if hasattr(v, "item") else v
 
 
-def make_scheduler(name, config):
-    """dilatequant.engines.generate.make_scheduler, repeated here (this file runs without dilatequant)."""
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+def make_scheduler(config):
+    """A scheduler from its whole config (every setting is in it, so no class default fills anything in)."""
+    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 class TritonPythonModel:
@@ -85,8 +82,8 @@ class TritonPythonModel:
         self.default_steps = int(p["default_steps"])
         self.default_guidance = float(p["default_guidance"])
         self.max_images = int(p["max_images"])
-        self.scheduler_config = json.loads((folder / "scheduler_config.json").read_text())
-        self.num_train = int(self.scheduler_config["num_train_timesteps"])
+        self.schedulers = json.loads((folder / "schedulers.json").read_text())
+        self.num_train = int(self.schedulers[DEFAULT_SCHEDULER]["num_train_timesteps"])
         if torch is not None:
             torch.set_num_threads(int(p.get("torch_threads", "1")))
             tok_cls = getattr(transformers, p["tokenizer_class"])
@@ -128,9 +125,9 @@ class TritonPythonModel:
             if h < m or w < m or h % m or w % m or max(h, w) > self.max_size:
                 raise RequestError(f"HEIGHT x WIDTH {h}x{w} cannot be taken: both must be multiples of {m} up to "
                                    f"{self.max_size} (default {self.size[0]}x{self.size[1]})")
-        scheduler = _value(request, "SCHEDULER", "ddim")
-        if scheduler not in SCHEDULERS:
-            raise RequestError(f"unknown SCHEDULER '{scheduler}': choose one of {', '.join(SCHEDULERS)}")
+        scheduler = _value(request, "SCHEDULER", DEFAULT_SCHEDULER)
+        if scheduler not in self.schedulers:
+            raise RequestError(f"unknown SCHEDULER '{scheduler}': choose one of {', '.join(self.schedulers)}")
         seed = int(_value(request, "SEED"))
         return prompt, negative, steps, guidance, n, (h, w), scheduler, seed
 
@@ -140,7 +137,7 @@ class TritonPythonModel:
         emb = self._encode(prompt).repeat(n, 1, 1)
         if guided:
             emb = torch.cat([self._encode(negative).repeat(n, 1, 1), emb])
-        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched = make_scheduler(self.schedulers[scheduler])
         sched.set_timesteps(steps)
         gen = torch.Generator().manual_seed(seed)
         shape = (n, self.latent_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
