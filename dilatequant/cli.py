@@ -136,8 +136,9 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
     if not dist.is_main:
         return
     print(f"wrote {a.out}: {s['bits']} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
-    print(f"  calibrated for {s['scheduler']['sampler']}, {s['scheduler']['steps']} steps "
-          f"(--scheduler {s['scheduler']['name']}): timesteps {s['scheduler']['timesteps']}")
+    ts = s["scheduler"]["timesteps"]
+    print(f"  calibrated for {s['scheduler']['sampler']}, {s['scheduler']['steps']} steps (--scheduler "
+          f"{s['scheduler']['name']}): {len(ts)} timesteps {ts[0]} .. {ts[-1]}")
     print("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items()))
     print(f"  noise SQNR vs FP on validation inputs: {s['val_before_training']['noise_sqnr_db']:.2f} dB before "
           f"training -> {s['val_after_training']['noise_sqnr_db']:.2f} dB after")
