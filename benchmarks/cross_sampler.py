@@ -187,6 +187,11 @@ def evaluate(model_name: str, model, ckpt: Path, run: str, seed: int, a, work: P
     return row
 
 
+def cpu_has_avx512() -> bool:
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return "avx512" in flags
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "per_seed": values}
 
@@ -203,7 +208,13 @@ def main() -> None:
     p.add_argument("--images", type=int, default=100, help="evaluation images per (q.pt, run sampler)")
     p.add_argument("--batch", type=int, default=50, help="images per pipeline call")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--markdown-only", action="store_true", help="rewrite README.md from --out's cross_sampler.json")
     a = p.parse_args()
+    if a.markdown_only:
+        from dilatequant.core.reporting import write_text
+
+        write_text(a.out / "README.md", markdown(json.loads((a.out / "cross_sampler.json").read_text())))
+        return
     torch.set_num_threads(a.threads)
     a.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DQ_CACHE_DIR", str(a.work / "cache"))
@@ -241,7 +252,8 @@ def main() -> None:
                      "seed_rule": "seed s: calibration (trajectories, BKD) seeded s; evaluation image i from "
                                   "Generator(1000 * s + i)",
                      "guidance": {"sd-digits": 3.0, "sdxl-random": 7.5}})
-    result = {"command": "python " + shlex.join(sys.argv), "settings": settings, "environment": environment(),
+    result = {"command": "python " + shlex.join(sys.argv), "settings": settings,
+              "environment": {**environment(), "cpu_avx512": cpu_has_avx512()},
               "rows": rows, "wall_s": round(time.perf_counter() - start, 1)}
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(a.out / "cross_sampler.json", result)
@@ -272,10 +284,21 @@ def markdown(r: dict) -> str:
                 v = row["class_accuracy"]
                 cells.append(f"{v['mean']:.3f} ({v['min']:.3f}..{v['max']:.3f}) ({row['fp_class_accuracy']['mean']:.3f})")
             lines.append("| " + " | ".join(cells) + " |")
+        mine = [x for x in r["rows"] if x["model"] == model]
+        grids = {NAMES[x["calibrated_with"]]: x["calibrated_timesteps"] for x in mine}
+        lines += ["", "Calibrated timesteps: " + "; ".join(f"{k} {v}" for k, v in grids.items()) + ".", "",
+                  f"Per-call SQNR (dB) by step, seed {s['seeds'][0]}:", "",
+                  "| calibrated with | run with | " + " | ".join(f"step {i}" for i in range(s["steps"])) + " |",
+                  "|---|---|" + "---|" * s["steps"]]
+        for x in mine:
+            lines.append(f"| {NAMES[x['calibrated_with']]} | {NAMES[x['run_with']]} | "
+                         + " | ".join(f"{v:.1f}" for v in x["per_call_sqnr_db_by_step"][0]) + " |")
         lines.append("")
     env = r["environment"]
-    lines += [f"Wall time {r['wall_s']:.0f} s, {s['threads']} thread, on {env['cpu']}; torch {env['torch']}, "
-              f"diffusers {env.get('diffusers', '-')}.", "", "Command:", "", "```", r["command"], "```"]
+    avx = {True: ", AVX-512", False: ", no AVX-512"}.get(env.get("cpu_avx512"), "")
+    lines += [f"Wall time {r['wall_s']:.0f} s, {s['threads']} thread, on {env['cpu']}{avx} (a machine shared with other "
+              f"jobs: not a speed figure); torch {env['torch']}, diffusers {env.get('diffusers', '-')}.", "",
+              "Command:", "", "```", r["command"], "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ left to the pipeline model, exactly where diffusers does it. Imported only on th
 """
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -67,8 +68,6 @@ def refuse_unsupported(pipeline_class: str) -> None:
 
 def load_parts(meta: dict[str, str], model: str | Path | None) -> SdParts:
     """The pipeline folder (`model`, else the graph's base model), checked to be the one the graph was calibrated on."""
-    import json
-
     from ...calibrate.calibration_data import model_fingerprint
     from ...core.models import EMBEDDED_MODELS, embedded_model_dir, load_model
 
