@@ -19,17 +19,19 @@ The embedded models keep the sampler they were trained and measured with: a UNet
 `default-cond`) has only its training schedule (`scheduler/` holds a DDPMScheduler) and samples with DDIM on it;
 a pipeline folder may name its sampler in its dilatequant.json (`sd-digits`: DDIM, as every committed figure of
 it was measured).
+
+The names are torch-free (the CLI reads them for its help); building a scheduler imports diffusers.
 """
 from __future__ import annotations
 
 import inspect
 import json
-from typing import Any, Mapping
-
-import diffusers
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 PIPELINE = "pipeline"
 # name -> (class, fixed settings). Every one has one UNet call per step at distinct timesteps, except PNDM
@@ -53,6 +55,9 @@ SHORT_NAMES = {"DDIMScheduler": "DDIM", "EulerDiscreteScheduler": "Euler", "Eule
 
 
 def scheduler_class(name: str | None) -> type[SchedulerMixin] | None:
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
     cls = getattr(diffusers, str(name), None)
     return cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else None
 
@@ -66,7 +71,7 @@ def _settings(cls: type) -> dict[str, Any]:
 def resolved_config(source: SchedulerMixin | Mapping) -> dict[str, Any]:
     """Every setting of the source's own class (a scheduler, or a config naming its `_class_name`): the config's
     value, else that class's default."""
-    if isinstance(source, SchedulerMixin):
+    if not isinstance(source, Mapping):  # a scheduler instance
         cls, config = type(source), dict(source.config)
     else:
         config = dict(source)
@@ -138,8 +143,7 @@ def from_config_json(text: str) -> SchedulerMixin:
     data = json.loads(text)
     cls = scheduler_class(data.get("_class_name"))
     if cls is None:
-        raise UserError(f"scheduler class '{data.get('_class_name')}' is not in this diffusers "
-                        f"({diffusers.__version__}); upgrade diffusers")
+        raise UserError(f"scheduler class '{data.get('_class_name')}' is not in this diffusers; upgrade diffusers")
     return cls.from_config(data)
 
 

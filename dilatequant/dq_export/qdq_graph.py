@@ -5,46 +5,25 @@ import gc
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+import onnx_ir as ir
 import torch
 from torch import nn
 
 from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
 from ..core.conditioning import as_condition, unet_kwargs
 from ..core.errors import UserError
+from .export_config import ExportConfig
 from .fold import ExportContext, deploy_unet, int4_layers
 from .fp16 import to_fp16
 from .graph_passes import finalize_graph, simplify
 from .onnx_files import save_model
 
 FORMAT_VERSION = "1"
-PRECISIONS = ("int8", "int4")
 OPSET = 21
-TARGETS = ("tensorrt", "ort")
-
-
-@dataclass
-class ExportConfig:
-    precision: str = "int8"         # int8 | int4 (weight-only INT4 blocks for MatMul/Gemm)
-    static_scales: bool = False     # one constant scale per activation, no t_index input
-    dtype: str = "fp32"             # fp32 | fp16 (FP16 fallback for everything not quantized)
-    static_shapes: bool = False
-    batch: int = 2                  # example batch for tracing (and the fixed batch with static_shapes)
-    int4_block: int = 32
-    target: str = "tensorrt"        # tensorrt | ort (ONNX Runtime integer ops: ort_graph.py)
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UserError(f"unknown precision '{self.precision}': choose one of {', '.join(PRECISIONS)}")
-        if self.dtype not in ("fp32", "fp16"):
-            raise UserError(f"unknown dtype '{self.dtype}': choose fp32 or fp16")
-        if self.target not in TARGETS:
-            raise UserError(f"unknown target '{self.target}': choose one of {', '.join(TARGETS)}")
-        if self.target == "ort" and self.dtype != "fp32":
-            raise UserError("--target ort runs on ONNX Runtime CPU in fp32: drop --dtype fp16 (or use --target tensorrt)")
 
 
 class ExportWrapper(nn.Module):
@@ -127,14 +106,15 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
     props = metadata(ck, cfg, checkpoint_hash(ckpt_path), use_t)
-    # The proto holds the weights now. The exporter's program, the deployment-form copy and the checkpoint (its
-    # mapped float32 pages: 10.3 GB at SDXL size) sit in reference cycles: collect them before the graph is written
+    # The graph holds its own copies of the weights now. The exporter's program, the deployment-form copy and the
+    # checkpoint (its mapped float32 pages: 10.3 GB at SDXL size) sit in reference cycles: collect them before the
+    # graph is written
     del program, wrapper, unet, ctx, ck
     gc.collect()
     model = finalize_graph(model, props, cfg.int4_block if cfg.precision == "int4" else None)
     _check_int4_blocks(model, w4a16)
     if cfg.dtype == "fp16":
-        model = to_fp16(model, inplace=True)
+        to_fp16(model)
     written = save_model(model, onnx_path)  # over ~2 GB: unet.onnx + unet.onnx.data (onnx_files.py)
     return {"onnx": str(onnx_path), "bytes": written["bytes"], "external_data": written["external_data"],
             "inputs": names, "precision": cfg.precision,
@@ -154,12 +134,11 @@ def w4a16_layers(ck: QuantCheckpoint, cfg: ExportConfig) -> tuple[str, ...]:
     return names
 
 
-def _check_int4_blocks(model, w4a16: tuple[str, ...]) -> None:
+def _check_int4_blocks(model: ir.Model, w4a16: tuple[str, ...]) -> None:
     """Every weight-only layer got its INT4 blocks (else the graph would run it W8A16 under an int4 label)."""
     if not w4a16:
         return
-    blocked = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear"
-                  and any(a.name == "block_size" for a in n.attribute))
+    blocked = sum(1 for n in model.graph if n.op_type == "DequantizeLinear" and "block_size" in n.attributes)
     if blocked != len(w4a16):
         raise UserError(f"INT4 export: {blocked} INT4 weight blocks for {len(w4a16)} weight-only layers; "
                         "this is a bug in dq-export, please report it with the checkpoint")

@@ -16,7 +16,8 @@ from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.cli import calibrate_main, export_main, generate_main
 from dilatequant.core.metrics import sqnr_db
 from dilatequant.core.models import load_model
-from dilatequant.engines.generate import GenerateConfig, run_pipeline
+from dilatequant.engines.generate import run_pipeline
+from dilatequant.engines.generate_config import GenerateConfig
 from dilatequant.engines.onnxruntime.runner import OrtRunner
 from dilatequant.core.schedulers import build_scheduler, copy_scheduler
 from dilatequant.engines.pytorch.diffusers_unet import QuantizedUNet
