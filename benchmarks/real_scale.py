@@ -251,6 +251,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, help="scratch folder (default: results/real_scale/.work-<unet>)")
     p.add_argument("--resume", action="store_true", help="skip the stages an earlier run of this work folder finished")
     p.add_argument("--stages", nargs="*", help=f"run only these stages (of {', '.join(STAGES)}; speed = every speed_*)")
+    p.add_argument("--name", help="results file name (default: the UNet's); a partial run (--stages) writes its own")
     p.add_argument("--child", choices=("model", "graphs", "speed"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -350,8 +351,9 @@ def main() -> None:
               "verify": verify_summary(work / "verify" / "report.json"), "speed": combine_speed(work),
               "environment": environment()}
     OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / f"{tag}.json", report)
-    write_text(OUT / f"{tag}.md", _markdown(report))
+    name = a.name or tag
+    write_json(OUT / f"{name}.json", report)
+    write_text(OUT / f"{name}.md", _markdown(report))
     print(_markdown(report))
 
 
