@@ -122,9 +122,12 @@ def run_jobs(jobs: list[RtxJob], timeout_s: float | None = None, quiet: bool = T
                 break
             child = _Child(Path(tmp) / str(round_), [jobs[i].to_json(i) for i in pending], quiet)
             outcomes.update(child.follow(timeout_s))
+            left = [i for i in pending if i not in outcomes]
+            if left and child.current is None and child.proc.returncode:  # died between jobs (or starting up)
+                child.current = left[0]
             if child.current is not None:
                 outcomes[child.current] = child.stopped_outcome()
-            elif any(i not in outcomes for i in pending):  # exited cleanly without reaching them: a bug, not a crash
+            elif left:  # exited cleanly without reaching them: a bug, not a crash
                 raise RuntimeError(f"the TensorRT-RTX child exited ({child.proc.returncode}) with jobs left: "
                                    f"{child.log_tail()}")
     return [outcomes[i] for i in range(len(jobs))]
@@ -177,7 +180,7 @@ class _Child:
             time.sleep(POLL_S)
 
     def _elapsed(self, i: int) -> float:
-        return round(time.perf_counter() - self.started[i], 2)
+        return round(time.perf_counter() - self.started.get(i, time.perf_counter()), 2)
 
     def stopped_outcome(self) -> RtxOutcome:
         """The outcome of the job the child was on when it died or was stopped."""
