@@ -23,7 +23,6 @@ from ..core.reporting import ensure_writable_dir, environment, peak_rss_mb, writ
 from ..core.sampling import SampleResult, default_guidance, sample, sampling_timesteps
 from ..dq_export.fold import int4_layers, w4a16_reference
 from ..dq_export.layer_parity import layer_parity_report
-from ..dq_export.qdq_graph import ExportConfig
 from . import plots
 from .base import Runner
 from .onnxruntime.runner import OrtRunner
@@ -33,6 +32,7 @@ from .schedule import ScheduleMapper, map_schedule
 from .tensorrt.runner import TensorRTRunner
 from .timing import gpu_memory, unet_latency
 
+LEGACY_INT4_BLOCK = 32  # dq-export's INT4 block size before graphs recorded their INT4 layers
 DIGIT_SHAPE = (1, 32, 32)  # digit-FID needs images the shipped digit classifier reads
 
 
@@ -167,8 +167,8 @@ def _configure_reference(ck, runtime: Path) -> list[str]:
     props = _runtime_props(runtime)
     if props.get("dilatequant.precision") != "int4":
         return []
-    recorded = props.get("dilatequant.int4_layers")  # graphs exported before it was recorded: the default blocks
-    names = json.loads(recorded) if recorded else int4_layers(ck.qunet, ExportConfig().int4_block)
+    recorded = props.get("dilatequant.int4_layers")  # graphs exported before it was recorded: blocks of 32 then
+    names = json.loads(recorded) if recorded else int4_layers(ck.qunet, LEGACY_INT4_BLOCK)
     w4a16_reference(ck.qunet, names)
     return names
 

@@ -19,9 +19,11 @@ from dilatequant.dq_export.ort_graph import convert_file as ort_file
 from dilatequant.engines.tensorrt import rtx
 from dilatequant.engines.tensorrt.backends import choose_backend
 from dilatequant.engines.tensorrt.build import BuildConfig, build_engine, sidecar_path
+from dilatequant.engines.tensorrt.env import GpuInfo, detect_gpu
+from dilatequant.engines.tensorrt.runner import TensorRTRunner
 
 from conftest import assert_clean_error, run_cli
-from graph_flavors import ALL, graph
+from graph_flavors import ALL, FLAVORS, checkpoint, graph
 
 pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is the test extra's: pip install -e '.[test,rtx]'")
 
@@ -192,3 +194,40 @@ def test_cli_flag_help_names_both_backends():
     proc = subprocess.run([sys.executable, "-m", "dilatequant.cli", "build-engine", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert "auto | tensorrt | tensorrt-rtx" in proc.stdout and "--compute-capability" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def rtx_plan(tmp_path_factory):
+    engine = tmp_path_factory.mktemp("rtx-plan") / "unet.plan"
+    build_engine(BuildConfig(onnx=graph("w8a8_sym"), engine=engine, backend="tensorrt-rtx",
+                             compute_capabilities="8.6,8.9"))
+    return engine
+
+
+@pytest.mark.skipif(detect_gpu() is not None, reason="the no-GPU refusal; a GPU machine answers differently")
+def test_dq_verify_and_the_runner_refuse_a_tensorrt_rtx_plan_in_one_line_without_a_gpu(rtx_plan, tmp_path):
+    f = FLAVORS["w8a8_sym"]
+    proc = run_cli("verify", "--engine", rtx_plan, "--ckpt", checkpoint(f.model, f.quant), "--report", tmp_path / "r")
+    assert_clean_error(proc, f"engine '{rtx_plan}' is a TensorRT-RTX 1.", "for compute capabilities 8.6, 8.9",
+                       "there is none here", f"dq-verify --onnx {graph('w8a8_sym')}")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(UserError, match="is a TensorRT-RTX .* plan, built without a GPU"):
+        TensorRTRunner(rtx_plan)
+
+
+def test_the_refusal_names_what_a_gpu_machine_lacks(rtx_plan):
+    """The two answers a GPU machine gets (its GPU is not a target; it is, but dilatequant has no RTX runtime)."""
+    side = json.loads(sidecar_path(rtx_plan).read_text())
+    h100 = rtx.plan_refusal(rtx_plan, side, GpuInfo("NVIDIA H100", "9.0", "test"))
+    assert "this GPU (NVIDIA H100) is compute capability 9.0; build a plan for it with dq-build-engine " \
+           "--backend tensorrt" in h100
+    ada = rtx.plan_refusal(rtx_plan, side, GpuInfo("NVIDIA L4", "8.9", "test"))
+    assert "dilatequant runs TensorRT 11 plans and has no TensorRT-RTX runtime" in ada and "(NVIDIA L4)" in ada
+
+
+def test_dq_triton_refuses_a_tensorrt_rtx_plan_with_the_reason(rtx_plan, tmp_path):
+    f = FLAVORS["w8a8_sym"]
+    proc = run_cli("triton", "--engine", rtx_plan, "--ckpt", checkpoint(f.model, f.quant), "--repo", tmp_path / "repo")
+    assert_clean_error(proc, "is a TensorRT-RTX plan", "Triton's tensorrt_plan backend loads plans with TensorRT's "
+                       "libnvinfer", "dq-triton --onnx")
+    assert not (tmp_path / "repo").exists()

@@ -25,8 +25,9 @@ from pathlib import Path
 from types import ModuleType
 
 from ...core.errors import UserError
+from .env import GpuInfo
 from .polygraphy_build import build_error_message, key_errors
-from .targets import ComputeCapability
+from .targets import RTX_DEFAULT_TARGETS, ComputeCapability, format_cc
 
 RTX_INSTALL_HINT = 'pip install "dilatequant[rtx]" (TensorRT-RTX: builds plans without a GPU)'
 RTX_MIN = (1, 7)
@@ -240,3 +241,21 @@ def _signal_words(crash: str) -> str:
     """'SIGSEGV' -> 'signal SIGSEGV, a segmentation fault'; 'SIGKILL' says memory may have run out."""
     extra = {"SIGSEGV": ", a segmentation fault", "SIGKILL": ", killed: out of memory?", "SIGABRT": ", an abort"}
     return crash if crash.startswith("exit") else f"signal {crash}{extra.get(crash, '')}"
+
+
+def plan_refusal(plan: Path, sidecar: dict, gpu: GpuInfo | None) -> str:
+    """Why a TensorRT-RTX plan cannot run here, in one line: it needs a GPU of one of its target compute
+    capabilities, and TensorRT-RTX's runtime, which dilatequant's runners do not drive (they run TensorRT 11 plans).
+    """
+    named = (sidecar.get("targets") or {}).get("compute_capabilities")
+    targets = ", ".join(named) if named else "TensorRT-RTX's default set, " + ", ".join(map(format_cc, RTX_DEFAULT_TARGETS))
+    what = (f"engine '{plan}' is a TensorRT-RTX {sidecar.get('tensorrt_rtx') or ''} plan, built without a GPU for "
+            f"compute capabilities {targets}").replace("  ", " ")
+    if gpu is None:
+        return (f"{what}: running it takes an NVIDIA GPU of one of those and there is none here; check the graph it "
+                f"was built from on the CPU with dq-verify --onnx {sidecar.get('built_onnx') or 'unet.onnx'}")
+    if named and gpu.compute_capability not in named:
+        return (f"{what}, and this GPU ({gpu.name}) is compute capability {gpu.compute_capability}; build a plan for "
+                "it with dq-build-engine --backend tensorrt on this machine")
+    return (f"{what}; dilatequant runs TensorRT 11 plans and has no TensorRT-RTX runtime: build one for this GPU "
+            f"({gpu.name}) with dq-build-engine --backend tensorrt")
