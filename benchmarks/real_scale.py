@@ -11,6 +11,9 @@ Every stage is the user's own command in a fresh process, timed by /usr/bin/time
     export_int4  dq-export --precision int4 (weight-only INT4 GEMMs)
     fp16         dq-export --fp16-from (the FP16 fallback pass) + its rules check
     rules        dq-export --check on the int8 graph
+    build_rtx    dq-build-engine --backend tensorrt-rtx on the int8 graph: NVIDIA's parser and builder, CPU-only ahead of
+                 time for TensorRT-RTX's default targets (peak RSS includes the builder's child process: /usr/bin/time
+                 reports the largest of the process and its waited-for children)
     verify_ort   dq-verify of the int8 graph on ONNX Runtime (2 images, batch 1, 3 timed calls: bounded at SD size)
     triton_repository  dq-triton --kind cpu on the int8 graph
     speed_*      benchmarks/cpu_speed.py's ORT FP32 / ORT QDQ / ORT integer / PyTorch FP32 at the UNet's own
@@ -35,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "real_scale"
 HERE = Path(__file__).resolve().parent
 TOKENS = 77  # CLIP's sequence length: encoder_hidden_states [B, 77, cross_attention_dim]
-STAGES = ("model", "calibrate", "export_int8", "export_int4", "fp16_fallback", "rules_check", "verify_ort",
-          "triton_repository", "speed")
+STAGES = ("model", "calibrate", "export_int8", "export_int4", "fp16_fallback", "rules_check", "build_rtx",
+          "verify_ort", "triton_repository", "speed")
 
 
 def build_model(unet_name: str, folder: Path) -> dict:
@@ -311,6 +314,9 @@ def main() -> None:
     stage("export_int4", [*cli, "export", "--ckpt", str(q), "--onnx", str(g4), "--precision", "int4"], [g4])
     stage("fp16_fallback", [*cli, "export", "--fp16-from", str(g8), "--onnx", str(g16)], [g16])
     stage("rules_check", [*cli, "export", "--check", str(g8)])
+    plan = work / "unet_qdq.plan"
+    stage("build_rtx", [*cli, "build-engine", "--onnx", str(g8), "--engine", str(plan), "--backend", "tensorrt-rtx"],
+          [plan])
     stage("verify_ort", [*cli, "verify", "--ckpt", str(q), "--onnx", str(g8), "--report", str(work / "verify"),
                          "--batch", "1", "--samples", "2", "--traj-samples", "1", "--repeats", "3", "--warmup", "1",
                          "--mapped-steps", str(a.steps), "--layer-per-step", "1"], [work / "verify" / "report.json"])
