@@ -55,8 +55,8 @@ CITATIONS = {
                     "TensorRT 11.x: ONNX 1.20.0, maximum opset 25 (minimum 9)"),
     "opset-axis": (f"Explicit Quantization, {DOCS}/inference-library/quantized-types-explicit-quantization.html",
                    "a quantization-axis attribute was added in opset 13 (required for per-channel quantization)"),
-    "fp8-targets": ("TensorRT-RTX Working with Quantized Types, https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/"
-                    "inference-library/work-quantized-types.html",
+    "fp8-targets": ("TensorRT-RTX Working with Quantized Types, "
+                    "https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/inference-library/work-quantized-types.html",
                     "FP8 is only supported for matrix multiplications (GEMM) on Ada and later architectures (compute "
                     "capability 8.9 or later)"),
 }
@@ -127,8 +127,8 @@ def act_qdq(g: G, x: str, qtype="int8", zp_value=0, zp="typed", scale: str | Non
     if zp == "none":
         ins = [x, scale]
     elif zp == "runtime":
-        ins = [x, scale, g.node("Cast", [g.node("Mul", [g.inp("zp_in", TP.FLOAT, [1]), g.init(np.zeros(1, np.float32))])],
-                                to=TP.INT8)]
+        zero = g.node("Mul", [g.inp("zp_in", TP.FLOAT, [1]), g.init(np.zeros(1, np.float32))])
+        ins = [x, scale, g.node("Cast", [zero], to=TP.INT8)]
     else:
         ins = [x, scale, _zp(g, "uint8" if zp == "uint8" else qtype, shape, zp_value)]
     kw = {} if axis is None else {"axis": axis}
@@ -328,7 +328,8 @@ DEFECTS: list[Defect] = [
     Defect("weight_scale_runtime", "Conv weight DQ scale computed from t_index",
            lambda: conv_graph(weight_scale_runtime=True), docs="scale-constant"),
     Defect("scale_zero", "activation Q scale 0", lambda: conv_graph(act_scale_value=0.0), docs="q-scale-positive"),
-    Defect("scale_negative", "activation Q scale -1", lambda: conv_graph(act_scale_value=-1.0), docs="q-scale-positive"),
+    Defect("scale_negative", "activation Q scale -1", lambda: conv_graph(act_scale_value=-1.0),
+           docs="q-scale-positive"),
     Defect("scale_fp16_in_fp32", "activation Q/DQ scale stored as float16 in a float32 graph",
            lambda: conv_graph(act_scale_dtype=np.float16), docs="q-strong-typing"),
     Defect("scale_fp32_in_fp16", "fp16 graph whose activation Q/DQ scale is float32", halfmix_graph,
@@ -534,5 +535,9 @@ def misses(rows: list[Row]) -> list[str]:
 
 def false_alarms(rows: list[Row]) -> list[str]:
     """References (clean graphs) that anyone refuses, the checker included."""
-    return [f"{r.defect.id}: {', '.join(r.refused_by + (['the checker: ' + '; '.join(r.violations)] if r.violations else []))}"
-            for r in rows if r.defect.is_reference and (r.refused_by or r.checker_refuses)]
+    out = []
+    for r in rows:
+        if r.defect.is_reference and (r.refused_by or r.checker_refuses):
+            checker = [f"the checker: {'; '.join(r.violations) or r.target_check}"] if r.checker_refuses else []
+            out.append(f"{r.defect.id}: {', '.join(r.refused_by + checker)}")
+    return out

@@ -186,7 +186,8 @@ def _check_int4_activations(model: onnx.ModelProto, types: dict[str, int]) -> li
         srcs = [_through(producers.get(i), producers) for i in n.input[:2]]
         int4 = [k for k, p in enumerate(srcs) if p is not None and p.op_type == "DequantizeLinear"
                 and types.get(p.input[0]) == onnx.TensorProto.INT4]
-        if int4 and any(p is not None and p.op_type == "DequantizeLinear" and k not in int4 for k, p in enumerate(srcs)):
+        quantized = [k for k, p in enumerate(srcs) if p is not None and p.op_type == "DequantizeLinear"]
+        if int4 and any(k not in int4 for k in quantized):
             name = n.name or f"{n.op_type}->{n.output[0]}"
             v.append(Violation("int4-activation", name, "INT4 weights with a quantized (INT8 or FP8) activation: "
                                "TensorRT's INT4 is weight-only, keep this GEMM's activation float (export with "

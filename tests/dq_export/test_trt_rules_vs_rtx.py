@@ -65,7 +65,8 @@ def test_the_committed_table_says_what_the_builder_says_now(rows):
                                                                  if r.builder.details)
     if table["versions"]["tensorrt_rtx"] != version:
         pytest.skip(f"the table is TensorRT-RTX {table['versions']['tensorrt_rtx']}'s; this is {version}")
-    committed = {c["id"]: (c["tensorrt_rtx"]["verdict"], c["onnx"] == "ok", c["checker"]["rules"]) for c in table["cases"]}
+    committed = {c["id"]: (c["tensorrt_rtx"]["verdict"], c["onnx"] == "ok", c["checker"]["rules"])
+                 for c in table["cases"]}
     assert committed == {r.defect.id: (r.builder.verdict, r.onnx == "ok", r.rules) for r in rows}
     assert table["misses"] == [] and table["false_alarms"] == []
 

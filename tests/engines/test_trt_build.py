@@ -21,8 +21,9 @@ from dilatequant.core.errors import UserError
 from dilatequant.engines.tensorrt import build as trt_build
 from dilatequant.engines.tensorrt import env as trt_env
 from dilatequant.engines.tensorrt.build import (BuildConfig, BuildInfo, TrtBuildResult, build_engine, build_error_message,
-                                           error_lines, fp16_graph_path, layer_summary, make_sidecar, sidecar_path)
+                                           fp16_graph_path, layer_summary, make_sidecar, sidecar_path)
 from dilatequant.engines.tensorrt.env import GpuInfo, parse_nvidia_smi
+from dilatequant.engines.tensorrt.polygraphy_build import error_lines
 from dilatequant.engines.tensorrt.profiles import (DEFAULT_BATCH, graph_inputs, graph_metadata, parse_shapes,
                                               profile_from_flags, resolve_profile)
 

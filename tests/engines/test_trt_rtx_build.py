@@ -185,8 +185,7 @@ def test_parser_refusal_is_one_line_with_tensorrt_rtx_s_reason(tmp_path):
     assert outcome.verdict == "parser refused"
     assert "Non-zero zero point is not supported" in outcome.reason and outcome.reason.startswith("In node")
     with pytest.raises(UserError, match="TensorRT-RTX could not build an engine from .*Non-zero zero point"):
-        rtx.build_with_tensorrt_rtx(path, tmp_path / "unet.plan", None, None, BuildConfig(path, tmp_path / "u.plan"),
-                                    "was not run on")
+        rtx.build_with_tensorrt_rtx(rtx.RtxJob(path), tmp_path / "unet.plan", "was not run on")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zp3.onnx"]
 
 

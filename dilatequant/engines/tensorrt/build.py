@@ -35,10 +35,9 @@ from ...dq_export.trt_rules import enforce
 from .backends import BACKENDS, TENSORRT, TENSORRT_RTX, Backend, choose_backend
 from .env import GpuInfo, explain_cuda_failure
 from .plan_files import fp16_graph_path, layers_path, sidecar_path
-from .polygraphy_build import (KeptConfig, build_error_message, builder_settings, error_lines,  # noqa: F401
-                               polygraphy_errors, polygraphy_profile)
+from .polygraphy_build import KeptConfig, build_error_message, builder_settings, polygraphy_errors, polygraphy_profile
 from .profiles import ProfileShapes, graph_inputs, graph_metadata, load_onnx, profile_from_flags
-from .rtx import build_with_tensorrt_rtx, supported_targets
+from .rtx import RtxJob, build_with_tensorrt_rtx, supported_targets
 from .targets import Requirement, check_targets, format_cc, graph_requirement, parse_cc, parse_cc_list, rtx_targets
 
 SIDECAR_FORMAT = "dilatequant.trt_engine/1"
@@ -159,8 +158,10 @@ def build_engine(cfg: BuildConfig) -> dict:
     enforce(built)  # the graph TensorRT gets must pass every explicit-quantization rule
     if backend.name == TENSORRT_RTX:
         cc = targets["compute_capabilities"]
-        rtx = build_with_tensorrt_rtx(built, cfg.engine, profile.to_json(), cc and tuple(map(parse_cc, cc)), cfg,
-                                      RULES_PASSED)
+        pool = int(cfg.workspace_gb * 2**30) if cfg.workspace_gb else None
+        job = RtxJob(built, profile=profile.to_json(), compute_capabilities=cc and tuple(map(parse_cc, cc)),
+                     opt_level=cfg.opt_level, workspace_bytes=pool)
+        rtx = build_with_tensorrt_rtx(job, cfg.engine, RULES_PASSED)
         result = TrtBuildResult(b"", rtx.version, rtx.build_s, settings=rtx.settings)
         engine_sha256, engine_bytes, network = rtx.engine_sha256, rtx.engine_bytes, rtx.network
     else:
@@ -232,7 +233,8 @@ def build_with_tensorrt(trt: ModuleType, onnx_path: Path, profile: ProfileShapes
     cache = str(cfg.timing_cache) if cfg.timing_cache else None
     cache_before = cfg.timing_cache.stat().st_size if cfg.timing_cache and cfg.timing_cache.is_file() else None
     # No precision arguments: the network's types come from the ONNX graph (strong typing is always on in 11).
-    config = KeptConfig(CreateConfig(profiles=[polygraphy_profile(profile.shapes)], builder_optimization_level=cfg.opt_level,
+    config = KeptConfig(CreateConfig(profiles=[polygraphy_profile(profile.shapes)],
+                                     builder_optimization_level=cfg.opt_level,
                                      memory_pool_limits=pools, profiling_verbosity=verbosity, load_timing_cache=cache))
     network = NetworkFromOnnxPath(str(onnx_path))  # parse_from_file: external weights resolve beside the graph
     build = EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)
@@ -379,14 +381,16 @@ def describe(sidecar: dict) -> list[str]:
         head = f"wrote {size} with TensorRT-RTX {sidecar['tensorrt_rtx']} {where}"
     else:
         gpu = sidecar["gpu"]
-        head = f"wrote {size} with TensorRT {sidecar['tensorrt']} on {gpu['name']} (compute {gpu['compute_capability']})"
+        head = (f"wrote {size} with TensorRT {sidecar['tensorrt']} on {gpu['name']} "
+                f"(compute {gpu['compute_capability']})")
     lines = [f"{head} in {sidecar['build_s']} s; fp16 fallback: {sidecar['fp16_fallback']}",
              f"  profile min/opt/max: {shapes}"]
     if sidecar.get("network"):
         lines.append(f"  {sidecar['network']['layers']} network layers parsed")
     if sidecar.get("layers"):
         lay = sidecar["layers"]
-        lines.append(f"  {lay['layers']} engine layers, output formats {lay['output_formats']}; layer table: {lay['file']}")
+        lines.append(f"  {lay['layers']} engine layers, output formats {lay['output_formats']}; "
+                     f"layer table: {lay['file']}")
     lines.append(f"  sidecar: {sidecar_path(sidecar['engine'])}")
     return lines + [f"note: {n}" for n in sidecar.get("notes", [])]
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -205,9 +205,9 @@ class RtxBuildResult:
     onnx_parser: int | None
 
 
-def build_with_tensorrt_rtx(onnx_path: Path, engine: Path, profile_shapes: dict, targets, cfg,
-                            rules_verdict: str) -> RtxBuildResult:
-    """One CPU-only build in a child process; the plan is renamed into place only when the child succeeded.
+def build_with_tensorrt_rtx(job: RtxJob, engine: Path, rules_verdict: str) -> RtxBuildResult:
+    """`job` (its plan left unset) built CPU-only in a child process; the plan is renamed to `engine` only when the
+    child succeeded.
 
     A parser or builder error is one line with TensorRT-RTX's first errors; a child that died is one line naming
     the signal, the graph and the rules check's verdict (`rules_verdict`)."""
@@ -218,10 +218,9 @@ def build_with_tensorrt_rtx(onnx_path: Path, engine: Path, profile_shapes: dict,
     fd, tmp = tempfile.mkstemp(dir=engine.parent, prefix=f".{engine.name}.", suffix=".building")
     os.close(fd)
     tmp = Path(tmp)
+    onnx_path = job.onnx
     try:
-        job = RtxJob(onnx_path, tmp, profile_shapes, targets, cfg.opt_level,
-                     int(cfg.workspace_gb * 2**30) if cfg.workspace_gb else None)
-        (outcome,) = run_jobs([job], quiet=False)
+        (outcome,) = run_jobs([replace(job, plan=tmp)], quiet=False)
         if outcome.crash:
             raise UserError(f"TensorRT-RTX's builder died ({_signal_words(outcome.crash)}) while building "
                             f"'{onnx_path}', a graph the TensorRT rules check {rules_verdict}; no plan was written. "
@@ -248,7 +247,8 @@ def plan_refusal(plan: Path, sidecar: dict, gpu: GpuInfo | None) -> str:
     capabilities, and TensorRT-RTX's runtime, which dilatequant's runners do not drive (they run TensorRT 11 plans).
     """
     named = (sidecar.get("targets") or {}).get("compute_capabilities")
-    targets = ", ".join(named) if named else "TensorRT-RTX's default set, " + ", ".join(map(format_cc, RTX_DEFAULT_TARGETS))
+    default = "TensorRT-RTX's default set, " + ", ".join(map(format_cc, RTX_DEFAULT_TARGETS))
+    targets = ", ".join(named) if named else default
     what = (f"engine '{plan}' is a TensorRT-RTX {sidecar.get('tensorrt_rtx') or ''} plan, built without a GPU for "
             f"compute capabilities {targets}").replace("  ", " ")
     if gpu is None:
