@@ -3,16 +3,14 @@
 parser + CPU-only ahead-of-time builder (a child process per crash, 120 s per build at most), by ONNX (onnx.checker
 full_check + an ONNX Runtime CPU run) and by TensorRT 11's documentation (quoted per case, with its source).
 
-Writes results/trt_rules_vs_rtx/{results.json, README.md}. No GPU is needed or used.
+Writes results/trt_rules_vs_rtx/{results.json, README.md}: verdicts only (no timings). No GPU is needed or used.
 
     python benchmarks/trt_rules_vs_rtx.py
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +26,7 @@ def row_json(r: T.Row) -> dict:
             "targets": [f"{c[0]}.{c[1]}" for c in d.targets] if d.targets else "default",
             "checker": {"rules": r.rules, "violations": r.violations, "target_check": r.target_check,
                         "refuses": r.checker_refuses},
-            "tensorrt_rtx": {"verdict": b.verdict, "reason": b.reason, "wall_s": b.wall_s,
+            "tensorrt_rtx": {"verdict": b.verdict, "reason": b.reason,
                              "layers": (b.details.get("network") or {}).get("layers")},
             "onnx": r.onnx, "tensorrt_11_docs": {"refuses": bool(d.docs), "citation": d.docs},
             "differs": d.differs, "note": d.note, "refused_by": r.refused_by}
@@ -52,7 +50,7 @@ def markdown(report: dict) -> str:
         "",
         f"**Misses** (a graph someone refuses that the checker passes): {len(missed)}"
         + (": " + "; ".join(missed) if missed else "") + f". **False alarms** on the {report['references']} clean "
-        f"references: {len(report['false_alarms'])}. Builds: {report['build_wall_s']} s in all.",
+        f"references: {len(report['false_alarms'])}.",
         "",
         "Reading the table: *checker* lists the trt_rules rules a case breaks and dq-build-engine's target check "
         "(FP8 needs compute capability 8.9); *TensorRT-RTX* is what its parser and builder did with the case's "
@@ -91,15 +89,13 @@ def main() -> None:
     from dilatequant.engines.tensorrt.rtx import require_tensorrt_rtx
 
     trt = require_tensorrt_rtx()
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dq-defects-") as tmp:
         rows = T.judge(Path(tmp))
-    wall = round(time.perf_counter() - start, 1)
     cases = [row_json(r) for r in rows]
     report = {"command": "python benchmarks/trt_rules_vs_rtx.py",
               "versions": {"tensorrt_rtx": trt.__version__, "onnx_parser": int(trt.get_nv_onnx_parser_version()),
                            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-              "build_wall_s": wall, "references": sum(r.defect.is_reference for r in rows),
+              "references": sum(r.defect.is_reference for r in rows),
               "misses": T.misses(rows), "false_alarms": T.false_alarms(rows), "cases": cases,
               "citations": {k: list(v) for k, v in T.CITATIONS.items()}, "environment": environment()}
     OUT.mkdir(parents=True, exist_ok=True)

@@ -46,13 +46,14 @@ CITATIONS = {
                         "it must match the input data type."),
     "scale-constant": (f"Quantize operator, {DOCS}/_static/operators/Quantize.html",
                        "The scale tensor must be a build-time constant."),
-    "int4-weight-only": (f"Working with Quantized Types, {DOCS}/../11.0.0/inference-library/work-quantized-types.html",
+    "int4-weight-only": ("Working with Quantized Types, https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/"
+                         "inference-library/work-quantized-types.html",
                          "INT4 (signed 4-bit integer, weight-only quantization)"),
     "int4-blocks": (f"Quantization Schemes, {DOCS}/inference-library/quantized-types-schemes.html",
                     "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}. The block "
                     "dimension should be one of the last two dimensions."),
-    "opset-range": (f"ONNX Opset Guide, {DOCS}/reference/onnx-opset-guide.html",
-                    "TensorRT 11.x: ONNX 1.20.0, maximum opset 25 (minimum 9)"),
+    "opset-range": (f"ONNX Opset Guide, {DOCS}/reference/onnx-opset-guide.html, its table for TensorRT 11.x",
+                    "Maximum opset 25"),
     "opset-axis": (f"Explicit Quantization, {DOCS}/inference-library/quantized-types-explicit-quantization.html",
                    "a quantization-axis attribute was added in opset 13 (required for per-channel quantization)"),
     "fp8-targets": ("TensorRT-RTX Working with Quantized Types, "
