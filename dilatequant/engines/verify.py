@@ -197,10 +197,10 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
     """Run every measurement and write the report folder; returns the report dict."""
     cfg.check()
     start = time.perf_counter()
+    threads = cfg.threads or torch.get_num_threads()
+    rt = open_runtime(Path(cfg.runtime), cfg.device, threads)  # cheap; a runtime that cannot run here says so first
     out = ensure_writable_dir(cfg.report_dir)
     ck = load_checkpoint(cfg.ckpt)
-    threads = cfg.threads or torch.get_num_threads()
-    rt = open_runtime(Path(cfg.runtime), cfg.device, threads)
     _check_pairing(rt, ck, cfg.ckpt)
     fp_model = fp_model or (load_model(cfg.model) if cfg.model else fp_model_of(ck))
     T = len(ck.timesteps)
