@@ -12,8 +12,9 @@ Every stage is the user's own command in a fresh process, timed by /usr/bin/time
     fp16         dq-export --fp16-from (the FP16 fallback pass) + its rules check
     rules        dq-export --check on the int8 graph
     build_rtx    dq-build-engine --backend tensorrt-rtx on the int8 graph: NVIDIA's parser and builder, CPU-only ahead of
-                 time for TensorRT-RTX's default targets (peak RSS includes the builder's child process: /usr/bin/time
-                 reports the largest of the process and its waited-for children)
+                 time for TensorRT-RTX's default targets, batch 1/2/8 at the UNet's sample_size (64x64 latents for
+                 SD 1.5); peak RSS includes the builder's child process (/usr/bin/time reports the largest of the
+                 process and its waited-for children)
     verify_ort   dq-verify of the int8 graph on ONNX Runtime (2 images, batch 1, 3 timed calls: bounded at SD size)
     triton_repository  dq-triton --kind cpu on the int8 graph
     speed_*      benchmarks/cpu_speed.py's ORT FP32 / ORT QDQ / ORT integer / PyTorch FP32 at the UNet's own
@@ -314,9 +315,13 @@ def main() -> None:
     stage("export_int4", [*cli, "export", "--ckpt", str(q), "--onnx", str(g4), "--precision", "int4"], [g4])
     stage("fp16_fallback", [*cli, "export", "--fp16-from", str(g8), "--onnx", str(g16)], [g16])
     stage("rules_check", [*cli, "export", "--check", str(g8)])
+    from unet_configs import unet_config
+
     plan = work / "unet_qdq.plan"
-    stage("build_rtx", [*cli, "build-engine", "--onnx", str(g8), "--engine", str(plan), "--backend", "tensorrt-rtx"],
-          [plan])
+    side = f"{unet_config(a.unet)['in_channels']}x{info['sample_size']}x{info['sample_size']}"  # the UNet's own size
+    stage("build_rtx", [*cli, "build-engine", "--onnx", str(g8), "--engine", str(plan), "--backend", "tensorrt-rtx",
+                        "--min-shapes", f"sample:1x{side}", "--opt-shapes", f"sample:2x{side}",
+                        "--max-shapes", f"sample:8x{side}"], [plan])
     stage("verify_ort", [*cli, "verify", "--ckpt", str(q), "--onnx", str(g8), "--report", str(work / "verify"),
                          "--batch", "1", "--samples", "2", "--traj-samples", "1", "--repeats", "3", "--warmup", "1",
                          "--mapped-steps", str(a.steps), "--layer-per-step", "1"], [work / "verify" / "report.json"])
@@ -332,7 +337,6 @@ def main() -> None:
     import torch
 
     from dilatequant.core.reporting import environment, write_json, write_text
-    from unet_configs import unet_config
 
     summary = torch.load(q, weights_only=True, mmap=True)["summary"] if q.is_file() else "{}"
     summary = json.loads(summary)

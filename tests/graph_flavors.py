@@ -9,18 +9,19 @@ export the same q.pt differently. Every graph is dq-export's own output (export_
 for the external-data copy), from a tiny random model calibrated PTQ-only for STEPS steps; the folder is removed
 when the session ends.
 
-    flavor         model (tests/conftest.py, tests/sd_pipelines.py)   calibration    dq-export
-    w8a8_sym       tiny_uncond (class-free, attention)                W8A8 sym       default (int8, fp32, t_index)
-    w8a8_asym      tiny_uncond                                        W8A8 asym      default
-    w4a8           tiny_cond (class tokens, cross-attention)          W4A8 sym       default
-    int4           tiny_cond                                          W4A8 sym       --precision int4 (W4A16 GEMMs)
-    fp16           tiny_uncond                                        W8A8 sym       --dtype fp16
-    static_scales  tiny_uncond                                        W8A8 sym       --static-scales (no t_index)
-    static_shapes  tiny_uncond                                        W8A8 sym       --static-shapes (batch 2)
-    attn_matmul    tiny_cond                                          W8A8 sym, --attn-matmul   default
-    sd_text        tiny_sd2 pipeline (CLIP text, v-prediction)        W8A8 sym       default
-    sdxl           tiny_sdxl pipeline (text_embeds, time_ids)         W8A8 sym       default
-    external_data  w8a8_sym's graph written again by save_model with the external-data threshold at 4 KB
+    flavor              model (tests/conftest.py, tests/sd_pipelines.py)   calibration   dq-export
+    w8a8_sym            tiny_uncond (class-free, self-attention)           W8A8 sym      default (int8, fp32, t_index)
+    w8a8_asym_attn      tiny_cond (class tokens, cross-attention)          W8A8 asym, --attn-matmul   default
+    w4a8                tiny_cond                                          W4A8 sym      default
+    int4                tiny_cond                                          W4A8 sym      --precision int4 (W4A16 GEMMs)
+    fp16_static_shapes  tiny_uncond                                        W8A8 sym      --dtype fp16 --static-shapes
+    static_scales       tiny_uncond                                        W8A8 sym      --static-scales (no t_index)
+    sd_text             tiny_sd2 pipeline (CLIP text, v-prediction)        W8A8 sym      default
+    sdxl                tiny_sdxl pipeline (text_embeds, time_ids)         W8A8 sym      default
+    external_data       w8a8_sym's graph written again by save_model with the external-data threshold at 4 KB
+
+Orthogonal options share a graph (asymmetric activations with --attn-matmul, --dtype fp16 with --static-shapes):
+every option is exported, in as few dynamo traces as the checkpoints allow.
 """
 from __future__ import annotations
 
@@ -62,13 +63,13 @@ class Flavor:
 
 FLAVORS: dict[str, Flavor] = {
     "w8a8_sym": Flavor("tiny_uncond", what="W8A8 symmetric"),
-    "w8a8_asym": Flavor("tiny_uncond", (("symmetric", False),), what="W8A8 asymmetric"),
+    "w8a8_asym_attn": Flavor("tiny_cond", (("symmetric", False), ("attn_matmul", True)),
+                             what="W8A8 asymmetric, --attn-matmul"),
     "w4a8": Flavor("tiny_cond", (("weight_bits", 4),), what="W4A8 (int8 graph)"),
     "int4": Flavor("tiny_cond", (("weight_bits", 4),), {"precision": "int4"}, "--precision int4 (W4A16 GEMMs)"),
-    "fp16": Flavor("tiny_uncond", export={"dtype": "fp16"}, what="--dtype fp16"),
+    "fp16_static_shapes": Flavor("tiny_uncond", export={"dtype": "fp16", "static_shapes": True},
+                                 what="--dtype fp16 --static-shapes"),
     "static_scales": Flavor("tiny_uncond", export={"static_scales": True}, what="--static-scales"),
-    "static_shapes": Flavor("tiny_uncond", export={"static_shapes": True}, what="--static-shapes"),
-    "attn_matmul": Flavor("tiny_cond", (("attn_matmul", True),), what="--attn-matmul"),
     "sd_text": Flavor("tiny_sd2", what="text-conditioned SD pipeline"),
     "sdxl": Flavor("tiny_sdxl", what="SDXL pipeline (text_embeds, time_ids)"),
 }

@@ -5,15 +5,16 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import pytest
 
+from dilatequant.cli import build_engine_main, triton_main, verify_main
 from dilatequant.core.errors import UserError
 from dilatequant.dq_export.ort_graph import convert_file as ort_file
 from dilatequant.engines.tensorrt import rtx
@@ -26,6 +27,17 @@ from conftest import assert_clean_error, run_cli
 from graph_flavors import ALL, FLAVORS, checkpoint, graph
 
 pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is the test extra's: pip install -e '.[test,rtx]'")
+
+
+def _main(main, capsys, *args) -> SimpleNamespace:
+    """A console entry point run in this process (the refusals come before any work): exit code and output."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as ex:
+        code = ex.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def _qdq_counts(path: Path) -> Counter:
@@ -68,7 +80,7 @@ def test_every_export_flavor_parses_and_builds(flavor, tmp_path):
     assert side["builder"]["compute_capabilities"] == []  # none set: TensorRT-RTX's portable default
     meta = side["metadata"]
     batch = side["profiles"][0]["sample"]
-    if flavor == "static_shapes":
+    if flavor == "fp16_static_shapes":
         assert batch["min"] == batch["max"] == [2, *json.loads(meta["dilatequant.sample_shape"])]
     else:
         assert [batch[lv][0] for lv in ("min", "opt", "max")] == [1, 4, 16]
@@ -106,10 +118,11 @@ def test_cli_builds_without_a_gpu_and_names_the_backend(tmp_path):
         assert "without a GPU, for TensorRT-RTX's default (8.6, 8.9, 12.0)" in proc.stdout
 
 
-def test_ort_target_graph_is_refused_before_any_build(tmp_path):
+def test_ort_target_graph_is_refused_before_any_build(tmp_path, capsys):
     ort = tmp_path / "unet_ort.onnx"
     ort_file(graph("w8a8_sym"), ort)
-    proc = run_cli("build-engine", "--onnx", ort, "--engine", tmp_path / "unet.plan", "--backend", "tensorrt-rtx")
+    proc = _main(build_engine_main, capsys, "--onnx", ort, "--engine", tmp_path / "unet.plan", "--backend",
+                 "tensorrt-rtx")
     assert_clean_error(proc, "is a dq-export --target ort graph", "not a TensorRT graph")
     assert not (tmp_path / "unet.plan").exists()
 
@@ -121,9 +134,9 @@ def test_ort_target_graph_is_refused_before_any_build(tmp_path):
     (["--inspect"], "--inspect reads the layer table from the built engine, which takes a GPU"),
     (["--backend", "tensorrt-llm"], "unknown --backend 'tensorrt-llm'"),
 ])
-def test_flags_the_rtx_build_cannot_honour_are_one_line(tmp_path, flags, needle):
+def test_flags_the_rtx_build_cannot_honour_are_one_line(tmp_path, capsys, flags, needle):
     args = ["--backend", "tensorrt-rtx", *flags] if "--backend" not in flags else flags
-    proc = run_cli("build-engine", "--onnx", graph("w8a8_sym"), "--engine", tmp_path / "unet.plan", *args)
+    proc = _main(build_engine_main, capsys, "--onnx", graph("w8a8_sym"), "--engine", tmp_path / "unet.plan", *args)
     assert_clean_error(proc, needle)
     assert not (tmp_path / "unet.plan").exists()
 
@@ -189,10 +202,10 @@ def test_parser_refusal_is_one_line_with_tensorrt_rtx_s_reason(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zp3.onnx"]
 
 
-def test_cli_flag_help_names_both_backends():
-    proc = subprocess.run([sys.executable, "-m", "dilatequant.cli", "build-engine", "--help"], capture_output=True,
-                          text=True, timeout=120)
-    assert "auto | tensorrt | tensorrt-rtx" in proc.stdout and "--compute-capability" in proc.stdout
+def test_cli_flag_help_names_both_backends(capsys):
+    proc = _main(build_engine_main, capsys, "--help")
+    assert proc.returncode == 0 and "auto | tensorrt | tensorrt-rtx" in proc.stdout
+    assert "--compute-capability" in proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +217,10 @@ def rtx_plan(tmp_path_factory):
 
 
 @pytest.mark.skipif(detect_gpu() is not None, reason="the no-GPU refusal; a GPU machine answers differently")
-def test_dq_verify_and_the_runner_refuse_a_tensorrt_rtx_plan_in_one_line_without_a_gpu(rtx_plan, tmp_path):
+def test_dq_verify_and_the_runner_refuse_a_tensorrt_rtx_plan_in_one_line_without_a_gpu(rtx_plan, tmp_path, capsys):
     f = FLAVORS["w8a8_sym"]
-    proc = run_cli("verify", "--engine", rtx_plan, "--ckpt", checkpoint(f.model, f.quant), "--report", tmp_path / "r")
+    proc = _main(verify_main, capsys, "--engine", rtx_plan, "--ckpt", checkpoint(f.model, f.quant), "--report",
+                 tmp_path / "r")
     assert_clean_error(proc, f"engine '{rtx_plan}' is a TensorRT-RTX 1.", "for compute capabilities 8.6, 8.9",
                        "there is none here", f"dq-verify --onnx {graph('w8a8_sym')}")
     assert not (tmp_path / "r").exists()
@@ -224,9 +238,10 @@ def test_the_refusal_names_what_a_gpu_machine_lacks(rtx_plan):
     assert "dilatequant runs TensorRT 11 plans and has no TensorRT-RTX runtime" in ada and "(NVIDIA L4)" in ada
 
 
-def test_dq_triton_refuses_a_tensorrt_rtx_plan_with_the_reason(rtx_plan, tmp_path):
+def test_dq_triton_refuses_a_tensorrt_rtx_plan_with_the_reason(rtx_plan, tmp_path, capsys):
     f = FLAVORS["w8a8_sym"]
-    proc = run_cli("triton", "--engine", rtx_plan, "--ckpt", checkpoint(f.model, f.quant), "--repo", tmp_path / "repo")
+    proc = _main(triton_main, capsys, "--engine", rtx_plan, "--ckpt", checkpoint(f.model, f.quant), "--repo",
+                 tmp_path / "repo")
     assert_clean_error(proc, "is a TensorRT-RTX plan", "Triton's tensorrt_plan backend loads plans with TensorRT's "
                        "libnvinfer", "dq-triton --onnx")
     assert not (tmp_path / "repo").exists()
