@@ -11,6 +11,10 @@ Every stage is the user's own command in a fresh process, timed by /usr/bin/time
     export_int4  dq-export --precision int4 (weight-only INT4 GEMMs)
     fp16         dq-export --fp16-from (the FP16 fallback pass) + its rules check
     rules        dq-export --check on the int8 graph
+    build_rtx    dq-build-engine --backend tensorrt-rtx on the int8 graph: NVIDIA's parser and builder, CPU-only ahead of
+                 time for TensorRT-RTX's default targets, batch 1/2/8 at the UNet's sample_size (64x64 latents for
+                 SD 1.5); peak RSS includes the builder's child process (/usr/bin/time reports the largest of the
+                 process and its waited-for children)
     verify_ort   dq-verify of the int8 graph on ONNX Runtime (2 images, batch 1, 3 timed calls: bounded at SD size)
     triton_repository  dq-triton --kind cpu on the int8 graph
     speed_*      benchmarks/cpu_speed.py's ORT FP32 / ORT QDQ / ORT integer / PyTorch FP32 at the UNet's own
@@ -35,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "real_scale"
 HERE = Path(__file__).resolve().parent
 TOKENS = 77  # CLIP's sequence length: encoder_hidden_states [B, 77, cross_attention_dim]
-STAGES = ("model", "calibrate", "export_int8", "export_int4", "fp16_fallback", "rules_check", "verify_ort",
-          "triton_repository", "speed")
+STAGES = ("model", "calibrate", "export_int8", "export_int4", "fp16_fallback", "rules_check", "build_rtx",
+          "verify_ort", "triton_repository", "speed")
 
 
 def build_model(unet_name: str, folder: Path) -> dict:
@@ -251,6 +255,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, help="scratch folder (default: results/real_scale/.work-<unet>)")
     p.add_argument("--resume", action="store_true", help="skip the stages an earlier run of this work folder finished")
     p.add_argument("--stages", nargs="*", help=f"run only these stages (of {', '.join(STAGES)}; speed = every speed_*)")
+    p.add_argument("--name", help="results file name (default: the UNet's); a partial run (--stages) writes its own")
     p.add_argument("--child", choices=("model", "graphs", "speed"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -310,6 +315,13 @@ def main() -> None:
     stage("export_int4", [*cli, "export", "--ckpt", str(q), "--onnx", str(g4), "--precision", "int4"], [g4])
     stage("fp16_fallback", [*cli, "export", "--fp16-from", str(g8), "--onnx", str(g16)], [g16])
     stage("rules_check", [*cli, "export", "--check", str(g8)])
+    from unet_configs import unet_config
+
+    plan = work / "unet_qdq.plan"
+    side = f"{unet_config(a.unet)['in_channels']}x{info['sample_size']}x{info['sample_size']}"  # the UNet's own size
+    stage("build_rtx", [*cli, "build-engine", "--onnx", str(g8), "--engine", str(plan), "--backend", "tensorrt-rtx",
+                        "--min-shapes", f"sample:1x{side}", "--opt-shapes", f"sample:2x{side}",
+                        "--max-shapes", f"sample:8x{side}"], [plan])
     stage("verify_ort", [*cli, "verify", "--ckpt", str(q), "--onnx", str(g8), "--report", str(work / "verify"),
                          "--batch", "1", "--samples", "2", "--traj-samples", "1", "--repeats", "3", "--warmup", "1",
                          "--mapped-steps", str(a.steps), "--layer-per-step", "1"], [work / "verify" / "report.json"])
@@ -325,7 +337,6 @@ def main() -> None:
     import torch
 
     from dilatequant.core.reporting import environment, write_json, write_text
-    from unet_configs import unet_config
 
     summary = torch.load(q, weights_only=True, mmap=True)["summary"] if q.is_file() else "{}"
     summary = json.loads(summary)
@@ -350,8 +361,9 @@ def main() -> None:
               "verify": verify_summary(work / "verify" / "report.json"), "speed": combine_speed(work),
               "environment": environment()}
     OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / f"{tag}.json", report)
-    write_text(OUT / f"{tag}.md", _markdown(report))
+    name = a.name or tag
+    write_json(OUT / f"{name}.json", report)
+    write_text(OUT / f"{name}.md", _markdown(report))
     print(_markdown(report))
 
 

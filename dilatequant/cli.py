@@ -248,43 +248,38 @@ def export_main(argv: list[str] | None = None) -> None:
 
 
 def build_engine_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="dq-build-engine", description="QDQ ONNX -> TensorRT 11 engine (strongly typed: "
-                                "precision comes from the graph) + <engine>.json sidecar; needs TensorRT 11 and a GPU")
+    p = argparse.ArgumentParser(prog="dq-build-engine", description="QDQ ONNX -> TensorRT engine (strongly typed: "
+                                "precision comes from the graph) + <engine>.json sidecar; TensorRT 11 on a GPU, or "
+                                "TensorRT-RTX, which builds without one")
     p.add_argument("--onnx", type=Path, help="graph written by dq-export")
     p.add_argument("--engine", type=Path, help="plan to write, e.g. unet.plan")
+    p.add_argument("--backend", default="auto", help="auto | tensorrt | tensorrt-rtx (auto: TensorRT 11 when it and a "
+                   "GPU are here, else TensorRT-RTX; default: %(default)s)")
+    p.add_argument("--compute-capability", metavar="CC,...", help="TensorRT-RTX targets, e.g. 8.6,8.9,12.0 "
+                   "(default: TensorRT-RTX's portable set)")
     p.add_argument("--fp16-fallback", action="store_true", help="run the Q/DQ-aware FP16 pass first: everything "
                    "not quantized runs in FP16 (the graph built is kept as <engine>.fp16.onnx)")
     for level in ("min", "opt", "max"):
         p.add_argument(f"--{level}-shapes", metavar="NAME:BxCxHxW,...", help=f"{level} shapes of the optimization "
                        "profile; inputs sharing a dimension (batch) follow; default batch 1/4/16, rest from the graph")
     p.add_argument("--timing-cache", type=Path, metavar="FILE",
-                   help="tactic timing cache: loaded if present, saved (merged) after the build")
+                   help="tactic timing cache: loaded if present, saved (merged) after the build (TensorRT 11)")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default: %(default)s)")
     p.add_argument("--workspace-gb", type=float, help="workspace memory pool limit in GiB (default: TensorRT's)")
     p.add_argument("--inspect", action="store_true", help="detailed profiling verbosity and the engine inspector's "
-                   "layer table as <engine>.layers.json")
+                   "layer table as <engine>.layers.json (TensorRT 11)")
     a = p.parse_args(argv)
 
     def go() -> None:
         if not a.onnx or not a.engine:
             raise UserError("pass --onnx unet.onnx --engine unet.plan")
-        from .engines.tensorrt.build import BuildConfig, build_engine, sidecar_path
+        from .engines.tensorrt.build import BuildConfig, build_engine, describe
 
         cfg = BuildConfig(onnx=a.onnx, engine=a.engine, fp16_fallback=a.fp16_fallback, min_shapes=a.min_shapes,
                           opt_shapes=a.opt_shapes, max_shapes=a.max_shapes, timing_cache=a.timing_cache,
-                          opt_level=a.opt_level, workspace_gb=a.workspace_gb, inspect=a.inspect)
-        s = build_engine(cfg)
-        prof = s["profiles"][0]
-        shapes = ", ".join(f"{n} {'/'.join('x'.join(map(str, v[lv])) for lv in ('min', 'opt', 'max'))}"
-                           for n, v in prof.items())
-        gpu = s["gpu"]
-        print(f"wrote {a.engine} ({s['engine_bytes'] / 1e6:.2f} MB) with TensorRT {s['tensorrt']} on {gpu['name']} "
-              f"(compute {gpu['compute_capability']}) in {s['build_s']} s; fp16 fallback: {s['fp16_fallback']}")
-        print(f"  profile min/opt/max: {shapes}")
-        if s.get("layers"):
-            print(f"  {s['layers']['layers']} engine layers, output formats {s['layers']['output_formats']}; "
-                  f"layer table: {s['layers']['file']}")
-        print(f"  sidecar: {sidecar_path(a.engine)}")
+                          opt_level=a.opt_level, workspace_gb=a.workspace_gb, inspect=a.inspect, backend=a.backend,
+                          compute_capabilities=a.compute_capability)
+        print("\n".join(describe(build_engine(cfg))))
 
     _run(go)
 

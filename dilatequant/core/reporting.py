@@ -116,12 +116,19 @@ def atomic_write_stream(path: str | Path, write: Callable[[BinaryIO], object], f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the permissions a plain open() would
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def publish(tmp: str | Path, path: str | Path) -> Path:
+    """Rename a finished temporary file (made by mkstemp beside `path`) over `path`, with the permissions a plain
+    open() would have given it (mkstemp makes 0600)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    return Path(path)
 
 
 def own_storage(t: torch.Tensor) -> torch.Tensor:

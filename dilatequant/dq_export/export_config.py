@@ -16,7 +16,7 @@ class ExportConfig:
     dtype: str = "fp32"             # fp32 | fp16 (FP16 fallback for everything not quantized)
     static_shapes: bool = False
     batch: int = 2                  # example batch for tracing (and the fixed batch with static_shapes)
-    int4_block: int = 32
+    int4_block: int = 64             # TensorRT's INT4 blocks are 64 or 128 wide; 64 divides every SD / SDXL width
     target: str = "tensorrt"        # tensorrt | ort (ONNX Runtime integer ops: ort_graph.py)
 
     def __post_init__(self) -> None:

@@ -23,7 +23,19 @@ from .graph_passes import ensure_types
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 FORBIDDEN = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 OPSET_RANGE = (13, 25)  # opset 13 brings per-channel Q/DQ (axis); TensorRT 11's ONNX parser reads up to 25
-INTEGER_QUANT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT4}  # what TensorRT quantizes to on a GPU
+INTEGER_QUANT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT4}
+# what TensorRT quantizes to on a GPU (FP8: E4M3FN only, on compute capability 8.9 and newer)
+QUANT_TYPES = INTEGER_QUANT_TYPES | {onnx.TensorProto.FLOAT8E4M3FN}
+# block quantization: NvInfer.h (11.1) IQuantizeLayer / IDequantizeLayer, "Block quantization is supported for
+# input types DataType::kFP4, DataType::kFP8 and DataType::kINT4"
+BLOCK_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT4E2M1}
+# Quantization Schemes (TensorRT 11): "INT4 quantization requires per-block scales. The supported block sizes
+# are {64, 128}."
+INT4_BLOCK_SIZES = (64, 128)
+BLOCK_OPSET = 21  # DequantizeLinear / QuantizeLinear take block_size (and INT4) from opset 21
+# ops that scale, cast or reshape a tensor without computing across it: an activation DQ seen through them
+# still feeds the GEMM after them (the export puts Mul(step size) between a DQ and its layer)
+PASS_THROUGH = {"Mul", "Div", "Cast", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 FOUR_BIT_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 CHANNEL_OPS = ("Conv", "Gemm", "MatMul")  # ops whose constant weight may carry a per-channel scale
 # inputs whose float type legitimately differs from the data input (ONNX typing, not precision)
@@ -103,6 +115,44 @@ def check_graph(model: onnx.ModelProto | ir.Model, base_dir: str | Path | None =
             v += _check_q_feeds_dq(n, name)
         v += _check_dtypes(n, name)
     v += _check_int4_activations(model)
+    v += check_int4_quantize(model)
+    v += check_blocks_supported(model, opset)
+    return v
+
+
+def check_int4_quantize(model: ir.Model) -> list[Violation]:
+    """A QuantizeLinear to INT4 (its zero point's type or output_dtype) quantizes an activation: TensorRT's INT4 is
+    weight-only ("INT4 (signed 4-bit integer, weight-only quantization)", Working with Quantized Types)."""
+    v = []
+    for n in model.graph:
+        if n.op_type == "QuantizeLinear" and onnx.TensorProto.INT4 in (_dtype(_input(n, 2)),
+                                                                       n.attributes.get_int("output_dtype")):
+            v.append(Violation("int4-activation", _name(n), "an activation quantized to INT4: TensorRT's INT4 "
+                               "is weight-only (W4A16); quantize activations to INT8 or keep them float"))
+    return v
+
+
+def check_blocks_supported(model: ir.Model, opset: int) -> list[Violation]:
+    """Block quantization as TensorRT 11 documents it: only for INT4 / FP8 / FP4 data (NvInfer.h), INT4 blocks of
+    64 or 128 (Quantization Schemes), and only in opset 21 graphs (where ONNX defines block_size)."""
+    v = []
+    for n in model.graph:
+        block = n.attributes.get_int("block_size", 0) if n.op_type in ("QuantizeLinear", "DequantizeLinear") else 0
+        if not block:
+            continue
+        name = _name(n)
+        if opset < BLOCK_OPSET:
+            v.append(Violation("opset", name, f"block_size in an opset {opset} graph; ONNX defines blocked "
+                               f"Quantize/DequantizeLinear from opset {BLOCK_OPSET}: export at opset {BLOCK_OPSET}"))
+        data = _dtype(n.inputs[0]) if n.op_type == "DequantizeLinear" else \
+            (_dtype(_input(n, 2)) or n.attributes.get_int("output_dtype"))
+        if data not in BLOCK_TYPES:
+            what = onnx.TensorProto.DataType.Name(data) if data else "unknown"
+            v.append(Violation("block-type", name, f"{what} blocks; TensorRT blocks INT4, FP8 and FP4 only: quantize "
+                               "INT8 weights per channel"))
+        elif data == onnx.TensorProto.INT4 and block not in INT4_BLOCK_SIZES:
+            v.append(Violation("int4-block-size", name, f"INT4 blocks of {block}; TensorRT supports blocks of "
+                               f"{' and '.join(map(str, INT4_BLOCK_SIZES))}: export with int4_block 64 or 128"))
     return v
 
 
@@ -112,13 +162,28 @@ def _check_int4_activations(model: ir.Model) -> list[Violation]:
     for n in model.graph:
         if n.op_type not in ("MatMul", "Gemm"):
             continue
-        srcs = [i.producer() if i is not None else None for i in n.inputs[:2]]
+        srcs = [_through(i.producer()) if i is not None else None for i in n.inputs[:2]]
         int4 = [k for k, p in enumerate(srcs) if p is not None and p.op_type == "DequantizeLinear"
                 and _dtype(p.inputs[0]) == onnx.TensorProto.INT4]
-        if int4 and any(p is not None and p.op_type == "DequantizeLinear" and k not in int4 for k, p in enumerate(srcs)):
-            v.append(Violation("int4-activation", _name(n), "INT4 weights with an INT8-quantized activation: TensorRT's "
-                               "INT4 is weight-only, keep this GEMM's activation float (export with --precision int4)"))
+        quantized = [k for k, p in enumerate(srcs) if p is not None and p.op_type == "DequantizeLinear"]
+        if int4 and any(k not in int4 for k in quantized):
+            v.append(Violation("int4-activation", _name(n), "INT4 weights with a quantized (INT8 or FP8) activation: "
+                               "TensorRT's INT4 is weight-only, keep this GEMM's activation float (export with "
+                               "--precision int4)"))
     return v
+
+
+def _through(node: ir.Node | None) -> ir.Node | None:
+    """The DequantizeLinear behind `node` when only pass-through ops (scaling, casts, reshapes; any of their inputs)
+    separate them, else `node`."""
+    frontier, steps = [node], 0
+    while frontier and steps < 32:
+        cur, steps = frontier.pop(0), steps + 1
+        if cur is not None and cur.op_type == "DequantizeLinear":
+            return cur
+        if cur is not None and cur.op_type in PASS_THROUGH:
+            frontier += [i.producer() for i in cur.inputs if i is not None]
+    return node
 
 
 def _check_qdq(n: ir.Node, name: str, opset: int) -> list[Violation]:
@@ -236,7 +301,7 @@ def _check_zero_point(n: ir.Node, name: str) -> list[Violation]:
     zp = _input(n, 2)
     if zp is None:
         weight = n.op_type == "DequantizeLinear" and _const(n.inputs[0]) is not None \
-            and _dtype(n.inputs[0]) in INTEGER_QUANT_TYPES
+            and _dtype(n.inputs[0]) in QUANT_TYPES
         if weight:
             return []
         what = ("ONNX then quantizes to UINT8 (0..255) but TensorRT to INT8 (-128..127)" if n.op_type == "QuantizeLinear"
@@ -247,14 +312,14 @@ def _check_zero_point(n: ir.Node, name: str) -> list[Violation]:
     v = []
     zp_type = _dtype(zp)
     want = n.attributes.get_int("output_dtype") if n.op_type == "QuantizeLinear" else _dtype(n.inputs[0])
-    if zp_type not in INTEGER_QUANT_TYPES:
+    if zp_type not in QUANT_TYPES:
         zt = onnx.TensorProto.DataType.Name(zp_type) if zp_type else "unknown"
-        v.append(Violation("zero-point-type", name, f"zero point of type {zt}; TensorRT quantizes to INT8 or INT4 "
-                           "(a UINT8 zero point is read as INT8 on a GPU): give an INT8 zero point of 0"))
+        v.append(Violation("zero-point-type", name, f"zero point of type {zt}; TensorRT quantizes to INT8, INT4 or "
+                           "FP8 E4M3FN (a UINT8 zero point is read as INT8 on a GPU): give an INT8 zero point of 0"))
     elif want and zp_type != want:
         v.append(Violation("zero-point-type", name, f"zero point of type {onnx.TensorProto.DataType.Name(zp_type)} "
                            f"but the quantized type is {onnx.TensorProto.DataType.Name(want)}; make them the same"))
-    if np.any(_values(zp).astype(np.int64) != 0):
+    if np.any(_values(zp).astype(np.float32) != 0):  # as numbers: an FP8 zero point of 0.5 is not 0
         v.append(Violation("zero-point", name, "zero point is not 0; TensorRT supports symmetric quantization "
                            "only (shift asymmetric levels before Q instead)"))
     return v

@@ -27,7 +27,6 @@ from ..core.models import DiffusionModel, load_model
 from ..core.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
 from ..core.sampling import SampleResult, SamplingSchedule, default_guidance, sample, sampling_timesteps
 from ..core.schedulers import PIPELINE, check_name, describe, resolve_scheduler, same_scheduler
-from ..dq_export.export_config import ExportConfig
 from ..dq_export.fold import int4_layers, w4a16_reference
 from ..dq_export.layer_parity import layer_parity_report
 from . import plots
@@ -39,6 +38,7 @@ from .schedule import ScheduleMapper, map_schedule
 from .tensorrt.runner import TensorRTRunner
 from .timing import gpu_memory, unet_inputs, unet_latency
 
+LEGACY_INT4_BLOCK = 32  # dq-export's INT4 block size before graphs recorded their INT4 layers
 DIGIT_SHAPE = (1, 32, 32)  # digit-FID needs images the shipped digit classifier reads
 
 
@@ -169,8 +169,8 @@ def _configure_reference(ck, runtime: Path) -> list[str]:
     props = _runtime_props(runtime)
     if props.get("dilatequant.precision") != "int4":
         return []
-    recorded = props.get("dilatequant.int4_layers")  # graphs exported before it was recorded: the default blocks
-    names = json.loads(recorded) if recorded else int4_layers(ck.qunet, ExportConfig().int4_block)
+    recorded = props.get("dilatequant.int4_layers")  # graphs exported before it was recorded: blocks of 32 then
+    names = json.loads(recorded) if recorded else int4_layers(ck.qunet, LEGACY_INT4_BLOCK)
     w4a16_reference(ck.qunet, names)
     return names
 
@@ -231,10 +231,10 @@ class VerifySession:
 
 def open_session(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> VerifySession:
     cfg.check()
+    threads = cfg.threads or torch.get_num_threads()
+    rt = open_runtime(Path(cfg.runtime), cfg.device, threads)  # cheap; a runtime that cannot run here says so first
     ensure_writable_dir(cfg.report_dir)
     ck = load_checkpoint(cfg.ckpt)
-    threads = cfg.threads or torch.get_num_threads()
-    rt = open_runtime(Path(cfg.runtime), cfg.device, threads)
     _check_pairing(rt, ck, cfg.ckpt)
     fp_model = fp_model or (load_model(cfg.model) if cfg.model else fp_model_of(ck))
     S = ck.schedule.steps

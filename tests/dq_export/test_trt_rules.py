@@ -119,10 +119,10 @@ def test_forbidden_ops():
     assert "unsupported-op" in rules(m)
 
 
-def _int4_model(consumer="MatMul", block=32, opset=21, scale_rows=2):
+def _int4_model(consumer="MatMul", block=64, opset=21, scale_rows=2):
     import ml_dtypes
 
-    w = numpy_helper.from_array(np.ones((64, 16), np.int8).astype(ml_dtypes.int4), "w4")
+    w = numpy_helper.from_array(np.ones((128, 16), np.int8).astype(ml_dtypes.int4), "w4")
     ws = numpy_helper.from_array(np.full((scale_rows, 16), 0.1, np.float32), "ws4")
     attrs = {"axis": 0, "block_size": block} if block else {"axis": 1}
     nodes = [helper.make_node("DequantizeLinear", ["w4", "ws4"], ["wf"], name="dq_w4", **attrs)]
@@ -130,10 +130,10 @@ def _int4_model(consumer="MatMul", block=32, opset=21, scale_rows=2):
         nodes.append(helper.make_node("MatMul", ["x", "wf"], ["y"], name="mm"))
     else:
         nodes.append(helper.make_node("Add", ["x", "wf"], ["y"], name="add"))
-    return _graph(nodes, [w, ws], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])], opset=opset)
+    return _graph(nodes, [w, ws], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 128])], opset=opset)
 
 
-def _int4_blocks(w_shape=(64, 16), scale_shape=(2, 16), axis=0, block=32):
+def _int4_blocks(w_shape=(128, 16), scale_shape=(2, 16), axis=0, block=64):
     import ml_dtypes
 
     w = numpy_helper.from_array(np.ones(w_shape, np.int8).astype(ml_dtypes.int4), "w4")
@@ -145,19 +145,24 @@ def _int4_blocks(w_shape=(64, 16), scale_shape=(2, 16), axis=0, block=32):
 
 
 def test_block_size_must_divide_the_blocked_dimension():
-    assert rules(_int4_blocks(w_shape=(48, 16), scale_shape=(2, 16))) == {"block-size"}  # ONNX: ceil(48/32) = 2
-    assert rules(_int4_blocks(w_shape=(64, 16), scale_shape=(2, 16))) == set()
+    assert rules(_int4_blocks(w_shape=(96, 16), scale_shape=(2, 16))) == {"block-size"}  # ONNX: ceil(96/64) = 2
+    assert rules(_int4_blocks(w_shape=(128, 16), scale_shape=(2, 16))) == set()
+
+
+def test_int4_blocks_are_64_or_128():
+    assert rules(_int4_blocks(w_shape=(128, 16), scale_shape=(4, 16), block=32)) == {"int4-block-size"}
+    assert rules(_int4_blocks(w_shape=(128, 16), scale_shape=(1, 16), block=128)) == set()
 
 
 def test_block_scale_has_the_weight_rank_and_blocks_a_last_axis():
     assert rules(_int4_blocks(scale_shape=(32,))) == {"block-scale-rank"}
-    assert rules(_int4_blocks(w_shape=(4, 64, 16), scale_shape=(2, 64, 16), axis=0)) == {"block-axis"}
-    assert rules(_int4_blocks(w_shape=(4, 64, 16), scale_shape=(4, 2, 16), axis=1)) == set()  # second-to-last
-    assert rules(_int4_blocks(w_shape=(16, 64), scale_shape=(16, 2), axis=1)) == set()  # last
+    assert rules(_int4_blocks(w_shape=(4, 128, 16), scale_shape=(2, 128, 16), axis=0)) == {"block-axis"}
+    assert rules(_int4_blocks(w_shape=(4, 128, 16), scale_shape=(4, 2, 16), axis=1)) == set()  # second-to-last
+    assert rules(_int4_blocks(w_shape=(16, 128), scale_shape=(16, 2), axis=1)) == set()  # last
 
 
 def test_int4_weights_need_an_even_last_dimension():
-    assert rules(_int4_blocks(w_shape=(64, 15), scale_shape=(2, 15))) == {"int4-even"}
+    assert rules(_int4_blocks(w_shape=(128, 15), scale_shape=(2, 15))) == {"int4-even"}
 
 
 def test_zero_points_are_present_and_of_the_quantized_type():
@@ -173,7 +178,7 @@ def test_zero_points_are_present_and_of_the_quantized_type():
     assert {(v.rule, v.node) for v in check_graph(m)} == {("zero-point-type", "q_x"), ("zero-point-type", "dq_x")}
     m = _conv_qdq()
     m.graph.node[0].attribute.append(helper.make_attribute("output_dtype", TensorProto.INT4))
-    assert rules(m) == {"zero-point-type"}
+    assert rules(m) == {"zero-point-type", "int4-activation"}  # and an INT4 activation: TensorRT's INT4 is weight-only
     assert check_graph(_int4_model()) == []  # DQ of a constant int4/int8 weight: its own type, no zero point needed
 
 
@@ -191,7 +196,7 @@ def test_int4_rules():
     assert check_graph(_int4_model()) == []
     assert "int4" in rules(_int4_model(consumer="Add"))
     assert "int4" in rules(_int4_model(block=0, scale_rows=1))
-    assert rules(_int4_model(block=16)) == {"block-scale-shape"}  # 64 / 16 = 4 blocks, but the scale has 2 rows
+    assert rules(_int4_model(block=128)) == {"block-scale-shape"}  # 128 / 128 = 1 block, but the scale has 2 rows
 
 
 def test_mixed_float_types():

@@ -21,8 +21,9 @@ from dilatequant.core.errors import UserError
 from dilatequant.engines.tensorrt import build as trt_build
 from dilatequant.engines.tensorrt import env as trt_env
 from dilatequant.engines.tensorrt.build import (BuildConfig, BuildInfo, TrtBuildResult, build_engine, build_error_message,
-                                           error_lines, fp16_graph_path, layer_summary, make_sidecar, sidecar_path)
+                                           fp16_graph_path, layer_summary, make_sidecar, sidecar_path)
 from dilatequant.engines.tensorrt.env import GpuInfo, parse_nvidia_smi
+from dilatequant.engines.tensorrt.polygraphy_build import error_lines
 from dilatequant.engines.tensorrt.profiles import (DEFAULT_BATCH, graph_inputs, graph_metadata, parse_shapes,
                                               profile_from_flags, resolve_profile)
 
@@ -351,7 +352,7 @@ def test_old_polygraphy_is_refused_before_the_build(tmp_path, onnx_file, fake_tr
 
     monkeypatch.setattr(polygraphy, "__version__", "0.49.26")
     with pytest.raises(UserError) as err:
-        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
+        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan", backend="tensorrt"))
     msg = str(err.value)
     assert msg.startswith("Polygraphy 0.49.26 is installed, but TensorRT 11 needs Polygraphy >= 0.53") and "\n" not in msg
     assert "precision_is_set" in msg and 'pip install -U "polygraphy>=0.53"' in msg
@@ -392,7 +393,7 @@ def test_cuda13_tensorrt_on_a_cuda12_driver_is_one_line_before_any_work(tmp_path
     monkeypatch.setattr(trt_env, "tensorrt_cuda_major", lambda: 13)
     monkeypatch.setattr(trt_env, "driver_cuda_version", lambda: (12, 4))
     with pytest.raises(UserError) as err:
-        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
+        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan", backend="tensorrt"))
     msg = str(err.value)
     assert msg.startswith("TensorRT 11.1.0 is the CUDA 13 build (tensorrt-cu13) but the NVIDIA driver here supports "
                           "CUDA up to 12.4; install the build for your driver: ") and "\n" not in msg
@@ -409,8 +410,8 @@ def test_cli_cuda_mismatch_with_tensorrt_failing_to_import_is_one_line(tmp_path,
             "from dilatequant.engines.tensorrt import env as trt_env\n"
             "trt_env.tensorrt_cuda_major = lambda: 13; trt_env.driver_cuda_version = lambda: (12, 2)\n"
             "from dilatequant.cli import build_engine_main; build_engine_main(sys.argv[1:])")
-    proc = subprocess.run([sys.executable, "-c", code, "--onnx", str(onnx_file), "--engine", str(tmp_path / "u.plan")],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code, "--onnx", str(onnx_file), "--engine", str(tmp_path / "u.plan"),
+                           "--backend", "tensorrt"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: TensorRT is the CUDA 13 build (tensorrt-cu13) but the "
@@ -422,15 +423,15 @@ def test_missing_gpu_and_old_tensorrt_are_one_clear_error(tmp_path, onnx_file, m
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
     monkeypatch.setattr(trt_env, "detect_gpu", lambda: None)
     with pytest.raises(UserError, match="no CUDA GPU found.*NVIDIA GPU"):
-        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
+        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan", backend="tensorrt"))
     mod.__version__ = "10.13.0"
     with pytest.raises(UserError, match=r"TensorRT 10.13.0 is installed.*TensorRT 11.*pip install -U"):
-        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan"))
+        build_engine(BuildConfig(onnx=onnx_file, engine=tmp_path / "unet.plan", backend="tensorrt"))
     assert not (tmp_path / "unet.plan").exists()
 
 
 def _cli(*args):
-    code = ("import sys; sys.modules['tensorrt'] = None\n"  # as if TensorRT were not installed, on any machine
+    code = ("import sys; sys.modules['tensorrt'] = sys.modules['tensorrt_rtx'] = None\n"  # neither installed, anywhere
             "from dilatequant.cli import build_engine_main; build_engine_main(sys.argv[1:])")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300,
                           cwd=REPO)
@@ -442,9 +443,11 @@ def test_cli_without_tensorrt_prints_one_line_and_exits_nonzero(tmp_path, onnx_f
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: TensorRT 11 is not installed")
+    assert lines[0].startswith("error: no engine builder is usable here. TensorRT 11 is not installed")
     assert 'pip install "dilatequant[trt]" --extra-index-url https://pypi.nvidia.com' in lines[0]
     assert "NVIDIA GPU" in lines[0]
+    assert '; or build without a GPU: TensorRT-RTX is not installed' in lines[0]
+    assert 'pip install "dilatequant[rtx]"' in lines[0]
     assert not (tmp_path / "unet.plan").exists() and not (tmp_path / "unet.plan.fp16.onnx").exists()
 
 
@@ -452,6 +455,7 @@ def test_cli_reports_bad_flags_before_looking_for_tensorrt(tmp_path, onnx_file, 
     from dilatequant.cli import build_engine_main
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
     cases = [(["--max-shapes", "sample:4x1x9x8"], "fixed to 8 in the graph, got 9"),
              (["--opt-level", "9"], "0..5"),
              (["--onnx", tmp_path / "missing.onnx"], "does not exist"),

@@ -1,45 +1,48 @@
-"""QDQ ONNX -> TensorRT 11 engine (`dq-build-engine`), with a sidecar JSON that says what was built, how and where.
+"""QDQ ONNX -> TensorRT engine (`dq-build-engine`), with a sidecar JSON that says what was built, how and where.
 
-TensorRT 11 is strongly typed: precision comes from the graph alone (INT8/INT4 from Q/DQ nodes, FP16 from FP16
-tensors), so there are no precision builder flags here. "FP16 fallback" is therefore a graph pass that runs
-before the build (dq_export.fp16), followed by the TensorRT rules check on the graph that is actually built.
-The build itself goes through Polygraphy's loaders (NetworkFromOnnxPath -> CreateConfig ->
-EngineBytesFromNetwork), which handle the optimization profile, the timing cache (loaded, then merged and saved
-back) and the builder settings. TensorRT and a GPU are checked for before any work, after the cheap checks of
-the flags and the graph, so bad input is reported first on any machine.
+Two builders behind one interface (backends.py): TensorRT 11 on the GPU the plan will run on, and TensorRT-RTX,
+which builds CPU-only ahead of time for the compute capabilities it is given (rtx.py; its build runs in a child
+process, where a crash is one line instead of the end of the command). Both are strongly typed: precision comes
+from the graph alone (INT8/INT4/FP8 from Q/DQ nodes, FP16 from FP16 tensors), so there are no precision builder
+flags. "FP16 fallback" is a graph pass that runs before the build (dq_export.fp16), followed by the TensorRT rules
+check on the graph that is actually built. The build goes through Polygraphy's loaders (NetworkFromOnnxPath ->
+CreateConfig / CreateConfigRTX -> EngineBytesFromNetwork). The builder is checked for before any work, after the
+cheap checks of the flags and the graph, so bad input is reported first on any machine.
 
-The sidecar records what TensorRT reports, not what was asked for: the builder settings are read back from the
-IBuilderConfig the build used (optimization level, memory pool limits, flags, profiling verbosity) and the
-optimization profile from the built engine itself (get_tensor_profile_shape), which is what runners and dq-triton
-then check their batch and sizes against.
+The sidecar records what the builder reports, not what was asked for: the builder settings are read back from the
+IBuilderConfig the build used (optimization level, memory pool limits, flags, profiling verbosity, target compute
+capabilities). TensorRT 11's optimization profile is read from the built engine itself (get_tensor_profile_shape),
+which is what runners and dq-triton then check their batch and sizes against; a TensorRT-RTX plan cannot be
+deserialized without a GPU, so its sidecar records the requested profile and the network TensorRT-RTX parsed.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ...calibrate.checkpoint import checkpoint_hash as sha256_file
 from ...core.errors import UserError
 from ...core.reporting import atomic_write_bytes, ensure_writable_dir, environment, write_json
 from ...dq_export.onnx_files import data_path
 from ...dq_export.trt_rules import enforce
-from .env import GpuInfo, explain_cuda_failure, require_trt_and_gpu
+from .backends import BACKENDS, TENSORRT, TENSORRT_RTX, Backend, choose_backend
+from .env import GpuInfo, explain_cuda_failure
 from .plan_files import fp16_graph_path, layers_path, sidecar_path
+from .polygraphy_build import KeptConfig, build_error_message, builder_settings, polygraphy_errors, polygraphy_profile
 from .profiles import ProfileShapes, graph_inputs, graph_metadata, load_onnx, profile_from_flags
+from .rtx import RtxJob, build_with_tensorrt_rtx, supported_targets
+from .targets import Requirement, check_targets, format_cc, graph_requirement, parse_cc, parse_cc_list, rtx_targets
 
 SIDECAR_FORMAT = "dilatequant.trt_engine/1"
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; NVIDIA's SDXL QDQ recipe uses 4 (more tactics, slower build)
+RULES_PASSED = "passed"
 
 
 @dataclass
@@ -50,14 +53,19 @@ class BuildConfig:
     min_shapes: str | None = None        # "name:BxCxHxW,..." (see trt_profiles)
     opt_shapes: str | None = None
     max_shapes: str | None = None
-    timing_cache: Path | None = None     # loaded when present, saved back (merged) after the build
+    timing_cache: Path | None = None     # TensorRT 11: loaded when present, saved back (merged) after the build
     opt_level: int = DEFAULT_OPT_LEVEL   # builder_optimization_level 0..5
     workspace_gb: float | None = None    # workspace memory pool limit; None: TensorRT's default (device memory)
-    inspect: bool = False                # DETAILED profiling verbosity + <engine>.layers.json
+    inspect: bool = False                # DETAILED profiling verbosity + <engine>.layers.json (TensorRT 11)
+    backend: str = "auto"                # auto | tensorrt | tensorrt-rtx (backends.py)
+    compute_capabilities: str | None = None  # TensorRT-RTX targets, "8.6,8.9,12.0"; None: its default set
 
     def __post_init__(self) -> None:
         self.onnx, self.engine = Path(self.onnx), Path(self.engine)
         self.timing_cache = Path(self.timing_cache) if self.timing_cache else None
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown --backend '{self.backend}': choose one of {', '.join(BACKENDS)}")
+        parse_cc_list(self.compute_capabilities)  # syntax now; the installed TensorRT-RTX's targets at the build
         if not 0 <= self.opt_level <= 5:
             raise UserError(f"--opt-level {self.opt_level} is out of range; TensorRT's builder optimization level "
                             "is 0..5 (3 is TensorRT's default, 4-5 search more tactics)")
@@ -68,6 +76,22 @@ class BuildConfig:
             raise UserError(f"--engine '{self.engine}' would overwrite the ONNX graph; name the plan e.g. unet.plan")
         if self.engine.is_dir():
             raise UserError(f"--engine '{self.engine}' is a folder; pass a file name such as {self.engine}/unet.plan")
+
+    def check_for(self, backend: Backend) -> list[str]:
+        """Flags the chosen builder cannot honour: one line each, or a note (returned) for a harmless no-op."""
+        notes = []
+        if backend.name == TENSORRT and self.compute_capabilities:
+            raise UserError(f"--compute-capability names TensorRT-RTX targets, but the builder is TensorRT 11 "
+                            f"({backend.chosen}), which builds for the GPU it runs on; drop the flag, or pass "
+                            "--backend tensorrt-rtx")
+        if backend.name == TENSORRT_RTX and self.inspect:
+            raise UserError("--inspect reads the layer table from the built engine, which takes a GPU to deserialize; "
+                            "TensorRT-RTX builds without one (its kernels are compiled on the GPU that runs the plan): "
+                            "drop --inspect, or build with --backend tensorrt on a GPU")
+        if backend.name == TENSORRT_RTX and self.timing_cache:
+            notes.append(f"--timing-cache {self.timing_cache} is not used: timing caches are no-ops in TensorRT-RTX "
+                         "and would make its build look for a GPU")
+        return notes
 
 
 @dataclass
@@ -86,7 +110,7 @@ class BuildInfo:
     """Everything the sidecar records; `make_sidecar` turns it into JSON without touching TensorRT."""
     cfg: BuildConfig
     trt_version: str
-    gpu: GpuInfo
+    gpu: GpuInfo | None
     profile: ProfileShapes
     inputs: dict[str, dict]
     metadata: dict[str, str]
@@ -103,26 +127,48 @@ class BuildInfo:
     built_at: str = ""
     settings: dict | None = None         # the builder config as TensorRT reports it after the build
     engine_profiles: list[dict] | None = None  # the plan's own profiles; None: the requested one is recorded
+    backend: str = TENSORRT
+    targets: dict | None = None          # {"compute_capabilities": [...] | None, "source": ..., "required": ...}
+    network: dict | None = None          # the parsed network (TensorRT-RTX: what it built, in place of the engine)
+    notes: list[str] = field(default_factory=list)
+    chosen: str = ""                     # why this backend
 
 
 def build_engine(cfg: BuildConfig) -> dict:
-    """Check flags and graph, then TensorRT and GPU, then FP16 pass -> rules -> build -> plan + sidecar."""
+    """Check flags and graph, then the builder, then FP16 pass -> rules -> build -> plan + sidecar."""
     model = load_onnx(cfg.onnx)
-    profile = profile_from_flags(model, cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
     metadata = graph_metadata(model)
+    if metadata.get("dilatequant.target") == "ort":
+        raise UserError(f"'{cfg.onnx}' is a dq-export --target ort graph (ONNX Runtime integer ops), not a TensorRT "
+                        "graph; build the engine from the default export (dq-export without --target ort)")
+    profile = profile_from_flags(model, cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
     inputs = {i.name: {"dtype": i.dtype, "dims": list(i.dims)} for i in graph_inputs(model)}
+    need = graph_requirement(model, metadata)
+    del model
     ensure_writable_dir(cfg.engine.parent)
     if cfg.timing_cache:
         ensure_writable_dir(cfg.timing_cache.parent)
-    trt, gpu = require_trt_and_gpu()
+    backend = choose_backend(cfg.backend)
+    notes = cfg.check_for(backend)
+    targets = build_targets(backend, cfg, need)
 
     built, fp16 = cfg.onnx, None
     if cfg.fp16_fallback:
         built, fp16 = fp16_pass(cfg.onnx, fp16_graph_path(cfg.engine), metadata)
     enforce(built)  # the graph TensorRT gets must pass every explicit-quantization rule
-    result = build_with_tensorrt(trt, built, profile, cfg)
-
-    atomic_write_bytes(cfg.engine, result.engine_bytes)
+    if backend.name == TENSORRT_RTX:
+        cc = targets["compute_capabilities"]
+        pool = int(cfg.workspace_gb * 2**30) if cfg.workspace_gb else None
+        job = RtxJob(built, profile=profile.to_json(), compute_capabilities=cc and tuple(map(parse_cc, cc)),
+                     opt_level=cfg.opt_level, workspace_bytes=pool)
+        rtx = build_with_tensorrt_rtx(job, cfg.engine, RULES_PASSED)
+        result = TrtBuildResult(b"", rtx.version, rtx.build_s, settings=rtx.settings)
+        engine_sha256, engine_bytes, network = rtx.engine_sha256, rtx.engine_bytes, rtx.network
+    else:
+        result = build_with_tensorrt(backend.module, built, profile, cfg)
+        atomic_write_bytes(cfg.engine, result.engine_bytes)
+        engine_sha256 = hashlib.sha256(result.engine_bytes).hexdigest()
+        engine_bytes, network = len(result.engine_bytes), None
     summary = None
     if cfg.inspect and result.layers is not None:
         write_json(layers_path(cfg.engine), result.layers)
@@ -133,18 +179,31 @@ def build_engine(cfg: BuildConfig) -> dict:
         fp16_graph_path(cfg.engine).unlink(missing_ok=True)
         data_path(fp16_graph_path(cfg.engine)).unlink(missing_ok=True)  # its external data, if it had any
     env = environment()
-    env["tensorrt"] = result.trt_version
-    info = BuildInfo(cfg=cfg, trt_version=result.trt_version, gpu=gpu, profile=profile, inputs=inputs,
+    env["tensorrt_rtx" if backend.name == TENSORRT_RTX else "tensorrt"] = result.trt_version
+    info = BuildInfo(cfg=cfg, trt_version=result.trt_version, gpu=backend.gpu, profile=profile, inputs=inputs,
                      metadata=metadata, onnx_sha256=sha256_file(cfg.onnx), built_onnx=built,
-                     built_onnx_sha256=sha256_file(built),
-                     engine_sha256=hashlib.sha256(result.engine_bytes).hexdigest(),
-                     engine_bytes=len(result.engine_bytes), build_s=result.build_s, fp16_pass=fp16,
-                     timing_cache=result.timing_cache, layer_summary=summary, env=env,
-                     built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), settings=result.settings,
-                     engine_profiles=result.profiles)
+                     built_onnx_sha256=sha256_file(built), engine_sha256=engine_sha256, engine_bytes=engine_bytes,
+                     build_s=result.build_s, fp16_pass=fp16, timing_cache=result.timing_cache, layer_summary=summary,
+                     env=env, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     settings=result.settings, engine_profiles=result.profiles, backend=backend.name, targets=targets,
+                     network=network, notes=notes, chosen=backend.chosen)
     sidecar = make_sidecar(info)
     write_json(sidecar_path(cfg.engine), sidecar)
     return sidecar
+
+
+def build_targets(backend: Backend, cfg: BuildConfig, need: Requirement) -> dict:
+    """The compute capabilities the plan is for, checked against what the graph needs (FP8: 8.9)."""
+    if backend.name == TENSORRT_RTX:
+        named = parse_cc_list(cfg.compute_capabilities)
+        ccs, source = rtx_targets(named, supported_targets(backend.module), need, str(cfg.onnx))
+        listed = [format_cc(c) for c in ccs] if ccs else None
+    else:
+        cc = parse_cc(backend.gpu.compute_capability, "the GPU's compute capability")
+        check_targets((cc,), need, str(cfg.onnx), f"build it on a GPU of compute capability {format_cc(need.cc)} or "
+                                                  "newer" if need.cc else "")
+        listed, source = [format_cc(cc)], f"the build GPU ({backend.gpu.name})"
+    return {"compute_capabilities": listed, "source": source, "required": need.to_json()}
 
 
 def fp16_pass(src: Path, dst: Path, metadata: dict[str, str]) -> tuple[Path, dict]:
@@ -174,7 +233,8 @@ def build_with_tensorrt(trt: ModuleType, onnx_path: Path, profile: ProfileShapes
     cache = str(cfg.timing_cache) if cfg.timing_cache else None
     cache_before = cfg.timing_cache.stat().st_size if cfg.timing_cache and cfg.timing_cache.is_file() else None
     # No precision arguments: the network's types come from the ONNX graph (strong typing is always on in 11).
-    config = KeptConfig(CreateConfig(profiles=[polygraphy_profile(profile)], builder_optimization_level=cfg.opt_level,
+    config = KeptConfig(CreateConfig(profiles=[polygraphy_profile(profile.shapes)],
+                                     builder_optimization_level=cfg.opt_level,
                                      memory_pool_limits=pools, profiling_verbosity=verbosity, load_timing_cache=cache))
     network = NetworkFromOnnxPath(str(onnx_path))  # parse_from_file: external weights resolve beside the graph
     build = EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)
@@ -200,40 +260,6 @@ def build_with_tensorrt(trt: ModuleType, onnx_path: Path, profile: ProfileShapes
     return TrtBuildResult(engine_bytes, str(trt.__version__), round(build_s, 2), layers, tc, settings, profiles)
 
 
-class KeptConfig:
-    """A Polygraphy config loader that keeps the IBuilderConfig it made, so its settings can be read back."""
-
-    def __init__(self, create: Callable) -> None:
-        self.create, self.config = create, None
-
-    def __call__(self, builder, network):
-        self.config = self.create(builder, network)
-        return self.config
-
-
-def _enum_name(value) -> str:
-    return str(getattr(value, "name", value)).rpartition(".")[2]
-
-
-def builder_settings(trt: ModuleType, config) -> dict:
-    """What the IBuilderConfig holds after the build: level, memory pools (TensorRT's own default where none was
-    set), flags (TF32 among them), profiling verbosity, profile count, preview features."""
-    pools = {}
-    for name, pool in trt.MemoryPoolType.__members__.items():
-        if not name.startswith("DLA"):
-            with contextlib.suppress(AttributeError, RuntimeError, TypeError):
-                pools[name] = int(config.get_memory_pool_limit(pool))
-    flags = [name for name, flag in trt.BuilderFlag.__members__.items() if config.get_flag(flag)]
-    preview = []
-    if hasattr(trt, "PreviewFeature") and hasattr(config, "get_preview_feature"):
-        preview = [name for name, f in trt.PreviewFeature.__members__.items() if config.get_preview_feature(f)]
-    return {"optimization_level": int(config.builder_optimization_level),
-            "workspace_bytes": pools.get("WORKSPACE"), "memory_pools": pools,
-            "profiling_verbosity": _enum_name(config.profiling_verbosity),
-            "builder_flags": flags, "tf32": "TF32" in flags,
-            "num_optimization_profiles": int(config.num_optimization_profiles), "preview_features": preview}
-
-
 def deserialize(engine_bytes: bytes):
     from polygraphy.backend.trt import EngineFromBytes
 
@@ -253,15 +279,6 @@ def engine_profiles(trt: ModuleType, engine) -> list[dict]:
             shapes[name] = {"min": [int(d) for d in lo], "opt": [int(d) for d in opt], "max": [int(d) for d in hi]}
         out.append(shapes)
     return out
-
-
-def polygraphy_profile(profile: ProfileShapes):
-    from polygraphy.backend.trt import Profile
-
-    p = Profile()
-    for name, s in profile.shapes.items():
-        p.add(name, min=list(s["min"]), opt=list(s["opt"]), max=list(s["max"]))
-    return p
 
 
 def inspect_engine(trt: ModuleType, engine) -> dict:
@@ -289,61 +306,9 @@ def layer_summary(info: dict) -> dict:
             "output_formats": dict(formats.most_common())}
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@contextlib.contextmanager
-def polygraphy_errors() -> Iterator[Callable[[], list[str]]]:
-    """Record Polygraphy's log (TensorRT's messages go through it) while a build runs; yields a reader that
-    returns the error lines logged so far."""
-    from polygraphy.logger import G_LOGGER
-
-    if G_LOGGER.log_file:  # someone else's log file: leave it alone, report the exception text only
-        yield lambda: []
-        return
-    fd, path = tempfile.mkstemp(prefix="dq-trt-", suffix=".log")
-    os.close(fd)
-    G_LOGGER.log_file = path
-    try:
-        yield lambda: error_lines(Path(path).read_text(errors="replace"))
-    finally:
-        G_LOGGER.log_file = None
-        Path(path).unlink(missing_ok=True)
-
-
-def error_lines(log: str) -> list[str]:
-    """'[E] ...' and '[!] ...' lines of a Polygraphy log, colour codes removed, continuation lines joined."""
-    out: list[str] = []
-    current: list[str] | None = None
-    for raw in _ANSI.sub("", log).splitlines():
-        line = raw.strip()
-        if line.startswith(("[E]", "[!]")):
-            current = [line[3:].strip()]
-            out.append("")
-        elif re.match(r"^\[[A-Z!]\]", line):
-            current = None
-            continue
-        elif current is not None and line:
-            current.append(line)
-        if current is not None:
-            out[-1] = " ".join(current)
-    return [e for e in out if e]
-
-
-def build_error_message(onnx_path: Path, errors: list[str], err: BaseException | None, limit: int = 4) -> str:
-    """One line: what failed, the first TensorRT/parser errors, what to do."""
-    details = [e for e in errors if e]
-    if err is not None and str(err) and all(str(err) not in e for e in details):
-        details.append(f"{type(err).__name__}: {err}")
-    shown = " | ".join(details[:limit]) or "no error message from TensorRT"
-    more = f" (+{len(details) - limit} more, see the log above)" if len(details) > limit else ""
-    msg = (f"TensorRT could not build an engine from '{onnx_path}': {shown}{more}; check the graph with "
-           "`dq-export --check` and the shapes passed with --min/--opt/--max-shapes")
-    return " ".join(msg.split())
-
-
 def make_sidecar(info: BuildInfo) -> dict[str, Any]:
-    """The sidecar JSON: enough to know what the plan is, which TensorRT/GPU made it, and how to feed it."""
+    """The sidecar JSON: enough to know what the plan is, which builder (and GPU, or targets) made it, how to feed
+    it. `tensorrt` holds TensorRT 11's version and `tensorrt_rtx` TensorRT-RTX's: the other one is null."""
     cfg = info.cfg
     requested = info.profile.to_json()
     if info.engine_profiles:  # the plan's own profiles; "source" says where the requested shapes came from
@@ -358,19 +323,28 @@ def make_sidecar(info: BuildInfo) -> dict[str, Any]:
             timesteps = json.loads(info.metadata["dilatequant.timesteps"])
         except json.JSONDecodeError:
             timesteps = None
+    rtx = info.backend == TENSORRT_RTX
     return {
         "format": SIDECAR_FORMAT,
         "engine": str(cfg.engine),
         "engine_sha256": info.engine_sha256,
         "engine_bytes": info.engine_bytes,
-        "tensorrt": info.trt_version,
-        "gpu": info.gpu.to_json(),
+        "backend": info.backend,
+        "backend_choice": info.chosen,
+        "tensorrt": None if rtx else info.trt_version,
+        "tensorrt_rtx": info.trt_version if rtx else None,
+        "gpu": info.gpu.to_json() if info.gpu else None,
+        "built_without_gpu": rtx,  # TensorRT-RTX's CPU-only ahead-of-time build
+        "targets": info.targets,
         "inputs": info.inputs,
         "profiles": profiles,
         "profiles_from": "engine" if info.engine_profiles else "requested",
+        "network": info.network,
+        "rules_check": RULES_PASSED,  # enforce() ran on the built graph before the builder
+        "notes": info.notes,
         "builder": {
-            "strongly_typed": True,
-            "network_flags": [],
+            "strongly_typed": True,  # always on in TensorRT 11; TensorRT-RTX takes it as a flag
+            "network_flags": ["STRONGLY_TYPED"] if rtx else [],
             **settings,  # read back from the IBuilderConfig after the build; absent when TensorRT gave none
             "read_back": bool(info.settings),
             "requested": {"optimization_level": cfg.opt_level,
@@ -392,6 +366,33 @@ def make_sidecar(info: BuildInfo) -> dict[str, Any]:
         "built_at": info.built_at,
         "environment": info.env,
     }
+
+
+def describe(sidecar: dict) -> list[str]:
+    """What dq-build-engine prints after a build: the plan, its builder and targets, its profile, its notes."""
+    prof = sidecar["profiles"][0]
+    shapes = ", ".join(f"{n} {'/'.join('x'.join(map(str, v[lv])) for lv in ('min', 'opt', 'max'))}"
+                       for n, v in prof.items())
+    size = f"{sidecar['engine']} ({sidecar['engine_bytes'] / 1e6:.2f} MB)"
+    if sidecar.get("backend") == TENSORRT_RTX:
+        t = sidecar["targets"]
+        where = (f"without a GPU, for compute capabilities {', '.join(t['compute_capabilities'])}"
+                 if t["compute_capabilities"] else "without a GPU, for " + t["source"])
+        head = f"wrote {size} with TensorRT-RTX {sidecar['tensorrt_rtx']} {where}"
+    else:
+        gpu = sidecar["gpu"]
+        head = (f"wrote {size} with TensorRT {sidecar['tensorrt']} on {gpu['name']} "
+                f"(compute {gpu['compute_capability']})")
+    lines = [f"{head} in {sidecar['build_s']} s; fp16 fallback: {sidecar['fp16_fallback']}",
+             f"  profile min/opt/max: {shapes}"]
+    if sidecar.get("network"):
+        lines.append(f"  {sidecar['network']['layers']} network layers parsed")
+    if sidecar.get("layers"):
+        lay = sidecar["layers"]
+        lines.append(f"  {lay['layers']} engine layers, output formats {lay['output_formats']}; "
+                     f"layer table: {lay['file']}")
+    lines.append(f"  sidecar: {sidecar_path(sidecar['engine'])}")
+    return lines + [f"note: {n}" for n in sidecar.get("notes", [])]
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -8,9 +8,10 @@ import torch
 
 from ...core.errors import UserError
 from ..base import Runner, metadata_from_props
-from .env import explain_cuda_failure, plan_mismatch, require_trt_and_gpu
+from .env import detect_gpu, explain_cuda_failure, plan_mismatch, require_trt_and_gpu
 from .plan_files import sidecar_path
 from .profiles import EngineProfile
+from .rtx import plan_refusal
 
 
 class TensorRTRunner(Runner):
@@ -39,6 +40,8 @@ class TensorRTRunner(Runner):
             props = side["metadata"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"sidecar '{sidecar}' is not valid engine metadata ({err}); rebuild with dq-build-engine") from err
+        if side.get("backend") == "tensorrt-rtx":  # before anything else: it cannot run here, whatever else holds
+            raise UserError(plan_refusal(self.path, side, detect_gpu()))
         meta = metadata_from_props(props, name, "tensorrt", "cuda", str(sidecar))
         super().__init__(meta)
         self.profile = EngineProfile.from_sidecar(side, str(sidecar))  # None: an old sidecar, nothing to check

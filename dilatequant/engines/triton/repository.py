@@ -33,6 +33,7 @@ from ...core.errors import UserError
 from ...core.guidance import DEFAULT_GUIDANCE
 from ...core.reporting import atomic_write_bytes, write_text
 from ..tensorrt.env import GpuInfo, plan_mismatch
+from ..tensorrt.plan_files import plan_backend
 from ..tensorrt.profiles import EngineProfile
 from . import config as C
 from .repository_config import PIPELINE, RepositoryConfig
@@ -224,8 +225,20 @@ def _backend_source(name: str) -> bytes:
     return (resources.files("dilatequant.engines.triton.backends") / f"{name}.py").read_bytes()
 
 
+def refuse_tensorrt_rtx_plan(engine: Path) -> None:
+    """Triton's tensorrt_plan backend deserializes a plan with TensorRT's own runtime (triton-inference-server/
+    tensorrt_backend: CMakeLists.txt links nvinfer, src/loader.cc calls nvinfer1::createInferRuntime and
+    deserializeCudaEngine; no TensorRT-RTX anywhere in Triton's sources), which cannot read a TensorRT-RTX plan."""
+    if plan_backend(engine) == "tensorrt-rtx":
+        raise UserError(f"'{engine}' is a TensorRT-RTX plan, and Triton's tensorrt_plan backend loads plans with "
+                        "TensorRT's libnvinfer, which cannot read it; serve the ONNX graph (dq-triton --onnx), or build "
+                        "the plan on the serving GPU with dq-build-engine --backend tensorrt")
+
+
 def write_repository(cfg: RepositoryConfig) -> dict:
     """Write and validate the repository; returns a summary. The folder appears complete or not at all."""
+    if cfg.engine is not None:
+        refuse_tensorrt_rtx_plan(cfg.engine)
     C.require_tritonclient()
     if cfg.onnx is not None:
         spec = spec_from_onnx(cfg.onnx)
