@@ -15,6 +15,13 @@ MatMul(DQ(W_int4)) [-> Add(bias)]). Every layer input x becomes a graph input of
 outputs are every layer's levels (the activation QuantizeLinear output) and output; nodes no output needs are
 dropped. So the runtime computes each layer with its own kernels and tables, from the reference's input.
 Comparison lives here; running the graphs stays in the runners (`ort_layer_runner`, `trt_layer_runner`).
+
+`find_site` walks producers and uses (onnx_ir) rather than matching onnxscript rewriter patterns: it starts
+from an initializer found by its values (not from a node), expects the chain the reference layer's own config
+implies (symmetric or not, bias or not, weight-only INT4 or not), passes an optional clip (Clip, or Max and Min
+in either order), and must name the first step that is not there: an unmatched layer fails the parity with that
+reason. As patterns that is one per configuration and clip form (sixteen and more), and the rewriter reports only
+the best partial match of one pattern.
 """
 from __future__ import annotations
 
