@@ -12,6 +12,7 @@ pages rather than a second copy (benchmarks/checkpoint_memory.py).
 """
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import zipfile
@@ -42,6 +43,14 @@ class QuantCheckpoint:
     source: str
     source_fingerprint: str
     summary: dict
+    path: Path | None = None   # the q.pt it was read from
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The q.pt file's SHA-256 (what an exported graph records as its source), read once per object."""
+        if self.path is None:
+            raise ValueError("this checkpoint was not read from a file: no SHA-256 to give")
+        return checkpoint_hash(self.path)
 
 
 def _config_json(cfg) -> str:
@@ -138,7 +147,7 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
     if base.get("guidance_scale") is not None:
         model.guidance_scale = float(base["guidance_scale"])
     return QuantCheckpoint(qunet, model, list(p["schedule"]["timesteps"]), base["source"], base["fp_fingerprint"],
-                           json.loads(p["summary"]))
+                           json.loads(p["summary"]), path)
 
 
 def _check_materialized(module: torch.nn.Module, path: Path) -> None:

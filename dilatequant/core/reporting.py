@@ -86,7 +86,8 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: restored at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -111,7 +112,7 @@ def atomic_write_stream(path: str | Path, write: Callable[[BinaryIO], object], f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the permissions a plain open() would
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the permissions a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -44,7 +44,7 @@ from ..calibrate.quant_unet import QuantConv2d, QuantLayer
 from ..core.conditioning import COND_NAMES
 from ..core.errors import UserError
 from ..core.metrics import sqnr_db
-from .onnx_files import load_model, save_model
+from .onnx_files import load_onnx, save_model
 
 MAX_LEVEL_DIFF = 1         # no level may differ by more than one (a float tie at most)
 MAX_DIFF_SHARE = 1e-4      # share of levels that may differ by one, per layer
@@ -518,7 +518,7 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
     layers = ck.qunet.layers()
     if any(layers[n].input_quantizer.mode != "off" for n in weight_only):
         raise ValueError("configure the reference first: fold.w4a16_reference(ck.qunet, weight_only)")
-    structure = load_model(onnx_path, with_data=False)
+    structure = load_onnx(onnx_path, with_data=False)
     props = {p.key: p.value for p in structure.metadata_props}
     if props.get("dilatequant.static_scales") == "true":
         return {"skipped": "static-scale twin: no per-timestep fake-quant reference to compare with", "passed": True,
@@ -531,7 +531,7 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
     if inputs is None:  # first: the FP model that samples them is gone before the graph and the reference load
         inputs, source = layer_inputs(ck, per_step, fp_model)
         gc.collect()
-    proto = load_model(onnx_path)  # by path: external data is read from beside the graph
+    proto = load_onnx(onnx_path)  # by path: external data is read from beside the graph
     model = ir.serde.deserialize_model(proto)
     sites, unmatched = find_sites(model, ck, weight_only)
     enforce = props.get("dilatequant.dtype", "fp32") == "fp32"

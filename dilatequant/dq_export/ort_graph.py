@@ -56,7 +56,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxscript.rewriter import pattern
 
-from .onnx_files import load_model, save_model
+from .onnx_files import load_onnx, save_model
 
 ZERO = 128   # uint8 zero point standing for the int8 grid's 0
 INT64_MAX = np.iinfo(np.int64).max
@@ -497,6 +497,6 @@ def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.M
 def convert_file(src: str | Path, dst: str | Path, cfg: OrtConfig | None = None) -> dict:
     """Rewrite src (a dq-export graph) into dst; dst may equal src (src is read whole, external data included,
     before dst is written: onnx_files.save_model replaces both files, data first)."""
-    model, stats = to_ort(load_model(src), cfg)
+    model, stats = to_ort(load_onnx(src), cfg)
     written = save_model(model, dst)
     return {**stats, "bytes": written["bytes"], "external_data": written["external_data"]}

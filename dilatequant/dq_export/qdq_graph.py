@@ -13,7 +13,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
+from ..calibrate.checkpoint import QuantCheckpoint, load_checkpoint
 from ..core.conditioning import as_condition, unet_kwargs
 from ..core.errors import UserError
 from .fold import ExportContext, deploy_unet, int4_layers
@@ -106,10 +106,11 @@ def spatial_multiple(unet: nn.Module) -> int:
     return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
-def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig) -> dict:
-    """Write the QDQ ONNX graph; returns a summary (the caller runs checks and parity)."""
+def export_onnx(ckpt: str | Path | QuantCheckpoint, onnx_path: str | Path, cfg: ExportConfig) -> dict:
+    """Write the QDQ ONNX graph of a q.pt (its path, or the QuantCheckpoint read from it, which the export
+    leaves unchanged); returns a summary (the caller runs checks and parity)."""
     start = time.perf_counter()
-    ck = load_checkpoint(ckpt_path)
+    ck = ckpt if isinstance(ckpt, QuantCheckpoint) else load_checkpoint(ckpt)
     use_t = not cfg.static_scales and ck.qunet.config.tpq
     w4a16 = w4a16_layers(ck, cfg)
     unet, ctx = deploy_unet(ck.qunet, static=cfg.static_scales, w4a16=w4a16)
@@ -127,10 +128,10 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
         except Exception as err:  # the exporter's own errors are long; keep the cause
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
-    props = metadata(ck, cfg, checkpoint_hash(ckpt_path), use_t)
-    # The graph holds its own copies of the weights now. The exporter's program, the deployment-form copy and the
-    # checkpoint (its mapped float32 pages: 10.3 GB at SDXL size) sit in reference cycles: collect them before the
-    # graph is written
+    props = metadata(ck, cfg, ck.sha256, use_t)
+    # The graph holds its own copies of the weights now. The exporter's program, the deployment-form copy and (when
+    # no caller holds it) the checkpoint, its mapped float32 pages 10.3 GB at SDXL size, sit in reference cycles:
+    # collect them before the graph is written
     del program, wrapper, unet, ctx, ck
     gc.collect()
     model = finalize_graph(model, props, cfg.int4_block if cfg.precision == "int4" else None)

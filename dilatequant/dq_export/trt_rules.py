@@ -116,8 +116,9 @@ def _check_int4_activations(model: ir.Model) -> list[Violation]:
         int4 = [k for k, p in enumerate(srcs) if p is not None and p.op_type == "DequantizeLinear"
                 and _dtype(p.inputs[0]) == onnx.TensorProto.INT4]
         if int4 and any(p is not None and p.op_type == "DequantizeLinear" and k not in int4 for k, p in enumerate(srcs)):
-            v.append(Violation("int4-activation", _name(n), "INT4 weights with an INT8-quantized activation: TensorRT's "
-                               "INT4 is weight-only, keep this GEMM's activation float (export with --precision int4)"))
+            v.append(Violation("int4-activation", _name(n), "INT4 weights with an INT8-quantized activation: "
+                               "TensorRT's INT4 is weight-only, keep this GEMM's activation float (export with "
+                               "--precision int4)"))
     return v
 
 

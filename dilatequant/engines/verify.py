@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate.checkpoint import checkpoint_hash, load_checkpoint
+from ..calibrate.checkpoint import QuantCheckpoint, load_checkpoint
 from ..core.errors import UserError
 from ..core.evaluation import fp_trajectories, requested_digits
 from ..core.metrics import format_digit_fid, psnr_db, reported_digit_scores, sqnr_db, ssim
@@ -193,12 +193,16 @@ def _layer_parity(cfg: VerifyConfig, ck, rt: Runner, weight_only: list[str], fp_
         return {"error": str(err), "passed": False}
 
 
-def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dict:
-    """Run every measurement and write the report folder; returns the report dict."""
+def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None,
+               checkpoint: QuantCheckpoint | None = None) -> dict:
+    """Run every measurement and write the report folder; returns the report dict.
+
+    checkpoint: cfg.ckpt already read by the caller (dq-demo), so one command reads the q.pt once.
+    """
     cfg.check()
     start = time.perf_counter()
     out = ensure_writable_dir(cfg.report_dir)
-    ck = load_checkpoint(cfg.ckpt)
+    ck = checkpoint if checkpoint is not None else load_checkpoint(cfg.ckpt)
     threads = cfg.threads or torch.get_num_threads()
     rt = open_runtime(Path(cfg.runtime), cfg.device, threads)
     _check_pairing(rt, ck, cfg.ckpt)
@@ -320,7 +324,7 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                      "ort_threads": threads if isinstance(rt, OrtRunner) else None,
                      "torch_threads": torch.get_num_threads(), "mapped_steps": mapped, "steps": steps},
-        "checkpoint": {"path": str(cfg.ckpt), "sha256": checkpoint_hash(cfg.ckpt), "source": ck.source,
+        "checkpoint": {"path": str(cfg.ckpt), "sha256": ck.sha256, "source": ck.source,
                        "bits": ck.qunet.config.bits_name, "num_steps": T, "timesteps": list(ck.timesteps)},
         "runtime": {**rt.metadata.to_dict(), "path": str(cfg.runtime)},
         "baselines": [r.metadata.to_dict() for r in baselines],

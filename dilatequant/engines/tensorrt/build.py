@@ -32,11 +32,11 @@ from typing import Any, Callable, Iterator
 from ...calibrate.checkpoint import checkpoint_hash as sha256_file
 from ...core.errors import UserError
 from ...core.reporting import atomic_write_bytes, ensure_writable_dir, environment, write_json
-from ...dq_export.onnx_files import data_path
+from ...dq_export.onnx_files import data_path, load_onnx
 from ...dq_export.trt_rules import enforce
 from .env import GpuInfo, explain_cuda_failure, require_trt_and_gpu
 from .plan_files import fp16_graph_path, layers_path, sidecar_path
-from .profiles import ProfileShapes, graph_inputs, graph_metadata, load_onnx, profile_from_flags
+from .profiles import ProfileShapes, graph_inputs, graph_metadata, profile_from_flags
 
 SIDECAR_FORMAT = "dilatequant.trt_engine/1"
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; NVIDIA's SDXL QDQ recipe uses 4 (more tactics, slower build)
@@ -107,7 +107,7 @@ class BuildInfo:
 
 def build_engine(cfg: BuildConfig) -> dict:
     """Check flags and graph, then TensorRT and GPU, then FP16 pass -> rules -> build -> plan + sidecar."""
-    model = load_onnx(cfg.onnx)
+    model = load_onnx(cfg.onnx, with_data=False)  # structure: inputs and metadata
     profile = profile_from_flags(model, cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
     metadata = graph_metadata(model)
     inputs = {i.name: {"dtype": i.dtype, "dims": list(i.dims)} for i in graph_inputs(model)}
