@@ -5,9 +5,10 @@ import gc
 import json
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import onnx_ir as ir
 import torch
@@ -117,7 +118,7 @@ def export_onnx(ckpt: str | Path | QuantCheckpoint, onnx_path: str | Path, cfg: 
     wrapper = (ExportWrapper if use_t else StaticExportWrapper)(unet.eval(), ctx, len(ck.timesteps), use_t).eval()
     names = input_names(ck.model.cond_names, use_t)
     ins = example_inputs(ck, cfg.batch, use_t)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _without_stack_traces():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -143,6 +144,23 @@ def export_onnx(ckpt: str | Path | QuantCheckpoint, onnx_path: str | Path, cfg: 
             "inputs": names, "precision": cfg.precision,
             "static_scales": cfg.static_scales, "dtype": cfg.dtype, "export_s": round(time.perf_counter() - start, 2),
             "config": asdict(cfg), "int4_layers": list(w4a16)}
+
+
+@contextmanager
+def _without_stack_traces() -> Iterator[None]:
+    """Trace without recording each FX node's Python stack: simplify clears node metadata, stack traces included,
+    so they cost time (capture and symbolization per node) and change nothing in the graph
+    (benchmarks/results/export_profile)."""
+    config = getattr(torch.fx, "config", None)
+    if config is None or not hasattr(config, "do_not_emit_stack_traces"):  # older torch: nothing to switch off
+        yield
+        return
+    before = config.do_not_emit_stack_traces
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
 
 
 def w4a16_layers(ck: QuantCheckpoint, cfg: ExportConfig) -> tuple[str, ...]:
