@@ -22,7 +22,8 @@ from ..core.sampling import default_guidance, sampling_timesteps
 from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_sets, calibration_setting,
                                model_fingerprint, trajectory_count, validation_size)
 from .checkpoint import save_checkpoint
-from .distill import DistillConfig, distill, fp_runner, quant_runner, remove_progress
+from .distill import distill, fp_runner, quant_runner, remove_progress
+from .distill_config import DistillConfig
 from .distributed import SINGLE, AgreedError, Dist
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
@@ -365,6 +366,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
     with stage("save"):  # its own time lands in the returned summary; q.pt records every stage before it
         dist.on_main(lambda: save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint,
                                              summary))
+    summary["wall_s"] = round(time.perf_counter() - start, 1)  # the returned wall includes the save, as its stages do
     if dist.is_main:
         remove_progress(progress)
     return summary

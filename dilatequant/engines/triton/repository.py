@@ -3,10 +3,11 @@
     <repo>/unet/config.pbtxt      tensorrt_plan | onnxruntime_onnx (--kind gpu) or python+ORT (--kind cpu)
     <repo>/unet/1/model.plan | model.onnx (a folder model.onnx/ when weights are external) | model.py+model.onnx
     <repo>/pipeline/config.pbtxt  python backend: seed, steps, labels, guidance -> uint8 images
-    <repo>/pipeline/1/model.py, scheduler_config.json, class_tokens.npy (conditional models)
+    <repo>/pipeline/1/model.py, dq_bls.py, scheduler_config.json, class_tokens.npy (conditional models)
 
 A graph calibrated from a StableDiffusionPipeline gets, instead, `text_encoder` and `vae_decoder` models and a
-prompt `pipeline` (sd_repository.py); SDXL graphs are refused in one line.
+prompt `pipeline` (sd_repository.py); one from a StableDiffusionXLPipeline also `text_encoder_2`, and its pipeline
+adds the pooled embedding and time_ids.
 
 Every config is built as a tritonclient ModelConfig message, written as text, parsed back and
 checked against the UNet's I/O before the repository is renamed into place.
@@ -29,50 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from ...core.errors import UserError
+from ...core.guidance import DEFAULT_GUIDANCE
 from ...core.reporting import atomic_write_bytes, write_text
 from ..tensorrt.env import GpuInfo, plan_mismatch
 from ..tensorrt.profiles import EngineProfile
 from . import config as C
+from .repository_config import PIPELINE, RepositoryConfig
 from .unet_spec import TensorSpec, UnetSpec, spec_from_onnx, spec_from_plan
-
-KINDS = ("gpu", "cpu")
-PIPELINE = "pipeline"
-DEFAULT_GUIDANCE = 1.1  # core.sampling.DEFAULT_GUIDANCE (not imported: keeps torch out of this module)
-
-
-@dataclass
-class RepositoryConfig:
-    repo: Path
-    onnx: Path | None = None
-    engine: Path | None = None
-    ckpt: Path | None = None           # q.pt: class encoder + scheduler (default: the base model the graph names)
-    model: str | Path | None = None    # SD graphs: the pipeline folder (default: the base model the graph names)
-    kind: str = "gpu"
-    name: str = "unet"
-    max_batch: int = 16
-    instances: int = 1
-    pipeline_instances: int = 2
-    max_queue_delay_us: int = 2000
-    max_images: int = 64
-    intra_op_threads: int = 0          # --kind cpu: ORT threads per unet instance (0: ORT's default)
-    overwrite: bool = False
-    serving_tensorrt: str | None = None  # the serving container's TensorRT release: a plan built by another is refused
-
-    def __post_init__(self) -> None:
-        self.repo = Path(self.repo)
-        if (self.onnx is None) == (self.engine is None):
-            raise UserError("pass exactly one of --onnx unet.onnx or --engine unet.plan")
-        if self.kind not in KINDS:
-            raise UserError(f"unknown --kind '{self.kind}': choose gpu (TensorRT/ORT backends) or cpu (Python backend)")
-        if self.kind == "cpu" and self.engine is not None:
-            raise UserError("--kind cpu runs ONNX Runtime in the Python backend: pass --onnx (a plan needs a GPU)")
-        if self.name == PIPELINE or not self.name.replace("_", "").replace("-", "").isalnum():
-            raise UserError(f"--name '{self.name}' must be letters, digits, '-' or '_' and not '{PIPELINE}'")
-        for n, v in (("--max-batch", self.max_batch), ("--instances", self.instances),
-                     ("pipeline instances", self.pipeline_instances), ("max images", self.max_images)):
-            if v < 1:
-                raise UserError(f"{n} must be >= 1, got {v}")
-
 
 @dataclass
 class Conditioning:
@@ -270,10 +234,10 @@ def write_repository(cfg: RepositoryConfig) -> dict:
     cond_meta = spec.metadata if spec else _sidecar_metadata(cfg.engine)
     sd = None
     if cond_meta.get("dilatequant.pipeline_class"):  # a Stable Diffusion graph: prompts, not class tokens
-        from .sd_parts import load_parts
+        from .sd_parts import PART_NAMES, load_parts
         from .sd_repository import dynamic_spatial
 
-        if cfg.name in ("text_encoder", "vae_decoder"):
+        if cfg.name in PART_NAMES:
             raise UserError(f"--name '{cfg.name}' is taken by the Stable Diffusion parts; choose another name")
         if cfg.ckpt is not None:  # not needed (prompts, not class tokens), but a wrong one is still an error
             check_checkpoint(cond_meta, cfg.ckpt)
@@ -333,8 +297,8 @@ def write_repository(cfg: RepositoryConfig) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"repo": str(cfg.repo), "kind": cfg.kind,
-            "models": [cfg.name, PIPELINE] + (["text_encoder", "vae_decoder"] if sd is not None else []),
-            "prompts": sd is not None,
+            "models": [cfg.name, PIPELINE] + ([*sd.encoders, "vae_decoder"] if sd is not None else []),
+            "prompts": sd is not None, "pipeline_class": sd.pipeline_class if sd is not None else None,
             "unet_backend": "python (ONNX Runtime)" if cfg.kind == "cpu" else
             ("tensorrt_plan" if cfg.engine else "onnxruntime_onnx"),
             "inputs": [t.name for t in spec.inputs], "timesteps": spec.timesteps, "conditional": spec.conditional,
@@ -344,6 +308,7 @@ def write_repository(cfg: RepositoryConfig) -> dict:
 def _write_class_pipeline(cfg: RepositoryConfig, spec: UnetSpec, cond: Conditioning, pipe_dir: Path) -> None:
     (pipe_dir / "1").mkdir(parents=True)
     atomic_write_bytes(pipe_dir / "1" / "model.py", _backend_source("pipeline"))
+    atomic_write_bytes(pipe_dir / "1" / "dq_bls.py", _backend_source("dq_bls"))
     (pipe_dir / "1" / "scheduler_config.json").write_text(json.dumps(cond.scheduler_config, indent=2) + "\n")
     if spec.conditional:
         np.save(pipe_dir / "1" / "class_tokens.npy", cond.class_tokens.astype(np.float32))
