@@ -242,6 +242,11 @@ def export_main(argv: list[str] | None = None) -> None:
             if "torch_self_min_sqnr_db" in par:
                 print(f"  (PyTorch vs itself at batch 1, the float-order floor: min {par['torch_self_min_sqnr_db']:.1f} "
                       f"dB, median {par['torch_self_median_sqnr_db']:.1f} dB)")
+        og = s.get("ort_graph")
+        if isinstance(og, dict):
+            print(f"  --target ort: {og['integer_convs']} convs and {og['integer_matmuls']} matmuls integer, "
+                  f"{og['float_kept']} layers float; {len(og['unmatched'])} quantized layers left as exported"
+                  + (f" (e.g. {next(iter(og['unmatched'].items()))}; all in the report)" if og["unmatched"] else ""))
         print(f"  report: {a.onnx}.export.json")
 
     _run(go)

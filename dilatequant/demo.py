@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate.checkpoint import load_checkpoint
+from .calibrate.checkpoint import QuantCheckpoint, load_checkpoint
 from .calibrate.checkpoint import source_model
 from .calibrate.distill_config import DistillConfig
 from .calibrate.quant_config import QuantConfig
@@ -65,8 +65,8 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
                          calib_samples=cfg.calib_samples, guidance_scale=cfg.guidance_scale, out=ckpt)
     calib = run_calibration(job)
     onnx_path = ckpt.with_suffix("").with_suffix(".onnx")
-    export = export_and_verify(ckpt, onnx_path, ExportConfig(), torch_floor=True)
-    ck = load_checkpoint(ckpt)
+    ck = load_checkpoint(ckpt)  # read once: the export, its reference, the images and dq-verify share it
+    export = export_and_verify(ck, onnx_path, ExportConfig(), torch_floor=True)
     model = source_model(ck)  # with the calibration prompts and guidance q.pt records
     guidance = guidance_of(cfg, model)
     if fp_images is None:
@@ -75,7 +75,7 @@ def quant_section(cfg: DemoConfig, fp_images: SampleResult | None) -> dict:
         fp_traj = fp_trajectories(model, cfg.steps, cfg.seed, guidance)
     fq, images = compare_to_fp(model, ck.qunet.predictor(), fp_images, fp_traj, cfg.steps, cfg.seed, guidance)
     save_grid(cfg.report_dir / "quantized_samples.png", torch.cat([fp_images.images[:20], images[:20]]))
-    verify = verify_section(cfg, ckpt, onnx_path)
+    verify = verify_section(cfg, ck, onnx_path)
     generated = generate_section(cfg, model, onnx_path) if model.is_text_conditioned else None
     return {"verify": verify, "generate": generated, "model": cfg.quant_model, "bits": cfg.bits,
             "symmetric": cfg.symmetric, "checkpoint": ckpt.name, "guidance_scale": guidance,
@@ -117,14 +117,15 @@ def generate_section(cfg: DemoConfig, model: DiffusionModel, onnx_path: Path) ->
             "grid": grid.name}
 
 
-def verify_section(cfg: DemoConfig, ckpt: Path, onnx_path: Path) -> dict:
+def verify_section(cfg: DemoConfig, ck: QuantCheckpoint, onnx_path: Path) -> dict:
     """dq-verify on ONNX Runtime (CPU), and on a TensorRT engine where TensorRT 11 and a GPU exist."""
     from .engines.tensorrt.env import require_trt_and_gpu
     from .engines.verify import VerifyConfig, run_verify
 
     light = dict(batches=(1, 8), num_samples=16, repeats=10, mapped_steps=(cfg.steps // 2,), seed=cfg.seed)
     reports = {}
-    r = run_verify(VerifyConfig(ckpt=ckpt, runtime=onnx_path, report_dir=cfg.report_dir / "verify-ort", **light))
+    r = run_verify(VerifyConfig(ckpt=ck.path, runtime=onnx_path, report_dir=cfg.report_dir / "verify-ort", **light),
+                   checkpoint=ck)
     reports["onnxruntime"] = _verify_summary(r, "verify-ort")
     try:
         require_trt_and_gpu()
@@ -135,7 +136,8 @@ def verify_section(cfg: DemoConfig, ckpt: Path, onnx_path: Path) -> dict:
 
     plan = onnx_path.with_suffix(".plan")
     build_engine(BuildConfig(onnx=onnx_path, engine=plan, fp16_fallback=True, inspect=True))
-    r = run_verify(VerifyConfig(ckpt=ckpt, runtime=plan, device="cuda", report_dir=cfg.report_dir / "verify-trt", **light))
+    r = run_verify(VerifyConfig(ckpt=ck.path, runtime=plan, device="cuda", report_dir=cfg.report_dir / "verify-trt",
+                                **light), checkpoint=ck)
     reports["tensorrt"] = _verify_summary(r, "verify-trt")
     return reports
 

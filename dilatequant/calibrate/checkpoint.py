@@ -16,6 +16,7 @@ DDIMScheduler.from_config(its scheduler_config), which is what it loads as.
 """
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import zipfile
@@ -47,6 +48,14 @@ class QuantCheckpoint:
     source_fingerprint: str
     summary: dict
     schedule: SamplingSchedule  # the sampler the calibration trajectories came from
+    path: Path | None = None   # the q.pt it was read from
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The q.pt file's SHA-256 (what an exported graph records as its source), read once per object."""
+        if self.path is None:
+            raise ValueError("this checkpoint was not read from a file: no SHA-256 to give")
+        return checkpoint_hash(self.path)
 
 
 def _config_json(cfg) -> str:
@@ -149,7 +158,7 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
     if base.get("guidance_scale") is not None:
         model.guidance_scale = float(base["guidance_scale"])
     return QuantCheckpoint(qunet, model, list(p["schedule"]["timesteps"]), base["source"], base["fp_fingerprint"],
-                           json.loads(p["summary"]), _schedule(p["schedule"], sched_config))
+                           json.loads(p["summary"]), _schedule(p["schedule"], sched_config), path)
 
 
 def _schedule(rec: dict, model_scheduler_config: dict) -> SamplingSchedule:

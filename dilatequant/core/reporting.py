@@ -91,7 +91,8 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: restored at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -126,7 +127,7 @@ def atomic_write_stream(path: str | Path, write: Callable[[BinaryIO], object], f
 def publish(tmp: str | Path, path: str | Path) -> Path:
     """Rename a finished temporary file (made by mkstemp beside `path`) over `path`, with the permissions a plain
     open() would have given it (mkstemp makes 0600)."""
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
     return Path(path)
 

@@ -15,6 +15,13 @@ MatMul(DQ(W_int4)) [-> Add(bias)]). Every layer input x becomes a graph input of
 outputs are every layer's levels (the activation QuantizeLinear output) and output; nodes no output needs are
 dropped. So the runtime computes each layer with its own kernels and tables, from the reference's input.
 Comparison lives here; running the graphs stays in the runners (`ort_layer_runner`, `trt_layer_runner`).
+
+`find_site` walks producers and uses (onnx_ir) rather than matching onnxscript rewriter patterns: it starts
+from an initializer found by its values (not from a node), expects the chain the reference layer's own config
+implies (symmetric or not, bias or not, weight-only INT4 or not), passes an optional clip (Clip, or Max and Min
+in either order), and must name the first step that is not there: an unmatched layer fails the parity with that
+reason. As patterns that is one per configuration and clip form (sixteen and more), and the rewriter reports only
+the best partial match of one pattern.
 """
 from __future__ import annotations
 
@@ -27,7 +34,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 from onnx_ir.passes import common
@@ -36,8 +42,7 @@ from ..calibrate.checkpoint import QuantCheckpoint
 from ..calibrate.quant_unet import QuantConv2d, QuantLayer
 from ..core.conditioning import COND_NAMES
 from ..core.errors import UserError
-from ..core.metrics import sqnr_db
-from .onnx_files import load_model, save_model
+from .onnx_files import read_graph, save_model
 
 MAX_LEVEL_DIFF = 1         # no level may differ by more than one (a float tie at most)
 MAX_DIFF_SHARE = 1e-4      # share of levels that may differ by one, per layer
@@ -257,10 +262,11 @@ def find_attention_site(graph: ir.Graph, key: str, q, memo: dict, data_inputs: s
     return LayerSite(attention_site_name(key), x.name, levels.name, v.name)
 
 
-def teacher_forced_model(model: ir.Model, sites: list[LayerSite]) -> tuple[onnx.ModelProto, list[str]]:
-    """The graph with every layer input cut into a graph input (`<name>__teacher`), outputs levels and layer outputs.
+def teacher_forced_model(model: ir.Model, sites: list[LayerSite]) -> list[str]:
+    """Make the graph teacher-forced, in place: every layer input cut into a graph input (`<name>__teacher`), the
+    outputs every layer's levels and output, nodes no output needs dropped.
 
-    Returns the model and the graph inputs it still reads (the original ones some shape or t_index path needs).
+    Returns the graph inputs it still reads (the original ones some shape or t_index path needs).
     """
     graph = model.graph
     values = {v.name: v for node in graph for v in node.outputs}
@@ -289,7 +295,7 @@ def teacher_forced_model(model: ir.Model, sites: list[LayerSite]) -> tuple[onnx.
     used = [v for v in graph.inputs if v.uses() or v.is_graph_output()]
     graph.inputs.clear()
     graph.inputs.extend(used)
-    return ir.serde.serialize_model(model), [v.name for v in used]
+    return [v.name for v in used]
 
 
 # ---------------------------------------------------------------- reference side: the fake-quant model's layers
@@ -344,13 +350,14 @@ class _Row:
     signal: float = 0.0
     noise: float = 0.0
 
-    def add(self, ref: Captured, levels: np.ndarray | None, y: np.ndarray) -> None:
-        yr = ref.y.double().numpy()
+    def add(self, ref_levels: np.ndarray | None, ref_y: np.ndarray, levels: np.ndarray | None, y: np.ndarray) -> None:
+        """ref_*: the reference's float64 values; levels, y: the runtime's."""
+        yr = ref_y
         self.elements += yr.size
         self.signal += float(np.sum(yr**2))
         self.noise += float(np.sum((y.astype(np.float64) - yr) ** 2))
-        if ref.levels is not None and levels is not None:
-            d = np.abs(levels.astype(np.float64) - ref.levels.double().numpy())
+        if ref_levels is not None and levels is not None:
+            d = np.abs(levels.astype(np.float64) - ref_levels)
             self.levels += d.size
             self.differing += int(np.count_nonzero(d))
             self.max_diff = max(self.max_diff, float(d.max()) if d.size else 0.0)
@@ -378,13 +385,15 @@ class LayerParity:
     rows: dict[tuple[str, int], _Row] = field(default_factory=dict)
 
     def add_batch(self, t_index: torch.Tensor, ref: dict[str, Captured], got: dict[str, np.ndarray]) -> None:
+        masks = [(t, (t_index == t).numpy()) for t in t_index.unique().tolist()]
         for s in self.sites:
             r = ref[s.name]
-            for t in t_index.unique().tolist():
-                m = (t_index == t).numpy()
-                sel = Captured(r.x[m], None if r.levels is None else r.levels[m], r.y[m])
+            ref_y = r.y.double().numpy()
+            ref_levels = None if r.levels is None else r.levels.double().numpy()
+            for t, m in masks:
                 lv = None if s.levels is None else got[s.levels][m]
-                self.rows.setdefault((s.name, t), _Row()).add(sel, lv, got[s.output][m])
+                self.rows.setdefault((s.name, t), _Row()).add(None if ref_levels is None else ref_levels[m], ref_y[m],
+                                                              lv, got[s.output][m])
 
     def report(self, unmatched: dict[str, str], th: Thresholds, enforce: bool = True) -> dict:
         layers, failures = [], []
@@ -512,26 +521,22 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
     layers = ck.qunet.layers()
     if any(layers[n].input_quantizer.mode != "off" for n in weight_only):
         raise ValueError("configure the reference first: fold.w4a16_reference(ck.qunet, weight_only)")
-    structure = load_model(onnx_path, with_data=False)
-    props = {p.key: p.value for p in structure.metadata_props}
+    model = read_graph(onnx_path)  # by path: external tensors are read from beside the graph when used
+    props = dict(model.metadata_props)
     if props.get("dilatequant.static_scales") == "true":
         return {"skipped": "static-scale twin: no per-timestep fake-quant reference to compare with", "passed": True,
                 "enforced": False}
-    if any(n.op_type == "MatMulIntegerToFloat" for n in structure.graph.node):
+    if any(n.op_type == "MatMulIntegerToFloat" for n in model.graph):
         return {"skipped": "--target ort graph: its layer-wise parity ran at export, on the TensorRT-form graph it "
                 "was converted from", "passed": True, "enforced": False}
-    del structure
     source = "given inputs"
-    if inputs is None:  # first: the FP model that samples them is gone before the graph and the reference load
+    if inputs is None:  # first: the FP model that samples them is gone before the reference runs
         inputs, source = layer_inputs(ck, per_step, fp_model)
         gc.collect()
-    proto = load_model(onnx_path)  # by path: external data is read from beside the graph
-    model = ir.serde.deserialize_model(proto)
     sites, unmatched = find_sites(model, ck, weight_only)
     enforce = props.get("dilatequant.dtype", "fp32") == "fp32"
-    teacher, graph_inputs = teacher_forced_model(model, sites)
-    del model, proto  # the teacher-forced copy is all that is needed from here
-    types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in teacher.graph.input}
+    graph_inputs = teacher_forced_model(model, sites)
+    types = {v.name: v.dtype.numpy() for v in model.graph.inputs}
     acc = LayerParity(sites, len(ck.timesteps))
     n = len(inputs["sample"])
     # one input's captured activations size the batches (an SD-size UNet holds GBs of them per input)
@@ -543,8 +548,8 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
         # the runtime reads the teacher-forced graph from a file: over the external-data threshold (a >2 GB
         # UNet) it is written as graph + data file, which no serialized bytes could hold
         teacher_path = tmp / "teacher.onnx"
-        save_model(teacher, teacher_path)
-        del teacher
+        save_model(model, teacher_path)  # streamed from the graph's own data file
+        del model
         run = runner_factory(teacher_path)
         try:
             for start in range(0, n, size):

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx import external_data_helper
 
 from ..core.errors import UserError
-from ..core.reporting import atomic_write_bytes
+from ..core.reporting import atomic_write_bytes, current_umask
 
 ENV_THRESHOLD = "DILATEQUANT_EXTERNAL_DATA_BYTES"
 # protobuf's 2 GiB limit less 64 MiB of headroom for nodes, names and metadata (not counted in the estimate)
@@ -67,7 +67,8 @@ def tensor_bytes(model: onnx.ModelProto | ir.Model) -> int:
     """
     if isinstance(model, onnx.ModelProto):
         return sum(_nbytes(t) for t in external_data_helper._get_all_tensors(model))
-    constants = [n.attributes["value"].value for n in model.graph if n.op_type == "Constant" and "value" in n.attributes]
+    constants = [n.attributes["value"].value for n in model.graph
+                 if n.op_type == "Constant" and "value" in n.attributes]
     return sum(t.nbytes for t in [v.const_value for v in model.graph.initializers.values()] + constants
                if t is not None)
 
@@ -107,7 +108,7 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | Path, threshold: i
         else:
             onnx.save_model(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=stale.name, size_threshold=TENSOR_MIN_BYTES, convert_attribute=False)
-        mode = 0o666 & ~_umask()  # mkdtemp's files get the permissions a plain open() would give
+        mode = 0o666 & ~current_umask()  # mkdtemp's files get the permissions a plain open() would give
         for f in (tmp / stale.name, tmp / path.name):
             os.chmod(f, mode)
         size = (tmp / stale.name).stat().st_size + (tmp / path.name).stat().st_size
@@ -121,13 +122,7 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | Path, threshold: i
     return {"bytes": size, "external_data": str(stale)}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def load_model(path: str | Path, with_data: bool = True) -> onnx.ModelProto:
+def load_onnx(path: str | Path, with_data: bool = True) -> onnx.ModelProto:
     """The graph at `path`; with_data=False reads the structure only (external tensors stay on disk)."""
     path = Path(path)
     if not path.is_file():
@@ -146,7 +141,7 @@ def load_model(path: str | Path, with_data: bool = True) -> onnx.ModelProto:
 def read_graph(path: str | Path) -> ir.Model:
     """The graph at `path` as an onnx_ir model; its external tensors are read from beside it when used."""
     path = Path(path)
-    proto = load_model(path, with_data=False)
+    proto = load_onnx(path, with_data=False)
     missing = _missing_data(path, proto)
     if missing:
         raise UserError(f"'{path}' is not a readable ONNX model{_missing_hint(missing)}")

@@ -33,6 +33,17 @@ activation) to ONNX's per-axis Q/DQ with scales gathered by t_index, the bias fu
 
 The same function; values move by float rounding (a division for a multiplication in the Q, the step
 size applied before the sum instead of after).
+
+How it matches: the layer structure is an onnxscript rewriter `Pattern` (LAYER_PATTERNS), matched only; its
+constants are checked by `_integer_layer`. Every Conv/MatMul that reads a dequantized weight but does not match
+is listed with the reason in the stats ("unmatched"), as is every float-kept layer whose rescale chain is not
+fused ("epilogue_not_fused"). The rewrite is not a `RewriteRule`: which layers go integer depends on sizes over
+the whole graph (OrtConfig), and the replacement is shared between layers (one uint8 Q per original Q, read by
+the q/k/v projections of one input), which a per-match replacement cannot express and the rewriter's check
+that matched values have no reader outside the match would refuse. The chain after the op (`match_epilogue`:
+either operand order of two Muls, an optional Reshape, an optional bias Add, each the only reader of the one
+before) and the optional 8-bit clip (`_unclipped`: Max/Min in either order) stay short walks over producers and
+uses: as patterns they would be eight and two variants.
 """
 from __future__ import annotations
 
@@ -43,8 +54,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
+from onnxscript.rewriter import pattern
 
-from .onnx_files import load_model, save_model
+from .onnx_files import load_onnx, save_model
 
 ZERO = 128   # uint8 zero point standing for the int8 grid's 0
 INT64_MAX = np.iinfo(np.int64).max
@@ -98,51 +110,81 @@ def _attr(node: ir.Node, name: str, default):
     return default if a is None else a.value
 
 
-def _unit_qdq(node: ir.Node | None, op_type: str) -> bool:
-    """A Q or DQ with the constant scale 1 and int8 zero point 0 (fold.py's activation grid)."""
-    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
-        return False
-    scale, zp = _const(node.inputs[1]), _const(node.inputs[2])
+def _unit(scale: ir.Value, zero_point: ir.Value) -> bool:
+    """The constant scale 1 and int8 zero point 0 of fold.py's activation grid."""
+    scale, zp = _const(scale), _const(zero_point)
     return (scale is not None and zp is not None and scale.size == 1 and float(scale.reshape(-1)[0]) == 1.0
             and zp.dtype == np.int8 and zp.size == 1 and int(zp.reshape(-1)[0]) == 0)
 
 
-def match(op: ir.Node) -> IntegerLayer | None:
-    """The declared pattern; None when op is not a unit-grid quantized Conv/MatMul this pass can take."""
-    if op.op_type not in ("Conv", "MatMul") or op.domain not in ("", "ai.onnx") or len(op.inputs) < 2:
-        return None
-    if op.op_type == "Conv":
-        if _attr(op, "group", 1) != 1 or any(d != 1 for d in _attr(op, "dilations", [1, 1])) \
-                or _attr(op, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-            return None
-    act_dq = op.inputs[0].producer() if op.inputs[0] is not None else None
-    if not _unit_qdq(act_dq, "DequantizeLinear"):
-        return None
-    quant = act_dq.inputs[0].producer()
-    if not _unit_qdq(quant, "QuantizeLinear"):
-        return None
-    w_dq = op.inputs[1].producer()
-    if w_dq is None or w_dq.op_type != "DequantizeLinear" or _attr(w_dq, "block_size", 0):
-        return None
-    weight, scale = _const(w_dq.inputs[0]), _const(w_dq.inputs[1])
+def _quantized_layer(op_type: str) -> pattern.Pattern:
+    """op(DQ(Q(u, s, z), s, z), DQ(W, s_w[, z_w])): the structure; `_integer_layer` checks the constants."""
+
+    def target(op, u, q_scale, q_zp, dq_scale, dq_zp, weight, w_scale):
+        levels = op.QuantizeLinear(u, q_scale, q_zp, _outputs=["levels"])
+        x = op.DequantizeLinear(levels, dq_scale, dq_zp)
+        w = op.DequantizeLinear(weight, w_scale, _allow_other_inputs=True, _outputs=["w_float"])
+        return getattr(op, op_type)(x, w, _allow_other_inputs=True)
+
+    return pattern.Pattern(target, name=f"unit-grid quantized {op_type}")
+
+
+LAYER_PATTERNS = {op_type: _quantized_layer(op_type) for op_type in ("Conv", "MatMul")}
+
+
+def _label(node: ir.Node) -> str:
+    return node.name or f"{node.op_type}->{node.outputs[0].name}"
+
+
+def is_quantized(op: ir.Node) -> bool:
+    """A Conv/MatMul reading a dequantized weight: a quantized layer, whether this pass can take it or not."""
+    w = op.inputs[1] if op.op_type in LAYER_PATTERNS and op.domain in ("", "ai.onnx") and len(op.inputs) > 1 else None
+    return w is not None and w.producer() is not None and w.producer().op_type == "DequantizeLinear"
+
+
+def match(model: ir.Model, op: ir.Node) -> IntegerLayer | str:
+    """The declared pattern around a quantized layer (`is_quantized`), or why it does not match."""
+    tracer = pattern.MatchingTracer()
+    rule = LAYER_PATTERNS[op.op_type]
+    found = rule.match(model, op.graph, op, check_nodes_are_removable=False, tracer=tracer)
+    if not found:
+        tried = tracer.best_matches_map.get(rule)
+        return f"not {rule.name}: {tried[0].match_result.reason if tried else 'no Q/DQ around it'}"
+    return _integer_layer(op, **found.bindings)
+
+
+def _integer_layer(op: ir.Node, u, q_scale, q_zp, dq_scale, dq_zp, weight, w_scale, w_float, levels,
+                   **_) -> IntegerLayer | str:
+    """The constants of a structural match: unit activation grid, int8 weight, zero weight zero point, per-channel
+    scale on the output axis; a plain Conv (no groups, dilation or auto_pad)."""
+    if op.op_type == "Conv" and (_attr(op, "group", 1) != 1 or any(d != 1 for d in _attr(op, "dilations", [1, 1]))
+                                 or _attr(op, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")):
+        return "a grouped, dilated or auto-padded Conv"
+    if not (_unit(q_scale, q_zp) and _unit(dq_scale, dq_zp)):
+        return "its activation Q/DQ is not the unit int8 grid (scale 1, zero point 0)"
+    w_dq = w_float.producer()
+    if _attr(w_dq, "block_size", 0):
+        return "block-quantized (INT4) weights"
+    w, scale = _const(weight), _const(w_scale)
     zp = _const(w_dq.inputs[2]) if len(w_dq.inputs) > 2 and w_dq.inputs[2] is not None else None
-    if weight is None or weight.dtype != np.int8 or scale is None or (zp is not None and np.any(zp != 0)):
-        return None
-    if op.op_type == "Conv" and weight.ndim != 4 or op.op_type == "MatMul" and weight.ndim != 2:
-        return None
+    if w is None or w.dtype != np.int8 or scale is None or (zp is not None and np.any(zp != 0)):
+        return "its weight is not a constant int8 tensor with a constant scale and zero point 0"
+    if w.ndim != (4 if op.op_type == "Conv" else 2):
+        return f"a {w.ndim}-D weight"
     out_axis = 0 if op.op_type == "Conv" else 1
     if scale.size == 1:
-        scale = np.full(weight.shape[out_axis], float(scale.reshape(-1)[0]), np.float32)
-    elif _attr(w_dq, "axis", 1) != out_axis or scale.size != weight.shape[out_axis]:
-        return None
+        scale = np.full(w.shape[out_axis], float(scale.reshape(-1)[0]), np.float32)
+    elif _attr(w_dq, "axis", 1) != out_axis or scale.size != w.shape[out_axis]:
+        return "its weight scale is not per output channel"
     scale = scale.astype(np.float32).reshape(-1)
     bias = None
     if op.op_type == "Conv" and len(op.inputs) > 2 and op.inputs[2] is not None:
         bias = _const(op.inputs[2])
         if bias is None:
-            return None
+            return "a bias computed at run time"
         bias = None if np.all(bias == 0) else bias.astype(np.float32).reshape(-1)
-    return IntegerLayer(op, quant, _unclipped(quant.inputs[0]), weight, None if np.all(scale == 1.0) else scale, bias)
+    quant = levels.producer()
+    return IntegerLayer(op, quant, _unclipped(u), w, None if np.all(scale == 1.0) else scale, bias)
 
 
 def _unclipped(u: ir.Value) -> ir.Value:
@@ -299,24 +341,26 @@ def _weight_scale_mul(layer: IntegerLayer) -> tuple[ir.Node, np.ndarray] | None:
     return scale_mul, w_scale.astype(np.float32).reshape(-1)
 
 
-def match_epilogue(layer: IntegerLayer) -> StepEpilogue | None:
-    """The declared pattern; None when the chain after layer.op is anything else (asymmetric, per-head...)."""
+def match_epilogue(layer: IntegerLayer) -> StepEpilogue | str:
+    """The declared chain after a symmetric layer, or why it is not that chain (asymmetric, per-head, ...)."""
     found = _weight_scale_mul(layer)
     if found is None:
-        return None
+        return "no per-channel weight-scale Mul as the only reader of its output"
     scale_mul, w_scale = found
     delta_mul = _single_consumer(scale_mul.outputs[0])
     rows = _other_input(delta_mul, scale_mul.outputs[0]) if delta_mul else None
     found = _gathered_rows(rows) if rows is not None else None
-    if found is None or found[1].shape[1] != 1:  # one step size per t_index (not per head)
-        return None
+    if found is None:
+        return "its weight-scale Mul is not followed by a Mul of step sizes gathered by t_index"
+    if found[1].shape[1] != 1:
+        return "one step size per head, not per t_index"
     last, bias = delta_mul, None
     add = _single_consumer(delta_mul.outputs[0])
     bias_value = _other_input(add, delta_mul.outputs[0]) if add is not None else None
     if bias_value is not None and (c := _const(bias_value)) is not None and c.size == layer.out_channels:
         last, bias = add, c.astype(np.float32).reshape(-1)
-    if last.outputs[0].is_graph_output():  # the UNet's last conv: keep its chain (one layer)
-        return None
+    if last.outputs[0].is_graph_output():
+        return "its chain ends in the graph output (kept as exported)"
     table, _, t = found
     return StepEpilogue(last, w_scale, table, t, bias)
 
@@ -414,19 +458,24 @@ def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.M
     cache = {"zp": b.const("zero_point", np.array(ZERO, np.uint8)), "one": b.const("one", np.array(1.0, np.float32)),
              "zp_1d": b.const("zp_u8", np.array([ZERO], np.uint8)), "flat": b.const("flat", np.array([-1], np.int64))}
     m.opset_imports[MS_DOMAIN] = 1
-    layers = [layer for n in list(g) if (layer := match(n)) is not None]
+    found = {n: match(m, n) for n in list(g) if is_quantized(n)}
+    layers = [la for la in found.values() if isinstance(la, IntegerLayer)]
+    unmatched = {_label(n): reason for n, reason in found.items() if isinstance(reason, str)}
     taken = [la for la in layers
              if (cfg.convs if la.op.op_type == "Conv" else cfg.matmuls)
              and la.reduction >= cfg.min_reduction and la.out_channels >= cfg.min_out_channels]
     for layer in taken:
         rewrite_layer(b, layer, cache)
-    fused = 0
+    fused, not_fused = 0, {}
     for layer in layers:
         if all(layer is not t for t in taken):
-            if layer.scale is None and layer.bias is None and (epi := match_epilogue(layer)) is not None:
+            epi = match_epilogue(layer) if layer.scale is None and layer.bias is None else None
+            if isinstance(epi, StepEpilogue):
                 fuse_epilogue(b, layer, epi, cache)
                 fused += 1
                 continue
+            if epi is not None:
+                not_fused[_label(layer.op)] = epi
             fold_weight(b, layer)
             round_activation(b, layer, cache)
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass() if hasattr(common, "RemoveUnusedOpsetsPass") else None):
@@ -440,7 +489,7 @@ def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.M
         m.opset_imports.pop(MS_DOMAIN, None)
     stats = {"matched": len(layers), "integer_convs": sum(la.op.op_type == "Conv" for la in taken),
              "integer_matmuls": sum(la.op.op_type == "MatMul" for la in taken), "float_kept": len(layers) - len(taken),
-             "float_kept_fused_epilogue": fused,
+             "float_kept_fused_epilogue": fused, "unmatched": unmatched, "epilogue_not_fused": not_fused,
              "config": {"min_reduction": cfg.min_reduction, "min_out_channels": cfg.min_out_channels}}
     return out, stats
 
@@ -448,6 +497,6 @@ def to_ort(model: onnx.ModelProto, cfg: OrtConfig | None = None) -> tuple[onnx.M
 def convert_file(src: str | Path, dst: str | Path, cfg: OrtConfig | None = None) -> dict:
     """Rewrite src (a dq-export graph) into dst; dst may equal src (src is read whole, external data included,
     before dst is written: onnx_files.save_model replaces both files, data first)."""
-    model, stats = to_ort(load_model(src), cfg)
+    model, stats = to_ort(load_onnx(src), cfg)
     written = save_model(model, dst)
     return {**stats, "bytes": written["bytes"], "external_data": written["external_data"]}

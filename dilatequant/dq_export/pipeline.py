@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..calibrate.checkpoint import load_checkpoint
+from ..calibrate.checkpoint import QuantCheckpoint, load_checkpoint
 from ..core.reporting import write_json
 from .export_config import ExportConfig
 from .fold import w4a16_reference
@@ -14,19 +14,19 @@ from .qdq_graph import export_onnx
 from .trt_rules import enforce
 
 
-def export_and_verify(ckpt: Path, onnx_path: Path, cfg: ExportConfig, verify: bool = True,
+def export_and_verify(ckpt: Path | QuantCheckpoint, onnx_path: Path, cfg: ExportConfig, verify: bool = True,
                       per_step: int = 2, torch_floor: bool = False, layer_parity: bool | None = None,
                       fp_model=None) -> dict:
     """Export and check; a failed layer-wise parity raises LayerParityError after the report is written.
 
-    The reference is the fake-quant model configured as the graph runs: under `--precision int4` the weight-only
-    INT4 layers read a float activation, so their input quantizers pass through (fold.w4a16_reference).
+    The q.pt is read once: the graph is exported from it, and it is the reference, configured as the graph runs
+    (under `--precision int4` the weight-only INT4 layers read a float activation, so their input quantizers pass
+    through: fold.w4a16_reference, which a QuantCheckpoint passed in keeps afterwards).
     """
     layer_parity = verify if layer_parity is None else layer_parity
-    summary = export_onnx(ckpt, onnx_path, cfg)
-    reference = None
+    reference = ckpt if isinstance(ckpt, QuantCheckpoint) else load_checkpoint(ckpt)
+    summary = export_onnx(reference, onnx_path, cfg)
     if verify or layer_parity:
-        reference = load_checkpoint(ckpt)
         w4a16_reference(reference.qunet, summary.get("int4_layers", []))
     if layer_parity:  # on the TensorRT-form graph (for --target ort: the graph the integer ops are converted from)
         summary["layer_parity"] = layer_parity_report(onnx_path, reference, per_step=per_step,

@@ -5,15 +5,16 @@ import gc
 import json
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import onnx_ir as ir
 import torch
 from torch import nn
 
-from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
+from ..calibrate.checkpoint import QuantCheckpoint, load_checkpoint
 from ..core.conditioning import as_condition, unet_kwargs
 from ..core.errors import UserError
 from .export_config import ExportConfig
@@ -84,17 +85,18 @@ def spatial_multiple(unet: nn.Module) -> int:
     return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
-def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig) -> dict:
-    """Write the QDQ ONNX graph; returns a summary (the caller runs checks and parity)."""
+def export_onnx(ckpt: str | Path | QuantCheckpoint, onnx_path: str | Path, cfg: ExportConfig) -> dict:
+    """Write the QDQ ONNX graph of a q.pt (its path, or the QuantCheckpoint read from it, which the export
+    leaves unchanged); returns a summary (the caller runs checks and parity)."""
     start = time.perf_counter()
-    ck = load_checkpoint(ckpt_path)
+    ck = ckpt if isinstance(ckpt, QuantCheckpoint) else load_checkpoint(ckpt)
     use_t = not cfg.static_scales and ck.qunet.config.tpq
     w4a16 = w4a16_layers(ck, cfg)
     unet, ctx = deploy_unet(ck.qunet, static=cfg.static_scales, w4a16=w4a16)
     wrapper = (ExportWrapper if use_t else StaticExportWrapper)(unet.eval(), ctx, len(ck.timesteps), use_t).eval()
     names = input_names(ck.model.cond_names, use_t)
     ins = example_inputs(ck, cfg.batch, use_t)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _without_stack_traces():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -105,10 +107,10 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
         except Exception as err:  # the exporter's own errors are long; keep the cause
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
-    props = metadata(ck, cfg, checkpoint_hash(ckpt_path), use_t)
-    # The graph holds its own copies of the weights now. The exporter's program, the deployment-form copy and the
-    # checkpoint (its mapped float32 pages: 10.3 GB at SDXL size) sit in reference cycles: collect them before the
-    # graph is written
+    props = metadata(ck, cfg, ck.sha256, use_t)
+    # The graph holds its own copies of the weights now. The exporter's program, the deployment-form copy and (when
+    # no caller holds it) the checkpoint, its mapped float32 pages 10.3 GB at SDXL size, sit in reference cycles:
+    # collect them before the graph is written
     del program, wrapper, unet, ctx, ck
     gc.collect()
     model = finalize_graph(model, props, cfg.int4_block if cfg.precision == "int4" else None)
@@ -120,6 +122,23 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
             "inputs": names, "precision": cfg.precision,
             "static_scales": cfg.static_scales, "dtype": cfg.dtype, "export_s": round(time.perf_counter() - start, 2),
             "config": asdict(cfg), "int4_layers": list(w4a16)}
+
+
+@contextmanager
+def _without_stack_traces() -> Iterator[None]:
+    """Trace without recording each FX node's Python stack: simplify clears node metadata, stack traces included,
+    so they cost time (capture and symbolization per node) and change nothing in the graph
+    (benchmarks/results/export_profile)."""
+    config = getattr(torch.fx, "config", None)
+    if config is None or not hasattr(config, "do_not_emit_stack_traces"):  # older torch: nothing to switch off
+        yield
+        return
+    before = config.do_not_emit_stack_traces
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
 
 
 def w4a16_layers(ck: QuantCheckpoint, cfg: ExportConfig) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ import torch
 
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
+from ..calibrate.checkpoint import QuantCheckpoint, load_checkpoint
 from ..core.errors import CheckFailed, UserError
 from ..core.evaluation import fp_trajectories, requested_digits
 from ..core.metrics import format_digit_fid, psnr_db, reported_digit_scores, sqnr_db, ssim
@@ -229,12 +229,14 @@ class VerifySession:
                       progress=False, scheduler=scheduler or self.run_scheduler)
 
 
-def open_session(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> VerifySession:
+def open_session(cfg: VerifyConfig, fp_model: DiffusionModel | None = None,
+                 checkpoint: QuantCheckpoint | None = None) -> VerifySession:
+    """checkpoint: cfg.ckpt already read by the caller (dq-demo), so one command reads the q.pt once."""
     cfg.check()
     threads = cfg.threads or torch.get_num_threads()
     rt = open_runtime(Path(cfg.runtime), cfg.device, threads)  # cheap; a runtime that cannot run here says so first
     ensure_writable_dir(cfg.report_dir)
-    ck = load_checkpoint(cfg.ckpt)
+    ck = checkpoint if checkpoint is not None else load_checkpoint(cfg.ckpt)
     _check_pairing(rt, ck, cfg.ckpt)
     fp_model = fp_model or (load_model(cfg.model) if cfg.model else fp_model_of(ck))
     S = ck.schedule.steps
@@ -389,11 +391,15 @@ def hard_checks(layer_parity: dict) -> dict:
     return {"runtime_runs": "passed", "layer_parity": state, "failed": failed}
 
 
-def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dict:
+def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None,
+               checkpoint: QuantCheckpoint | None = None) -> dict:
     """Run every measurement and write the report folder; returns the report dict. A runtime that cannot run the
-    graph raises CheckFailed; the other hard checks are reported in report["checks"] (see enforce)."""
+    graph raises CheckFailed; the other hard checks are reported in report["checks"] (see enforce).
+
+    checkpoint: cfg.ckpt already read by the caller (dq-demo), so one command reads the q.pt once.
+    """
     start = time.perf_counter()
-    s = open_session(cfg, fp_model)
+    s = open_session(cfg, fp_model, checkpoint)
     check_runtime_runs(s)
     s.rss_after_load = peak_rss_mb()
     accuracy, images = accuracy_step(s)
@@ -428,7 +434,7 @@ def write_report(s: VerifySession, accuracy: dict, images: dict[str, SampleResul
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                      "ort_threads": s.threads if isinstance(rt, OrtRunner) else None,
                      "torch_threads": torch.get_num_threads(), "mapped_steps": s.mapped, "steps": s.steps},
-        "checkpoint": {"path": str(cfg.ckpt), "sha256": checkpoint_hash(cfg.ckpt), "source": ck.source,
+        "checkpoint": {"path": str(cfg.ckpt), "sha256": ck.sha256, "source": ck.source,
                        "bits": ck.qunet.config.bits_name, "num_steps": T, "timesteps": list(ck.timesteps),
                        "calibrated_with": s.calibrated.label},
         "runtime": {**rt.metadata.to_dict(), "path": str(cfg.runtime)},

@@ -187,6 +187,29 @@ def test_thresholds_keep_small_layers_in_float():
     assert stats["integer_convs"] == 0
 
 
+@pytest.mark.parametrize("change,reason", [
+    (dict(group=2), "grouped, dilated or auto-padded Conv"),
+    (dict(act_scale=0.5), "not the unit int8 grid"),
+    (dict(weight_zp=1), "zero point 0"),
+    (dict(no_act_dq=True), "not unit-grid quantized Conv: "),
+])
+def test_a_quantized_layer_that_does_not_match_is_reported_with_its_reason(change, reason):
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (6, 6 // change.get("group", 1), 3, 3)).astype(np.int8)
+    trt = _trt_style_conv([1, 6, 4, 4], w, np.ones(6, np.float32), pads=[1, 1, 1, 1], group=change.get("group", 1))
+    inits = {i.name: i for i in trt.graph.initializer}
+    if "act_scale" in change:
+        inits["one"].CopyFrom(numpy_helper.from_array(np.array(change["act_scale"], np.float32), "one"))
+    if "weight_zp" in change:
+        inits["wz"].CopyFrom(numpy_helper.from_array(np.full(6, change["weight_zp"], np.int8), "wz"))
+    if change.get("no_act_dq"):  # the conv reads the float input directly
+        trt.graph.node[3].input[0] = "x"
+    new, stats = to_ort(trt, ALL_INTEGER)
+    assert stats["matched"] == 0 and list(stats["unmatched"]) == ["Conv->conv"], stats
+    assert reason in stats["unmatched"]["Conv->conv"], stats["unmatched"]
+    assert "Conv" in [n.op_type for n in new.graph.node]  # left as exported
+
+
 def test_target_is_validated():
     with pytest.raises(UserError, match="unknown target"):
         ExportConfig(target="openvino")

@@ -28,12 +28,33 @@ def cond_asym(tmp_path_factory):
     return ck, tmp / "unet.onnx", summary
 
 
+QPT_READS: dict[str, int] = {}  # what uncond_sym's export_and_verify did with the q.pt file
+
+
 @pytest.fixture(scope="module")
 def uncond_sym(tmp_path_factory):
+    from dilatequant.calibrate import checkpoint
+
     tmp = tmp_path_factory.mktemp("uncond")
     ck = _checkpoint(tmp, tiny_uncond(), weight_bits=8, act_bits=8, symmetric=True, float_layers=("conv_in",))
-    summary = export_and_verify(ck, tmp / "unet.onnx", ExportConfig(), per_step=5)
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            QPT_READS[key] = QPT_READS.get(key, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "_read", counted("loads", checkpoint._read))
+        mp.setattr(checkpoint, "checkpoint_hash", counted("hashes", checkpoint.checkpoint_hash))
+        summary = export_and_verify(ck, tmp / "unet.onnx", ExportConfig(), per_step=5)
     return ck, tmp / "unet.onnx", summary
+
+
+def test_export_reads_the_checkpoint_once(uncond_sym):
+    """One dq-export: the q.pt is loaded once and hashed once (the graph, its rules check and both parity checks
+    share the object)."""
+    assert QPT_READS == {"loads": 1, "hashes": 1}
 
 
 @pytest.mark.parametrize("which", ["cond_asym", "uncond_sym"])

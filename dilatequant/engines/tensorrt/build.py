@@ -30,13 +30,13 @@ from typing import Any
 from ...calibrate.checkpoint import checkpoint_hash as sha256_file
 from ...core.errors import UserError
 from ...core.reporting import atomic_write_bytes, ensure_writable_dir, environment, write_json
-from ...dq_export.onnx_files import data_path
+from ...dq_export.onnx_files import data_path, load_onnx
 from ...dq_export.trt_rules import enforce
 from .backends import BACKENDS, TENSORRT, TENSORRT_RTX, Backend, choose_backend
 from .env import GpuInfo, explain_cuda_failure
 from .plan_files import fp16_graph_path, layers_path, sidecar_path
 from .polygraphy_build import KeptConfig, build_error_message, builder_settings, polygraphy_errors, polygraphy_profile
-from .profiles import ProfileShapes, graph_inputs, graph_metadata, load_onnx, profile_from_flags
+from .profiles import ProfileShapes, graph_inputs, graph_metadata, profile_from_flags
 from .rtx import RtxJob, build_with_tensorrt_rtx, supported_targets
 from .targets import Requirement, check_targets, format_cc, graph_requirement, parse_cc, parse_cc_list, rtx_targets
 
@@ -136,7 +136,7 @@ class BuildInfo:
 
 def build_engine(cfg: BuildConfig) -> dict:
     """Check flags and graph, then the builder, then FP16 pass -> rules -> build -> plan + sidecar."""
-    model = load_onnx(cfg.onnx)
+    model = load_onnx(cfg.onnx, with_data=False)  # structure: inputs and metadata
     metadata = graph_metadata(model)
     if metadata.get("dilatequant.target") == "ort":
         raise UserError(f"'{cfg.onnx}' is a dq-export --target ort graph (ONNX Runtime integer ops), not a TensorRT "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...core.errors import UserError
@@ -44,20 +43,6 @@ class ProfileShapes:
     def to_json(self) -> dict:
         return {name: {lv: list(s[lv]) for lv in LEVELS} | {"source": self.sources.get(name, "graph")}
                 for name, s in self.shapes.items()}
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    import onnx
-
-    """The graph structure only (no external weights): enough for inputs and metadata, cheap for big models."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ONNX file '{path}' does not exist; pass the graph written by dq-export --onnx")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise UserError(f"'{path}' is not a readable ONNX model ({type(err).__name__}: {err}); "
-                        "pass the graph written by dq-export") from err
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
