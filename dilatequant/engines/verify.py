@@ -22,7 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from ..calibrate.checkpoint import QuantCheckpoint, load_checkpoint
 from ..core.errors import CheckFailed, UserError
 from ..core.evaluation import fp_trajectories, requested_digits
-from ..core.metrics import format_digit_fid, psnr_db, reported_digit_scores, sqnr_db, ssim
+from ..core.metrics import fid_omitted_note, fid_shown, format_digit_fid, psnr_db, reported_digit_scores, sqnr_db, ssim
 from ..core.models import DiffusionModel, load_model
 from ..core.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
 from ..core.sampling import SampleResult, SamplingSchedule, default_guidance, sample, sampling_timesteps
@@ -518,31 +518,35 @@ def summary_markdown(r: dict) -> str:
         lines.append(f"| {label} | {_f(m['image_psnr_db'])} | {_f(m['image_ssim'], 4)} |")
     d = acc["digits"]
     if "skipped" not in d["fp"]:
-        lines += ["", "| images | samples | digit-FID (lower is better; ± seed-to-seed std at this count) | "
-                  "classifier confidence | class accuracy |", "|---|---|---|---|---|"]
+        rows = [d[k] for k in ("fp", "fake_quant", "runtime")]
+        fid = fid_shown(rows)  # a digit-FID column only where every row has enough samples for one
+        lines += ["", "| images | samples | " + ("digit-FID (lower is better; ± seed-to-seed std at this count) | "
+                                                  if fid else "") + "classifier confidence | class accuracy |",
+                  "|---|---|" + ("---|" if fid else "") + "---|---|"]
         for k in ("fp", "fake_quant", "runtime"):
-            lines.append(f"| {k} | {d[k].get('num_samples', '-')} | {format_digit_fid(d[k])} | "
-                         f"{_f(d[k]['classifier_mean_confidence'], 3)} | "
+            lines.append(f"| {k} | {d[k].get('num_samples', '-')} | " + (f"{format_digit_fid(d[k])} | " if fid else "")
+                         + f"{_f(d[k]['classifier_mean_confidence'], 3)} | "
                          f"{_f(d[k]['class_accuracy'], 3) if 'class_accuracy' in d[k] else '-'} |")
-        if d["fp"].get("digit_fid") is not None:
-            lines += ["", "Digit-FID differences smaller than the ± spread are draw-to-draw noise, not results "
-                      "(benchmarks/digit_fid_spread.py)."]
+        lines += ["", "Digit-FID differences smaller than the ± spread are draw-to-draw noise, not results "
+                  "(benchmarks/digit_fid_spread.py)." if fid else fid_omitted_note(min(r_["num_samples"] for r_ in rows))]
     else:
         lines += ["", f"Digit metrics: {d['fp'].get('skipped')}"]
     lines += layer_parity_markdown(r.get("layer_parity"), acc.get("fp_agreement"))
+    sched_fid = fid_shown([x for row in r["schedule_mapping"] for x in (row["runtime_digits"], row["fp_digits"])])
     lines += ["", f"![samples]({r['figures']['samples']})", "",
               "## Other step counts and samplers (nearest calibrated t_index)", "",
               f"Calibrated with {ck['calibrated_with']}; each row runs the runtime and FP with the sampler and step "
               "count named, every call at the nearest calibrated timestep's t_index.", "",
-              "| sampler | steps | mapping | distinct t_index used | max timestep gap | PSNR vs FP (dB) | SSIM vs FP | "
-              "runtime digit-FID | FP digit-FID |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| sampler | steps | mapping | distinct t_index used | max timestep gap | PSNR vs FP (dB) | SSIM vs FP |"
+              + (" runtime digit-FID | FP digit-FID |" if sched_fid else ""),
+              "|---|---|---|---|---|---|---|" + ("---|---|" if sched_fid else "")]
     for s in r["schedule_mapping"]:
         gap = s["max_timestep_gap"]
         lines.append(f"| {s['sampler']} | {s['steps']} | {s['mapping']} | {s['distinct_t_index_used']} | "
                      f"{_f(gap, 1) if isinstance(gap, float) else gap} | "
-                     f"{_f(s['runtime_vs_fp']['image_psnr_db'])} | {_f(s['runtime_vs_fp']['image_ssim'], 4)} | "
-                     f"{format_digit_fid(s['runtime_digits'])} | {format_digit_fid(s['fp_digits'])} |")
+                     f"{_f(s['runtime_vs_fp']['image_psnr_db'])} | {_f(s['runtime_vs_fp']['image_ssim'], 4)} |"
+                     + (f" {format_digit_fid(s['runtime_digits'])} | {format_digit_fid(s['fp_digits'])} |"
+                        if sched_fid else ""))
     lines += ["", f"![schedule mapping]({r['figures']['schedule']})", "", "## Speed", "",
               f"UNet latency in ms (median / p90 / min, {r['settings']['repeats']} repeats after {r['settings']['warmup']} "
               "warmup calls), full `infer()` including input checks and host copies:", ""]

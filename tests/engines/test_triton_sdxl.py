@@ -73,14 +73,14 @@ def test_sdxl_prompt_images_equal_dq_generate(served, sdxl, case, protocol, sett
 def _diffusers_sdxl(folder, graph, seed, **kwargs) -> np.ndarray:
     """StableDiffusionXLPipeline itself with the quantized UNet, as uint8 [H, W, 3] (what dq-generate saves)."""
     from dilatequant.core.models import load_model
-    from dilatequant.engines.generate import make_scheduler
+    from dilatequant.core.schedulers import resolve_scheduler
     from dilatequant.engines.onnxruntime.runner import OrtRunner
     from dilatequant.engines.pytorch.diffusers_unet import QuantizedUNet
 
     model = load_model(str(folder))
     pipe = model.pipeline
     pipe.unet = QuantizedUNet(OrtRunner(graph), model.unet.config)
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    pipe.scheduler = resolve_scheduler(model)  # what the Triton pipeline samples with when SCHEDULER is not sent
     with torch.no_grad():
         out = pipe(PROMPT, num_inference_steps=4, height=16, width=16, generator=torch.Generator().manual_seed(seed),
                    output_type="pt", **kwargs).images
@@ -95,9 +95,13 @@ def test_sdxl_original_size_and_crop_make_the_pipelines_time_ids(served, sdxl):
     folder, _, graph = sdxl
     micro = dict(original_size=(32, 48), crops_coords_top_left=(4, 0))
     got = generate_from_prompt(server.http_url, PROMPT, 7, timeout_s=TIMEOUT_S, steps=4, **micro)
-    np.testing.assert_array_equal(got[0], _diffusers_sdxl(folder, graph, 7, **micro))
+    # the server's text encoders and VAE are ONNX graphs, the pipeline's are torch modules: a last-bit difference
+    # may round a pixel the other way, never more than one level and in a handful of pixels
+    off = np.abs(got[0].astype(int) - _diffusers_sdxl(folder, graph, 7, **micro).astype(int))
+    assert off.max() <= 1 and (off > 0).mean() <= 0.01, f"{int((off > 0).sum())} pixels differ, by up to {off.max()}"
     default = generate_from_prompt(server.http_url, PROMPT, 7, timeout_s=TIMEOUT_S, steps=4)
-    assert np.abs(default.astype(int) - got.astype(int)).max() > 0  # the micro-conditioning changes the image
+    moved = np.abs(default.astype(int) - got.astype(int))
+    assert moved.max() > 5 and (moved > 1).mean() > 0.05  # the micro-conditioning changes the image, far beyond that
     with pytest.raises(InferenceFailed, match=r"ORIGINAL_SIZE.*two non-negative integers"):
         generate_from_prompt(server.http_url, PROMPT, 7, timeout_s=TIMEOUT_S, steps=1, original_size=(-1, 16))
 
@@ -111,7 +115,7 @@ def test_sdxl_repository_has_both_encoders_and_an_fp32_vae_on_gpu(sdxl, tmp_path
     header = (tmp_path / "gpu" / "pipeline" / "config.pbtxt").read_text()
     assert "SDXL prompt pipeline" in header and "ORIGINAL_SIZE" in header and "zero embeddings" in header
     assert sorted(p.name for p in (tmp_path / "gpu" / "pipeline" / "1").iterdir()) == [
-        "dq_bls.py", "model.py", "scheduler_config.json", "tokenizer", "tokenizer_2"]
+        "dq_bls.py", "model.py", "schedulers.json", "tokenizer", "tokenizer_2"]
     floats = {}
     for name in ("text_encoder", "text_encoder_2", "vae_decoder"):
         g = onnx.load(str(tmp_path / "gpu" / name / "1" / "model.onnx"))

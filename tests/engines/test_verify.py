@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from dilatequant.engines.verify import VerifyConfig, run_verify
+from dilatequant.core.metrics import with_fid_floor
+from dilatequant.engines.verify import VerifyConfig, run_verify, summary_markdown
 
 from conftest import assert_clean_error, run_cli, tiny_uncond
 from tiny_runtime import STEPS, get
@@ -63,6 +64,24 @@ def test_report_fields_and_bounds(tiny):
         assert (tmp / "report" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     readme = (tmp / "report" / "README.md").read_text()
     assert readme.startswith("# dq-verify: onnxruntime-cpu vs PyTorch") and "![latency](latency.png)" in readme
+    _digit_tables_show_only_measured_fid(r)
+
+
+def _digit_tables_show_only_measured_fid(r: dict) -> None:
+    """The report's digit tables (a digit model's, here planted into this report): below 250 samples no digit-FID
+    column and no "not computed" cells, one line saying where it is measured; from 250 on, the column with its
+    spread."""
+    def digits(n: int, fid: float) -> dict:
+        return with_fid_floor({"num_samples": n, "digit_fid": fid, "classifier_mean_confidence": 0.9})
+    for n, shown in ((16, False), (1000, True)):
+        r["accuracy"]["digits"] = {k: digits(n, 10.0 + i) for i, k in enumerate(("fp", "fake_quant", "runtime"))}
+        for row in r["schedule_mapping"]:
+            row["runtime_digits"], row["fp_digits"] = digits(n, 20.0), digits(n, 21.0)
+        md = summary_markdown(r)
+        assert "not computed" not in md
+        assert ("digit-FID (lower is better" in md) == shown and ("runtime digit-FID | FP digit-FID |" in md) == shown
+        assert ("| 12.00 ± 1.4 (n=1000) |" in md) == shown
+        assert md.count(f"Digit-FID is left out: {n} samples are too few") == (0 if shown else 1)
 
 
 def test_bad_config_is_rejected_before_work(tiny, tmp_path):
