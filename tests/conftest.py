@@ -82,3 +82,16 @@ def tiny_checkpoint(tmp, model, steps: int = 4, **cfg):
     data = build_calibration_set(model, 16, steps, use_cache=False)
     q, _ = prepare(model.unet, QuantConfig(num_steps=steps, **cfg), data)
     return save_checkpoint(tmp / "q.pt", q, model, sampling_timesteps(model, steps), "fp", {})
+
+
+def _one_share_of_the_cores() -> None:
+    """Under pytest-xdist each worker takes its share of the cores: torch's default (every core per process)
+    would have the workers' thread pools fight over the same cores."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_one_share_of_the_cores()
