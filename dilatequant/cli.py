@@ -47,6 +47,7 @@ def demo_main(argv: list[str] | None = None) -> None:
 def calibrate_main(argv: list[str] | None = None) -> None:
     from .calibrate.distill import DistillConfig
     from .calibrate.quant_config import QuantConfig
+    from .calibrate.quantizers import FORMATS
     from .calibrate.recipe import CalibrationJob, run_calibration
     from .calibrate.timestep_quantizer import INIT_METHODS
     from .calibrate.weight_dilation import SCALING_METHODS
@@ -58,7 +59,10 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="dq-calibrate", description="DilateQuant QAT (WD + TPQ + BKD) -> q.pt")
     p.add_argument("--model", default="default", help="default | default-cond | a diffusers UNet folder | a "
                    "StableDiffusionPipeline / StableDiffusionXLPipeline folder")
-    p.add_argument("--bits", default="W4A8", help="weight and activation bits, e.g. W8A8, W4A8, W4A4")
+    p.add_argument("--bits", help="weight and activation bits, e.g. W8A8, W4A8, W4A4 (default: W4A8; fp8: W8A8)")
+    p.add_argument("--format", choices=FORMATS, default=q.format, help="int: integer levels; fp8: FP8 E4M3 (W8A8, "
+                   "symmetric, per-timestep scales; FP8 GEMM/conv needs compute capability 8.9+). The static FP8 "
+                   "baseline (ModelOpt's recipe: one amax per tensor over all timesteps) is --no-tpq --act-init minmax")
     p.add_argument("--steps", type=int, default=q.num_steps, help="DDIM steps to calibrate for (T)")
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--iters", type=int, default=d.iters, help="BKD iterations per block (full QAT: in total)")
@@ -112,11 +116,12 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
     from .core.models import parse_size
     from .core.prompts import read_prompts
 
-    w_bits, a_bits = QuantConfig.parse_bits(a.bits)
-    config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=a.sym, scaling=a.scaling,
-                         smoothquant_alpha=a.smoothquant_alpha, tpq=not a.no_tpq, num_steps=a.steps,
-                         attn_matmul=a.attn_matmul, act_init=a.act_init, first_last_bits=a.first_last_bits or None,
-                         float_layers=tuple(n for n in a.float_layers if n != "none"))
+    w_bits, a_bits = QuantConfig.parse_bits(a.bits or ("W8A8" if a.format == "fp8" else "W4A8"))
+    config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=a.sym or a.format == "fp8",
+                         scaling=a.scaling, smoothquant_alpha=a.smoothquant_alpha, tpq=not a.no_tpq,
+                         num_steps=a.steps, attn_matmul=a.attn_matmul, act_init=a.act_init,
+                         first_last_bits=a.first_last_bits or None,
+                         float_layers=tuple(n for n in a.float_layers if n != "none"), format=a.format)
     distill = DistillConfig(iters=a.iters, batch=a.batch, lr_weight=a.lr_weight, lr_weight_scale=a.lr_quant,
                             lr_act=a.lr_quant, full_model=a.full_qat, seed=a.seed)
     job = CalibrationJob(model=a.model, config=config, distill=distill, calib_samples=a.calib_samples,
@@ -129,7 +134,7 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
     s = run_calibration(job, dist)
     if not dist.is_main:
         return
-    print(f"wrote {a.out}: {s['bits']} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
+    print(f"wrote {a.out}: {config.format_name} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
     print("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items()))
     print(f"  noise SQNR vs FP on validation inputs: {s['val_before_training']['noise_sqnr_db']:.2f} dB before "
           f"training -> {s['val_after_training']['noise_sqnr_db']:.2f} dB after")

@@ -352,7 +352,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         with stage("validation"):
             after = noise_error(qunet, model.unet, val, dist=dist)
     summary = {
-        "model": job.model, "bits": job.config.bits_name, "quant_config": json.loads(job.config.to_json()),
+        "model": job.model, "bits": job.config.bits_name, "format": job.config.format, "quant_config": json.loads(job.config.to_json()),
         "calib_samples": job.calib_samples, "guidance": guidance, "bkd": job.bkd, "scaling": scaling,
         "distill": distilled, "pipeline_class": model.pipeline_class, "resolution": list(model.image_size),
         "prompts": model.prompt_bank.prompts if model.prompt_bank else None,
