@@ -10,13 +10,14 @@ sample's range), whatever the table size. Initialisation then sets every row fro
 one static row from all timesteps pooled (`static_delta`): the single row of a --no-tpq model and the
 scale of the --static-scales export twin, calibrated on the data rather than derived from the tables.
 
-FP8 (E4M3) uses the same tables, symmetric: the start is amax / 448 (the largest value lands on E4M3's
-largest level, ModelOpt's rule), and the MSE search tries multiples of it, eight per octave over two octaves
-(`E4M3Grid.search_ratios`). Why this criterion: a layer's output error is W e for an input error e, whose
-energy is proportional to ||e||^2 for errors uncorrelated across channels - the same MSE criterion as for int.
-Why amax-relative candidates: E4M3's error is relative (3 mantissa bits in every binade), so unlike INT8 small
-values need no clipping to be resolved; moving the scale only shifts where the top values fall within an octave,
-and clipping pays only for rare outliers in the top binades.
+FP8 (E4M3) uses the same tables, symmetric: each row starts at its own timestep's amax / 448 (the largest value
+lands on E4M3's largest level: ModelOpt's rule, per timestep), and the MSE search tries multiples of it, eight
+per octave over two octaves (`E4M3Grid.search_ratios`), keeping the least squared error. The criterion, as for
+int: a layer's output error is W e for an input error e, whose energy is proportional to ||e||^2 when errors are
+uncorrelated across channels. The candidates: E4M3's error is relative (3 mantissa bits in every binade), so
+unlike INT8 small values need no clipping to be resolved; a smaller scale only moves where the top values fall
+within an octave, at the price of clipping the largest. On bell-shaped or heavy-tailed data that price exceeds
+the gain and the search keeps amax / 448; it moves where many values crowd between two top levels (the tests).
 """
 from __future__ import annotations
 
