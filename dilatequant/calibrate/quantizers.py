@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 
-FORMATS = ("int", "fp8")
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn (S.1111.110); the format has no inf, S.1111.111 is NaN
 
 
