@@ -172,7 +172,8 @@ def export_main(argv: list[str] | None = None) -> None:
                                 "(TensorRT-legal per-timestep scales), checked and verified")
     p.add_argument("--ckpt", type=Path, help="q.pt written by dq-calibrate")
     p.add_argument("--onnx", type=Path, help="output graph")
-    p.add_argument("--precision", default="int8", help=f"{' | '.join(PRECISIONS)} (int4: weight-only INT4 GEMMs)")
+    p.add_argument("--precision", help=f"{' | '.join(PRECISIONS)} (int4: weight-only INT4 GEMMs; default: the q.pt's "
+                   "format, int8 or fp8)")
     p.add_argument("--dtype", default="fp32", help="fp32 | fp16 (FP16 for everything not quantized)")
     p.add_argument("--static-scales", action="store_true", help="one scale per activation, no t_index (the ModelOpt-style twin)")
     p.add_argument("--static-shapes", action="store_true", help="fix batch and spatial sizes")
