@@ -6,6 +6,12 @@ follow what onnx-tensorrt's QuantDequantLinearHelper does, where it differs from
 point it quantizes to INT8 (ONNX: UINT8), it infers blocks from the scale's shape and needs them to
 divide the weight exactly (ONNX rounds up), and a 1-D scale must have one value per channel of `axis`,
 whose ONNX default is 1 (the input channels of a Conv weight, not its output channels).
+
+FP8: TensorRT quantizes to FLOAT8E4M3FN only (not E5M2 or the FNUZ variants), needs opset 19 or later for FP8
+types, and its parser does not check an FP8 zero point at all (it is ignored: a non-zero one builds and computes
+something else than ONNX), so this checker does; a convolution or GEMM must read activation and weight of one
+quantized type (an FP8 activation with an INT8 or INT4 weight has no kernel). FP8 convolutions and GEMMs need
+compute capability 8.9 or newer: a dilatequant FP8 graph must say so in its metadata.
 """
 from __future__ import annotations
 
@@ -17,12 +23,17 @@ import numpy as np
 import onnx
 
 from ..core.errors import UserError
+from .export_config import FP8_MIN_COMPUTE_CAPABILITY
 from .onnx_files import load_model, tensor_array, without_weights
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 FORBIDDEN = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 OPSET_RANGE = (13, 25)  # opset 13 brings per-channel Q/DQ (axis); TensorRT 11's ONNX parser reads up to 25
-INTEGER_QUANT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT4}  # what TensorRT quantizes to on a GPU
+INTEGER_QUANT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT4}
+FP8 = onnx.TensorProto.FLOAT8E4M3FN
+QUANT_TYPES = INTEGER_QUANT_TYPES | {FP8}  # what TensorRT quantizes to on a GPU
+OTHER_FP8_TYPES = {onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2FNUZ}
+FP8_MIN_OPSET = 19  # ONNX's FP8 types
 FOUR_BIT_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 CHANNEL_OPS = ("Conv", "Gemm", "MatMul")  # ops whose constant weight may carry a per-channel scale
 # inputs whose float type legitimately differs from the data input (ONNX typing, not precision)
@@ -117,6 +128,46 @@ def check_graph(model: onnx.ModelProto, base_dir: str | Path | None = None) -> l
             v += _check_q_feeds_dq(n, name, consumers, graph_outputs)
         v += _check_dtypes(n, name, types)
     v += _check_int4_activations(model, types)
+    v += _check_fp8(model, types, opset)
+    return v
+
+
+def _quantized_type(n: onnx.NodeProto, types: dict[str, int]) -> int | None:
+    """The type a Q produces or a DQ reads (its zero point's type when the Q names one; ONNX's default: UINT8)."""
+    if n.op_type == "DequantizeLinear":
+        return types.get(n.input[0])
+    zp = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    return types.get(zp) if zp else (_attr(n, "output_dtype") or onnx.TensorProto.UINT8)
+
+
+def _check_fp8(model: onnx.ModelProto, types: dict[str, int], opset: int) -> list[Violation]:
+    """FP8 types TensorRT runs (E4M3FN), the opset that has them, one quantized type per conv/GEMM."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    v = []
+    fp8_nodes = 0
+    for n in model.graph.node:
+        name = n.name or f"{n.op_type}->{n.output[0]}"
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            qt = _quantized_type(n, types)
+            if qt in OTHER_FP8_TYPES:
+                v.append(Violation("fp8-type", name, f"{onnx.TensorProto.DataType.Name(qt)}: TensorRT quantizes to "
+                                   "FLOAT8E4M3FN (E4M3) only"))
+            fp8_nodes += qt == FP8
+        if n.op_type in CHANNEL_OPS:
+            srcs = [producers.get(i) for i in n.input[:2]]
+            kinds = {_quantized_type(p, types) for p in srcs if p is not None and p.op_type == "DequantizeLinear"}
+            if len(srcs) == 2 and len(kinds) == 2 and FP8 in kinds:
+                named = sorted(onnx.TensorProto.DataType.Name(k) for k in kinds if k)
+                v.append(Violation("fp8-mixed", name, f"reads {' and '.join(named)} operands; TensorRT's FP8 "
+                                   "convolutions and GEMMs take FP8 activations with FP8 weights"))
+    if fp8_nodes and opset < FP8_MIN_OPSET:
+        v.append(Violation("fp8-opset", "<model>", f"FP8 Q/DQ needs opset {FP8_MIN_OPSET} or later (got {opset})"))
+    props = {p.key: p.value for p in model.metadata_props}
+    if fp8_nodes and "dilatequant.format_version" in props \
+            and props.get("dilatequant.min_compute_capability") != FP8_MIN_COMPUTE_CAPABILITY:
+        v.append(Violation("fp8-metadata", "<model>", f"FP8 graph without dilatequant.min_compute_capability "
+                           f"{FP8_MIN_COMPUTE_CAPABILITY}: engine builders could target GPUs without FP8 (Ampere); "
+                           "re-export it with dq-export"))
     return v
 
 
@@ -249,7 +300,7 @@ def _check_zero_point(n, name, consts, types) -> list[Violation]:
     """
     zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
     if zp_name is None:
-        weight = n.op_type == "DequantizeLinear" and n.input[0] in consts and types.get(n.input[0]) in INTEGER_QUANT_TYPES
+        weight = n.op_type == "DequantizeLinear" and n.input[0] in consts and types.get(n.input[0]) in QUANT_TYPES
         if weight:
             return []
         what = ("ONNX then quantizes to UINT8 (0..255) but TensorRT to INT8 (-128..127)" if n.op_type == "QuantizeLinear"
@@ -260,16 +311,18 @@ def _check_zero_point(n, name, consts, types) -> list[Violation]:
     v = []
     zp_type = types.get(zp_name)
     want = _attr(n, "output_dtype") if n.op_type == "QuantizeLinear" else types.get(n.input[0])
-    if zp_type not in INTEGER_QUANT_TYPES:
+    if zp_type not in QUANT_TYPES:
         zt = onnx.TensorProto.DataType.Name(zp_type) if zp_type else "unknown"
-        v.append(Violation("zero-point-type", name, f"zero point of type {zt}; TensorRT quantizes to INT8 or INT4 "
-                           "(a UINT8 zero point is read as INT8 on a GPU): give an INT8 zero point of 0"))
+        v.append(Violation("zero-point-type", name, f"zero point of type {zt}; TensorRT quantizes to INT8, INT4 or "
+                           "FLOAT8E4M3FN (a UINT8 zero point is read as INT8 on a GPU): give an INT8 zero point of 0"))
     elif want and zp_type != want:
         v.append(Violation("zero-point-type", name, f"zero point of type {onnx.TensorProto.DataType.Name(zp_type)} "
                            f"but the quantized type is {onnx.TensorProto.DataType.Name(want)}; make them the same"))
-    if np.any(consts[zp_name].astype(np.int64) != 0):
+    if np.any(consts[zp_name].astype(np.float64) != 0):
+        extra = " (TensorRT's parser ignores an FP8 zero point: the engine would compute something else)" \
+            if zp_type == FP8 else ""
         v.append(Violation("zero-point", name, "zero point is not 0; TensorRT supports symmetric quantization "
-                           "only (shift asymmetric levels before Q instead)"))
+                           f"only (shift asymmetric levels before Q instead){extra}"))
     return v
 
 
