@@ -39,6 +39,7 @@ from .plan_files import fp16_graph_path, layers_path, sidecar_path
 from .profiles import ProfileShapes, graph_inputs, graph_metadata, load_onnx, profile_from_flags
 
 SIDECAR_FORMAT = "dilatequant.trt_engine/1"
+MIN_COMPUTE_CAPABILITY = "dilatequant.min_compute_capability"  # graph metadata an FP8 export writes (8.9)
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; NVIDIA's SDXL QDQ recipe uses 4 (more tactics, slower build)
 
 
@@ -115,6 +116,7 @@ def build_engine(cfg: BuildConfig) -> dict:
     if cfg.timing_cache:
         ensure_writable_dir(cfg.timing_cache.parent)
     trt, gpu = require_trt_and_gpu()
+    require_compute_capability(metadata, gpu)
 
     built, fp16 = cfg.onnx, None
     if cfg.fp16_fallback:
@@ -145,6 +147,18 @@ def build_engine(cfg: BuildConfig) -> dict:
     sidecar = make_sidecar(info)
     write_json(sidecar_path(cfg.engine), sidecar)
     return sidecar
+
+
+def require_compute_capability(metadata: dict[str, str], gpu: GpuInfo) -> None:
+    """An FP8 graph (dilatequant.min_compute_capability 8.9) on an older GPU is one line, before the build."""
+    need = metadata.get(MIN_COMPUTE_CAPABILITY)
+    if not need or not gpu.compute_capability:
+        return
+    as_tuple = lambda cc: tuple(int(p) for p in cc.split("."))  # noqa: E731
+    if as_tuple(gpu.compute_capability) < as_tuple(need):
+        raise UserError(f"this graph is FP8 (E4M3): it needs compute capability {need} or newer (Ada, Hopper, "
+                        f"Blackwell), and {gpu.name} is {gpu.compute_capability}; calibrate and export an INT8 graph "
+                        "for this GPU (dq-calibrate --format int)")
 
 
 def fp16_pass(src: Path, dst: Path, metadata: dict[str, str]) -> tuple[Path, dict]:
@@ -365,6 +379,7 @@ def make_sidecar(info: BuildInfo) -> dict[str, Any]:
         "engine_bytes": info.engine_bytes,
         "tensorrt": info.trt_version,
         "gpu": info.gpu.to_json(),
+        "min_compute_capability": info.metadata.get(MIN_COMPUTE_CAPABILITY),  # FP8 graphs: "8.9"
         "inputs": info.inputs,
         "profiles": profiles,
         "profiles_from": "engine" if info.engine_profiles else "requested",
