@@ -191,7 +191,7 @@ def markdown(s: dict) -> str:
             if steps:
                 held = [f"t_index {x['t_index']} (t={x['timestep']}): {x['mean']:+.2f}" for x in steps
                         if x["same_sign_every_seed"]]
-                lines.append(f"  - per-step noise SQNR, steps where every seed agrees in sign: "
+                lines.append("  - per-step noise SQNR, steps where every seed agrees in sign: "
                              + ("; ".join(held) if held else "none"))
         lines.append("")
     lines += ["Command (resumable per cell: rerun it to add missing rows or seeds):", "", "```", s["command"], "```"]

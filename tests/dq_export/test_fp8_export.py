@@ -1,13 +1,8 @@
 """FP8 (E4M3) export: the graph's FP8 Q/DQ form and metadata, layer-wise parity at every t_index within the stated
 float32 summation bound (and its failure on a planted 1.25x scale row or on tables that ignore t_index), the FP8
 TensorRT rules, the FP16 fallback, and a TensorRT-RTX build for compute capability 8.9 (refused for 8.6)."""
-import json
-import subprocess
-import sys
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
@@ -19,7 +14,7 @@ from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import export_onnx
 from dilatequant.dq_export.trt_rules import check_graph
 
-from conftest import assert_parity, plant_tables, tiny_checkpoint, tiny_cond
+from conftest import assert_parity, plant_tables, rtx_build, tiny_checkpoint, tiny_cond
 
 STEPS = 4
 PLANT_LAYER = "down_blocks.0.resnets.0.conv1"
@@ -131,7 +126,10 @@ def test_fp16_fallback_keeps_the_fp8_layers_and_passes_the_rules(fp8, tmp_path):
     assert len(fp8_weights) == len(list(_fp8_weights(onnx.load(str(path)))))  # ... every FP8 weight stays FP8
     feeds = {i.name: _example(i) for i in ort_session(path).get_inputs()}
     a, b = ort_session(path).run(None, feeds)[0], ort_session(out).run(None, feeds)[0]
-    assert 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / np.sum((a - b).astype(np.float64) ** 2)) > 25
+    # FP16 rounding of the float parts moves E4M3 levels more often than INT8 ones (E4M3's levels are dense near
+    # zero): rounding every quantized layer's input to FP16 in PyTorch alone costs this tiny random UNet ~22 dB
+    # against FP32 for FP8 and ~33 dB for INT8 (docs/fp8.md); a broken pass lands far below
+    assert 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / np.sum((a - b).astype(np.float64) ** 2)) > 15
 
 
 def _fp8_weights(m):
@@ -147,53 +145,10 @@ def _example(inp):
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
 
-RTX_BUILD = """
-import json, sys
-import tensorrt_rtx as trt
-
-path, cc = sys.argv[1], sys.argv[2]
-log = []
-class Log(trt.ILogger):
-    def __init__(self):
-        trt.ILogger.__init__(self)
-    def log(self, severity, msg):
-        if severity <= trt.ILogger.Severity.ERROR:
-            log.append(msg)
-logger = Log()
-builder = trt.Builder(logger)
-network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-parser = trt.OnnxParser(network, logger)
-parsed = bool(parser.parse_from_file(path))
-plan = None
-if parsed:
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc), 0)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        shape = list(t.shape)
-        if any(d < 0 for d in shape):
-            profile.set_shape(t.name, [1 if d < 0 else d for d in shape], [2 if d < 0 else d for d in shape],
-                              [4 if d < 0 else d for d in shape])
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-print(json.dumps({"parsed": parsed, "plan_bytes": 0 if plan is None else plan.nbytes, "errors": log}))
-"""
-
-
-def _rtx_build(path, cc: str) -> dict:
-    """Parse + CPU-only ahead-of-time build with TensorRT-RTX for one compute capability, in a child process."""
-    pytest.importorskip("tensorrt_rtx")
-    p = subprocess.run([sys.executable, "-c", RTX_BUILD, str(path), cc], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def test_tensorrt_rtx_builds_the_fp8_graph_for_ada_and_refuses_ampere(fp8):
     _, path, _, _ = fp8
-    ada = _rtx_build(path, "89")
+    ada = rtx_build(path, "89")
     assert ada["parsed"] and ada["plan_bytes"] > 0, ada["errors"]
-    ampere = _rtx_build(path, "86")
+    ampere = rtx_build(path, "86")
     assert ampere["parsed"] and ampere["plan_bytes"] == 0
     assert any("fp8" in e.lower() and "sm86" in e for e in ampere["errors"]), ampere["errors"]
