@@ -311,7 +311,7 @@ def _check_zero_point(n, name, consts, types) -> list[Violation]:
     v = []
     zp_type = types.get(zp_name)
     want = _attr(n, "output_dtype") if n.op_type == "QuantizeLinear" else types.get(n.input[0])
-    if zp_type not in QUANT_TYPES:
+    if zp_type not in QUANT_TYPES | OTHER_FP8_TYPES:  # other FP8 types: the fp8-type rule names them
         zt = onnx.TensorProto.DataType.Name(zp_type) if zp_type else "unknown"
         v.append(Violation("zero-point-type", name, f"zero point of type {zt}; TensorRT quantizes to INT8, INT4 or "
                            "FLOAT8E4M3FN (a UINT8 zero point is read as INT8 on a GPU): give an INT8 zero point of 0"))

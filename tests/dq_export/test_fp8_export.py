@@ -152,3 +152,48 @@ def test_tensorrt_rtx_builds_the_fp8_graph_for_ada_and_refuses_ampere(fp8):
     ampere = rtx_build(path, "86")
     assert ampere["parsed"] and ampere["plan_bytes"] == 0
     assert any("fp8" in e.lower() and "sm86" in e for e in ampere["errors"]), ampere["errors"]
+
+
+def _fp8_conv_graph(zp=0.0, act_type=TensorProto.FLOAT8E4M3FN, weight_type=TensorProto.FLOAT8E4M3FN, opset=21,
+                    metadata=True):
+    """x * 0.5 -> Q/DQ (unit scale) -> Conv(DQ(W)): the exported FP8 layer's form, built by hand."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array(0.5, np.float32), "mult"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             helper.make_tensor("zp_a", act_type, [], [zp]),
+             helper.make_tensor("w", weight_type, list(w.shape), w.flatten().tolist()),
+             helper.make_tensor("zp_w", weight_type, [], [0])]
+    nodes = [helper.make_node("Mul", ["x", "mult"], ["u"], name="mul"),
+             helper.make_node("QuantizeLinear", ["u", "one", "zp_a"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "one", "zp_a"], ["v"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w", "one", "zp_w"], ["wd"], name="dq_w"),
+             helper.make_node("Conv", ["v", "wd"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    if metadata:
+        m.metadata_props.add(key="dilatequant.format_version", value="1")
+        m.metadata_props.add(key="dilatequant.min_compute_capability", value="8.9")
+    return m
+
+
+@pytest.mark.parametrize("graph,rule", [
+    (dict(), None),
+    (dict(zp=0.5), "zero-point"),  # TensorRT's parser would ignore it and build something else than ONNX computes
+    (dict(act_type=TensorProto.FLOAT8E5M2, weight_type=TensorProto.FLOAT8E5M2), "fp8-type"),
+    (dict(weight_type=TensorProto.INT8), "fp8-mixed"),  # FP8 activation, INT8 weight: no kernel
+    (dict(opset=18), "fp8-opset"),
+    (dict(metadata=False), None),  # a graph from another tool: no dilatequant metadata asked for
+])
+def test_fp8_rules(graph, rule):
+    m = _fp8_conv_graph(**graph)
+    assert {v.rule for v in check_graph(m)} == ({rule} if rule else set())
+
+
+def test_fp8_graph_without_its_compute_capability_is_a_violation():
+    m = _fp8_conv_graph()
+    del m.metadata_props[1]  # dilatequant.min_compute_capability
+    assert {v.rule for v in check_graph(m)} == {"fp8-metadata"}
