@@ -84,8 +84,8 @@ def tiny_checkpoint(tmp, model, steps: int = 4, **cfg):
     return save_checkpoint(tmp / "q.pt", q, model, sampling_timesteps(model, steps), "fp", {})
 
 
-def plant_tables(src, dst, layer: str, kind: str, steps: int, t: int = 1) -> None:
-    """One layer's per-timestep tables edited in the ONNX: row t of the multiplier before the Q x1.25 (scale) or of
+def plant_tables(src, dst, layer: str, kind: str, steps: int, t: int = 1, factor: float = 1.25) -> None:
+    """One layer's per-timestep tables edited in the ONNX: row t of the multiplier before the Q x factor (scale) or of
     the step size after the op (step), a zero point off by one (zero_point), rows 0 and 1 swapped (t_index), every
     row set to row 0 (same_rows: a graph ignoring t_index)."""
     import shutil
@@ -104,7 +104,7 @@ def plant_tables(src, dst, layer: str, kind: str, steps: int, t: int = 1) -> Non
 
     if kind in ("scale", "step"):
         edit("mult" if kind == "scale" else "delta",
-             lambda a: np.concatenate([a[:t], a[t:t + 1] * np.float32(1.25), a[t + 1:]]))
+             lambda a: np.concatenate([a[:t], a[t:t + 1] * np.float32(factor), a[t + 1:]]))
     elif kind == "zero_point":
         edit("shift", lambda a: np.concatenate([a[:t], a[t:t + 1] + np.float32(1), a[t + 1:]]))
     elif kind == "t_index":
