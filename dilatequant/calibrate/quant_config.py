@@ -81,7 +81,10 @@ class QuantConfig:
         return int(m.group(1)), int(m.group(2))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if data["format"] == "int":  # as before FP8 existed: older versions still read the q.pt, and an interrupted
+            del data["format"]       # run's --resume fingerprint (recipe.run_fingerprint) is unchanged
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "QuantConfig":
