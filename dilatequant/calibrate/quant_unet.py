@@ -71,7 +71,7 @@ class QuantLayer(nn.Module):
         None for FP8: its products are exact but no chunking makes their float32 sums order-independent, so the
         op runs as the runtimes' FP8 kernels do, in one float32 accumulation (layer_parity.py bounds the rest).
         """
-        if not self.weight_quantizer.range.exact_sums:
+        if not self.weight_quantizer.range.integer:
             return None
         per_channel = self.taps * 2 ** (self.input_quantizer.bits - 1) * self.weight_quantizer.range.qmax
         return max(1, EXACT_FLOAT32 // per_channel)

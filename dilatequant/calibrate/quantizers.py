@@ -22,7 +22,7 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn (S.1111.110); the format has no
 class IntRange:
     qmin: int
     qmax: int
-    exact_sums = True  # integer levels: float32 sums of their products are exact within 2^24
+    integer = True  # integer levels: uniform, and float32 sums of their products are exact within 2^24
 
     def quantize(self, u: torch.Tensor) -> torch.Tensor:
         """round + clamp with a straight-through gradient (in place on u when no gradient is needed)."""
@@ -57,7 +57,7 @@ class E4M3Grid:
 
     qmin: float = -E4M3_MAX
     qmax: float = E4M3_MAX
-    exact_sums = False  # sums of E4M3 products round in float32: summation order matters (layer_parity.py)
+    integer = False  # E4M3 values: their products' float32 sums round, in each runtime's order (layer_parity.py)
 
     def quantize(self, u: torch.Tensor) -> torch.Tensor:
         """E4M3 rounding with a straight-through gradient inside +-448 and none outside (clamp's)."""
@@ -144,11 +144,11 @@ def mse_search_symmetric(x: torch.Tensor, r: IntRange | E4M3Grid, dim: int = 0, 
     best_err = torch.full_like(absmax, math.inf)
     best = absmax / r.qmax
     buf = torch.empty_like(xf)
-    ratios = torch.linspace(0.3, 1.0, grid) if r.exact_sums else torch.tensor(r.search_ratios)
+    ratios = torch.linspace(0.3, 1.0, grid) if r.integer else torch.tensor(r.search_ratios)
     for ratio in ratios:
         s = (absmax * ratio / r.qmax)[:, None]
         torch.div(xf, s, out=buf)
-        if r.exact_sums:
+        if r.integer:
             buf.round_().clamp_(r.qmin, r.qmax)
         else:
             buf.copy_(r.round_values(buf))

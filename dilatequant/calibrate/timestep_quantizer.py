@@ -310,7 +310,7 @@ def choose_ranges(stats: list[_RowStats], r: IntRange | E4M3Grid, symmetric: boo
         lo, hi = _mean_ranges(stats, symmetric)
     if method != "mse":
         return _params(lo, hi, r, symmetric)
-    ratios = (torch.linspace(*_MSE_RATIOS) if r.exact_sums else torch.tensor(r.search_ratios)).double()
+    ratios = (torch.linspace(*_MSE_RATIOS) if r.integer else torch.tensor(r.search_ratios)).double()
     delta, z = _params(lo[:, None] * ratios, hi[:, None] * ratios, r, symmetric)  # [R, K]
     return _mse_search(_padded(stats, 0.0), delta, z, r)
 
@@ -344,7 +344,7 @@ def _mse_search(v: torch.Tensor, delta: torch.Tensor, z: torch.Tensor,
 
 def _levels(x: torch.Tensor, d: torch.Tensor, z: torch.Tensor, r: IntRange | E4M3Grid) -> torch.Tensor:
     """Quantized levels (plus zero point) of x at step d, as the graph's Q computes them."""
-    if r.exact_sums:
+    if r.integer:
         return torch.clamp(torch.round(x / d) + z, r.qmin, r.qmax)
     return r.round_values(x / d) + z  # E4M3: z is 0
 
