@@ -227,7 +227,9 @@ def export_main(argv: list[str] | None = None) -> None:
             print(f"  layer-wise parity (teacher-forced, {lp['layers']} layers x {lp['t_index_values']} t_index, "
                   f"{lp['samples']} inputs): max level diff {lp['max_level_diff']:.0f}, {lp['differing_levels']} "
                   f"of {lp['levels_compared']} levels differ, min layer SQNR "
-                  f"{format_sqnr(sq)}: "
+                  f"{format_sqnr(sq)}"
+                  + (f", FP8 sums at most {lp['max_error_over_bound']:.3g}x their float32 bound"
+                     if lp.get("max_error_over_bound") is not None else "") + ": "
                   f"{'passed' if lp['passed'] else 'not enforced (' + lp.get('note', '') + ')'}")
         par = s.get("parity")
         if isinstance(par, dict):

@@ -180,6 +180,7 @@ def test_fp8_calibrate_export_rtx_plan_verify(model_folder, tmp_path, capsys):
     out = _ok(_cli(capsys, "export", "--ckpt", q, "--onnx", graph))
     ex = _load(Path(f"{graph}.export.json"))
     assert ex["precision"] == "fp8" and ex["trt_rules"] == "passed" and ", fp8, fp32, " in out
+    assert "FP8 sums at most" in out and "x their float32 bound: passed" in out
     lp = ex["layer_parity"]
     assert lp["passed"] and lp["t_index_values"] == STEPS and lp["layers"] == len(ck.qunet.layers())
     assert lp["max_level_diff"] == 0 and 0 < lp["max_error_over_bound"] <= 1, lp
