@@ -46,6 +46,7 @@ MODELS = {"default": {"guidance": 1.0, "prompts": None},
           "sd-digits": {"guidance": 3.0, "prompts": "benchmarks/prompts/sd_digits.txt"}}
 METRICS = ("digit_fid", "class_accuracy", "noise_mean_sqnr_db", "image_psnr_db", "image_ssim", "calib_wall_s")
 RESULT_SETTINGS = ("steps", "calib_samples", "iters", "eval_samples", "traj_samples")
+FP_SETTINGS = ("steps", "eval_samples", "traj_samples")  # what an FP row depends on (no calibration)
 
 
 def slug(model: str, row: str, seed: int) -> str:
@@ -76,9 +77,16 @@ def table_spread(ck) -> dict:
             "share_over_2x": sum(r > 2 for r in ratios) / len(ratios)}
 
 
+def row_done(path: Path, row: str, settings: dict) -> bool:
+    """A row file made with these settings (an FP row: with the same sampling settings) is kept."""
+    if row != "FP32":
+        return done(path, settings)
+    return path.is_file() and all(json.loads(path.read_text())["settings"].get(k) == settings[k] for k in FP_SETTINGS)
+
+
 def run_model(name: str, a, row_dir: Path, ckpt_dir: Path, settings: dict) -> None:
     todo = [(r, s) for s in a.seeds for r in ["FP32"] + a.rows
-            if not done(row_dir / f"{slug(name, r, s)}.json", settings)]
+            if not row_done(row_dir / f"{slug(name, r, s)}.json", r, settings)]
     if not todo:
         return
     model = load_model(name)
@@ -124,8 +132,8 @@ def per_step_gain(a_rows: list[dict], b_rows: list[dict]) -> list[dict]:
 
 
 def summarize(out: Path, row_dir: Path, settings: dict, rows: list[str]) -> dict:
-    runs = [json.loads(f.read_text()) for f in sorted(row_dir.glob("*.json"))]
-    runs = [r for r in runs if r["settings"] == settings]
+    files = sorted(row_dir.glob("*.json"))
+    runs = [json.loads(f.read_text()) for f in files if row_done(f, json.loads(f.read_text())["row"], settings)]
     models = {}
     for name in MODELS:
         mine = {r: sorted((x for x in runs if x["model"] == name and x["row"] == r), key=lambda x: x["seed"])
@@ -205,7 +213,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=512)
-    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--iters", type=int, default=30)
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--traj-samples", type=int, default=16)
     p.add_argument("--batch", type=int, default=250)
