@@ -114,6 +114,7 @@ def run_model(name: str, a, row_dir: Path, ckpt_dir: Path, settings: dict) -> No
                 out.update(cal, **evaluate(model, ck.qunet.predictor(), fp, traj, digits, ev, seed),
                            table_spread=table_spread(ck))
             write_json(row_dir / f"{slug(name, row, seed)}.json", out)
+            summarize(row_dir.parent, row_dir, settings, a.rows)  # the table so far, after every cell
             print(json.dumps({k: v for k, v in out.items() if k not in ("noise_per_step", "environment", "settings")}),
                   flush=True)
 
@@ -227,7 +228,7 @@ def main() -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for name in a.models:
         run_model(name, a, row_dir, ckpt_dir, settings)
-        summarize(a.out, row_dir, settings, a.rows)
+    summarize(a.out, row_dir, settings, a.rows)
 
 
 if __name__ == "__main__":
