@@ -137,6 +137,8 @@ class DiffusionModel:
     # calibrated at; None: sampling.default_guidance's rule
     guidance_scale: float | None = None
     default_prompts: list[str] | None = None  # calibration prompts named by the folder (None: the package's set)
+    # the sampler a pipeline folder names in its dilatequant.json (a core.schedulers name); None: its own scheduler
+    sampler: str | None = None
     # the weights' fingerprint, pinned by calibration before it drops the text encoders and swaps the UNet for a
     # lower-precision teacher (calibration_data.model_fingerprint answers it from then on)
     pinned_fingerprint: str | None = None
@@ -341,33 +343,46 @@ def load_pipeline(folder: Path, source: str) -> DiffusionModel:
     if not isinstance(pipe.unet, UNet2DConditionModel):
         raise ModelLoadError(f"'{folder}' has a {type(pipe.unet).__name__}; supported is UNet2DConditionModel")
     cond_names(pipe.unet)  # an unsupported addition embedding fails here, with its name
-    guidance, prompts = pipeline_defaults(folder)
+    defaults = pipeline_defaults(folder)
     return DiffusionModel(pipe.unet, pipe.scheduler, None, source=source, pipeline=pipe, pipeline_class=class_name,
-                          vae_scale_factor=int(pipe.vae_scale_factor), guidance_scale=guidance,
-                          default_prompts=prompts)
+                          vae_scale_factor=int(pipe.vae_scale_factor), guidance_scale=defaults.guidance_scale,
+                          default_prompts=defaults.prompts, sampler=defaults.sampler)
 
 
 DEFAULTS_FILE = "dilatequant.json"
 
 
-def pipeline_defaults(folder: Path) -> tuple[float | None, list[str] | None]:
-    """(guidance_scale, calibration prompts) a pipeline folder names in its optional dilatequant.json:
-    {"guidance_scale": 3.0, "calibration_prompts": "prompts.txt"} (the prompt file beside it)."""
+@dataclass
+class PipelineDefaults:
+    guidance_scale: float | None = None
+    prompts: list[str] | None = None
+    sampler: str | None = None  # a core.schedulers name
+
+
+def pipeline_defaults(folder: Path) -> PipelineDefaults:
+    """What a pipeline folder names in its optional dilatequant.json: {"guidance_scale": 3.0,
+    "calibration_prompts": "prompts.txt", "scheduler": "ddim"} (the prompt file beside it; the sampler it is
+    deployed with when that is not its scheduler/ class)."""
     from .prompts import read_prompts
+    from .schedulers import SCHEDULERS
 
     path = folder / DEFAULTS_FILE
     if not path.is_file():
-        return None, None
+        return PipelineDefaults()
+    example = '{"guidance_scale": 3.0, "calibration_prompts": "prompts.txt", "scheduler": "ddim"}'
     try:
         spec = json.loads(path.read_text())
         guidance = spec.get("guidance_scale")
         prompts_file = spec.get("calibration_prompts")
+        sampler = spec.get("scheduler")
         if guidance is not None:
             guidance = float(guidance)
     except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
-        raise ModelLoadError(f"'{path}' is not a valid defaults file ({err}); expected "
-                             '{"guidance_scale": 3.0, "calibration_prompts": "prompts.txt"} or delete it') from err
-    return guidance, read_prompts(folder / prompts_file) if prompts_file else None
+        raise ModelLoadError(f"'{path}' is not a valid defaults file ({err}); expected {example} or delete it") from err
+    if sampler is not None and sampler not in SCHEDULERS:
+        raise ModelLoadError(f"'{path}' names the scheduler '{sampler}'; choose one of {', '.join(SCHEDULERS)} "
+                             "or leave it out (the folder's own scheduler)")
+    return PipelineDefaults(guidance, read_prompts(folder / prompts_file) if prompts_file else None, sampler)
 
 
 def load_model(name_or_path: str | Path, resolution: tuple[int, int] | None = None) -> DiffusionModel:

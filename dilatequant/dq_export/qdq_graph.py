@@ -57,7 +57,7 @@ def example_inputs(ck: QuantCheckpoint, batch: int, use_t_index: bool) -> dict[s
     c, h, w = ck.model.sample_shape
     gen = torch.Generator().manual_seed(0)
     ins = {"sample": torch.randn(batch, c, h, w, generator=gen),
-           "timestep": torch.tensor(ck.timesteps[:batch] + ck.timesteps[: max(0, batch - len(ck.timesteps))])[:batch]}
+           "timestep": torch.tensor([round(t) for t in (ck.timesteps * batch)[:batch]], dtype=torch.int64)}
     if use_t_index:
         ins["t_index"] = torch.arange(batch) % len(ck.timesteps)
     if ck.model.is_conditional:

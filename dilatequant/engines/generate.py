@@ -7,26 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from ..calibrate.calibration_data import model_fingerprint
 from ..core.errors import UserError
 from ..core.metrics import psnr_db, ssim
 from ..core.models import DiffusionModel, check_size, load_model
 from ..core.reporting import atomic_write_bytes
+from ..core.schedulers import describe, resolve_scheduler
 from .base import Runner
 from .generate_config import GenerateConfig
 from .pytorch.diffusers_unet import QuantizedUNet
 from .runners import open_runner
-
-def make_scheduler(name: str, config):
-    """The pipeline's own noise schedule (betas, prediction type, spacing) under another sampler."""
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-
 
 def check_pairing(model: DiffusionModel, runner: Runner, source: str) -> None:
     """The runtime must come from this pipeline's UNet and encoders, and take its condition inputs."""
@@ -75,7 +66,7 @@ def run_pipeline(model: DiffusionModel, unet, cfg: GenerateConfig, prompts: list
     else:
         text, gen = list(prompts), [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))]
     try:
-        pipe.unet, pipe.scheduler = unet, make_scheduler(cfg.scheduler, original_sched.config)
+        pipe.unet, pipe.scheduler = unet, resolve_scheduler(model, cfg.scheduler)
         with torch.no_grad():
             out = pipe(text, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps, height=h,
                        width=w, generator=gen, output_type="pt", **kwargs)
@@ -95,7 +86,8 @@ def generate(cfg: GenerateConfig) -> dict:
     images = run_pipeline(model, qunet, cfg)
     out = Path(cfg.out)
     atomic_write_bytes(out, _png(images))
-    result = {"settings": {**asdict(cfg), "out": str(out), "runtime": str(cfg.runtime), "size": list(cfg.size or model.image_size)},
+    result = {"settings": {**asdict(cfg), "out": str(out), "runtime": str(cfg.runtime), "size": list(cfg.size or model.image_size),
+                           "sampler": describe(resolve_scheduler(model, cfg.scheduler))},
               "runner": runner.metadata.to_dict(), "unet_calls": qunet.calls, "images": {"quantized": str(out)}}
     if cfg.compare_fp:
         fp = run_pipeline(model, model.unet, cfg)

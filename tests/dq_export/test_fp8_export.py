@@ -14,7 +14,8 @@ from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import export_onnx
 from dilatequant.dq_export.trt_rules import check_graph
 
-from conftest import assert_parity, plant_tables, rtx_build, tiny_checkpoint, tiny_cond
+from conftest import assert_parity, rtx_build, tiny_checkpoint, tiny_cond
+from graph_faults import plant_fault
 
 STEPS = 4
 PLANT_LAYER = "down_blocks.0.resnets.0.conv1"
@@ -83,7 +84,7 @@ def test_planted_scale_row_or_ignored_t_index_fails_at_that_layer(fp8, reference
     1.0003 where the output SQNR, ~70 dB, would still pass its 60 dB threshold)."""
     _, path, _, model = fp8
     bad = tmp_path / f"{kind}.onnx"
-    plant_tables(path, bad, PLANT_LAYER, kind, STEPS, factor=factor)
+    plant_fault(path, bad, kind, PLANT_LAYER, STEPS, factor=factor)
     rep = layer_parity_report(bad, reference, per_step=2, fp_model=model)
     assert not rep["passed"]
     assert {f.split(":")[0] for f in rep["failures"]} == {PLANT_LAYER}, rep["failures"]

@@ -1,6 +1,5 @@
 """Teacher-forced layer-wise parity: passes on correct exports, and a planted wrong scale, zero point or t_index
 table each make it - and dq-export - fail. INT4 runs weight-only (W4A16)."""
-
 import numpy as np
 import onnx
 import pytest
@@ -16,7 +15,8 @@ from dilatequant.dq_export.pipeline import export_and_verify
 from dilatequant.dq_export.qdq_graph import export_onnx
 from dilatequant.dq_export.trt_rules import check_graph
 
-from conftest import plant_tables, tiny_checkpoint, tiny_cond, tiny_uncond
+from conftest import tiny_checkpoint, tiny_cond, tiny_uncond
+from graph_faults import plant_fault
 
 STEPS = 4
 PLANT_LAYER = "down_blocks.0.resnets.0.conv1"
@@ -126,8 +126,7 @@ def test_trt_rule_int4_gemm_activation_must_not_pass_int8_qdq(w4a8_asym_int4, tm
 
 
 def _plant(src, dst, kind: str, t: int = 1) -> None:
-    """PLANT_LAYER's per-timestep tables edited in the ONNX (conftest.plant_tables)."""
-    plant_tables(src, dst, PLANT_LAYER, kind, STEPS, t)
+    plant_fault(src, dst, kind, PLANT_LAYER, STEPS, t)
 
 
 @pytest.fixture(scope="module")

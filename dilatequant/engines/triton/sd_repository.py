@@ -4,7 +4,7 @@
                                                                    (SDXL: penultimate_hidden_state)
     <repo>/text_encoder_2/1/...      SDXL only                     input_ids -> penultimate_hidden_state, text_embeds
     <repo>/vae_decoder/1/model.onnx  (+ model.py for --kind cpu)   latent / scaling_factor -> image in [-1, 1]
-    <repo>/pipeline/1/model.py, dq_bls.py, scheduler_config.json, tokenizer/ (SDXL: + tokenizer_2/)  PROMPT -> IMAGES
+    <repo>/pipeline/1/model.py, dq_bls.py, schedulers.json, tokenizer/ (SDXL: + tokenizer_2/)  PROMPT -> IMAGES
 
 --kind cpu: FP32 graphs in the Python backend with ONNX Runtime (what pytriton's bundled server runs);
 --kind gpu: FP16-compute graphs (FP32 I/O) on Triton's onnxruntime backend. Written into the staging folder of
@@ -77,7 +77,8 @@ PIPELINE_DOC = """\
 #   GUIDANCE_SCALE   FP32   optional; classifier-free guidance (default {guidance}; <= 1 turns it off)
 #   NUM_IMAGES       INT32  optional; images for the prompt (default 1, at most {max_images})
 #   HEIGHT, WIDTH    INT32  optional; pixels (default {h}x{w}; {size_rule})
-#   SCHEDULER        BYTES  optional; ddim (default) | euler | dpm (DPM-Solver++), on the pipeline's scheduler config
+#   SCHEDULER        BYTES  optional; pipeline (default: the folder's own, {own}) | ddim | euler | dpm (DPM-Solver++),
+#                           on the pipeline's noise schedule (schedulers.json holds each one's config)
 {xl_doc}# Output:
 #   IMAGES           UINT8  [N, H, W, {out_c}]
 """
@@ -128,7 +129,8 @@ def _pipeline_config(cfg, spec: UnetSpec, parts: SdParts):
                               tokens=parts.max_tokens, negative=negative, xl_doc=XL_DOC if parts.is_xl else "",
                               c=int(vae.latent_channels), f=parts.vae_scale_factor, steps=steps,
                               timesteps=spec.timesteps, guidance=guidance, max_images=cfg.max_images, h=h, w=w,
-                              size_rule=size_rule, out_c=int(vae.out_channels))
+                              size_rule=size_rule, out_c=int(vae.out_channels),
+                              own=parts.schedulers["pipeline"]["_class_name"])
     return m, doc, C.Expected(ins, outs, optional)
 
 
@@ -169,7 +171,7 @@ def write_sd_models(cfg, spec: UnetSpec, parts: SdParts, staging: Path, write_co
     version.mkdir(parents=True)
     atomic_write_bytes(version / "model.py", backend_source("sd_pipeline"))
     atomic_write_bytes(version / "dq_bls.py", backend_source("dq_bls"))
-    (version / "scheduler_config.json").write_text(json.dumps(parts.scheduler_config, indent=2) + "\n")
+    (version / "schedulers.json").write_text(json.dumps(parts.schedulers, indent=2) + "\n")
     for e in parts.encoders:
         copy_tokenizer(parts, version / tokenizer_folder(e), e)
     message, doc, expected = _pipeline_config(cfg, spec, parts)

@@ -7,10 +7,12 @@ and settings give the same images:
 - tokens: the pipeline's own tokenizer (files in tokenizer/ beside this file), padded to model_max_length and
   truncated; the prompt and the negative prompt ("" when none) are encoded by separate calls, as encode_prompt does;
 - latents: torch.randn((N, C, H/f, W/f), generator=torch.Generator().manual_seed(SEED)) * init_noise_sigma;
-- scheduler: the pipeline's scheduler config (scheduler_config.json) under DDIM (default), Euler or DPM-Solver++,
-  set_timesteps(STEPS), scale_model_input, step(..., eta=0 / generator where the step takes them);
-- UNet: guidance > 1 doubles the batch as [uncond; cond]; float timesteps round to integers; t_index is the
-  nearest calibrated timestep (first minimum of |t - timesteps|, so a tie takes the larger timestep);
+- scheduler: the one SCHEDULER names in schedulers.json (written by dq-triton with dilatequant.core.schedulers, as
+  dq-generate builds it: `pipeline`, the folder's own, by default), set_timesteps(STEPS), scale_model_input,
+  step(..., eta=0 / generator where the step takes them);
+- UNet: guidance > 1 doubles the batch as [uncond; cond]; t_index is the nearest calibrated timestep (first
+  minimum of |t - timesteps| on the unrounded t, so a tie takes the larger timestep); float timesteps then round
+  to the integers the graph takes;
 - decode: vae_decoder(latents / scaling_factor); image = clamp(x * 0.5 + 0.5, 0, 1); uint8 = round(image * 255).
 SDXL graphs (StableDiffusionXLPipeline.__call__): both tokenizers and text encoders, their penultimate hidden states
 concatenated per token, the pooled projection of text_encoder_2 as text_embeds; no NEGATIVE_PROMPT under
@@ -31,13 +33,13 @@ from dq_bls import RequestError, call, error_response
 try:
     import torch
     import transformers
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    import diffusers
 except ImportError as err:  # reported on every request: the model still loads and says what is missing
     torch = None
     IMPORT_ERROR = (f"the pipeline needs torch, diffusers and transformers in the server's Python ({err}); "
                     "pip install them there")
 
-SCHEDULERS = ("ddim", "euler", "dpm")
+DEFAULT_SCHEDULER = "pipeline"
 SDXL = "StableDiffusionXLPipeline"
 REQUIRED = object()
 
@@ -70,13 +72,9 @@ def _pair(request, name, default):
     return tuple(int(v) for v in arr)
 
 
-def make_scheduler(name, config):
-    """dilatequant.engines.generate.make_scheduler, repeated here (this file runs without dilatequant)."""
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+def make_scheduler(config):
+    """A scheduler from its whole config (every setting is in it, so no class default fills anything in)."""
+    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 class TritonPythonModel:
@@ -96,7 +94,7 @@ class TritonPythonModel:
         self.unet_output = p["unet_output"]
         self.unet_batch = int(p["unet_max_batch"])
         self.t_index_input = p.get("t_index_input", "true") == "true"  # static-scale graphs take no t_index
-        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.int64)
+        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.float64)  # floats: Euler-type calibration
         self.latent_channels = int(p["latent_channels"])
         self.vae_scale_factor = int(p["vae_scale_factor"])
         self.scaling_factor = float(p["scaling_factor"])
@@ -106,8 +104,8 @@ class TritonPythonModel:
         self.default_steps = int(p["default_steps"])
         self.default_guidance = float(p["default_guidance"])
         self.max_images = int(p["max_images"])
-        self.scheduler_config = json.loads((folder / "scheduler_config.json").read_text())
-        self.num_train = int(self.scheduler_config["num_train_timesteps"])
+        self.schedulers = json.loads((folder / "schedulers.json").read_text())
+        self.num_train = int(self.schedulers[DEFAULT_SCHEDULER]["num_train_timesteps"])
         if torch is not None:
             torch.set_num_threads(int(p.get("torch_threads", "1")))
             classes = {"text_encoder": p["tokenizer_class"], "text_encoder_2": p.get("tokenizer_2_class")}
@@ -150,9 +148,9 @@ class TritonPythonModel:
             if h < m or w < m or h % m or w % m or max(h, w) > self.max_size:
                 raise RequestError(f"HEIGHT x WIDTH {h}x{w} cannot be taken: both must be multiples of {m} up to "
                                    f"{self.max_size} (default {self.size[0]}x{self.size[1]})")
-        scheduler = _value(request, "SCHEDULER", "ddim")
-        if scheduler not in SCHEDULERS:
-            raise RequestError(f"unknown SCHEDULER '{scheduler}': choose one of {', '.join(SCHEDULERS)}")
+        scheduler = _value(request, "SCHEDULER", DEFAULT_SCHEDULER)
+        if scheduler not in self.schedulers:
+            raise RequestError(f"unknown SCHEDULER '{scheduler}': choose one of {', '.join(self.schedulers)}")
         seed = int(_value(request, "SEED"))
         time_ids = None
         if self.xl:  # original size + crop top-left + target size, as StableDiffusionXLPipeline._get_add_time_ids
@@ -183,7 +181,7 @@ class TritonPythonModel:
         prompt, negative, steps, guidance, n, (h, w), scheduler, seed, time_ids = self._settings(request)
         guided = guidance > 1.0  # diffusers' do_classifier_free_guidance
         cond = self._condition(prompt, negative, n, guided, time_ids)
-        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched = make_scheduler(self.schedulers[scheduler])
         sched.set_timesteps(steps)
         gen = torch.Generator().manual_seed(seed)
         shape = (n, self.latent_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
@@ -235,8 +233,8 @@ class TritonPythonModel:
         return int(np.abs(self.timesteps - t).argmin())
 
     def _unet(self, sample, t, cond):
-        t = torch.as_tensor(t)
-        t = int(t.double().round().item()) if t.is_floating_point() else int(t.item())
+        t_index = self.t_index(float(t))
+        t = int(round(float(t)))
         outs = []
         for s in range(0, len(sample), self.unet_batch):
             chunk = np.ascontiguousarray(sample[s:s + self.unet_batch], dtype=np.float32)
@@ -244,6 +242,6 @@ class TritonPythonModel:
             inputs = [pb_utils.Tensor("sample", chunk), pb_utils.Tensor("timestep", np.full((b, 1), t, np.int64))]
             inputs += [pb_utils.Tensor(k, np.ascontiguousarray(v[s:s + b])) for k, v in cond.items()]
             if self.t_index_input:
-                inputs.append(pb_utils.Tensor("t_index", np.full((b, 1), self.t_index(t), np.int64)))
+                inputs.append(pb_utils.Tensor("t_index", np.full((b, 1), t_index, np.int64)))
             outs.append(call(self.models["unet"], inputs, [self.unet_output])[0])
         return np.concatenate(outs).astype(np.float32, copy=False)
