@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
+from dilatequant.core.metrics import FID_MIN_SAMPLES, digit_scores, fid_omitted_note, with_fid_floor
 from dilatequant.core.models import load_model, make_prompt_bank
 from dilatequant.core.prompts import read_prompts
 from dilatequant.core.reporting import environment, write_json, write_text
@@ -106,15 +107,13 @@ def run_model(name: str, a, row_dir: Path, ckpt_dir: Path, settings: dict) -> No
                    "guidance": ev.guidance, "environment": environment(),
                    "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:])}
             if row == "FP32":
-                from dilatequant.core.metrics import digit_scores
-
-                out.update(digit_scores(fp.images, digits), sampling_s=fp_s)
+                out.update(with_fid_floor(digit_scores(fp.images, digits)), sampling_s=fp_s)
             else:
                 cal, ck = calibrate(name, row, seed, a, ckpt_dir)
-                out.update(cal, **evaluate(model, ck.qunet.predictor(), fp, traj, digits, ev, seed),
+                out.update(cal, **with_fid_floor(evaluate(model, ck.qunet.predictor(), fp, traj, digits, ev, seed)),
                            table_spread=table_spread(ck))
             write_json(row_dir / f"{slug(name, row, seed)}.json", out)
-            summarize(row_dir.parent, row_dir, settings, a.rows)  # the table so far, after every cell
+            summarize(row_dir.parent, row_dir, settings, a.rows, canonical_command(a))  # the table so far
             print(json.dumps({k: v for k, v in out.items() if k not in ("noise_per_step", "environment", "settings")}),
                   flush=True)
 
@@ -132,7 +131,7 @@ def per_step_gain(a_rows: list[dict], b_rows: list[dict]) -> list[dict]:
     return out
 
 
-def summarize(out: Path, row_dir: Path, settings: dict, rows: list[str]) -> dict:
+def summarize(out: Path, row_dir: Path, settings: dict, rows: list[str], command: str) -> dict:
     files = sorted(row_dir.glob("*.json"))
     runs = [json.loads(f.read_text()) for f in files if row_done(f, json.loads(f.read_text())["row"], settings)]
     models = {}
@@ -144,7 +143,7 @@ def summarize(out: Path, row_dir: Path, settings: dict, rows: list[str]) -> dict
         table = []
         for r, rr in mine.items():
             if rr:
-                agg = {m: stats([x[m] for x in rr]) for m in METRICS if all(m in x for x in rr)}
+                agg = {m: stats([x[m] for x in rr]) for m in METRICS if all(x.get(m) is not None for x in rr)}
                 spread = [x["table_spread"] for x in rr if "table_spread" in x]
                 table.append({"row": r, "seeds": [x["seed"] for x in rr], "num_samples": rr[0]["num_samples"], **agg,
                               **({"table_spread": spread[0]} if spread else {}),
@@ -161,35 +160,41 @@ def summarize(out: Path, row_dir: Path, settings: dict, rows: list[str]) -> dict
                     comparisons[f"{b_row} - {a_row}"]["noise_sqnr_db_per_step"] = per_step_gain(mine[a_row], mine[b_row])
         models[name] = {"rows": table, "paired": comparisons}
     summary = {"settings": settings, "environment": environment(), "models": models,
-               "command": canonical_command(settings)}
+               "command": command}
     write_json(out / "fp8_quality.json", summary)
     write_text(out / "README.md", markdown(summary))
     return summary
 
 
-def canonical_command(settings: dict) -> str:
-    return ("flock /tmp/dq-heavy.lock nice -n 10 python benchmarks/fp8_quality.py --seeds 0 1 2 "
-            f"--steps {settings['steps']} --calib-samples {settings['calib_samples']} --iters {settings['iters']} "
-            f"--eval-samples {settings['eval_samples']}")
+def canonical_command(a) -> str:
+    """The run's command with every setting spelled out (rerunning it resumes: finished cells are kept)."""
+    return ("flock /tmp/dq-heavy.lock nice -n 10 python benchmarks/fp8_quality.py "
+            f"--models {' '.join(a.models)} --seeds {' '.join(map(str, a.seeds))} --steps {a.steps} "
+            f"--calib-samples {a.calib_samples} --iters {a.iters} --eval-samples {a.eval_samples} "
+            f"--traj-samples {a.traj_samples}")
 
 
 def markdown(s: dict) -> str:
     st = s["settings"]
-    pm = lambda r, k, fmt: ("-" if k not in r else  # noqa: E731
-                            f"{fmt.format(r[k]['mean'])} ± {fmt.format(r[k]['std'])}")
+    pm = lambda r, k, fmt: ("-" if k not in r else fmt.format(r[k]["mean"]) + (  # noqa: E731
+        f" ± {fmt.format(r[k]['std'])}" if r[k]["n_seeds"] > 1 else " (1 seed)"))
     lines = ["# FP8 (E4M3) with per-timestep scales: quality", "",
              f"DDIM-{st['steps']} (T = {st['steps']} calibrated steps), {st['calib_samples']} calibration inputs, "
              f"{st['iters']} BKD iterations per block, {st['eval_samples']} evaluation samples per row and seed; seed s "
              "= calibration `--seed s` and evaluation noise seed 100 + s; per-step noise SQNR on "
              f"{st['traj_samples']} FP trajectories (seed 107 + s). Cells: mean ± std over seeds.", ""]
+    fid = st["eval_samples"] >= FID_MIN_SAMPLES
+    if not fid:
+        lines += [fid_omitted_note(st["eval_samples"]), ""]
     for name, m in s["models"].items():
-        lines += [f"## `{name}`", "", "| row | seeds | samples | digit-FID | class acc | noise SQNR dB | image PSNR dB "
-                  "| SSIM | step-size max/min over t (median, max) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## `{name}`", "", "| row | seeds | samples | " + ("digit-FID | " if fid else "") + "class acc | "
+                  "noise SQNR dB | image PSNR dB | SSIM | step-size max/min over t (median, max) |",
+                  "|---|---|---|" + ("---|" if fid else "") + "---|---|---|---|---|"]
         for r in m["rows"]:
             ts = r.get("table_spread")
             spread = "-" if not ts else f"{ts['median_max_over_min']:.2f}, {ts['max_max_over_min']:.2f}"
             lines.append(f"| {r['row']} | {','.join(map(str, r['seeds']))} | {r['num_samples']} | "
-                         f"{pm(r, 'digit_fid', '{:.2f}')} | {pm(r, 'class_accuracy', '{:.3f}')} | "
+                         + (f"{pm(r, 'digit_fid', '{:.2f}')} | " if fid else "") + f"{pm(r, 'class_accuracy', '{:.3f}')} | "
                          f"{pm(r, 'noise_mean_sqnr_db', '{:.2f}')} | {pm(r, 'image_psnr_db', '{:.2f}')} | "
                          f"{pm(r, 'image_ssim', '{:.3f}')} | {spread} |")
         lines += ["", "Seed-paired differences (same noise; a gap counts only with the same sign on every seed):", ""]
@@ -228,7 +233,7 @@ def main() -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for name in a.models:
         run_model(name, a, row_dir, ckpt_dir, settings)
-    summarize(a.out, row_dir, settings, a.rows)
+    summarize(a.out, row_dir, settings, a.rows, canonical_command(a))
 
 
 if __name__ == "__main__":
