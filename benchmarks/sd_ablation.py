@@ -77,7 +77,18 @@ def calibrate(bits: str, variant: str, seed: int, a, ckpt_dir: Path) -> tuple[di
             "distill_mode": s["distill"]["mode"], "calibrate_cmd": "dq-calibrate " + " ".join(cmd[4:])}, ck
 
 
-def evaluate(model, predict, fp, traj, digits: torch.Tensor, a, seed: int) -> dict:
+def fp_reference(model, a, seed: int):
+    """FP images from evaluation noise seed 100 + s, FP trajectories (seed 107 + s) for the per-step noise error,
+    and the seconds both took (a: eval_samples, traj_samples, steps, guidance, batch)."""
+    t0 = time.perf_counter()
+    fp = sample(model, num_samples=a.eval_samples, steps=a.steps, seed=100 + seed, guidance_scale=a.guidance,
+                batch_size=a.batch, progress=False)
+    traj = sample(model, num_samples=a.traj_samples, steps=a.steps, seed=107 + seed, guidance_scale=a.guidance,
+                  return_trajectory=True, progress=False, decode=False)
+    return fp, traj, round(time.perf_counter() - t0, 1)
+
+
+def evaluate(model, predict, fp, traj, digits: torch.Tensor | None, a, seed: int) -> dict:
     """Per-step noise error on the FP trajectories, then DDIM images from the FP images' noise."""
     start = time.perf_counter()
     noise = per_step_noise_error(model, predict, traj)
@@ -124,13 +135,8 @@ def main() -> None:
         if model is None:
             model = load_model(a.model)
             model.prompt_bank = make_prompt_bank(model, prompts)
-        t0 = time.perf_counter()
-        fp = sample(model, num_samples=a.eval_samples, steps=a.steps, seed=100 + seed, guidance_scale=a.guidance,
-                    batch_size=a.batch, progress=False)
-        traj = sample(model, num_samples=a.traj_samples, steps=a.steps, seed=107 + seed, guidance_scale=a.guidance,
-                      return_trajectory=True, progress=False, decode=False)
+        fp, traj, fp_s = fp_reference(model, a, seed)
         digits = prompted_digits(prompts, fp.labels)
-        fp_s = round(time.perf_counter() - t0, 1)
         for bits, variant in todo:
             row = {"bits": bits, "variant": variant, "seed": seed, "eval_noise_seed": 100 + seed,
                    "settings": settings, "environment": environment(),

@@ -78,14 +78,17 @@ def demo_main(argv: list[str] | None = None) -> None:
 
 def calibrate_main(argv: list[str] | None = None) -> None:
     from .calibrate.distill_config import DistillConfig
-    from .calibrate.quant_config import INIT_METHODS, SCALING_METHODS, QuantConfig
+    from .calibrate.quant_config import FORMATS, INIT_METHODS, SCALING_METHODS, QuantConfig
     from .core.guidance import DEFAULT_GUIDANCE, TEXT_GUIDANCE
 
     d, q = DistillConfig(), QuantConfig()
     p = argparse.ArgumentParser(prog="dq-calibrate", description="DilateQuant QAT (WD + TPQ + BKD) -> q.pt")
     _add_model(p, "default | default-cond | a diffusers UNet folder | a StableDiffusionPipeline / "
                "StableDiffusionXLPipeline folder", default="default")
-    p.add_argument("--bits", default="W4A8", help="weight and activation bits, e.g. W8A8, W4A8, W4A4")
+    p.add_argument("--bits", help="weight and activation bits, e.g. W8A8, W4A8, W4A4 (default: W4A8; fp8: W8A8)")
+    p.add_argument("--format", choices=FORMATS, default=q.format, help="int: integer levels; fp8: FP8 E4M3 (W8A8, "
+                   "symmetric, per-timestep scales; FP8 GEMM/conv needs compute capability 8.9+). The static FP8 "
+                   "baseline (ModelOpt's recipe: one amax per tensor over all timesteps) is --no-tpq --act-init minmax")
     _add_steps(p, "sampling steps to calibrate for (T)", q.num_steps)
     p.add_argument("--scheduler", default="pipeline", help="sampler of the calibration trajectories: pipeline (the "
                    "folder's own scheduler, what it is deployed with; DDIM for the embedded models) | ddim | euler | "
@@ -142,11 +145,12 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
     from .core.prompts import read_prompts
     from .core.sizes import parse_size
 
-    w_bits, a_bits = QuantConfig.parse_bits(a.bits)
-    config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=a.sym, scaling=a.scaling,
-                         smoothquant_alpha=a.smoothquant_alpha, tpq=not a.no_tpq, num_steps=a.steps,
-                         attn_matmul=a.attn_matmul, act_init=a.act_init, first_last_bits=a.first_last_bits or None,
-                         float_layers=tuple(n for n in a.float_layers if n != "none"))
+    w_bits, a_bits = QuantConfig.parse_bits(a.bits or ("W8A8" if a.format == "fp8" else "W4A8"))
+    config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=a.sym or a.format == "fp8",
+                         scaling=a.scaling, smoothquant_alpha=a.smoothquant_alpha, tpq=not a.no_tpq,
+                         num_steps=a.steps, attn_matmul=a.attn_matmul, act_init=a.act_init,
+                         first_last_bits=a.first_last_bits or None,
+                         float_layers=tuple(n for n in a.float_layers if n != "none"), format=a.format)
     distill = DistillConfig(iters=a.iters, batch=a.batch, lr_weight=a.lr_weight, lr_weight_scale=a.lr_quant,
                             lr_act=a.lr_quant, full_model=a.full_qat, seed=a.seed)
     job = CalibrationJob(model=a.model, config=config, distill=distill, calib_samples=a.calib_samples,
@@ -159,7 +163,7 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
     s = run_calibration(job, dist)
     if not dist.is_main:
         return
-    print(f"wrote {a.out}: {s['bits']} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
+    print(f"wrote {a.out}: {config.format_name} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
     ts = s["scheduler"]["timesteps"]
     print(f"  calibrated for {s['scheduler']['sampler']}, {s['scheduler']['steps']} steps (--scheduler "
           f"{s['scheduler']['name']}): {len(ts)} timesteps {ts[0]} .. {ts[-1]}")
@@ -177,7 +181,8 @@ def export_main(argv: list[str] | None = None) -> None:
                                 "(TensorRT-legal per-timestep scales), checked and verified")
     p.add_argument("--ckpt", type=Path, help="q.pt written by dq-calibrate")
     p.add_argument("--onnx", type=Path, help="output graph")
-    p.add_argument("--precision", default="int8", help=f"{' | '.join(PRECISIONS)} (int4: weight-only INT4 GEMMs)")
+    p.add_argument("--precision", help=f"{' | '.join(PRECISIONS)} (int4: weight-only INT4 GEMMs; default: the q.pt's "
+                   "format, int8 or fp8)")
     p.add_argument("--dtype", default="fp32", help="fp32 | fp16 (FP16 for everything not quantized)")
     p.add_argument("--static-scales", action="store_true", help="one scale per activation, no t_index (the ModelOpt-style twin)")
     p.add_argument("--static-shapes", action="store_true", help="fix batch and spatial sizes")
@@ -231,7 +236,9 @@ def export_main(argv: list[str] | None = None) -> None:
             print(f"  layer-wise parity (teacher-forced, {lp['layers']} layers x {lp['t_index_values']} t_index, "
                   f"{lp['samples']} inputs): max level diff {lp['max_level_diff']:.0f}, {lp['differing_levels']} "
                   f"of {lp['levels_compared']} levels differ, min layer SQNR "
-                  f"{format_sqnr(sq)}: "
+                  f"{format_sqnr(sq)}"
+                  + (f", FP8 sums at most {lp['max_error_over_bound']:.3g}x their float32 bound"
+                     if lp.get("max_error_over_bound") is not None else "") + ": "
                   f"{'passed' if lp['passed'] else 'not enforced (' + lp.get('note', '') + ')'}")
         par = s.get("parity")
         if isinstance(par, dict):

@@ -8,9 +8,10 @@ import onnx
 from onnx import numpy_helper
 
 
-def plant_fault(src, dst, kind: str, layer: str, steps: int, t: int = 1) -> None:
-    """One layer's per-timestep tables edited in the ONNX: a row x1.25 ('scale'), a zero point off by one
-    ('zero_point'), rows 0 and 1 swapped ('t_index'); 'none' copies the graph unchanged."""
+def plant_fault(src, dst, kind: str, layer: str, steps: int, t: int = 1, factor: float = 1.25) -> None:
+    """One layer's per-timestep tables edited in the ONNX: row t of the multiplier before the Q x factor ('scale') or
+    of the step size after the op ('step'), a zero point off by one ('zero_point'), rows 0 and 1 swapped ('t_index'),
+    every row set to row 0 ('same_rows': a graph ignoring t_index); 'none' copies the graph unchanged."""
     m = onnx.load(str(src))
     inits = {i.name: i for i in m.graph.initializer}
     prefix = f"unet.{layer}.tables."
@@ -19,12 +20,14 @@ def plant_fault(src, dst, kind: str, layer: str, steps: int, t: int = 1) -> None
         arr = numpy_helper.to_array(inits[prefix + name]).copy()
         inits[prefix + name].CopyFrom(numpy_helper.from_array(fn(arr), prefix + name))
 
-    if kind == "scale":
-        edit("mult", lambda a: np.concatenate([a[:t], a[t:t + 1] * np.float32(1.25), a[t + 1:]]))
+    if kind in ("scale", "step"):
+        edit("mult" if kind == "scale" else "delta",
+             lambda a: np.concatenate([a[:t], a[t:t + 1] * np.float32(factor), a[t + 1:]]))
     elif kind == "zero_point":
         edit("shift", lambda a: np.concatenate([a[:t], a[t:t + 1] + np.float32(1), a[t + 1:]]))
-    elif kind == "t_index":
-        order = [1, 0] + list(range(2, steps))
+    elif kind in ("t_index", "same_rows"):
+        order = [1, 0] + list(range(2, steps)) if kind == "t_index" else [0] * steps
         for name in ("mult", "shift", "correction", "delta"):
-            edit(name, lambda a: a[order])
+            if prefix + name in inits:  # FP8 tables have no zero-point shift
+                edit(name, lambda a: a[order])
     shutil.copy(src, dst) if kind == "none" else onnx.save(m, str(dst))

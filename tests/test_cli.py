@@ -35,7 +35,7 @@ def test_calibrate_bad_bits_and_export_bad_inputs(tmp_path):
     assert_clean_error(run("export", "--ckpt", str(tmp_path / "junk.pt"), "--onnx", str(tmp_path / "x.onnx")),
                        "not a readable checkpoint")
     assert_clean_error(run("export", "--ckpt", str(tmp_path / "junk.pt"), "--onnx", str(tmp_path / "x.onnx"),
-                           "--precision", "fp8"), "unknown precision")
+                           "--precision", "int2"), "unknown precision")
     assert not (tmp_path / "x.onnx").exists()
 
 

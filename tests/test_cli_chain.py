@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_cond
+from conftest import rtx_build, tiny_cond
 
 STEPS = 4
 
@@ -162,6 +162,50 @@ def test_calibrate_export_verify_triton(model_folder, tmp_path, capsys):
     files = {p.name for p in (repo / "pipeline" / "1").iterdir()}
     timesteps = _pipeline_timesteps(repo, files)
     assert timesteps == ck.timesteps
+
+
+@pytest.mark.slow  # end to end: calibrate, export (with both parity checks), an RTX build, verify
+def test_fp8_calibrate_export_rtx_plan_verify(model_folder, tmp_path, capsys):
+    """FP8 (E4M3) through the CLI: dq-calibrate --format fp8 -> dq-export (TensorRT rules; layer parity within the
+    float32 summation bound at every t_index) -> a TensorRT-RTX plan for compute capability 8.9 on this GPU-less
+    machine -> dq-verify on ONNX Runtime writes its report -> dq-triton --kind cpu serves the same graph."""
+    from dilatequant.calibrate.checkpoint import load_checkpoint
+
+    q = tmp_path / "q.pt"
+    out = _ok(_cli(capsys, "calibrate", "--model", model_folder, "--format", "fp8", "--steps", STEPS,
+                   "--calib-samples", 16, "--iters", 2, "--batch", 8, "--float-layers", "none", "--out", q))
+    ck = load_checkpoint(q)
+    assert ck.qunet.config.format == "fp8" and ck.summary["quant_config"]["format"] == "fp8"
+    assert f"wrote {q}: FP8 W8A8 " in out
+    after = ck.summary["val_after_training"]["noise_sqnr_db"]
+    assert 10 < after < 80, after  # E4M3 on a random tiny UNet: a real quantization error
+
+    graph = tmp_path / "unet.onnx"
+    out = _ok(_cli(capsys, "export", "--ckpt", q, "--onnx", graph))
+    ex = _load(Path(f"{graph}.export.json"))
+    assert ex["precision"] == "fp8" and ex["trt_rules"] == "passed" and ", fp8, fp32, " in out
+    assert "FP8 sums at most" in out and "x their float32 bound: passed" in out
+    lp = ex["layer_parity"]
+    assert lp["passed"] and lp["t_index_values"] == STEPS and lp["layers"] == len(ck.qunet.layers())
+    assert lp["max_level_diff"] == 0 and 0 < lp["max_error_over_bound"] <= 1, lp
+
+    plan = tmp_path / "unet.plan"
+    built = rtx_build(graph, "89", plan)  # until dq-build-engine --backend tensorrt-rtx: a direct parse + build
+    assert built["parsed"] and built["plan_bytes"] > 0 and plan.stat().st_size == built["plan_bytes"], built
+
+    rep = tmp_path / "verify"
+    _ok(_cli(capsys, "verify", "--ckpt", q, "--onnx", graph, "--report", rep, "--batch", "1,2", "--samples", 2,
+             "--traj-samples", 1, "--repeats", 1, "--warmup", 0, "--layer-per-step", 1))
+    r = _load(rep / "report.json")
+    assert Path(r["runtime"]["path"]) == graph and r["runtime"]["name"] == "onnxruntime-cpu"
+    per_step = sorted(row["runtime_vs_fake_quant_sqnr_db"] for row in r["accuracy"]["per_step"])
+    assert len(per_step) == STEPS and per_step[len(per_step) // 2] >= 60, per_step
+    assert r["layer_parity"]["passed"] and r["layer_parity"]["max_level_diff"] == 0
+    assert (rep / "README.md").is_file()
+
+    repo = tmp_path / "repo"
+    _ok(_cli(capsys, "triton", "--onnx", graph, "--ckpt", q, "--repo", repo, "--kind", "cpu", "--max-batch", 2))
+    assert _sha256(repo / "unet" / "1" / "model.onnx") == _sha256(graph)
 
 
 def _pipeline_timesteps(repo: Path, files: set[str]) -> list[int]:

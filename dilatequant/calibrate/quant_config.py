@@ -10,6 +10,7 @@ from ..core.errors import UserError
 # The choices QuantConfig names; kept here, torch-free, so the CLI can list them without importing the method.
 SCALING_METHODS = ("none", "smoothquant", "dilation")          # weight_dilation.py implements them
 INIT_METHODS = ("mse", "percentile", "minmax", "minmean")      # timestep_quantizer.py implements them
+FORMATS = ("int", "fp8")                                       # quantizers.py: IntRange, E4M3Grid
 
 
 @dataclass
@@ -30,12 +31,24 @@ class QuantConfig:
     # on `default`; README "DilateQuant against its baselines"). A 3x3 conv from the image channels: a plain
     # float (FP16) Conv in the graph, a negligible share of the UNet's FLOPs.
     float_layers: tuple[str, ...] = ("conv_in",)
+    # int: uniform integer levels; fp8: FP8 E4M3 (W8A8, symmetric; per-out-channel weights, per-tensor TPQ rows)
+    format: str = "int"
 
     def __post_init__(self) -> None:
         self.float_layers = tuple(self.float_layers)  # JSON gives a list
+        if self.format not in FORMATS:
+            raise UserError(f"unknown format '{self.format}': choose one of {', '.join(FORMATS)}")
         for name in ("weight_bits", "act_bits") + (("first_last_bits",) if self.first_last_bits else ()):
             if not 2 <= getattr(self, name) <= 8:
                 raise UserError(f"{name} must be in 2..8, got {getattr(self, name)}")
+        if self.format == "fp8":
+            if (self.weight_bits, self.act_bits) != (8, 8):
+                raise UserError(f"fp8 (E4M3) is 8-bit: got --bits {self.bits_name}; pass --bits W8A8 with --format fp8")
+            if self.first_last_bits not in (None, 8):
+                raise UserError(f"fp8 (E4M3) is 8-bit: got --first-last-bits {self.first_last_bits}; drop it "
+                                "with --format fp8")
+            if not self.symmetric:
+                raise UserError("fp8 (E4M3) is symmetric (zero point 0): set symmetric=True")
         if self.scaling not in SCALING_METHODS:
             raise UserError(f"unknown scaling '{self.scaling}': choose one of {', '.join(SCALING_METHODS)}")
         if self.act_init not in INIT_METHODS:
@@ -55,6 +68,11 @@ class QuantConfig:
     def bits_name(self) -> str:
         return f"W{self.weight_bits}A{self.act_bits}"
 
+    @property
+    def format_name(self) -> str:
+        """What a report calls this quantization: W4A8 (integer) or FP8 W8A8 (E4M3)."""
+        return f"FP8 {self.bits_name}" if self.format == "fp8" else self.bits_name
+
     @staticmethod
     def parse_bits(text: str) -> tuple[int, int]:
         m = re.fullmatch(r"[Ww](\d)[Aa](\d)", text.strip())
@@ -63,7 +81,10 @@ class QuantConfig:
         return int(m.group(1)), int(m.group(2))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if data["format"] == "int":  # as before FP8 existed: older versions still read the q.pt, and an interrupted
+            del data["format"]       # run's --resume fingerprint (recipe.run_fingerprint) is unchanged
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "QuantConfig":
@@ -73,4 +94,5 @@ class QuantConfig:
         if unknown:
             raise UserError(f"quantization config has unknown fields {sorted(unknown)}; was q.pt written by a newer version?")
         data.setdefault("float_layers", [])  # written before the option existed: every layer quantized
+        data.setdefault("format", "int")  # written before FP8 existed
         return cls(**data)

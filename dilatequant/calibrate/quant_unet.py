@@ -47,13 +47,14 @@ class QuantLayer(nn.Module):
     out_shape: tuple[int, ...] = (-1,)
     taps = 1  # products per input channel and output element (kh * kw for a conv)
 
-    def __init__(self, src: nn.Conv2d | nn.Linear, weight_bits: int, input_quantizer: TimestepActQuantizer):
+    def __init__(self, src: nn.Conv2d | nn.Linear, weight_bits: int, input_quantizer: TimestepActQuantizer,
+                 fmt: str = "int"):
         super().__init__()
         # src's own tensors, not clones: QuantUNet already works on its copy (or wraps in place on purpose), and a
         # clone per layer would hold a second copy of every weight while QuantUNet's module map keeps src alive
         self.weight = nn.Parameter(src.weight.detach())
         self.bias = None if src.bias is None else nn.Parameter(src.bias.detach())
-        self.weight_quantizer = WeightQuantizer(src.weight.shape[0], weight_bits)
+        self.weight_quantizer = WeightQuantizer(src.weight.shape[0], weight_bits, fmt)
         object.__setattr__(self, "input_quantizer", input_quantizer)  # owned by QuantUNet.act_quantizers
 
     def quantized_weight(self) -> torch.Tensor:
@@ -62,12 +63,16 @@ class QuantLayer(nn.Module):
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def exact_channels(self) -> int:
+    def exact_channels(self) -> int | None:
         """Most input channels whose integer sum float32 holds exactly, whatever the order it adds them in.
 
         |level| <= 2^(a-1) (symmetric levels and the int8-shifted asymmetric ones alike), |w_int| <= 2^(w-1) - 1:
         every partial sum of c channels is an integer of magnitude <= c * taps * 2^(a-1) * (2^(w-1) - 1).
+        None for FP8: its products are exact but no chunking makes their float32 sums order-independent, so the
+        op runs as the runtimes' FP8 kernels do, in one float32 accumulation (layer_parity.py bounds the rest).
         """
+        if not self.weight_quantizer.range.integer:
+            return None
         per_channel = self.taps * 2 ** (self.input_quantizer.bits - 1) * self.weight_quantizer.range.qmax
         return max(1, EXACT_FLOAT32 // per_channel)
 
@@ -79,7 +84,7 @@ class QuantLayer(nn.Module):
         in float64, then rounded once to float32, as an int32 accumulator converted to float is.
         """
         step, cin = self.exact_channels(), w_int.shape[1]
-        if cin <= step:
+        if step is None or cin <= step:
             return self.op(v, w_int)
         y = None
         for start in range(0, cin, step):
@@ -98,7 +103,8 @@ class QuantLayer(nn.Module):
         lv = self.input_quantizer.levels(x)
         if lv.delta is not None and self.weight_quantizer.enabled:
             # integer levels x integer weights: exact integer sums, so PyTorch, the runtimes' int32 kernels and
-            # any batch size add them up to the same value (only the float ops around the layer can still differ)
+            # any batch size add them up to the same value (only the float ops around the layer can still differ);
+            # E4M3 x E4M3: exact products, float32 sums (the graph's order: op, then w_scale, then delta)
             w_int, w_scale = self.weight_quantizer.integer_ste(self.weight)
             y = self.integer_op(lv.v, w_int)
             if lv.correction is not None:
@@ -116,8 +122,8 @@ class QuantLayer(nn.Module):
 class QuantConv2d(QuantLayer):
     out_shape = (1, -1, 1, 1)
 
-    def __init__(self, src: nn.Conv2d, weight_bits: int, input_quantizer: TimestepActQuantizer):
-        super().__init__(src, weight_bits, input_quantizer)
+    def __init__(self, src: nn.Conv2d, weight_bits: int, input_quantizer: TimestepActQuantizer, fmt: str = "int"):
+        super().__init__(src, weight_bits, input_quantizer, fmt)
         self.stride, self.padding, self.dilation, self.groups = src.stride, src.padding, src.dilation, src.groups
         self.taps = src.weight.shape[2] * src.weight.shape[3]
 
@@ -333,16 +339,16 @@ class QuantUNet(nn.Module):
         conv = isinstance(first, nn.Conv2d)
         w_bits, a_bits = self._bits(group.layers[0])
         q = TimestepActQuantizer(self.ctx, self.config.table_rows, a_bits, self.config.symmetric,
-                                 channels=first.weight.shape[1], channel_dim=1 if conv else -1)
+                                 channels=first.weight.shape[1], channel_dim=1 if conv else -1, fmt=self.config.format)
         self.act_quantizers[group.key] = q
         for name in group.layers:
             src = modules[name]
             if isinstance(src, nn.Conv2d):
                 if src.groups != 1 or src.padding_mode != "zeros" or isinstance(src.padding, str):
                     raise UserError(f"unsupported layer {name}: grouped convs, non-zero or string padding cannot be quantized")
-                new = QuantConv2d(src, w_bits, q)
+                new = QuantConv2d(src, w_bits, q, self.config.format)
             else:
-                new = QuantLinear(src, w_bits, q)
+                new = QuantLinear(src, w_bits, q, self.config.format)
             parent, _, attr = name.rpartition(".")
             setattr(modules[parent] if parent else self.unet, attr, new)
 
@@ -352,7 +358,7 @@ class QuantUNet(nn.Module):
                 qs = []
                 for part in "qkvp":
                     q = TimestepActQuantizer(self.ctx, self.config.table_rows, self.config.act_bits,
-                                             self.config.symmetric, heads=m.heads)
+                                             self.config.symmetric, heads=m.heads, fmt=self.config.format)
                     self.act_quantizers[f"{name.replace('.', '/')}/attn_{part}"] = q
                     qs.append(q)
                 m.set_processor(QuantAttnProcessor(*qs))

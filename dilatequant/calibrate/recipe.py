@@ -368,7 +368,8 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         with stage("validation"):
             after = noise_error(qunet, model.unet, val, dist=dist)
     summary = {
-        "model": job.model, "bits": config.bits_name, "quant_config": json.loads(config.to_json()),
+        "model": job.model, "bits": config.bits_name, "format": config.format,
+        "quant_config": json.loads(config.to_json()),
         "scheduler": {"name": schedule.name, "sampler": describe(schedule.scheduler), "steps": schedule.steps,
                       "timesteps": schedule.timesteps, "config": json.loads(config_json(schedule.scheduler))},
         "calib_samples": job.calib_samples, "guidance": guidance, "bkd": job.bkd, "scaling": scaling,

@@ -9,6 +9,15 @@ Observation keeps what each timestep's activations looked like (a reservoir of v
 sample's range), whatever the table size. Initialisation then sets every row from its own timestep, and
 one static row from all timesteps pooled (`static_delta`): the single row of a --no-tpq model and the
 scale of the --static-scales export twin, calibrated on the data rather than derived from the tables.
+
+FP8 (E4M3) uses the same tables, symmetric: each row starts at its own timestep's amax / 448 (the largest value
+lands on E4M3's largest level: ModelOpt's rule, per timestep), and the MSE search tries multiples of it, eight
+per octave over two octaves (`E4M3Grid.search_ratios`), keeping the least squared error. The criterion, as for
+int: a layer's output error is W e for an input error e, whose energy is proportional to ||e||^2 when errors are
+uncorrelated across channels. The candidates: E4M3's error is relative (3 mantissa bits in every binade), so
+unlike INT8 small values need no clipping to be resolved; a smaller scale only moves where the top values fall
+within an octave, at the price of clipping the largest. On bell-shaped or heavy-tailed data that price exceeds
+the gain and the search keeps amax / 448; it moves where many values crowd between two top levels (the tests).
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ import torch
 from torch import nn
 
 from .quant_config import INIT_METHODS
-from .quantizers import IntRange, lsq_factor, round_clamp, round_ste, scale_grad
+from .quantizers import E4M3Grid, IntRange, activation_grid, lsq_factor, round_clamp, round_ste, scale_grad
 
 # mse: MSE search over clipping ranges; percentile: the 1e-4 / 1 - 1e-4 quantiles; minmax: the full range;
 # minmean: ModelOpt's diffusers percentile calibrator with collect_method "min-mean" (percentile 1.0): per
@@ -94,11 +103,14 @@ class _RowStats:
 
 class TimestepActQuantizer(nn.Module):
     def __init__(self, ctx: StepContext, num_steps: int, bits: int, symmetric: bool,
-                 channels: int = 0, channel_dim: int = -1, heads: int = 1) -> None:
+                 channels: int = 0, channel_dim: int = -1, heads: int = 1, fmt: str = "int") -> None:
         super().__init__()
+        if fmt == "fp8" and not symmetric:
+            raise ValueError("FP8 activations are symmetric (zero point 0)")
         self.ctx = ctx
         self.bits, self.symmetric, self.channel_dim, self.heads = bits, symmetric, channel_dim, heads
-        self.range = IntRange.for_activations(bits, symmetric)
+        self.format = fmt
+        self.range = activation_grid(fmt, bits, symmetric)
         self.delta = nn.Parameter(torch.ones(num_steps, heads))
         self.zero_point = None if symmetric else nn.Parameter(torch.zeros(num_steps, heads))
         self.register_buffer("inv_scale", torch.ones(channels) if channels else torch.ones(0))
@@ -118,7 +130,8 @@ class TimestepActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         zp = "symmetric" if self.symmetric else "asymmetric"
-        return f"T={self.num_steps}, heads={self.heads}, bits={self.bits}, {zp}, channels={self.inv_scale.numel()}"
+        grid = "fp8 e4m3" if self.format == "fp8" else f"bits={self.bits}"
+        return f"T={self.num_steps}, heads={self.heads}, {grid}, {zp}, channels={self.inv_scale.numel()}"
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         if self.inv_scale.numel() == 0:
@@ -152,12 +165,13 @@ class TimestepActQuantizer(nn.Module):
         return v * lv.delta
 
     def levels(self, x: torch.Tensor) -> "Levels":
-        """The input on the integer grid, in the exact float order of the deployed graph.
+        """The input on the grid (integer levels, or E4M3 values for fp8), in the exact float order of the graph.
 
         Quant mode: v = clamp(round(x * (1/s) / delta + z - 2^(b-1))) (int8-range integers, as the graph's
-        unit-scale Q/DQ produces them), the per-sample step delta, and the correction c = 2^(b-1) - z that
-        turns v back into the level minus zero point (None when symmetric). Layers apply delta and c after
-        their conv/matmul, as the graph does, so PyTorch and every runtime round the same float values.
+        unit-scale Q/DQ produces them; fp8: e4m3(x * (1/s) / delta), its unit-scale FP8 Q/DQ), the per-sample
+        step delta, and the correction c = 2^(b-1) - z that turns v back into the level minus zero point (None
+        when symmetric). Layers apply delta and c after their conv/matmul, as the graph does, so PyTorch and
+        every runtime round the same float values.
         Other modes: v is the (scaled) input and delta is None.
         """
         if self.mode == "off":
@@ -173,7 +187,7 @@ class TimestepActQuantizer(nn.Module):
         delta = self._per_sample(scale_grad(self.delta, lsq_factor(x[0].numel() // self.heads, self.range)), rows, x)
         u = x * self._multiplier(delta, x)
         if self.zero_point is None:
-            return Levels(round_clamp(u, self.range.qmin, self.range.qmax), delta, None)
+            return Levels(self.range.quantize(u), delta, None)
         half = 2 ** (self.bits - 1)
         z = round_ste(self._per_sample(self.zero_point, rows, x))
         return Levels(round_clamp(u + (z - half), -half, half - 1), delta, half - z)
@@ -271,12 +285,14 @@ def _padded(stats: list[_RowStats], pad: float) -> torch.Tensor:
     return out
 
 
-def choose_ranges(stats: list[_RowStats], r: IntRange, symmetric: bool, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_ranges(stats: list[_RowStats], r: IntRange | E4M3Grid, symmetric: bool,
+                  method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(delta [R], z [R]) in float64, one per row of statistics: every row and candidate at once.
 
     Per row: the clipping range [lo, hi] (zero always inside, so padding and ReLU-like zeros stay exact)
     from the observed range (minmax, mse), its 1e-4 quantiles (percentile) or the mean per-sample range
-    (minmean); mse then tries 36 ratios 0.3..1.0 of it and keeps the first with the least squared error.
+    (minmean); mse then tries 36 ratios 0.3..1.0 of it (E4M3: `E4M3Grid.search_ratios`) and keeps the first
+    with the least squared error.
     """
     lo = torch.tensor([min(st.lo, 0.0) for st in stats], dtype=torch.float64)
     hi = torch.tensor([max(st.hi, 0.0) for st in stats], dtype=torch.float64)
@@ -294,12 +310,13 @@ def choose_ranges(stats: list[_RowStats], r: IntRange, symmetric: bool, method: 
         lo, hi = _mean_ranges(stats, symmetric)
     if method != "mse":
         return _params(lo, hi, r, symmetric)
-    ratios = torch.linspace(*_MSE_RATIOS).double()
+    ratios = (torch.linspace(*_MSE_RATIOS) if r.integer else torch.tensor(r.search_ratios)).double()
     delta, z = _params(lo[:, None] * ratios, hi[:, None] * ratios, r, symmetric)  # [R, K]
     return _mse_search(_padded(stats, 0.0), delta, z, r)
 
 
-def _mse_search(v: torch.Tensor, delta: torch.Tensor, z: torch.Tensor, r: IntRange) -> tuple[torch.Tensor, torch.Tensor]:
+def _mse_search(v: torch.Tensor, delta: torch.Tensor, z: torch.Tensor,
+                r: IntRange | E4M3Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidate (column of delta, z: [R, K]) with the least squared quantization error of each row of v.
 
     Zero padding adds no error: zero is always on the grid (z lies in [qmin, qmax]). Errors are computed in
@@ -313,19 +330,26 @@ def _mse_search(v: torch.Tensor, delta: torch.Tensor, z: torch.Tensor, r: IntRan
         x = v[i:i + per_row, None, :]
         d, zz = d32[i:i + per_row, :, None], z32[i:i + per_row, :, None]
         if k * v.shape[1] <= _SEARCH_ELEMENTS:
-            q = torch.clamp(torch.round(x / d) + zz, r.qmin, r.qmax)
+            q = _levels(x, d, zz, r)
             err[i:i + per_row] = (((q - zz) * d - x) ** 2).sum(-1, dtype=torch.float64)
             continue
         step = max(1, _SEARCH_ELEMENTS // v.shape[1])  # one row too wide for all candidates at once (pooled data)
         for j in range(0, k, step):
             dj, zj = d[:, j:j + step], zz[:, j:j + step]
-            q = torch.clamp(torch.round(x / dj) + zj, r.qmin, r.qmax)
+            q = _levels(x, dj, zj, r)
             err[i:i + per_row, j:j + step] = (((q - zj) * dj - x) ** 2).sum(-1, dtype=torch.float64)
     best = err.argmin(1, keepdim=True)
     return delta.gather(1, best)[:, 0], z.gather(1, best)[:, 0]
 
 
-def _pooled_row(stats: list[_RowStats], r: IntRange, symmetric: bool, method: str) -> torch.Tensor:
+def _levels(x: torch.Tensor, d: torch.Tensor, z: torch.Tensor, r: IntRange | E4M3Grid) -> torch.Tensor:
+    """Quantized levels (plus zero point) of x at step d, as the graph's Q computes them."""
+    if r.integer:
+        return torch.clamp(torch.round(x / d) + z, r.qmin, r.qmax)
+    return r.round_values(x / d) + z  # E4M3: z is 0
+
+
+def _pooled_row(stats: list[_RowStats], r: IntRange | E4M3Grid, symmetric: bool, method: str) -> torch.Tensor:
     """(delta, z) of one row for all timesteps: the same rule over every timestep's activations pooled.
 
     Each timestep contributes the same number of reservoir values (the calibration set is stratified over
@@ -353,8 +377,9 @@ def _mean_ranges(stats: list[_RowStats], symmetric: bool) -> tuple[torch.Tensor,
     return lo, hi
 
 
-def _params(lo: torch.Tensor, hi: torch.Tensor, r: IntRange, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step size and zero point of the range [lo, hi] (float64, any shape; lo <= 0 <= hi)."""
+def _params(lo: torch.Tensor, hi: torch.Tensor, r: IntRange | E4M3Grid,
+            symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and zero point of the range [lo, hi] (float64, any shape; lo <= 0 <= hi); E4M3: amax / 448."""
     if symmetric:
         return (torch.maximum(-lo, hi) / r.qmax).clamp_min(1e-8), torch.zeros_like(lo)
     delta = ((hi - lo) / r.levels).clamp_min(1e-8)

@@ -11,6 +11,16 @@ F[t, c] = (1/s_c) / delta[t] merges the dilation (or SmoothQuant) vector with th
 unfolded 1/s costs nothing. Asymmetric zero points are shifted into int8 and corrected after the op
 with c[t] = 2^(b-1) - z[t]; for convs the correction is op(ones, sum_c W), which is exact at zero-padded
 borders. A Gather on t_index feeds only these Muls/Adds, never a Q/DQ scale.
+
+FP8 (E4M3) layers take the same form with FP8 Q/DQ (float8e4m3fn zero points of 0, fp8_ops.py) and no clip
+(QuantizeLinear saturates to +-448 itself):
+
+    x * F[t] -> Q(fp8, 1) -> DQ(1) -> op(., DQ(W_fp8, 1)) * w_scale * delta[t] + bias
+
+The per-channel weight scale stays a Mul after the op rather than the weight DQ's scale: the op then multiplies
+E4M3 values only (exact products, so PyTorch and the runtimes differ only in summation order), and TensorRT
+sees a per-tensor FP8 conv/GEMM, which has kernels on Ada and Hopper alike (per-channel FP8 GEMM scales came
+with TensorRT 10.6, for Hopper), with a per-channel pointwise epilogue.
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ from torch import nn
 
 from ..calibrate.quant_unet import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear, QuantUNet
 from ..calibrate.timestep_quantizer import TimestepActQuantizer
+from .fp8_ops import e4m3_dequant, e4m3_qdq
 
 qd = torch.ops.quantized_decomposed
 
@@ -34,6 +45,7 @@ class StepTables(nn.Module):
         z = None if q.zero_point is None else torch.round(q.zero_point.detach())
         if static:
             delta, z = _static_row(delta, z, q)
+        self.fp8 = q.format == "fp8"
         half = 2 ** (q.bits - 1)
         self.lo, self.hi = -half, half - 1
         inv = q.inv_scale.detach() if q.inv_scale.numel() else torch.ones(1)
@@ -53,8 +65,10 @@ class StepTables(nn.Module):
         return torch.index_select(table, 0, t_index)
 
     def to_int_domain(self, x: torch.Tensor, t_index, layout: str) -> torch.Tensor:
-        """x -> the b-bit integer grid (as float), through a unit-scale int8 Q/DQ pair."""
+        """x -> the b-bit integer grid (as float), through a unit-scale int8 Q/DQ pair (fp8: the E4M3 grid)."""
         u = x * _broadcast(self.rows(self.mult, t_index), x, layout)
+        if self.fp8:
+            return e4m3_qdq(u)
         if self.asymmetric:
             u = u + _broadcast(self.rows(self.shift, t_index), x, layout)
         u = torch.clamp(u, self.lo, self.hi)
@@ -114,18 +128,21 @@ class DeployLayer(nn.Module):
         wq = layer.weight_quantizer
         w_int = wq.integer_weight(layer.weight.detach())
         self.w_range = (wq.range.qmin, wq.range.qmax)
+        self.fp8 = wq.format == "fp8"
         self.out_shape = layer.out_shape
         self.register_buffer("w_scale", wq.scale.detach().clone())
         if self.is_conv:
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
-            self.register_buffer("w_int", w_int.to(torch.int8))
+            self.register_buffer("w_int", w_int.to(wq.storage_dtype))
         else:  # stored [in, out] so the graph is DQ(axis=1) -> MatMul, TensorRT's GEMM weight layout
-            self.register_buffer("w_int", w_int.t().contiguous().to(torch.int8))
+            self.register_buffer("w_int", w_int.t().contiguous().to(wq.storage_dtype))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         if tables.asymmetric:  # integer sums, as QuantLayer.ones_response computes them
             self.register_buffer("w_sum", w_int.sum(1, keepdim=True) if self.is_conv else w_int.sum(1))
 
     def weight(self) -> torch.Tensor:
+        if self.fp8:
+            return e4m3_dequant(self.w_int)
         lo, hi = self.w_range
         return qd.dequantize_per_tensor(self.w_int, 1.0, 0, lo, hi, torch.int8)
 

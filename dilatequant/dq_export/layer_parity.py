@@ -22,6 +22,22 @@ implies (symmetric or not, bias or not, weight-only INT4 or not), passes an opti
 in either order), and must name the first step that is not there: an unmatched layer fails the parity with that
 reason. As patterns that is one per configuration and clip form (sixteen and more), and the rewriter reports only
 the best partial match of one pattern.
+
+FP8 (E4M3) layers: levels are E4M3 values, compared in E4M3 steps (the signed code order: one step is one level
+apart), by the same rules. Their outputs are not exact integer sums: a product of two E4M3 values is exact in
+float32 (4-bit significands make 8-bit products), but the K products of one output element are summed in
+float32 in an order each runtime picks. For any order |fl(sum p_i) - sum p_i| <= gamma_(K-1) sum |p_i| with
+gamma_n = n u / (1 - n u) and u = 2^-24 (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed.,
+eq. 4.4), so two runtimes differ by at most twice that; the per-channel weight scale, the step size and the bias
+then add three roundings each (<= 4u (|y| + |bias|) per runtime). So every output element of a sample whose levels
+agree must satisfy
+
+    |y_runtime - y_ref| <= 2 gamma_K (|v| * |w|) |w_scale delta[t]| + 8 u (|y_ref| + |bias|)
+
+where |v| * |w| is the layer's op on the absolute levels (conv or matmul, computed in float64). A runtime that
+accumulates in float32 or wider meets it whatever its order; a wrong table row moves the levels by E4M3 steps
+and the output by far more. (TensorRT's FP8 tensor-core GEMMs may accumulate in less than float32 on Hopper:
+the bound is for ONNX Runtime, the proof's runtime.)
 """
 from __future__ import annotations
 
@@ -33,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
@@ -49,6 +66,7 @@ MAX_DIFF_SHARE = 1e-4      # share of levels that may differ by one, per layer
 MIN_SQNR_DB = 60.0         # layer output against the reference, per layer and t_index
 TEACHER_SUFFIX = "__teacher"
 CAPTURE_BYTES = 2 * 2**30  # activations held per batch (every layer's input, levels and output, both sides)
+FLOAT32_UNIT = 2.0**-24    # unit roundoff of float32 (round to nearest)
 
 
 class LayerParityError(UserError):
@@ -64,6 +82,7 @@ class LayerSite:
     levels: str | None      # activation QuantizeLinear output (None: weight-only INT4, float activation)
     output: str             # the layer's output value (after the bias)
     weight_only: bool = False
+    fp8: bool = False       # E4M3 levels (compared in E4M3 steps) and a float32-summation bound on the output
 
 
 # ---------------------------------------------------------------- graph side: sites and the teacher-forced model
@@ -110,29 +129,40 @@ def _single_use(value: ir.Value, op_types: tuple[str, ...]) -> ir.Node | None:
     return users[0] if len(users) == 1 and users[0].op_type in op_types else None
 
 
+def _stored(arr: np.ndarray) -> np.ndarray:
+    """A weight initializer's levels as comparable integers: int8 levels, or E4M3 bit patterns."""
+    return arr.view(np.uint8) if arr.dtype == ml_dtypes.float8_e4m3fn else arr.astype(np.int8)
+
+
 def _weight_initializer(graph: ir.Graph, name: str, w_int: np.ndarray) -> ir.Value | None:
-    """The layer's integer weight: by the exporter's name (unet.<layer>.w_int[_int4]), checked by its values."""
+    """The layer's integer (or E4M3) weight: by the exporter's name (unet.<layer>.w_int[_int4]), checked by its
+    values (`w_int` as `_stored` gives them)."""
     for key in (f"unet.{name}.w_int", f"unet.{name}.w_int_int4"):
         v = graph.initializers.get(key)
         if v is not None and v.const_value is not None:
-            arr = v.const_value.numpy()
-            if arr.shape == w_int.shape and np.array_equal(arr.astype(np.int8), w_int):
+            arr = _stored(v.const_value.numpy())
+            if arr.shape == w_int.shape and np.array_equal(arr, w_int):
                 return v
     for v in graph.initializers.values():  # renamed by a pass: the values still identify it
         if v.const_value is not None and tuple(v.shape or ()) == w_int.shape \
-                and v.dtype in (ir.DataType.INT8, ir.DataType.INT4) \
-                and np.array_equal(v.const_value.numpy().astype(np.int8), w_int):
+                and v.dtype in (ir.DataType.INT8, ir.DataType.INT4, ir.DataType.FLOAT8E4M3FN) \
+                and np.array_equal(_stored(v.const_value.numpy()), w_int):
             return v
     return None
+
+
+def _weight_levels(layer: QuantLayer) -> np.ndarray:
+    """The layer's weight levels as the graph stores them ([in, out] for a linear), `_stored`'s way."""
+    wq = layer.weight_quantizer
+    w = wq.integer_weight(layer.weight.detach()).to(wq.storage_dtype)
+    arr = w.view(torch.uint8).numpy() if w.dtype == torch.float8_e4m3fn else w.numpy()
+    return arr if isinstance(layer, QuantConv2d) else np.ascontiguousarray(arr.T)
 
 
 def find_site(graph: ir.Graph, name: str, layer: QuantLayer, weight_only: bool, memo: dict,
               data_inputs: set[str]) -> LayerSite | str:
     """The declared pattern around one layer, or a reason why it does not match."""
-    w_int = layer.weight_quantizer.integer_weight(layer.weight.detach()).to(torch.int8).numpy()
-    if not isinstance(layer, QuantConv2d):
-        w_int = np.ascontiguousarray(w_int.T)  # stored [in, out]
-    w = _weight_initializer(graph, name, w_int)
+    w = _weight_initializer(graph, name, _weight_levels(layer))
     if w is None:
         return "no initializer holds its integer weights"
     dq = [u.node for u in w.uses() if u.node.op_type == "DequantizeLinear"]
@@ -177,7 +207,8 @@ def find_site(graph: ir.Graph, name: str, layer: QuantLayer, weight_only: bool, 
         if node is None or _data_operand(node, memo, data_inputs) is not y:
             return f"its output is not followed by the expected {' -> '.join(expected)}"
         y = node.outputs[0]
-    return LayerSite(name, x.name, None if levels is None else levels.name, y.name, weight_only)
+    return LayerSite(name, x.name, None if levels is None else levels.name, y.name, weight_only,
+                     q.format == "fp8" and not weight_only)
 
 
 def find_sites(model: ir.Model, ck: QuantCheckpoint, weight_only: tuple[str, ...] = ()) -> tuple[list[LayerSite], dict]:
@@ -259,7 +290,7 @@ def find_attention_site(graph: ir.Graph, key: str, q, memo: dict, data_inputs: s
         if node is None or _data_operand(node, memo, data_inputs) is not v:
             return f"its dequantized value is not followed by {op_type} of its table"
         v = node.outputs[0]
-    return LayerSite(attention_site_name(key), x.name, levels.name, v.name)
+    return LayerSite(attention_site_name(key), x.name, levels.name, v.name, fp8=q.format == "fp8")
 
 
 def teacher_forced_model(model: ir.Model, sites: list[LayerSite]) -> list[str]:
@@ -306,26 +337,49 @@ class Captured:
     x: torch.Tensor
     levels: torch.Tensor | None
     y: torch.Tensor
+    bound: torch.Tensor | None = None  # FP8: the float32-summation bound on |y_runtime - y| (module docstring)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.x, self.levels, self.y, self.bound) if t is not None)
+
+
+def summation_bound(layer: QuantLayer, v: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per output element, how far a float32 runtime may sit from `y`, the layer's output on levels `v` at the
+    per-sample steps `delta` (the module docstring's bound; float64)."""
+    wq = layer.weight_quantizer
+    w = wq.integer_weight(layer.weight.detach()).double()
+    k = w[0].numel()  # products per output element: Cin x kh x kw, or in_features
+    gamma = k * FLOAT32_UNIT / (1 - k * FLOAT32_UNIT)
+    magnitude = layer.op(v.detach().double().abs(), w.abs())
+    scale = wq.scale.detach().double().abs().view(layer.out_shape) * delta.detach().double().abs()
+    bias = 0.0 if layer.bias is None else layer.bias.detach().double().abs().view(layer.out_shape)
+    return 2 * gamma * magnitude * scale + 8 * FLOAT32_UNIT * (y.detach().double().abs() + bias)
 
 
 @torch.no_grad()
 def capture_layers(ck: QuantCheckpoint, inputs: dict[str, torch.Tensor]) -> dict[str, Captured]:
-    """Every QuantLayer's (and attention operand's) input, integer levels and output in one fake-quant forward."""
+    """Every QuantLayer's (and attention operand's) input, integer levels and output in one fake-quant forward
+    (FP8: with each output element's summation bound)."""
     out: dict[str, Captured] = {}
     hooks = []
     if ck.qunet.config.attn_matmul:
         for key, q in ck.qunet.act_quantizers.items():
             if key.rsplit("/", 1)[-1] in ATTN_OPERANDS:
                 def operand(mod, args, y, name=attention_site_name(key)):
+                    # y = levels * delta, one multiply in both: 2 u |y| covers it (FP8; int levels are exact)
+                    bound = 2 * FLOAT32_UNIT * y.double().abs() if mod.format == "fp8" else None
                     out[name] = Captured(args[0].detach().clone(), mod.levels(args[0]).v.detach().clone(),
-                                         y.detach().clone())
+                                         y.detach().clone(), bound)
                 hooks.append(q.register_forward_hook(operand))
     for name, layer in ck.qunet.layers().items():
         def hook(mod, args, y, name=name):
             x = args[0]
             q = mod.input_quantizer
-            lv = q.levels(x).v if q.mode == "quant" else None
-            out[name] = Captured(x.detach().clone(), None if lv is None else lv.detach().clone(), y.detach().clone())
+            lv = q.levels(x) if q.mode == "quant" else None
+            bound = summation_bound(mod, lv.v, lv.delta, y) if lv is not None and q.format == "fp8" else None
+            out[name] = Captured(x.detach().clone(), None if lv is None else lv.v.detach().clone(), y.detach().clone(),
+                                 bound)
         hooks.append(layer.register_forward_hook(hook))
     try:
         cond = {k: inputs[k] for k in COND_NAMES if k in inputs} or None
@@ -334,6 +388,16 @@ def capture_layers(ck: QuantCheckpoint, inputs: dict[str, torch.Tensor]) -> dict
         for h in hooks:
             h.remove()
     return out
+
+
+def e4m3_steps(a: np.ndarray) -> np.ndarray:
+    """E4M3 values (their uint8 bit patterns as ONNX Runtime returns them, ml_dtypes float8, or floats on the grid)
+    as signed code positions: two values of one sign are |difference| E4M3 steps apart."""
+    if a.dtype not in (np.uint8, ml_dtypes.float8_e4m3fn):
+        a = a.astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
+    bits = a.view(np.uint8)
+    magnitude = (bits & 0x7F).astype(np.int16)
+    return np.where(bits & 0x80, -magnitude, magnitude)
 
 
 # ---------------------------------------------------------------- comparison
@@ -349,18 +413,28 @@ class _Row:
     max_diff: float = 0.0
     signal: float = 0.0
     noise: float = 0.0
+    bound_ratio: float | None = None  # FP8: the largest |y_runtime - y_ref| / bound over samples whose levels agree
 
-    def add(self, ref_levels: np.ndarray | None, ref_y: np.ndarray, levels: np.ndarray | None, y: np.ndarray) -> None:
-        """ref_*: the reference's float64 values; levels, y: the runtime's."""
+    def add(self, ref_levels: np.ndarray | None, ref_y: np.ndarray, levels: np.ndarray | None, y: np.ndarray,
+            ref_bound: np.ndarray | None = None, fp8: bool = False) -> None:
+        """ref_*: the reference's float64 values (FP8 levels as E4M3 steps), its FP8 bound per element; levels, y:
+        the runtime's."""
         yr = ref_y
         self.elements += yr.size
         self.signal += float(np.sum(yr**2))
-        self.noise += float(np.sum((y.astype(np.float64) - yr) ** 2))
+        err = np.abs(y.astype(np.float64) - yr)
+        self.noise += float(np.sum(err**2))
+        agree = np.ones(len(yr), dtype=bool)
         if ref_levels is not None and levels is not None:
-            d = np.abs(levels.astype(np.float64) - ref_levels)
+            d = np.abs((e4m3_steps(levels) if fp8 else levels).astype(np.float64) - ref_levels)
             self.levels += d.size
             self.differing += int(np.count_nonzero(d))
             self.max_diff = max(self.max_diff, float(d.max()) if d.size else 0.0)
+            agree = ~d.reshape(len(d), -1).any(1)
+        if ref_bound is not None and agree.any():
+            b, e = ref_bound[agree], err[agree]
+            ratio = np.where(b > 0, e / np.where(b > 0, b, 1.0), np.where(e > 0, np.inf, 0.0))
+            self.bound_ratio = max(self.bound_ratio or 0.0, float(ratio.max()))
 
     @property
     def sqnr_db(self) -> float:
@@ -389,11 +463,14 @@ class LayerParity:
         for s in self.sites:
             r = ref[s.name]
             ref_y = r.y.double().numpy()
-            ref_levels = None if r.levels is None else r.levels.double().numpy()
+            ref_levels = None if r.levels is None else (
+                e4m3_steps(r.levels.numpy()).astype(np.float64) if s.fp8 else r.levels.double().numpy())
+            ref_bound = None if r.bound is None else r.bound.numpy()
             for t, m in masks:
                 lv = None if s.levels is None else got[s.levels][m]
                 self.rows.setdefault((s.name, t), _Row()).add(None if ref_levels is None else ref_levels[m], ref_y[m],
-                                                              lv, got[s.output][m])
+                                                              lv, got[s.output][m],
+                                                              None if ref_bound is None else ref_bound[m], s.fp8)
 
     def report(self, unmatched: dict[str, str], th: Thresholds, enforce: bool = True) -> dict:
         layers, failures = [], []
@@ -405,13 +482,17 @@ class LayerParity:
             differing = sum(r.differing for _, r in per_t)
             max_diff = max((r.max_diff for _, r in per_t), default=0.0)
             sq = [r.sqnr_db for _, r in per_t]
-            entry = {"layer": s.name, "mode": "w4a16" if s.weight_only else "quantized input",
+            ratios = [(t, r.bound_ratio) for t, r in per_t if r.bound_ratio is not None]
+            entry = {"layer": s.name, "mode": "w4a16" if s.weight_only else ("fp8" if s.fp8 else "quantized input"),
                      "elements": sum(r.elements for _, r in per_t), "levels": levels,
                      "differing_levels": differing, "differing_share": differing / levels if levels else 0.0,
                      "max_level_diff": max_diff, "min_sqnr_db": min(sq) if sq else None,
                      "t_index_covered": len(per_t),
+                     "max_error_over_bound": max((v for _, v in ratios), default=None),
                      "per_t_index": [{"t_index": t, "sqnr_db": r.sqnr_db, "differing_levels": r.differing,
-                                      "levels": r.levels, "max_level_diff": r.max_diff} for t, r in per_t]}
+                                      "levels": r.levels, "max_level_diff": r.max_diff,
+                                      **({} if r.bound_ratio is None else {"error_over_bound": r.bound_ratio})}
+                                     for t, r in per_t]}
             layers.append(entry)
             if len(per_t) < self.num_steps:
                 failures.append(f"{s.name}: only {len(per_t)} of {self.num_steps} t_index values had inputs")
@@ -420,6 +501,10 @@ class LayerParity:
                 failures.append(f"{s.name}: a level differs by {max_diff:.0f} (t_index {worst})")
             if levels and differing / levels >= th.max_diff_share:
                 failures.append(f"{s.name}: {differing} of {levels} levels differ ({differing / levels:.2e})")
+            over = [(t, v) for t, v in ratios if v > 1.0]
+            if over:
+                t, v = max(over, key=lambda p: p[1])
+                failures.append(f"{s.name}: output off by {v:.3g}x its float32 summation bound at t_index {t}")
             low = [(t, r.sqnr_db) for t, r in per_t if r.sqnr_db < th.min_sqnr_db]
             if low:
                 t, v = min(low, key=lambda p: p[1])
@@ -434,6 +519,8 @@ class LayerParity:
                 "differing_levels": all_diff, "levels_compared": all_levels,
                 "differing_share": all_diff / all_levels if all_levels else 0.0,
                 "min_layer_sqnr_db": min(finite) if finite else None,
+                "max_error_over_bound": max((e["max_error_over_bound"] for e in layers
+                                             if e["max_error_over_bound"] is not None), default=None),
                 "worst_layer": None if worst is None else worst["layer"],
                 "thresholds": {"max_level_diff": th.max_level_diff, "max_differing_share": th.max_diff_share,
                                "min_sqnr_db": th.min_sqnr_db},
@@ -541,7 +628,7 @@ def layer_parity_report(onnx_path: str | Path, ck: QuantCheckpoint, per_step: in
     n = len(inputs["sample"])
     # one input's captured activations size the batches (an SD-size UNet holds GBs of them per input)
     one = capture_layers(ck, {k: v[:1] for k, v in inputs.items()})
-    per_input = sum(c.x.nbytes + c.y.nbytes + (0 if c.levels is None else c.levels.nbytes) for c in one.values())
+    per_input = sum(c.nbytes for c in one.values())
     size = max(1, min(batch, CAPTURE_BYTES // (2 * max(1, per_input))))  # reference and runtime copies
     del one
     with scratch_dir(Path(onnx_path).parent) as tmp:

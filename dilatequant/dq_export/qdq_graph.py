@@ -17,8 +17,9 @@ from torch import nn
 from ..calibrate.checkpoint import QuantCheckpoint, load_checkpoint
 from ..core.conditioning import as_condition, unet_kwargs
 from ..core.errors import UserError
-from .export_config import ExportConfig
+from .export_config import FP8_MIN_COMPUTE_CAPABILITY, ExportConfig
 from .fold import ExportContext, deploy_unet, int4_layers
+from .fp8_ops import TRANSLATIONS
 from .fp16 import to_fp16
 from .graph_passes import finalize_graph, simplify
 from .onnx_files import save_model
@@ -90,6 +91,7 @@ def export_onnx(ckpt: str | Path | QuantCheckpoint, onnx_path: str | Path, cfg: 
     leaves unchanged); returns a summary (the caller runs checks and parity)."""
     start = time.perf_counter()
     ck = ckpt if isinstance(ckpt, QuantCheckpoint) else load_checkpoint(ckpt)
+    cfg = cfg.for_checkpoint(ck.qunet.config.format)
     use_t = not cfg.static_scales and ck.qunet.config.tpq
     w4a16 = w4a16_layers(ck, cfg)
     unet, ctx = deploy_unet(ck.qunet, static=cfg.static_scales, w4a16=w4a16)
@@ -103,7 +105,7 @@ def export_onnx(ckpt: str | Path | QuantCheckpoint, onnx_path: str | Path, cfg: 
                 wrapper, tuple(ins[n] for n in names), input_names=names, output_names=["noise_pred"],
                 dynamo=True, opset_version=OPSET,
                 dynamic_shapes=_dynamic_shapes(names, cfg.static_shapes, spatial_multiple(ck.qunet.unet)),
-                verbose=False, optimize=False)
+                verbose=False, optimize=False, custom_translation_table=TRANSLATIONS)
         except Exception as err:  # the exporter's own errors are long; keep the cause
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
@@ -185,4 +187,6 @@ def metadata(ck: QuantCheckpoint, cfg: ExportConfig, ckpt_hash: str, use_t: bool
         "dilatequant.sample_shape": json.dumps(list(ck.model.sample_shape)),
         "dilatequant.base_model": ck.source,
         "dilatequant.int4_layers": json.dumps(list(w4a16_layers(ck, cfg))),  # weight-only (W4A16) GEMMs
+        "dilatequant.format": qc.format,  # int | fp8
+        **({"dilatequant.min_compute_capability": FP8_MIN_COMPUTE_CAPABILITY} if qc.format == "fp8" else {}),
     }

@@ -6,6 +6,12 @@ follow what onnx-tensorrt's QuantDequantLinearHelper does, where it differs from
 point it quantizes to INT8 (ONNX: UINT8), it infers blocks from the scale's shape and needs them to
 divide the weight exactly (ONNX rounds up), and a 1-D scale must have one value per channel of `axis`,
 whose ONNX default is 1 (the input channels of a Conv weight, not its output channels).
+
+FP8: TensorRT quantizes to FLOAT8E4M3FN only (not E5M2 or the FNUZ variants), needs opset 19 or later for FP8
+types, and its parser does not check an FP8 zero point at all (it is ignored: a non-zero one builds and computes
+something else than ONNX), so this checker does; a convolution or GEMM must read activation and weight of one
+quantized type (an FP8 activation with an INT8 or INT4 weight has no kernel). FP8 convolutions and GEMMs need
+compute capability 8.9 or newer: a dilatequant FP8 graph must say so in its metadata.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from ..core.errors import UserError
+from .export_config import FP8_MIN_COMPUTE_CAPABILITY
 from .onnx_files import read_graph
 from .graph_passes import ensure_types
 
@@ -36,6 +43,9 @@ BLOCK_OPSET = 21  # DequantizeLinear / QuantizeLinear take block_size (and INT4)
 # ops that scale, cast or reshape a tensor without computing across it: an activation DQ seen through them
 # still feeds the GEMM after them (the export puts Mul(step size) between a DQ and its layer)
 PASS_THROUGH = {"Mul", "Div", "Cast", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+FP8 = onnx.TensorProto.FLOAT8E4M3FN
+OTHER_FP8_TYPES = {onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2FNUZ}
+FP8_MIN_OPSET = 19  # ONNX's FP8 types
 FOUR_BIT_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 CHANNEL_OPS = ("Conv", "Gemm", "MatMul")  # ops whose constant weight may carry a per-channel scale
 # inputs whose float type legitimately differs from the data input (ONNX typing, not precision)
@@ -117,6 +127,7 @@ def check_graph(model: onnx.ModelProto | ir.Model, base_dir: str | Path | None =
     v += _check_int4_activations(model)
     v += check_int4_quantize(model)
     v += check_blocks_supported(model, opset)
+    v += _check_fp8(model, opset)
     return v
 
 
@@ -153,6 +164,43 @@ def check_blocks_supported(model: ir.Model, opset: int) -> list[Violation]:
         elif data == onnx.TensorProto.INT4 and block not in INT4_BLOCK_SIZES:
             v.append(Violation("int4-block-size", name, f"INT4 blocks of {block}; TensorRT supports blocks of "
                                f"{' and '.join(map(str, INT4_BLOCK_SIZES))}: export with int4_block 64 or 128"))
+
+
+def _quantized_type(n: ir.Node) -> int | None:
+    """The type a Q produces or a DQ reads (its zero point's type when the Q names one; ONNX's default: UINT8)."""
+    if n.op_type == "DequantizeLinear":
+        return _dtype(n.inputs[0])
+    zp = _input(n, 2)
+    return _dtype(zp) if zp is not None else n.attributes.get_int("output_dtype", onnx.TensorProto.UINT8)
+
+
+def _check_fp8(model: ir.Model, opset: int) -> list[Violation]:
+    """FP8 types TensorRT runs (E4M3FN), the opset that has them, one quantized type per conv/GEMM, and the
+    compute-capability metadata of a dilatequant FP8 graph."""
+    v = []
+    fp8_nodes = 0
+    for n in model.graph:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            qt = _quantized_type(n)
+            if qt in OTHER_FP8_TYPES:
+                v.append(Violation("fp8-type", _name(n), f"{onnx.TensorProto.DataType.Name(qt)}: TensorRT quantizes "
+                                   "to FLOAT8E4M3FN (E4M3) only"))
+            fp8_nodes += qt == FP8
+        if n.op_type in CHANNEL_OPS:
+            srcs = [i.producer() if i is not None else None for i in n.inputs[:2]]
+            kinds = {_quantized_type(p) for p in srcs if p is not None and p.op_type == "DequantizeLinear"}
+            if len(kinds) == 2 and FP8 in kinds:
+                named = sorted(onnx.TensorProto.DataType.Name(k) for k in kinds if k)
+                v.append(Violation("fp8-mixed", _name(n), f"reads {' and '.join(named)} operands; TensorRT's FP8 "
+                                   "convolutions and GEMMs take FP8 activations with FP8 weights"))
+    if fp8_nodes and opset < FP8_MIN_OPSET:
+        v.append(Violation("fp8-opset", "<model>", f"FP8 Q/DQ needs opset {FP8_MIN_OPSET} or later (got {opset})"))
+    props = model.metadata_props
+    if fp8_nodes and "dilatequant.format_version" in props \
+            and props.get("dilatequant.min_compute_capability") != FP8_MIN_COMPUTE_CAPABILITY:
+        v.append(Violation("fp8-metadata", "<model>", f"FP8 graph without dilatequant.min_compute_capability "
+                           f"{FP8_MIN_COMPUTE_CAPABILITY}: engine builders could target GPUs without FP8 (Ampere); "
+                           "re-export it with dq-export"))
     return v
 
 
@@ -312,16 +360,18 @@ def _check_zero_point(n: ir.Node, name: str) -> list[Violation]:
     v = []
     zp_type = _dtype(zp)
     want = n.attributes.get_int("output_dtype") if n.op_type == "QuantizeLinear" else _dtype(n.inputs[0])
-    if zp_type not in QUANT_TYPES:
+    if zp_type not in QUANT_TYPES | OTHER_FP8_TYPES:  # other FP8 types: the fp8-type rule names them
         zt = onnx.TensorProto.DataType.Name(zp_type) if zp_type else "unknown"
         v.append(Violation("zero-point-type", name, f"zero point of type {zt}; TensorRT quantizes to INT8, INT4 or "
-                           "FP8 E4M3FN (a UINT8 zero point is read as INT8 on a GPU): give an INT8 zero point of 0"))
+                           "FLOAT8E4M3FN (a UINT8 zero point is read as INT8 on a GPU): give an INT8 zero point of 0"))
     elif want and zp_type != want:
         v.append(Violation("zero-point-type", name, f"zero point of type {onnx.TensorProto.DataType.Name(zp_type)} "
                            f"but the quantized type is {onnx.TensorProto.DataType.Name(want)}; make them the same"))
-    if np.any(_values(zp).astype(np.float32) != 0):  # as numbers: an FP8 zero point of 0.5 is not 0
+    if np.any(_values(zp).astype(np.float64) != 0):
+        extra = " (TensorRT's parser ignores an FP8 zero point: the engine would compute something else)" \
+            if zp_type == FP8 else ""
         v.append(Violation("zero-point", name, "zero point is not 0; TensorRT supports symmetric quantization "
-                           "only (shift asymmetric levels before Q instead)"))
+                           f"only (shift asymmetric levels before Q instead){extra}"))
     return v
 
 

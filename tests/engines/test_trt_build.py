@@ -286,6 +286,24 @@ def _fake_fp16_module(monkeypatch, writes_graph):
     return calls
 
 
+@pytest.mark.parametrize("gpu_cc,ok", [("8.6", False), ("8.9", True), ("9.0", True), ("12.0", True)])
+def test_fp8_graph_needs_compute_capability_8_9(tmp_path, fake_trt, monkeypatch, gpu_cc, ok):
+    """dq-export writes dilatequant.min_compute_capability 8.9 on FP8 graphs: an older GPU is one line before the
+    build, a newer one builds and the sidecar carries the requirement."""
+    path = tmp_path / "fp8.onnx"
+    onnx.save(_unet_like(meta=META | {"dilatequant.format": "fp8", "dilatequant.min_compute_capability": "8.9"}),
+              str(path))
+    monkeypatch.setattr(trt_env, "detect_gpu", lambda: GpuInfo("Some GPU", gpu_cc, "test"))
+    engine = tmp_path / "unet.plan"
+    if not ok:
+        with pytest.raises(UserError, match=r"needs compute capability 8.9 or newer \(.*\), but the build targets 8.6"):
+            build_engine(BuildConfig(onnx=path, engine=engine))
+        assert not fake_trt and not engine.exists()
+        return
+    s = build_engine(BuildConfig(onnx=path, engine=engine))
+    assert s["targets"]["required"]["compute_capability"] == "8.9" and len(fake_trt) == 1
+
+
 def test_fp16_fallback_runs_the_pass_then_builds_the_converted_graph(tmp_path, onnx_file, fake_trt, monkeypatch):
     converted = _unet_like()
     converted.graph.node[0].name = "q_after_fp16_pass"

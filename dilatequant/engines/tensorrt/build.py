@@ -200,8 +200,10 @@ def build_targets(backend: Backend, cfg: BuildConfig, need: Requirement) -> dict
         listed = [format_cc(c) for c in ccs] if ccs else None
     else:
         cc = parse_cc(backend.gpu.compute_capability, "the GPU's compute capability")
-        check_targets((cc,), need, str(cfg.onnx), f"build it on a GPU of compute capability {format_cc(need.cc)} or "
-                                                  "newer" if need.cc else "")
+        fix = f"build it on a GPU of compute capability {format_cc(need.cc)} or newer" if need.cc else ""
+        if "FP8" in (need.reason or ""):
+            fix += ", or calibrate and export an INT8 graph for this GPU (dq-calibrate --format int)"
+        check_targets((cc,), need, str(cfg.onnx), fix)
         listed, source = [format_cc(cc)], f"the build GPU ({backend.gpu.name})"
     return {"compute_capabilities": listed, "source": source, "required": need.to_json()}
 
