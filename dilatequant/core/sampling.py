@@ -13,7 +13,8 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm import tqdm
 
-from .conditioning import Condition, ConditionLike, cat_conditions, map_condition, unet_kwargs
+from .conditioning import Condition, ConditionLike, cat_conditions, map_condition
+from .denoisers import predict as denoiser_predict
 from .device import module_device, to_device
 from .models import DiffusionModel
 
@@ -60,8 +61,8 @@ def fp_predictor(model: DiffusionModel) -> NoisePredictor:
 
     @torch.no_grad()
     def predict(x, timestep, t_index, cond=None):
-        dev = module_device(model.unet)  # the sampler's tensors stay on the CPU (identity moves there)
-        return model.unet(x.to(dev), timestep.to(dev), **to_device(unet_kwargs(cond), dev)).sample.to(x.device)
+        dev = module_device(model.denoiser)  # the sampler's tensors stay on the CPU (identity moves there)
+        return denoiser_predict(model.denoiser, x.to(dev), timestep.to(dev), to_device(cond, dev)).to(x.device)
 
     return predict
 
@@ -152,7 +153,7 @@ def sample(
 
 def _ddim_loop(model, predict, x, cond, steps, guidance_scale, keep, bar):
     sched = ddim_scheduler(model, steps)
-    guided = cond is not None and guidance_scale != 1.0
+    guided = cond is not None and model.classifier_free(guidance_scale)
     record = []
     for t_index, t in enumerate(sched.timesteps):
         x_in = torch.cat([x, x]) if guided else x

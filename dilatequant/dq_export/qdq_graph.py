@@ -1,4 +1,5 @@
-"""q.pt -> QDQ ONNX: the deployment-form UNet exported with torch.onnx (dynamo), then annotated."""
+"""q.pt -> QDQ ONNX: the deployment-form denoiser (UNet or transformer) exported with torch.onnx (dynamo), then
+annotated."""
 from __future__ import annotations
 
 import gc
@@ -13,8 +14,10 @@ import torch
 from torch import nn
 
 from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
-from ..core.conditioning import as_condition, unet_kwargs
+from ..core.conditioning import COND_NAMES, as_condition
+from ..core.denoisers import UNetFamily, family_of
 from ..core.errors import UserError
+from .export_fixes import transformer_export
 from .fold import ExportContext, deploy_unet, int4_layers
 from .fp16 import to_fp16
 from .graph_passes import finalize_graph, simplify
@@ -48,28 +51,41 @@ class ExportConfig:
 
 
 class ExportWrapper(nn.Module):
-    """Graph interface: (sample, timestep, t_index[, encoder_hidden_states[, text_embeds, time_ids]]) -> noise_pred."""
+    """Graph interface: (sample, timestep, t_index, <the denoiser's condition inputs>) -> noise_pred.
+
+    The inputs are keyword arguments (conditioning.COND_NAMES), so every family's subset keeps its names:
+    SDXL's text_embeds/time_ids, SD3's pooled_projections, FLUX's guidance, PixArt's encoder_attention_mask."""
 
     def __init__(self, unet: nn.Module, ctx: ExportContext, num_steps: int, use_t_index: bool) -> None:
         super().__init__()
         self.unet, self.ctx, self.num_steps, self.use_t_index = unet, ctx, num_steps, use_t_index
+        self.family = family_of(unet)
 
-    def forward(self, sample, timestep, t_index=None, encoder_hidden_states=None, text_embeds=None, time_ids=None):
+    def forward(self, sample, timestep, t_index=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
+                pooled_projections=None, guidance=None, encoder_attention_mask=None):
         # An out-of-range t_index must never index out of bounds in any runtime: clamp in the graph.
         self.ctx.t_index = torch.clamp(t_index, 0, self.num_steps - 1) if self.use_t_index else None
-        cond = {"encoder_hidden_states": encoder_hidden_states, "text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, return_dict=False, **unet_kwargs(as_condition(cond)))[0]
+        cond = {"encoder_hidden_states": encoder_hidden_states, "text_embeds": text_embeds, "time_ids": time_ids,
+                "pooled_projections": pooled_projections, "guidance": guidance,
+                "encoder_attention_mask": encoder_attention_mask}
+        return self.family.predict(self.unet, sample, timestep, as_condition(cond))
 
 
 class StaticExportWrapper(ExportWrapper):
     """The static-scale twin's interface: (sample, timestep[, condition inputs]), no t_index."""
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, text_embeds=None, time_ids=None):
-        return super().forward(sample, timestep, None, encoder_hidden_states, text_embeds, time_ids)
+    def forward(self, sample, timestep, encoder_hidden_states=None, text_embeds=None, time_ids=None,
+                pooled_projections=None, guidance=None, encoder_attention_mask=None):
+        return super().forward(sample, timestep, None, encoder_hidden_states, text_embeds, time_ids,
+                               pooled_projections, guidance, encoder_attention_mask)
+
+
+assert tuple(COND_NAMES) == ("encoder_hidden_states", "text_embeds", "time_ids", "pooled_projections", "guidance",
+                             "encoder_attention_mask"), "ExportWrapper.forward takes COND_NAMES in this order"
 
 
 def input_names(cond_inputs: Sequence[str], use_t_index: bool) -> list[str]:
-    """Graph input names in order: sample, timestep, [t_index], then the UNet's condition inputs."""
+    """Graph input names in order: sample, timestep, [t_index], then the denoiser's condition inputs."""
     return ["sample", "timestep"] + (["t_index"] if use_t_index else []) + list(cond_inputs)
 
 
@@ -81,7 +97,8 @@ def example_inputs(ck: QuantCheckpoint, batch: int, use_t_index: bool) -> dict[s
     if use_t_index:
         ins["t_index"] = torch.arange(batch) % len(ck.timesteps)
     if ck.model.is_conditional:
-        ins.update(ck.model.condition(torch.arange(batch) % ck.model.num_labels))
+        guidance = ck.model.guidance_scale if ck.model.guidance_embedded else 1.0
+        ins.update(ck.model.condition(torch.arange(batch) % ck.model.num_labels, guidance))
     return ins
 
 
@@ -95,14 +112,13 @@ def _dynamic_shapes(names: list[str], static: bool, spatial_multiple: int):
     batch = torch.export.Dim("batch", min=1, max=63)
     h = spatial_multiple * torch.export.Dim("h_blocks", min=1, max=4096 // spatial_multiple)
     w = spatial_multiple * torch.export.Dim("w_blocks", min=1, max=4096 // spatial_multiple)
-    shapes = {"sample": {0: batch, 2: h, 3: w}, "timestep": {0: batch}, "t_index": {0: batch},
-              "encoder_hidden_states": {0: batch}, "text_embeds": {0: batch}, "time_ids": {0: batch}}
-    return {n: shapes[n] for n in names}
+    shapes = {"sample": {0: batch, 2: h, 3: w}, "timestep": {0: batch}, "t_index": {0: batch}}
+    return {n: shapes.get(n, {0: batch}) for n in names}  # condition inputs: dynamic batch, fixed token count
 
 
-def spatial_multiple(unet: nn.Module) -> int:
-    """2^(number of downsampling blocks): the sizes a diffusers UNet accepts without padding."""
-    return 2 ** (len(unet.config.block_out_channels) - 1)
+def spatial_multiple(denoiser: nn.Module) -> int:
+    """Latent sizes the denoiser takes without padding: a UNet's 2^downsamplings, a transformer's patch."""
+    return family_of(denoiser).patch_multiple(denoiser)
 
 
 def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig) -> dict:
@@ -115,14 +131,18 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
     wrapper = (ExportWrapper if use_t else StaticExportWrapper)(unet.eval(), ctx, len(ck.timesteps), use_t).eval()
     names = input_names(ck.model.cond_names, use_t)
     ins = example_inputs(ck, cfg.batch, use_t)
+    shapes = _dynamic_shapes(names, cfg.static_shapes, spatial_multiple(ck.qunet.unet))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(
-                wrapper, tuple(ins[n] for n in names), input_names=names, output_names=["noise_pred"],
-                dynamo=True, opset_version=OPSET,
-                dynamic_shapes=_dynamic_shapes(names, cfg.static_shapes, spatial_multiple(ck.qunet.unet)),
-                verbose=False, optimize=False)
+            if isinstance(family_of(ck.qunet.unet), UNetFamily):
+                program = torch.onnx.export(
+                    wrapper, tuple(ins[n] for n in names), input_names=names, output_names=["noise_pred"],
+                    dynamo=True, opset_version=OPSET, dynamic_shapes=shapes, verbose=False, optimize=False)
+            else:
+                program = transformer_export(wrapper, {n: ins[n] for n in names}, names, shapes, OPSET)
+        except UserError:
+            raise
         except Exception as err:  # the exporter's own errors are long; keep the cause
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)

@@ -14,8 +14,8 @@ import torch
 
 def nearest_t_index(calibrated: Sequence[int], timesteps: torch.Tensor) -> torch.Tensor:
     """t_index of the calibrated timestep nearest to each timestep (int64, same shape)."""
-    cal = torch.as_tensor(list(calibrated), dtype=torch.int64)
-    t = torch.as_tensor(timesteps, dtype=torch.int64)
+    cal = torch.as_tensor(list(calibrated), dtype=torch.float64)  # flow matching's timesteps are floats
+    t = torch.as_tensor(timesteps).to(torch.float64)
     dist = (t.reshape(-1, 1) - cal.reshape(1, -1)).abs()
     # argmin returns the first minimum; calibrated timesteps are in sampling (descending) order, so a
     # tie resolves to the larger timestep.

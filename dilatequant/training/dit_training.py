@@ -4,11 +4,12 @@ A Stable Diffusion 3 pipeline folder small enough for CPUs: an `SD3Transformer2D
 attention, adaLN-Zero modulation from the timestep and the pooled text embedding) trained here with SD3's
 rectified-flow objective, on the latents of `sd-digits`' VAE and the prompts of `sd-digits`' tokenizer and
 text encoder, reused as they are (frozen): both CLIP slots of the SD3 pipeline hold that encoder, its pooled
-projection the identity, and the T5 slot is empty, so the pipeline pads the prompt with `max_sequence_length`
-zero tokens (16 here, recorded in the folder's dilatequant.json). The transformer checkpoints every
---ckpt-every steps into --work and resumes from there when rerun.
+projection the identity, and the T5 slot is empty. An SD3 pipeline without T5 appends `max_sequence_length`
+zero tokens to the prompt (256 by default); this model was trained with none (--t5-tokens 0, recorded in the
+folder's dilatequant.json as a pipeline keyword), so its context is the 16 CLIP tokens. The transformer
+checkpoints every --ckpt-every steps into --work and resumes from there when rerun.
 
-    python -m dilatequant.training.dit_training --iters 6000 --seed 0 --out /tmp/sd3-digits
+    python -m dilatequant.training.dit_training --iters 5000 --seed 0 --out /tmp/sd3-digits
 """
 from __future__ import annotations
 
@@ -28,23 +29,21 @@ from ..core.models import DEFAULTS_FILE, embedded_model_dir
 from ..core.reporting import write_json
 from .sd_training import CAPTION_DROPOUT, Checkpoint, _cosine, _loop, _loss_curve, _versions, encode_all
 
-T5_TOKENS = 16  # zero tokens the SD3 pipeline appends in place of T5 (its max_sequence_length); real SD3: 256
-
-
 @dataclass(frozen=True)
 class DiTTrainConfig:
     """Everything that determines the result; a resumed run must match the checkpoint's config."""
 
     seed: int = 0
-    iters: int = 6000
+    iters: int = 5000
     batch: int = 64
     lr: float = 5e-4
     ema_decay: float = 0.999
     layers: int = 4
     heads: int = 3
     head_dim: int = 32
-    patch_size: int = 1
+    patch_size: int = 2     # SD3's: an 8x8 latent is 16 image tokens
     shift: float = 1.0      # FlowMatchEulerDiscreteScheduler's sigma shift (SD3 at 1024 px: 3.0)
+    t5_tokens: int = 0      # zero tokens in place of T5 (the pipeline's max_sequence_length; SD3's default: 256)
 
 
 def sd_digits_parts():
@@ -104,13 +103,13 @@ def make_pipeline(transformer, cfg: DiTTrainConfig, parts):
 
 
 @torch.no_grad()
-def encode_captions(pipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_captions(pipe, t5_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every (digit, phrasing) caption and "" through the pipeline's own encode_prompt, as sampling encodes them."""
     captions = [c for d in range(10) for c in captions_for(d)]
     emb, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
-                                           max_sequence_length=T5_TOKENS, device=torch.device("cpu"))
+                                           max_sequence_length=t5_tokens, device=torch.device("cpu"))
     empty, _, empty_pooled, _ = pipe.encode_prompt([""], None, None, do_classifier_free_guidance=False,
-                                                   max_sequence_length=T5_TOKENS, device=torch.device("cpu"))
+                                                   max_sequence_length=t5_tokens, device=torch.device("cpu"))
     per = len(CAPTION_TEMPLATES)
     return emb.view(10, per, *emb.shape[1:]), pooled.view(10, per, -1), empty[0], empty_pooled[0]
 
@@ -143,7 +142,7 @@ def train_transformer(cfg: DiTTrainConfig, transformer, captions, latents, label
     return ema.eval(), log
 
 
-def save_pipeline(out: Path, pipe, guidance: float) -> None:
+def save_pipeline(out: Path, pipe, guidance: float, t5_tokens: int) -> None:
     """save_pretrained into a temporary folder with the dilatequant defaults beside it, then renamed into place."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -151,9 +150,10 @@ def save_pipeline(out: Path, pipe, guidance: float) -> None:
     shutil.copyfile(embedded_model_dir("sd-digits") / "prompts.txt", tmp / "prompts.txt")
     (tmp / DEFAULTS_FILE).write_text(json.dumps({
         "guidance_scale": guidance, "calibration_prompts": "prompts.txt",
-        "pipeline_kwargs": {"max_sequence_length": T5_TOKENS},
+        "pipeline_kwargs": {"max_sequence_length": t5_tokens},
         "note": "read by dilatequant (models.pipeline_defaults), not by diffusers: pass max_sequence_length="
-                f"{T5_TOKENS} to the pipeline yourself (the transformer was trained with {T5_TOKENS} T5 zero tokens)",
+                f"{t5_tokens} to the pipeline yourself (the transformer was trained with {t5_tokens} T5 zero tokens; "
+                "load with text_encoder_3=None, tokenizer_3=None)",
     }, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -172,12 +172,12 @@ def train(cfg: DiTTrainConfig, out: Path, work: Path, threads: int, ckpt_every: 
     torch.manual_seed(cfg.seed)
     transformer = new_transformer(cfg, parts[2].config.hidden_size, mean.shape[1], mean.shape[-1])
     pipe = make_pipeline(transformer, cfg, parts)
-    captions = encode_captions(pipe)
+    captions = encode_captions(pipe, cfg.t5_tokens)
     ema, log = train_transformer(cfg, transformer, captions, (mean * scale, std * scale), data.train_labels,
                                  Checkpoint(work, "transformer", asdict(cfg), ckpt_every))
     pipe.transformer = ema
     pipe.register_modules(transformer=ema)
-    save_pipeline(out, pipe, guidance)
+    save_pipeline(out, pipe, guidance, cfg.t5_tokens)
     record = {
         "command": "python -m dilatequant.training.dit_training " + " ".join(sys.argv[1:]),
         "config": asdict(cfg), "threads": threads, "train_images": len(data.train_labels),
@@ -186,7 +186,7 @@ def train(cfg: DiTTrainConfig, out: Path, work: Path, threads: int, ckpt_every: 
                      f"{CAPTION_DROPOUT:.0%} empty captions; adaLN-Zero init; EMA weights shipped",
         "reused_from_sd_digits": "VAE (shift_factor 0 added to its config), tokenizer, text encoder (frozen; "
                                  "CLIPTextModelWithProjection with an identity projection, in both CLIP slots)",
-        "t5_zero_tokens": T5_TOKENS, "guidance_scale": guidance,
+        "guidance_scale": guidance,
         "transformer": {"iters": cfg.iters, "wall_s": log["wall_s"],
                         "final_loss_mean_last_200": sum(log["losses"][-200:]) / max(1, len(log["losses"][-200:])),
                         "loss_every_100": _loss_curve(log["losses"]),
@@ -210,6 +210,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=d.head_dim)
     p.add_argument("--patch-size", type=int, default=d.patch_size)
     p.add_argument("--shift", type=float, default=d.shift)
+    p.add_argument("--t5-tokens", type=int, default=d.t5_tokens, help="zero tokens in place of T5 (SD3 default: 256)")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale recorded as the folder's default")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ckpt-every", type=int, default=250, help="steps between resumable checkpoints")
@@ -220,7 +221,8 @@ def main() -> None:
         if getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(a, name)})")
     cfg = DiTTrainConfig(seed=a.seed, iters=a.iters, batch=a.batch, lr=a.lr, ema_decay=a.ema_decay, layers=a.layers,
-                         heads=a.heads, head_dim=a.head_dim, patch_size=a.patch_size, shift=a.shift)
+                         heads=a.heads, head_dim=a.head_dim, patch_size=a.patch_size, shift=a.shift,
+                         t5_tokens=a.t5_tokens)
     try:
         rec = train(cfg, a.out, a.work or a.out.with_name(a.out.name + ".work"), a.threads, a.ckpt_every, a.guidance)
     except UserError as err:

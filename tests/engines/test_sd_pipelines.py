@@ -110,7 +110,7 @@ def test_graph_inside_the_diffusers_pipeline_agrees_with_fp(chain, name, schedul
     assert _cli(generate_main, "--model", folder, "--onnx", onnx, "--prompt", "a red cat", "--scheduler", scheduler,
                 "--steps", 20, "--seed", 3, "--compare-fp", "--out", out) == 0
     r = json.loads(out.with_suffix(".png.json").read_text())
-    assert r["unet_calls"] == 20 and out.is_file() and (tmp_path / "img-side-by-side.png").is_file()
+    assert r["denoiser_calls"] == 20 and out.is_file() and (tmp_path / "img-side-by-side.png").is_file()
     assert r["vs_fp"]["image_psnr_db"] >= 30, r["vs_fp"]  # measured 33.6-43.4 dB
 
 
