@@ -158,11 +158,11 @@ def test_bad_input_gets_one_clear_line(chain, tmp_path, capsys):
     shutil.rmtree(no_te2 / "text_encoder_2")
     assert _cli(calibrate_main, "--model", no_te2, "--out", tmp_path / "q.pt") == 2
     _one_error(capsys, "text_encoder_2")
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    assert _cli(calibrate_main, "--model", flux, "--out", tmp_path / "q.pt") == 2
-    _one_error(capsys, "FluxPipeline", "supported pipelines")
+    alpha = tmp_path / "pixart-alpha"
+    alpha.mkdir()
+    (alpha / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    assert _cli(calibrate_main, "--model", alpha, "--out", tmp_path / "q.pt") == 2
+    _one_error(capsys, "PixArtAlphaPipeline", "supported pipelines", "FluxPipeline", "PixArtSigmaPipeline")
     # a q.pt / graph of one pipeline with another's folder: other class, and same class with other weights
     assert _cli(generate_main, "--model", sdxl, "--ckpt", sd2_ckpt, "--prompt", "a cat", "--out", tmp_path / "x.png") == 2
     _one_error(capsys, "StableDiffusionPipeline", "StableDiffusionXLPipeline")
