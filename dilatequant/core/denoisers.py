@@ -357,9 +357,9 @@ def predict(module: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, con
 
 def image_ids(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
     """FLUX's position ids of a rows x cols token grid: (0, row, col) per token, row-major (FluxPipeline's)."""
-    r = torch.arange(rows, device=device).repeat_interleave(cols)
-    c = torch.arange(cols, device=device).repeat(rows)
-    return torch.stack([torch.zeros_like(r), r, c], dim=1).to(dtype)
+    r = torch.arange(rows, device=device, dtype=dtype)[:, None].expand(rows, cols)
+    c = torch.arange(cols, device=device, dtype=dtype)[None, :].expand(rows, cols)
+    return torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(rows * cols, 3)  # broadcasts: TensorRT's shapes
 
 
 def flow_shift_mu(scheduler_config: Mapping, image_seq_len: int) -> float:

@@ -9,6 +9,9 @@
    translation below emits Identity when the dimension is known not to be 1.
 3. FLUX's rotary embedding asks for float64 frequencies; TensorRT has no FP64 tensors. During the export they
    are computed in float32 (the exported RoPE differs from PyTorch's by about 5e-7 on the tiny models).
+4. FLUX splits the joint [text; image] sequence with split_with_sizes at a symbolic image length, which onnxscript
+   emits as SplitToSequence + SequenceAt: TensorRT's parser has no sequence ops (tensorrt_rtx 1.7: UNSUPPORTED_NODE).
+   The translation below emits one Slice per piece.
 """
 from __future__ import annotations
 
@@ -42,6 +45,21 @@ def _squeeze_dim(self, dim: int):
     return op.Squeeze(self, op.Constant(value_ints=[dim]))
 
 
+def _split_with_sizes(self, split_sizes, dim: int = 0):
+    """aten.split_with_sizes as one Slice per piece (sizes static or symbolic), not a tensor sequence."""
+    from onnxscript import opset18 as op
+
+    axis = op.Constant(value_ints=[dim])
+    start = op.Constant(value_ints=[0])
+    pieces = []
+    for size in split_sizes:
+        size = op.Constant(value_ints=[size]) if isinstance(size, int) else op.Reshape(size, op.Constant(value_ints=[1]))
+        end = op.Add(start, size)
+        pieces.append(op.Slice(self, start, end, axis))
+        start = end
+    return pieces
+
+
 def transformer_export(wrapper: torch.nn.Module, inputs: dict[str, torch.Tensor], names: list[str],
                        dynamic_shapes: dict | None, opset: int):
     """torch.export (non-strict, keyword inputs) then torch.onnx.export of the program; returns the ONNX program."""
@@ -49,4 +67,5 @@ def transformer_export(wrapper: torch.nn.Module, inputs: dict[str, torch.Tensor]
         program = torch.export.export(wrapper, (), kwargs=inputs, dynamic_shapes=dynamic_shapes, strict=False)
     return torch.onnx.export(program, (), kwargs=inputs, input_names=names, output_names=["noise_pred"], dynamo=True,
                              opset_version=opset, verbose=False, optimize=False,
-                             custom_translation_table={torch.ops.aten.squeeze.dim: _squeeze_dim})
+                             custom_translation_table={torch.ops.aten.squeeze.dim: _squeeze_dim,
+                                                       torch.ops.aten.split_with_sizes.default: _split_with_sizes})

@@ -147,6 +147,8 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
     props = metadata(ck, cfg, checkpoint_hash(ckpt_path), use_t)
+    if _fixed_spatial_size(model):  # the exporter specialised H and W (PixArt's position table is built per size)
+        props["dilatequant.spatial_multiple"] = "0"
     # The proto holds the weights now. The exporter's program, the deployment-form copy and the checkpoint (its
     # mapped float32 pages: 10.3 GB at SDXL size) sit in reference cycles: collect them before the graph is written
     del program, wrapper, unet, ctx, ck
@@ -160,6 +162,12 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
             "inputs": names, "precision": cfg.precision,
             "static_scales": cfg.static_scales, "dtype": cfg.dtype, "export_s": round(time.perf_counter() - start, 2),
             "config": asdict(cfg), "int4_layers": list(w4a16)}
+
+
+def _fixed_spatial_size(model) -> bool:
+    """Does the graph take one latent size only (static H and W on its sample input)?"""
+    sample = next(i for i in model.graph.input if i.name == "sample")
+    return all(d.HasField("dim_value") for d in sample.type.tensor_type.shape.dim[2:])
 
 
 def w4a16_layers(ck: QuantCheckpoint, cfg: ExportConfig) -> tuple[str, ...]:
