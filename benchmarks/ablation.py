@@ -25,10 +25,10 @@ import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.core.evaluation import compare_to_fp, fp_reference, mean_mse_before_final
+from dilatequant.core.guidance import DEFAULT_GUIDANCE
 from dilatequant.core.metrics import digit_scores
 from dilatequant.core.models import load_model
 from dilatequant.core.reporting import environment, write_json, write_text
-from dilatequant.core.sampling import DEFAULT_GUIDANCE
 
 ALL = ["--float-layers", "none"]  # every layer quantized, the UNet input included (the grid's common setting)
 VARIANTS = {

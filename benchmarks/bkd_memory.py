@@ -50,7 +50,8 @@ def child(n: int, setup: Setup) -> dict:
     from diffusers import UNet2DModel
 
     from dilatequant.calibrate.calibration_data import build_calibration_set
-    from dilatequant.calibrate.distill import DistillConfig, distill
+    from dilatequant.calibrate.distill import distill
+    from dilatequant.calibrate.distill_config import DistillConfig
     from dilatequant.calibrate.quant_config import QuantConfig
     from dilatequant.calibrate.recipe import prepare
     from dilatequant.core.models import DiffusionModel, default_scheduler

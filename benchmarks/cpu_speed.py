@@ -33,11 +33,12 @@ from dilatequant.core.metrics import sqnr_db
 from dilatequant.core.models import ClassTokenEncoder, DiffusionModel, default_scheduler, load_model
 from dilatequant.core.reporting import environment, write_json, write_text
 from dilatequant.core.sampling import sampling_timesteps
+from dilatequant.dq_export.export_config import ExportConfig
 from dilatequant.dq_export.graph_passes import simplify
 from dilatequant.dq_export.onnx_files import save_model
 from dilatequant.dq_export.ort_graph import convert_file
 from dilatequant.dq_export.parity import ORT_DISABLED_OPTIMIZERS
-from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
+from dilatequant.dq_export.qdq_graph import export_onnx
 
 VARIANTS = ("ort_fp32", "ort_qdq_trt_style", "ort_int_target_ort", "torch_fp32_eager")
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.calibration_data import build_calibration_sets, trajectory_count
-from dilatequant.calibrate.distill import DistillConfig, adam_radius, bkd_divergence_bound
+from dilatequant.calibrate.distill import adam_radius, bkd_divergence_bound
+from dilatequant.calibrate.distill_config import DistillConfig
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
 from dilatequant.calibrate.recipe import apply_scaling, init_act_tables, init_weight_scales, observe_activations

@@ -16,17 +16,18 @@ from pathlib import Path
 import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.distill import DistillConfig
+from dilatequant.calibrate.distill_config import DistillConfig
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import CalibrationJob, run_calibration
 from dilatequant.core.evaluation import fp_trajectories, per_step_noise_error
+from dilatequant.core.guidance import DEFAULT_GUIDANCE
 from dilatequant.core.metrics import digit_scores
 from dilatequant.core.models import load_model
 from dilatequant.core.reporting import environment, write_json, write_text
-from dilatequant.core.sampling import DEFAULT_GUIDANCE, sample
+from dilatequant.core.sampling import sample
+from dilatequant.dq_export.export_config import ExportConfig
 from dilatequant.dq_export.parity import ort_session
 from dilatequant.dq_export.pipeline import export_and_verify
-from dilatequant.dq_export.qdq_graph import ExportConfig
 
 
 def ort_predictor(path: Path):

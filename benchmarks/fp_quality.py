@@ -13,10 +13,11 @@ import torch
 
 from dilatequant.calibrate.checkpoint import checkpoint_hash
 from dilatequant.core.digits import load_digits
+from dilatequant.core.guidance import DEFAULT_GUIDANCE
 from dilatequant.core.metrics import digit_scores
 from dilatequant.core.models import EMBEDDED_MODELS, embedded_model_dir, load_model
 from dilatequant.core.reporting import environment, save_grid, write_json, write_text
-from dilatequant.core.sampling import DEFAULT_GUIDANCE, sample
+from dilatequant.core.sampling import sample
 
 
 def main() -> None:

@@ -13,13 +13,13 @@ import argparse
 import time
 from pathlib import Path
 
-from dilatequant.calibrate.distill import DistillConfig
+from dilatequant.calibrate.distill_config import DistillConfig
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import CalibrationJob, run_calibration
 from dilatequant.core.reporting import environment, write_json
+from dilatequant.dq_export.export_config import ExportConfig
 from dilatequant.dq_export.layer_parity import LayerParityError
 from dilatequant.dq_export.pipeline import export_and_verify
-from dilatequant.dq_export.qdq_graph import ExportConfig
 
 
 def checkpoint(model: str, bits: str, sym: bool, a, work: Path) -> Path:

@@ -17,9 +17,10 @@ import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.core.evaluation import compare_to_fp, fp_reference, fp_trajectories
+from dilatequant.core.guidance import DEFAULT_GUIDANCE
 from dilatequant.core.metrics import sqnr_db
 from dilatequant.core.reporting import environment, write_json
-from dilatequant.core.sampling import DEFAULT_GUIDANCE, fp_predictor
+from dilatequant.core.sampling import fp_predictor
 from dilatequant.engines.runners import fp_model_of
 
 

@@ -27,7 +27,8 @@ from dilatequant.core.digits import captions_for
 from dilatequant.core.metrics import psnr_db, ssim
 from dilatequant.core.models import load_model
 from dilatequant.core.reporting import environment, save_grid, write_json, write_text
-from dilatequant.engines.generate import SCHEDULERS, GenerateConfig, check_pairing, run_pipeline
+from dilatequant.engines.generate import check_pairing, run_pipeline
+from dilatequant.engines.generate_config import SCHEDULERS, GenerateConfig
 from dilatequant.engines.pytorch.diffusers_unet import QuantizedUNet
 from dilatequant.engines.runners import open_runner
 

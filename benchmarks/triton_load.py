@@ -20,7 +20,8 @@ import numpy as np
 
 from dilatequant.core.reporting import environment, write_json, write_text
 from dilatequant.engines.triton.client import connect, infer, pipeline_inputs
-from dilatequant.engines.triton.repository import RepositoryConfig, write_repository
+from dilatequant.engines.triton.repository import write_repository
+from dilatequant.engines.triton.repository_config import RepositoryConfig
 from dilatequant.engines.triton.server import TritonServer
 
 

@@ -20,14 +20,41 @@ def _run(fn: Callable[[], object]) -> None:
         sys.exit(130)
 
 
+# -- arguments shared by several commands (one definition each; help texts say what they mean there) --------------
+def _add_seed(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--seed", type=int, default=0, help=help)
+
+
+def _add_steps(p: argparse.ArgumentParser, help: str, default: int | None = None) -> None:
+    p.add_argument("--steps", type=int, default=default, help=help)
+
+
+def _add_model(p: argparse.ArgumentParser, help: str, required: bool = False, default: str | None = None) -> None:
+    p.add_argument("--model", required=required, default=default, help=help)
+
+
+def _add_runtime(p: argparse.ArgumentParser, onnx_help: str, engine_help: str = "TensorRT engine written by "
+                 "dq-build-engine", ckpt_help: str | None = None) -> None:
+    """The runtime to load, one of --onnx / --engine (/ --ckpt for fake-quant)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--onnx", type=Path, help=onnx_help)
+    src.add_argument("--engine", type=Path, help=engine_help)
+    if ckpt_help:
+        src.add_argument("--ckpt", type=Path, help=ckpt_help)
+
+
+def _add_device(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--device", default="cpu", help=help)
+
+
 def demo_main(argv: list[str] | None = None) -> None:
-    from .demo import DemoConfig, run_demo
+    from .demo_config import DemoConfig
 
     p = argparse.ArgumentParser(prog="dq-demo", description="End-to-end demo on the embedded default models.")
     p.add_argument("--report", type=Path, default=DemoConfig.report_dir, help="report folder (default: %(default)s)")
     p.add_argument("--samples", type=int, default=DemoConfig.num_samples, help="images per model")
-    p.add_argument("--steps", type=int, default=DemoConfig.steps, help="DDIM steps")
-    p.add_argument("--seed", type=int, default=DemoConfig.seed)
+    _add_steps(p, "DDIM steps", DemoConfig.steps)
+    _add_seed(p)
     p.add_argument("--models", nargs="+", default=list(DemoConfig.models))
     p.add_argument("--quant-model", default=DemoConfig.quant_model, help="model to calibrate, export and verify")
     p.add_argument("--bits", default=DemoConfig.bits)
@@ -36,6 +63,8 @@ def demo_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     def go() -> None:
+        from .demo import run_demo
+
         out = run_demo(DemoConfig(report_dir=a.report, models=tuple(a.models), num_samples=a.samples,
                                   steps=a.steps, seed=a.seed, quant_model="" if a.no_quant else a.quant_model,
                                   bits=a.bits, iters=a.iters))
@@ -45,22 +74,17 @@ def demo_main(argv: list[str] | None = None) -> None:
 
 
 def calibrate_main(argv: list[str] | None = None) -> None:
-    from .calibrate.distill import DistillConfig
-    from .calibrate.quant_config import QuantConfig
-    from .calibrate.recipe import CalibrationJob, run_calibration
-    from .calibrate.timestep_quantizer import INIT_METHODS
-    from .calibrate.weight_dilation import SCALING_METHODS
-    from .core.models import parse_size
-    from .core.prompts import read_prompts
-    from .core.sampling import DEFAULT_GUIDANCE, TEXT_GUIDANCE
+    from .calibrate.distill_config import DistillConfig
+    from .calibrate.quant_config import INIT_METHODS, SCALING_METHODS, QuantConfig
+    from .core.guidance import DEFAULT_GUIDANCE, TEXT_GUIDANCE
 
     d, q = DistillConfig(), QuantConfig()
     p = argparse.ArgumentParser(prog="dq-calibrate", description="DilateQuant QAT (WD + TPQ + BKD) -> q.pt")
-    p.add_argument("--model", default="default", help="default | default-cond | sd-digits | a diffusers UNet folder "
-                   "| a pipeline folder: StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, "
-                   "FluxPipeline, PixArtSigmaPipeline")
+    _add_model(p, "default | default-cond | sd-digits | a diffusers UNet folder | a pipeline folder: "
+               "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, "
+               "PixArtSigmaPipeline", default="default")
     p.add_argument("--bits", default="W4A8", help="weight and activation bits, e.g. W8A8, W4A8, W4A4")
-    p.add_argument("--steps", type=int, default=q.num_steps, help="DDIM steps to calibrate for (T)")
+    _add_steps(p, "DDIM steps to calibrate for (T)", q.num_steps)
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--iters", type=int, default=d.iters, help="BKD iterations per block (full QAT: in total)")
     p.add_argument("--batch", type=int, default=d.batch)
@@ -89,10 +113,10 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", metavar="HxW", help="image size to calibrate at (default: the denoiser's "
                    "sample_size x the VAE factor; FLUX: 1024x1024)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run at its next unfinished block")
-    p.add_argument("--seed", type=int, default=0)
+    _add_seed(p)
     p.add_argument("--sample-batch", type=int, help="trajectories per sampling batch (default: 250 in one process, "
                    "an equal share per rank under torchrun; one process with the same value reproduces the set)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per local rank, NCCL)")
+    _add_device(p, "cpu | cuda (under torchrun: one GPU per local rank, NCCL)")
     p.add_argument("--autocast", choices=("none", "bf16"), default="none",
                    help="bf16: BKD's forward passes under bfloat16 autocast (the loss in float32)")
     p.add_argument("--teacher-dtype", choices=("fp32", "bf16"), default="fp32",
@@ -109,11 +133,11 @@ def calibrate_main(argv: list[str] | None = None) -> None:
 
 
 def _calibrate(a: argparse.Namespace, dist) -> None:
-    from .calibrate.distill import DistillConfig
+    from .calibrate.distill_config import DistillConfig
     from .calibrate.quant_config import QuantConfig
     from .calibrate.recipe import CalibrationJob, run_calibration
-    from .core.models import parse_size
     from .core.prompts import read_prompts
+    from .core.sizes import parse_size
 
     w_bits, a_bits = QuantConfig.parse_bits(a.bits)
     config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, symmetric=a.sym, scaling=a.scaling,
@@ -141,7 +165,7 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
 
 
 def export_main(argv: list[str] | None = None) -> None:
-    from .dq_export.qdq_graph import PRECISIONS, ExportConfig
+    from .dq_export.export_config import PRECISIONS, ExportConfig
 
     p = argparse.ArgumentParser(prog="dq-export", description="q.pt -> QDQ ONNX with a t_index input "
                                 "(TensorRT-legal per-timestep scales), checked and verified")
@@ -260,21 +284,19 @@ def build_engine_main(argv: list[str] | None = None) -> None:
 
 
 def triton_main(argv: list[str] | None = None) -> None:
-    from .engines.triton.repository import KINDS, RepositoryConfig
+    from .engines.triton.repository_config import KINDS, RepositoryConfig
 
     d = RepositoryConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="dq-triton", description="Write a Triton model repository: the UNet "
                                 "(TensorRT plan, ONNX Runtime, or Python+ORT for CPU) and a `pipeline` model (DDIM "
                                 "over class labels; for Stable Diffusion graphs, prompts through text_encoder and "
                                 "vae_decoder models)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--engine", type=Path, help="TensorRT plan (with its <plan>.json sidecar)")
-    src.add_argument("--onnx", type=Path, help="QDQ ONNX graph written by dq-export")
+    _add_runtime(p, "QDQ ONNX graph written by dq-export", engine_help="TensorRT plan (with its <plan>.json sidecar)")
     p.add_argument("--repo", type=Path, required=True, help="repository folder to write")
     p.add_argument("--ckpt", type=Path, help="q.pt the graph came from (class tokens, scheduler); "
                    "default: the base model named in the graph's metadata")
-    p.add_argument("--model", help="Stable Diffusion graphs: the StableDiffusionPipeline folder it was calibrated "
-                   "from (text encoder, VAE, tokenizer; default: the base model named in the graph's metadata)")
+    _add_model(p, "Stable Diffusion graphs: the StableDiffusionPipeline folder it was calibrated from (text encoder, "
+               "VAE, tokenizer; default: the base model named in the graph's metadata)")
     p.add_argument("--max-batch", type=int, default=d["max_batch"].default, help="unet max_batch_size (%(default)s)")
     p.add_argument("--instances", type=int, default=d["instances"].default, help="unet instances (%(default)s)")
     p.add_argument("--pipeline-instances", type=int, default=d["pipeline_instances"].default,
@@ -334,10 +356,10 @@ def client_main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", metavar="HxW", help="with --prompt: image size in pixels (default: the calibrated size)")
     p.add_argument("--scheduler", choices=("ddim", "euler", "dpm"), help="with --prompt: sampler (default ddim)")
     p.add_argument("--num-images", type=int, help="unconditional models and prompts: images to generate (default 1)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the server's; the calibrated count for class "
-                   "models, 20 for prompts as dq-generate)")
+    _add_steps(p, "sampling steps (default: the server's; the calibrated count for class models, 20 for prompts as "
+               "dq-generate)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the server's)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_seed(p)
     p.add_argument("--model", default="pipeline")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=Path("img.png"))
@@ -381,21 +403,19 @@ def verify_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="dq-verify", description="Accuracy, speed and memory of an exported runtime "
                                 "(ONNX Runtime or TensorRT) against the PyTorch fake-quant and FP models")
     p.add_argument("--ckpt", type=Path, required=True, help="q.pt the runtime was exported from")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--onnx", type=Path, help="graph written by dq-export (runs in ONNX Runtime)")
-    src.add_argument("--engine", type=Path, help="TensorRT engine written by dq-build-engine")
+    _add_runtime(p, "graph written by dq-export (runs in ONNX Runtime)")
     p.add_argument("--report", type=Path, required=True, help="report folder")
     p.add_argument("--batch", default="1,4,8", help="batch sizes for UNet latency (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (ONNX Runtime CUDA EP, PyTorch baselines on cuda)")
+    _add_device(p, "cpu | cuda (ONNX Runtime CUDA EP, PyTorch baselines on cuda)")
     p.add_argument("--samples", type=int, default=16, help="DDIM images per runtime")
-    p.add_argument("--steps", type=int, help="DDIM steps for the images (default: the calibrated T)")
+    _add_steps(p, "DDIM steps for the images (default: the calibrated T)")
     p.add_argument("--mapped-steps", help="other step counts to measure schedule mapping at (default: T/2,2T)")
     p.add_argument("--traj-samples", type=int, default=4, help="FP trajectories for per-step SQNR")
     p.add_argument("--repeats", type=int, default=20, help="timed UNet calls per batch size")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: torch's)")
-    p.add_argument("--model", help="FP model (default: the one the checkpoint was calibrated from)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_model(p, "FP model (default: the one the checkpoint was calibrated from)")
+    _add_seed(p)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline on CUDA")
     p.add_argument("--layer-per-step", type=int, default=2, help="calibration inputs per t_index for the teacher-forced "
                    "layer-wise parity (0: skip; default: %(default)s)")
@@ -432,33 +452,32 @@ def verify_main(argv: list[str] | None = None) -> None:
 
 
 def generate_main(argv: list[str] | None = None) -> None:
-    from .core.models import parse_size
-    from .engines.generate import SCHEDULERS, GenerateConfig, generate
+    from .core.sizes import parse_size
+    from .engines.generate_config import SCHEDULERS, GenerateConfig
 
     p = argparse.ArgumentParser(prog="dq-generate", description="a prompt through the model's own diffusers pipeline "
                                 "with the quantized denoiser dropped into it (pipe.unet, or pipe.transformer for "
                                 "SD3, FLUX.1 and PixArt-Sigma)")
-    p.add_argument("--model", required=True, help="the pipeline folder the runtime was calibrated from")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--onnx", type=Path, help="graph written by dq-export (ONNX Runtime)")
-    src.add_argument("--engine", type=Path, help="TensorRT engine written by dq-build-engine")
-    src.add_argument("--ckpt", type=Path, help="q.pt (PyTorch fake-quant)")
+    _add_model(p, "the pipeline folder the runtime was calibrated from", required=True)
+    _add_runtime(p, "graph written by dq-export (ONNX Runtime)", ckpt_help="q.pt (PyTorch fake-quant)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (other counts than the calibrated one use "
-                   "the nearest calibrated timestep's scales; default: %(default)s)")
+    _add_steps(p, "sampling steps (other counts than the calibrated one use the nearest calibrated timestep's "
+               "scales; default: %(default)s)", GenerateConfig.steps)
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="dpm: DPM-Solver++ (default: %(default)s; "
                    "diffusion transformers sample with their pipeline's own scheduler)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's own from its folder's dilatequant.json, e.g. 3.0 for sd-digits; else the pipeline's, 7.5)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_seed(p)
     p.add_argument("--size", metavar="HxW", help="image size in pixels (default: the calibrated size)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (ONNX Runtime CUDA EP, fake-quant on cuda)")
+    _add_device(p, "cpu | cuda (ONNX Runtime CUDA EP, fake-quant on cuda)")
     p.add_argument("--compare-fp", action="store_true", help="also the FP pipeline from the same seed: <out>-fp.png, "
                    "<out>-side-by-side.png, PSNR/SSIM in <out>.json")
     p.add_argument("--out", type=Path, default=Path("img.png"))
     a = p.parse_args(argv)
 
     def go() -> None:
+        from .engines.generate import generate
+
         cfg = GenerateConfig(model=a.model, runtime=a.onnx or a.engine or a.ckpt, prompt=a.prompt, out=a.out,
                              negative_prompt=a.negative_prompt, steps=a.steps, scheduler=a.scheduler,
                              guidance=a.guidance, seed=a.seed, size=parse_size(a.size) if a.size else None,

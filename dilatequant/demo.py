@@ -6,41 +6,25 @@ pipeline for a prompt grid, FP beside quantized."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .calibrate.checkpoint import load_checkpoint
 from .calibrate.checkpoint import source_model
-from .calibrate.distill import DistillConfig
+from .calibrate.distill_config import DistillConfig
 from .calibrate.quant_config import QuantConfig
 from .calibrate.recipe import CalibrationJob, run_calibration
 from .core.errors import UserError
+from .demo_config import DemoConfig
 from .core.evaluation import compare_to_fp, fp_reference, fp_trajectories, requested_digits
-from .core.metrics import digit_scores, format_digit_fid, format_sqnr, with_fid_floor
+from .core.metrics import digit_scores, fid_omitted_note, fid_shown, format_digit_fid, format_sqnr, with_fid_floor
 from .core.models import DiffusionModel, load_model
 from .core.reporting import environment, ensure_writable_dir, save_grid, write_json, write_text
 from .core.sampling import SampleResult, default_guidance, sample
+from .dq_export.export_config import ExportConfig
 from .dq_export.pipeline import export_and_verify
-from .dq_export.qdq_graph import ExportConfig
-
-
-@dataclass
-class DemoConfig:
-    report_dir: Path = Path("dq-report")
-    models: tuple[str, ...] = ("default", "default-cond", "sd-digits")
-    num_samples: int = 100
-    steps: int = 50
-    guidance_scale: float | None = None  # None: each model's own (default-cond 1.1, sd-digits 3.0)
-    seed: int = 0
-    quant_model: str = "sd-digits"  # the model the demo calibrates, exports and verifies
-    bits: str = "W4A8"
-    symmetric: bool = True         # what TensorRT runs
-    calib_samples: int = 128
-    iters: int = 20                # BKD iterations per block: a short demo run (benchmarks train longer)
-    generate_steps: int = 20       # the prompt grid: diffusers' pipeline with the graph as pipe.unet
-    generate_schedulers: tuple[str, ...] = ("euler", "dpm")
 
 
 def guidance_of(cfg: DemoConfig, model: DiffusionModel) -> float:
@@ -109,7 +93,8 @@ def generate_section(cfg: DemoConfig, model: DiffusionModel, onnx_path: Path) ->
     from the same seeds: what dq-generate does, for a few samplers with other step counts than calibrated."""
     from .core.digits import captions_for
     from .core.metrics import psnr_db, ssim
-    from .engines.generate import GenerateConfig, run_pipeline
+    from .engines.generate import run_pipeline
+    from .engines.generate_config import GenerateConfig
     from .engines.onnxruntime.runner import OrtRunner
     from .engines.pytorch.diffusers_unet import QuantizedUNet
 
@@ -186,17 +171,21 @@ def run_demo(cfg: DemoConfig) -> Path:
 def summary_markdown(report: dict) -> str:
     lines = ["# DilateQuant demo report", "", f"Wall time {report['wall_s']} s on {report['environment']['cpu']} "
              f"({report['environment']['cpu_count']} cores), torch {report['environment']['torch']}.", ""]
-    lines += ["## Full-precision models (DDIM, seeded)", "",
-              "| model | samples | steps | guidance | digit-FID | classifier confidence | class accuracy | grid |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name, sec in report["models"].items():
-        fp = sec["fp"]
-        acc = f"{fp['class_accuracy']:.3f}" if "class_accuracy" in fp else "-"
-        lines.append(f"| {name} | {fp['num_samples']} | {fp['steps']} | {fp['guidance_scale']} | {format_digit_fid(fp)} "
-                     f"| {fp['classifier_mean_confidence']:.3f} | {acc} | ![]({fp['grid']}) |")
-    lines += ["", "Digit-FID: Frechet distance of the shipped digit classifier's features, generated samples vs "
-              "1,000 held-out real MNIST digits. Lower is better.", ""]
+    fps = [sec["fp"] for sec in report["models"].values()]
     q = report.get("quantized")
+    with_fid = fid_shown(fps + ([q["fake_quant_vs_fp"]] if q else []))
+    fid_head = " digit-FID |" if with_fid else ""
+    lines += ["## Full-precision models (DDIM, seeded)", "",
+              f"| model | samples | steps | guidance |{fid_head} classifier confidence | class accuracy | grid |",
+              "|---|---|---|---|" + ("---|" if with_fid else "") + "---|---|---|"]
+    for name, fp in zip(report["models"], fps):
+        acc = f"{fp['class_accuracy']:.3f}" if "class_accuracy" in fp else "-"
+        fid = f" {format_digit_fid(fp)} |" if with_fid else ""
+        lines.append(f"| {name} | {fp['num_samples']} | {fp['steps']} | {fp['guidance_scale']} |{fid} "
+                     f"{fp['classifier_mean_confidence']:.3f} | {acc} | ![]({fp['grid']}) |")
+    lines += ["", "Digit-FID: Frechet distance of the shipped digit classifier's features, generated samples vs "
+              "1,000 held-out real MNIST digits. Lower is better." if with_fid else
+              fid_omitted_note(min(fp["num_samples"] for fp in fps)), ""]
     if q:
         fq, par, cal = q["fake_quant_vs_fp"], q["parity"], q["calibration"]
         lines += [f"## DilateQuant {q['bits']} ({'symmetric' if q['symmetric'] else 'asymmetric'}) on `{q['model']}`", "",
@@ -204,8 +193,9 @@ def summary_markdown(report: dict) -> str:
                   f"{cal['val_before_training']['noise_sqnr_db']:.2f} dB before BKD -> "
                   f"{cal['val_after_training']['noise_sqnr_db']:.2f} dB after",
                   f"- fake-quant vs FP: per-step noise SQNR {fq['noise_mean_sqnr_db']:.2f} dB, image PSNR "
-                  f"{fq['image_psnr_db']:.2f} dB, SSIM {fq['image_ssim']:.3f}, digit-FID {format_digit_fid(fq)}, "
-                  f"classifier confidence {fq['classifier_mean_confidence']:.3f}",
+                  f"{fq['image_psnr_db']:.2f} dB, SSIM {fq['image_ssim']:.3f}, "
+                  + (f"digit-FID {format_digit_fid(fq)}, " if with_fid else "")
+                  + f"classifier confidence {fq['classifier_mean_confidence']:.3f}",
                   f"- export: `{Path(q['export']['onnx']).name}` ({q['export']['bytes'] / 1e6:.2f} MB) in "
                   f"{q['export']['export_s']} s, TensorRT rules {q['export']['trt_rules']}",
                   f"- ONNX Runtime vs PyTorch fake-quant at every t_index: min SQNR {par['min_sqnr_db']:.1f} dB, "

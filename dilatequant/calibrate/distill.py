@@ -12,7 +12,7 @@ import math
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,23 +26,12 @@ from ..core.errors import UserError
 from ..core.reporting import atomic_write_stream, own_storage
 from .block_cache import BlockCache, CacheFolder
 from .calibration_data import CalibrationSet, condition_of
+from .distill_config import DistillConfig
 from .distributed import SINGLE, Dist
 from .quant_unet import QuantLayer, QuantUNet
 
 PROGRESS_FORMAT = "dilatequant.bkd-progress/2"  # /2: one file per finished block
 BASE = "_base"  # the progress file of the model as BKD found it (units are module paths: never this name)
-
-
-@dataclass
-class DistillConfig:
-    iters: int = 200              # per block (BKD) or in total (full-model QAT)
-    batch: int = 32
-    lr_weight: float = 1e-5
-    lr_weight_scale: float = 5e-3   # relative: each step-size tensor moves ~this fraction of its size per step
-    lr_act: float = 5e-3            # relative, for activation step sizes; zero points use lr_zero_point
-    lr_zero_point: float = 1e-2
-    full_model: bool = False
-    seed: int = 0
 
 
 class _Stop(Exception):

@@ -6,8 +6,10 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from ..core.errors import UserError
-from .timestep_quantizer import INIT_METHODS
-from .weight_dilation import SCALING_METHODS
+
+# The choices QuantConfig names; kept here, torch-free, so the CLI can list them without importing the method.
+SCALING_METHODS = ("none", "smoothquant", "dilation")          # weight_dilation.py implements them
+INIT_METHODS = ("mse", "percentile", "minmax", "minmean")      # timestep_quantizer.py implements them
 
 
 @dataclass

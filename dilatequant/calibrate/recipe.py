@@ -22,7 +22,8 @@ from ..core.sampling import default_guidance, sampling_timesteps
 from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_sets, calibration_setting,
                                model_fingerprint, trajectory_count, validation_size)
 from .checkpoint import save_checkpoint
-from .distill import DistillConfig, distill, fp_runner, quant_runner, remove_progress
+from .distill import distill, fp_runner, quant_runner, remove_progress
+from .distill_config import DistillConfig
 from .distributed import SINGLE, AgreedError, Dist
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .quant_config import INIT_METHODS
 from .quantizers import IntRange, lsq_factor, round_clamp, round_ste, scale_grad
 
 # mse: MSE search over clipping ranges; percentile: the 1e-4 / 1 - 1e-4 quantiles; minmax: the full range;
 # minmean: ModelOpt's diffusers percentile calibrator with collect_method "min-mean" (percentile 1.0): per
 # timestep the mean over samples of each sample's max|x| (min and max when asymmetric), then the narrowest of
 # those over the timesteps pooled (a per-timestep row: its own timestep's mean).
-INIT_METHODS = ("mse", "percentile", "minmax", "minmean")
 _RESERVOIR = 4096  # values kept per (t_index, head) row for initialisation
 _MSE_RATIOS = (0.3, 1.0, 36)  # clipping ratios of the observed range tried by the MSE search (linspace)
 _SEARCH_ELEMENTS = 1 << 23  # bound on one batched search tensor (candidates x rows x values), ~32 MB float32

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-SCALING_METHODS = ("none", "smoothquant", "dilation")
 
 
 def _as_rows(weights: list[torch.Tensor]) -> torch.Tensor:

@@ -128,6 +128,18 @@ def with_fid_floor(scores: dict) -> dict:
     return s
 
 
+def fid_shown(rows: list[dict]) -> bool:
+    """Whether a report's table gets a digit-FID column: only when every row has enough samples for one."""
+    return all(r.get("digit_fid") is not None for r in rows)
+
+
+def fid_omitted_note(n: int) -> str:
+    """The one line a report prints instead of a digit-FID column it cannot fill honestly."""
+    return (f"Digit-FID is left out: {n} samples are too few (it needs >= {FID_MIN_SAMPLES}; at 100 its seed-to-seed "
+            "spread is +-12.5, benchmarks/results/digit_fid_spread). Measured at 1,000 samples per model: "
+            "benchmarks/results/fp_quality (FP) and benchmarks/README.md (quantized).")
+
+
 def format_digit_fid(d: dict) -> str:
     """'41.20 ± 5.1 (n=250)', the reason it is missing, or '-' where no digit metrics apply."""
     if d.get("digit_fid") is not None:

@@ -7,12 +7,14 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import numpy as np
-import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is handled: the CLI's --help and the Triton client stay torch-free
+    import torch
 
 
 def environment() -> dict[str, Any]:
@@ -20,6 +22,7 @@ def environment() -> dict[str, Any]:
     import diffusers
     import onnx
     import onnxruntime
+    import torch
 
     from .. import __version__
 
@@ -53,6 +56,8 @@ def peak_gpu_mb(device: torch.device) -> float | None:
     """Peak memory PyTorch's allocator held on a CUDA device (None off CUDA): what a GPU calibration needs."""
     if device.type != "cuda":
         return None
+    import torch
+
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
@@ -155,6 +160,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def image_grid(images: torch.Tensor, nrow: int = 10) -> np.ndarray:
     """[N,1|3,H,W] in [-1,1] -> uint8 HxW(x3) grid with a 2-pixel gutter."""
+    import torch
+
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     n, c, h, w = x.shape
     rows = math.ceil(n / nrow)

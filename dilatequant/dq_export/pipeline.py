@@ -5,11 +5,12 @@ from pathlib import Path
 
 from ..calibrate.checkpoint import load_checkpoint
 from ..core.reporting import write_json
+from .export_config import ExportConfig
 from .fold import w4a16_reference
 from .layer_parity import layer_parity_report, raise_on_failure
 from .ort_graph import convert_file
 from .parity import parity_report
-from .qdq_graph import ExportConfig, export_onnx
+from .qdq_graph import export_onnx
 from .trt_rules import enforce
 
 

@@ -6,7 +6,7 @@ import gc
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +17,7 @@ from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkp
 from ..core.conditioning import COND_NAMES, as_condition
 from ..core.denoisers import UNetFamily, family_of
 from ..core.errors import UserError
+from .export_config import ExportConfig
 from .export_fixes import transformer_export
 from .fold import ExportContext, deploy_unet, int4_layers
 from .fp16 import to_fp16
@@ -24,30 +25,7 @@ from .graph_passes import finalize_graph, simplify
 from .onnx_files import save_model
 
 FORMAT_VERSION = "1"
-PRECISIONS = ("int8", "int4")
 OPSET = 21
-TARGETS = ("tensorrt", "ort")
-
-
-@dataclass
-class ExportConfig:
-    precision: str = "int8"         # int8 | int4 (weight-only INT4 blocks for MatMul/Gemm)
-    static_scales: bool = False     # one constant scale per activation, no t_index input
-    dtype: str = "fp32"             # fp32 | fp16 (FP16 fallback for everything not quantized)
-    static_shapes: bool = False
-    batch: int = 2                  # example batch for tracing (and the fixed batch with static_shapes)
-    int4_block: int = 32
-    target: str = "tensorrt"        # tensorrt | ort (ONNX Runtime integer ops: ort_graph.py)
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UserError(f"unknown precision '{self.precision}': choose one of {', '.join(PRECISIONS)}")
-        if self.dtype not in ("fp32", "fp16"):
-            raise UserError(f"unknown dtype '{self.dtype}': choose fp32 or fp16")
-        if self.target not in TARGETS:
-            raise UserError(f"unknown target '{self.target}': choose one of {', '.join(TARGETS)}")
-        if self.target == "ort" and self.dtype != "fp32":
-            raise UserError("--target ort runs on ONNX Runtime CPU in fp32: drop --dtype fp16 (or use --target tensorrt)")
 
 
 class ExportWrapper(nn.Module):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,36 +16,10 @@ from ..core.metrics import psnr_db, ssim
 from ..core.models import DiffusionModel, check_size, load_model
 from ..core.reporting import atomic_write_bytes
 from .base import Runner
+from .generate_config import GenerateConfig
 from .pytorch.diffusers_transformer import QuantizedTransformer
 from .pytorch.diffusers_unet import QuantizedUNet
 from .runners import open_runner
-
-SCHEDULERS = ("ddim", "euler", "dpm")
-
-
-@dataclass
-class GenerateConfig:
-    model: str                           # the pipeline folder the runtime was calibrated from
-    runtime: Path                        # unet.onnx | transformer.onnx | *.plan | q.pt
-    prompt: str
-    out: Path = Path("img.png")
-    negative_prompt: str | None = None
-    steps: int = 20
-    scheduler: str = "ddim"              # ddim | euler | dpm (DPM-Solver++); diffusion transformers: their own
-    guidance: float | None = None        # None: the model's own (dilatequant.json), else the pipeline's (7.5)
-    seed: int = 0
-    size: tuple[int, int] | None = None  # (H, W) pixels; None: the calibrated size
-    compare_fp: bool = False             # also the FP pipeline from the same seed, side by side, with PSNR/SSIM
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"unknown scheduler '{self.scheduler}': choose one of {', '.join(SCHEDULERS)}")
-        if not self.prompt.strip():
-            raise UserError("--prompt is empty; pass the text to generate from")
-        if self.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
-
 
 def make_scheduler(name: str, config):
     """The pipeline's own noise schedule (betas, prediction type, spacing) under another sampler."""

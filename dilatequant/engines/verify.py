@@ -21,9 +21,9 @@ from ..core.metrics import format_digit_fid, psnr_db, reported_digit_scores, sqn
 from ..core.models import DiffusionModel, load_model
 from ..core.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
 from ..core.sampling import SampleResult, default_guidance, sample, sampling_timesteps
+from ..dq_export.export_config import ExportConfig
 from ..dq_export.fold import int4_layers, w4a16_reference
 from ..dq_export.layer_parity import layer_parity_report
-from ..dq_export.qdq_graph import ExportConfig
 from . import plots
 from .base import Runner
 from .onnxruntime.runner import OrtRunner

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dilatequant.calibrate.block_cache import BlockCache
 from dilatequant.calibrate.calibration_data import build_calibration_set
-from dilatequant.calibrate.distill import DistillConfig, distill
+from dilatequant.calibrate.distill import distill
+from dilatequant.calibrate.distill_config import DistillConfig
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import prepare
 

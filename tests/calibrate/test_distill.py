@@ -3,7 +3,8 @@ import torch
 
 from dilatequant.calibrate import distill as distill_mod
 from dilatequant.calibrate.calibration_data import build_calibration_set
-from dilatequant.calibrate.distill import DistillConfig, distill
+from dilatequant.calibrate.distill import distill
+from dilatequant.calibrate.distill_config import DistillConfig
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import noise_error, prepare
 

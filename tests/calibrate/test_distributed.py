@@ -19,7 +19,8 @@ import torch
 
 import dist_worker
 from dilatequant.calibrate.calibration_data import build_calibration_sets
-from dilatequant.calibrate.distill import DistillConfig, adam_radius, bkd_divergence_bound
+from dilatequant.calibrate.distill import adam_radius, bkd_divergence_bound
+from dilatequant.calibrate.distill_config import DistillConfig
 from dilatequant.calibrate.distributed import SINGLE, shard
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet

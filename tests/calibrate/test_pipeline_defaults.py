@@ -7,9 +7,10 @@ import torch
 
 from dilatequant.core.errors import UserError
 from dilatequant.core.evaluation import requested_digits
+from dilatequant.core.guidance import TEXT_GUIDANCE
 from dilatequant.core.models import embedded_model_dir, load_model, make_prompt_bank
 from dilatequant.core.prompts import calibration_prompts, default_prompts
-from dilatequant.core.sampling import TEXT_GUIDANCE, default_guidance
+from dilatequant.core.sampling import default_guidance
 
 
 @pytest.fixture(scope="module")

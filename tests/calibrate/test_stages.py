@@ -7,7 +7,7 @@ import torch
 from dilatequant.calibrate import recipe
 from dilatequant.calibrate.calibration_data import build_calibration_set, build_calibration_sets, validation_size
 from dilatequant.calibrate.checkpoint import load_checkpoint
-from dilatequant.calibrate.distill import DistillConfig
+from dilatequant.calibrate.distill_config import DistillConfig
 from dilatequant.calibrate.quant_config import QuantConfig
 
 STAGES = {"load", "calibration_data", "scaling", "weight_scales", "observe_activations", "tpq_init", "validation",

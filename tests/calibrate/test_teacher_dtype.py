@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dilatequant.calibrate import recipe
-from dilatequant.calibrate.distill import DistillConfig, distill
+from dilatequant.calibrate.distill import distill
+from dilatequant.calibrate.distill_config import DistillConfig
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.quant_unet import QuantUNet
 from dilatequant.core.errors import UserError

@@ -13,12 +13,13 @@ from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.core.errors import UserError
 from dilatequant.core.metrics import sqnr_db
 from dilatequant.dq_export import onnx_files
+from dilatequant.dq_export.export_config import ExportConfig
 from dilatequant.dq_export.fp16 import convert_file as fp16_file
 from dilatequant.dq_export.onnx_files import ENV_THRESHOLD, data_path, external_data_threshold, save_model
 from dilatequant.dq_export.ort_graph import OrtConfig
 from dilatequant.dq_export.ort_graph import convert_file as ort_file
 from dilatequant.dq_export.parity import ort_session, parity_inputs, parity_report, run_ort
-from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
+from dilatequant.dq_export.qdq_graph import export_onnx
 from dilatequant.dq_export.trt_rules import check_file, enforce
 
 from conftest import assert_parity, tiny_checkpoint, tiny_uncond

@@ -10,10 +10,11 @@ from onnx import numpy_helper
 from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.core.errors import UserError
 from dilatequant.dq_export import pipeline
+from dilatequant.dq_export.export_config import ExportConfig
 from dilatequant.dq_export.fold import w4a16_reference
 from dilatequant.dq_export.layer_parity import LayerParityError, layer_parity_report
 from dilatequant.dq_export.pipeline import export_and_verify
-from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
+from dilatequant.dq_export.qdq_graph import export_onnx
 from dilatequant.dq_export.trt_rules import check_graph
 
 from conftest import tiny_checkpoint, tiny_cond, tiny_uncond

@@ -11,10 +11,11 @@ from onnx import helper, numpy_helper
 from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.core.errors import UserError
 from dilatequant.core.metrics import sqnr_db
+from dilatequant.dq_export.export_config import ExportConfig
 from dilatequant.dq_export.ort_graph import OrtConfig, convert_file, to_ort
 from dilatequant.dq_export.parity import ort_session, parity_inputs, run_ort
 from dilatequant.dq_export.pipeline import export_and_verify
-from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
+from dilatequant.dq_export.qdq_graph import export_onnx
 
 from conftest import assert_parity, tiny_checkpoint, tiny_cond, tiny_uncond
 

@@ -7,9 +7,9 @@ import torch
 
 from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.core.errors import UserError
+from dilatequant.dq_export.export_config import ExportConfig
 from dilatequant.dq_export.parity import ort_session, parity_inputs, run_ort
 from dilatequant.dq_export.pipeline import export_and_verify
-from dilatequant.dq_export.qdq_graph import ExportConfig
 
 from conftest import assert_parity, tiny_checkpoint, tiny_cond, tiny_uncond
 

@@ -66,7 +66,8 @@ def test_ort_runner_reads_metadata_without_the_data_and_runs_the_same_numbers(gr
 
 def test_triton_gpu_repository_holds_the_graph_and_its_data_in_a_model_onnx_folder(graphs, tmp_path):
     pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
-    from dilatequant.engines.triton.repository import RepositoryConfig, validate_repository, write_repository
+    from dilatequant.engines.triton.repository import validate_repository, write_repository
+    from dilatequant.engines.triton.repository_config import RepositoryConfig
 
     ckpt, single, ext = graphs
     repo = tmp_path / "repo"
@@ -85,7 +86,8 @@ def test_triton_gpu_repository_holds_the_graph_and_its_data_in_a_model_onnx_fold
 def test_real_triton_server_serves_the_external_data_graph(graphs, tmp_path, request):
     pytest.importorskip("tritonclient.http", reason="tritonclient[http] not installed")
     from dilatequant.engines.triton.client import connect, infer
-    from dilatequant.engines.triton.repository import RepositoryConfig, write_repository
+    from dilatequant.engines.triton.repository import write_repository
+    from dilatequant.engines.triton.repository_config import RepositoryConfig
     from dilatequant.engines.triton.server import TritonServer, unavailable_reason
 
     if unavailable_reason():

@@ -15,7 +15,8 @@ from dilatequant.calibrate.checkpoint import load_checkpoint
 from dilatequant.cli import calibrate_main, export_main, generate_main
 from dilatequant.core.metrics import sqnr_db
 from dilatequant.core.models import load_model
-from dilatequant.engines.generate import GenerateConfig, run_pipeline
+from dilatequant.engines.generate import run_pipeline
+from dilatequant.engines.generate_config import GenerateConfig
 from dilatequant.engines.onnxruntime.runner import OrtRunner
 from dilatequant.engines.pytorch.diffusers_unet import QuantizedUNet
 

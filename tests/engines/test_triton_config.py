@@ -8,7 +8,8 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[g
 from dilatequant.cli import triton_main  # noqa: E402
 from dilatequant.core.errors import UserError  # noqa: E402
 from dilatequant.engines.triton import config as C  # noqa: E402
-from dilatequant.engines.triton.repository import RepositoryConfig, validate_repository, write_repository  # noqa: E402
+from dilatequant.engines.triton.repository import validate_repository, write_repository  # noqa: E402
+from dilatequant.engines.triton.repository_config import RepositoryConfig  # noqa: E402
 from dilatequant.engines.triton.unet_spec import spec_from_onnx  # noqa: E402
 
 from triton_fixtures import tiny_cond_export  # noqa: E402
@@ -139,6 +140,7 @@ def test_bad_arguments_are_user_errors(exported, capsys):
 
 def test_unconditional_pipeline_config_takes_num_images(tmp_path):
     from dilatequant.engines.triton.repository import Conditioning, _pipeline_config, pipeline_io
+    from dilatequant.engines.triton.repository_config import RepositoryConfig
     from dilatequant.engines.triton.unet_spec import TensorSpec, UnetSpec
 
     spec = UnetSpec([TensorSpec("sample", "float32", (-1, 1, 32, 32)), TensorSpec("timestep", "int64", (-1,)),
@@ -157,7 +159,7 @@ def test_unconditional_pipeline_config_takes_num_images(tmp_path):
 
 def test_pipeline_default_guidance_is_the_samplers():
     """The repository module keeps its own copy (no torch import); the two must not drift apart."""
-    from dilatequant.core.sampling import DEFAULT_GUIDANCE
+    from dilatequant.core.guidance import DEFAULT_GUIDANCE
     from dilatequant.engines.triton import repository
 
     assert repository.DEFAULT_GUIDANCE == DEFAULT_GUIDANCE
@@ -205,6 +207,7 @@ def test_max_batch_and_sizes_are_checked_against_the_plans_profile(exported):
 def test_a_plan_from_another_tensorrt_or_gpu_is_caught_before_load(exported, capsys):
     from dilatequant.engines.tensorrt.env import GpuInfo
     from dilatequant.engines.triton.repository import plan_environment_problems
+    from dilatequant.engines.triton.repository_config import RepositoryConfig
 
     tmp, ckpt, graph, _ = exported
     plan = _profiled_plan(exported, "env")

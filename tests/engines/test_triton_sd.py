@@ -15,7 +15,8 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] not ins
 from dilatequant.cli import client_main, generate_main, triton_main  # noqa: E402
 from dilatequant.engines.triton.client import (InferenceFailed, generate_from_prompt, prompt_inputs,  # noqa: E402
                                                request_images)
-from dilatequant.engines.triton.repository import RepositoryConfig, validate_repository, write_repository  # noqa: E402
+from dilatequant.engines.triton.repository import validate_repository, write_repository  # noqa: E402
+from dilatequant.engines.triton.repository_config import RepositoryConfig  # noqa: E402
 from dilatequant.engines.triton.server import TritonServer, unavailable_reason  # noqa: E402
 
 TIMEOUT_S = 120
@@ -45,7 +46,8 @@ def sd_export(tmp_path_factory):
     """sd-digits calibrated W8A8 symmetric (PTQ, 8 calibration samples, 4 steps) and exported: (q.pt, unet.onnx)."""
     from dilatequant.calibrate.quant_config import QuantConfig
     from dilatequant.calibrate.recipe import CalibrationJob, run_calibration
-    from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
+    from dilatequant.dq_export.export_config import ExportConfig
+    from dilatequant.dq_export.qdq_graph import export_onnx
 
     tmp = tmp_path_factory.mktemp("sd-export")
     ckpt = tmp / "q.pt"

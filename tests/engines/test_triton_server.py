@@ -13,10 +13,12 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] not ins
 
 from dilatequant.calibrate.checkpoint import load_checkpoint  # noqa: E402
 from dilatequant.core.metrics import psnr_db  # noqa: E402
-from dilatequant.core.sampling import DEFAULT_GUIDANCE, sample  # noqa: E402
+from dilatequant.core.guidance import DEFAULT_GUIDANCE  # noqa: E402
+from dilatequant.core.sampling import sample  # noqa: E402
 from dilatequant.dq_export.parity import ort_session  # noqa: E402
 from dilatequant.engines.triton.client import InferenceFailed, connect, generate, infer  # noqa: E402
-from dilatequant.engines.triton.repository import RepositoryConfig, write_repository  # noqa: E402
+from dilatequant.engines.triton.repository import write_repository  # noqa: E402
+from dilatequant.engines.triton.repository_config import RepositoryConfig  # noqa: E402
 from dilatequant.engines.triton.server import TritonServer, unavailable_reason  # noqa: E402
 
 from triton_fixtures import STEPS, ort_predictor, tiny_cond_export, to_uint8  # noqa: E402

@@ -132,7 +132,9 @@ def exported(tmp_path_factory):
     from conftest import tiny_cond
     from dq_export.test_qdq_export import _checkpoint
 
-    from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
+    from dilatequant.dq_export.qdq_graph import export_onnx
+
+    from dilatequant.dq_export.export_config import ExportConfig
 
     tmp = tmp_path_factory.mktemp("exported")
     ck = _checkpoint(tmp, tiny_cond(), weight_bits=8, act_bits=8, symmetric=True)

@@ -9,7 +9,8 @@ from dilatequant.calibrate.checkpoint import save_checkpoint
 from dilatequant.calibrate.quant_config import QuantConfig
 from dilatequant.calibrate.recipe import prepare
 from dilatequant.core.sampling import sampling_timesteps
-from dilatequant.dq_export.qdq_graph import ExportConfig, export_onnx
+from dilatequant.dq_export.export_config import ExportConfig
+from dilatequant.dq_export.qdq_graph import export_onnx
 
 from conftest import tiny_cond
 

@@ -11,10 +11,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from ...core.errors import UserError
+
+if TYPE_CHECKING:  # onnx is imported where a graph is read: dq-triton's and dq-serve's --help stay light
+    import onnx
 
 LEVELS = ("min", "opt", "max")
 DEFAULT_BATCH = {"min": 1, "opt": 4, "max": 16}
@@ -45,6 +47,8 @@ class ProfileShapes:
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
+    import onnx
+
     """The graph structure only (no external weights): enough for inputs and metadata, cheap for big models."""
     path = Path(path)
     if not path.is_file():
@@ -58,6 +62,8 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
 def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
     """Real inputs (initializers listed as inputs by old exporters excluded); unnamed dynamic axes get a symbol."""
+    from onnx import TensorProto
+
     inits = {i.name for i in model.graph.initializer}
     out = []
     for inp in model.graph.input:
@@ -68,7 +74,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
             raise UserError(f"graph input '{inp.name}' has no shape (unknown rank); re-export the graph with dq-export")
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{inp.name}[{axis}]")
                      for axis, d in enumerate(tt.shape.dim))
-        out.append(GraphInput(inp.name, onnx.TensorProto.DataType.Name(tt.elem_type), dims))
+        out.append(GraphInput(inp.name, TensorProto.DataType.Name(tt.elem_type), dims))
     if not out:
         raise UserError("the graph has no inputs; pass the UNet graph written by dq-export")
     return out

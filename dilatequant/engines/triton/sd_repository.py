@@ -24,7 +24,7 @@ MAX_SIZE_FACTOR = 4  # HEIGHT/WIDTH up to this many times the calibrated size
 
 
 def default_steps() -> int:
-    from ..generate import GenerateConfig
+    from ..generate_config import GenerateConfig
 
     return int(GenerateConfig.__dataclass_fields__["steps"].default)  # dq-generate's default, so both agree
 
