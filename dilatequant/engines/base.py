@@ -9,7 +9,8 @@ exported graph clamps it) and a wrong shape fails deep inside the engine.
         -> noise_pred [B,C,H,W] float32 on the CPU
 
 `cond` is None (unconditional), a dict of the graph's condition inputs (`encoder_hidden_states` [B,L,D]; SDXL
-adds `text_embeds` [B,P] and `time_ids` [B,6]) or a bare encoder_hidden_states tensor.
+adds `text_embeds` [B,P] and `time_ids` [B,6]; SD3 and FLUX `pooled_projections` [B,P], FLUX-dev `guidance` [B],
+PixArt `encoder_attention_mask` [B,L]) or a bare encoder_hidden_states tensor.
 
 A runner is also a `sampling.NoisePredictor` (`__call__`), so `sampling.sample(model, runner)` runs
 on any of them.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..core.conditioning import ENCODER_HIDDEN_STATES, as_condition
+from ..core.conditioning import COND_SHAPES, ENCODER_HIDDEN_STATES, as_condition
 from ..core.errors import UserError
 
 METADATA_PREFIX = "dilatequant."
@@ -160,7 +161,7 @@ class Runner:
                 and all(v > 0 and v % m.spatial_multiple == 0 for v in chw[1:]))
 
     def _cond_tensor(self, name: str, v: torch.Tensor, batch: int) -> torch.Tensor:
-        doc = {ENCODER_HIDDEN_STATES: "[B, L, D]", "text_embeds": "[B, P]", "time_ids": "[B, 6]"}[name]
+        doc = COND_SHAPES[name]
         if not v.is_floating_point() or v.dim() != doc.count(",") + 1:
             raise UserError(f"{name} must be a float tensor {doc}, got {v.dtype} {list(v.shape)}")
         if v.shape[0] != batch:

@@ -100,8 +100,10 @@ def run_pipeline(model: DiffusionModel, unet, cfg: GenerateConfig, prompts: list
         setattr(pipe, slot, unet)
         pipe.scheduler = sampler
         with torch.no_grad():
-            out = pipe(text, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps, height=h,
-                       width=w, generator=gen, output_type="pt", **kwargs)
+            if cfg.negative_prompt is not None:  # else the pipeline's own default (PixArt refuses None)
+                kwargs["negative_prompt"] = cfg.negative_prompt
+            out = pipe(text, num_inference_steps=cfg.steps, height=h, width=w, generator=gen, output_type="pt",
+                       **kwargs)
     finally:
         setattr(pipe, slot, original)
         pipe.scheduler = original_sched
