@@ -5,7 +5,7 @@ model lazily on first use (`activate()`), and describes itself with `RunnerMetad
 inputs before running, because a runtime given a wrong t_index silently uses the wrong activation scales (the
 exported graph clamps it) and a wrong shape fails deep inside the engine.
 
-    runner.infer(sample [B,C,H,W] float, timestep [B] int, t_index [B] int, cond)
+    runner.infer(sample [B,C,H,W] float, timestep [B] int (float: flow matching's 1000 sigma), t_index [B] int, cond)
         -> noise_pred [B,C,H,W] float32 on the CPU
 
 `cond` is None (unconditional), a dict of the graph's condition inputs (`encoder_hidden_states` [B,L,D]; SDXL
@@ -123,7 +123,8 @@ class Runner:
 
     # -- inference -------------------------------------------------------------------------------
     def validate(self, sample, timestep, t_index, cond=None):
-        """Checked, normalised inputs: sample float [B,C,H,W], timestep/t_index int64 [B], cond dict | None."""
+        """Checked, normalised inputs: sample float [B,C,H,W], timestep int64 or float32 [B], t_index int64 [B],
+        cond dict | None."""
         m = self.metadata
         sample, timestep, t_index = (_as_tensor(sample, "sample"), _as_tensor(timestep, "timestep"),
                                      _as_tensor(t_index, "t_index"))
@@ -134,7 +135,7 @@ class Runner:
             raise UserError(f"sample must have shape [B, {', '.join(map(str, m.sample_shape))}]{other} for {m.name}, "
                             f"got {list(sample.shape)}")
         batch = sample.shape[0]
-        timestep = self._batch_vector(timestep, "timestep", batch)
+        timestep = self._batch_vector(timestep, "timestep", batch, floats=True)
         t_index = self._batch_vector(t_index, "t_index", batch)
         if timestep.numel() and timestep.min() < 0:
             raise UserError(f"timestep must be >= 0, got {timestep.tolist()}")
@@ -174,8 +175,9 @@ class Runner:
         return v
 
     @staticmethod
-    def _batch_vector(x: torch.Tensor, name: str, batch: int) -> torch.Tensor:
-        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+    def _batch_vector(x: torch.Tensor, name: str, batch: int, floats: bool = False) -> torch.Tensor:
+        """floats: a float vector stays float (flow matching's timesteps are 1000 sigma); else int64."""
+        if x.is_complex() or x.dtype == torch.bool or (x.is_floating_point() and not floats):
             raise UserError(f"{name} must be an integer tensor (int64), got {x.dtype}")
         if x.dim() == 0 or (x.dim() == 1 and x.shape[0] == 1):
             x = x.reshape(1).expand(batch)
@@ -183,7 +185,7 @@ class Runner:
             raise UserError(f"{name} must have shape [B], got {list(x.shape)}")
         if x.shape[0] != batch:
             raise UserError(f"batch mismatch: sample has batch {batch}, {name} has {x.shape[0]}")
-        return x.to(torch.int64).contiguous()
+        return (x.to(torch.float32) if x.is_floating_point() else x.to(torch.int64)).contiguous()
 
     def infer(self, sample, timestep, t_index, cond=None) -> torch.Tensor:
         args = self.validate(sample, timestep, t_index, cond)

@@ -62,7 +62,7 @@ class TorchRunner(Runner):
     def fake_quant(cls, ckpt: str | Path, device: str = "cpu", dtype: str = "fp32", compile: bool = False,
                    name: str = "torch-fakequant") -> "TorchRunner":
         """The PyTorch fake-quant model of a q.pt. Reads the schedule now; builds the model on first use."""
-        from ..calibrate.checkpoint import load_checkpoint
+        from ...calibrate.checkpoint import load_checkpoint
 
         _check_device(device)
         if dtype not in TORCH_DTYPES:
