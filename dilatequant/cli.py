@@ -101,8 +101,9 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--act-init", choices=INIT_METHODS, default=q.act_init, help="activation range rule (minmean: ModelOpt's diffusers calibrator)")
     p.add_argument("--first-last-bits", type=int, default=q.first_last_bits, help="0: same as the rest")
     p.add_argument("--float-layers", nargs="+", metavar="LAYER",
-                   help="layers left unquantized, weights and input (default: the layer whose input is x_t: conv_in "
-                        "of a UNet, pos_embed.proj of SD3/PixArt, x_embedder of FLUX; 'none': quantize every layer)")
+                   help="layers left unquantized, weights and input: module names or shell patterns such as "
+                        "'*norm1*.linear' (default: the layer whose input is x_t: conv_in of a UNet, pos_embed.proj "
+                        "of SD3/PixArt, x_embedder of FLUX; 'none': quantize every layer)")
     p.add_argument("--guidance", type=float, help="guidance scale of the calibration trajectories (default: "
                    f"{DEFAULT_GUIDANCE} for class-token models, the folder's dilatequant.json, else {TEXT_GUIDANCE} "
                    "for SD 1.x/2.x/SDXL and the pipeline's own default for SD3, FLUX (its embedded guidance) and "

@@ -10,6 +10,7 @@ What a BKD unit is, which layer reads the noisy sample and how the denoiser is c
 from __future__ import annotations
 
 import copy
+import fnmatch
 from dataclasses import dataclass
 
 import torch
@@ -268,12 +269,16 @@ def _trace(unet: nn.Module) -> tuple[list[str], dict[str, int], list[str]]:
 
 
 def _check_float_layers(names: tuple[str, ...], layers: list[str], groups) -> set[str]:
-    """The layers to keep in float; a shared input quantizer (q/k/v) must stay whole, in or out."""
-    unknown = [n for n in names if n not in layers]
+    """The layers to keep in float; a shared input quantizer (q/k/v) must stay whole, in or out.
+
+    A name with * ? [ is a shell-style pattern over the module names (`*norm1*.linear`: every adaLN modulation
+    linear of an SD3 or FLUX block); each name or pattern must match a layer."""
+    unknown = [n for n in names if not fnmatch.filter(layers, n)]
     if unknown:
         raise UserError(f"float layer(s) {unknown} are not Conv2d/Linear layers of this model; "
-                        f"use names such as {', '.join(layers[:3])}, ... (the module names of the denoiser)")
-    chosen = set(names)
+                        f"use names such as {', '.join(layers[:3])}, ... (the module names of the denoiser, "
+                        "or shell patterns over them)")
+    chosen = {layer for n in names for layer in fnmatch.filter(layers, n)}
     for group in groups:
         partial = chosen.intersection(group)
         if partial and len(partial) != len(group):

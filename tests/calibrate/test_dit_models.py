@@ -117,3 +117,14 @@ def test_bkd_matches_both_streams_of_a_joint_block(folders):
     assert [o.shape[1] for o in first] == [5, 16] and [o.shape[1] for o in last] == [16]
     moved = (first[0] + 1.0, first[1])  # only the text stream off by 1: loss = its share of the elements
     assert block_loss(moved, first).item() == pytest.approx(5 / 21)
+
+
+def test_float_layer_patterns_keep_the_modulation_linears_in_float(folders):
+    """Shell patterns over module names: the adaLN modulation linears of every SD3 block stay float."""
+    model = load_model(folders["sd3"], (IMAGE_SIZE, IMAGE_SIZE))
+    q = QuantUNet(model.denoiser, QuantConfig(num_steps=4, float_layers=("pos_embed.proj", "*norm1*.linear")))
+    modulation = [n for n, m in model.denoiser.named_modules() if isinstance(m, torch.nn.Linear) and ".norm1" in n]
+    assert len(modulation) == 4 and not set(modulation) & set(q.layers())  # norm1 + norm1_context, 2 blocks
+    assert "transformer_blocks.0.attn.to_q" in q.layers()
+    with pytest.raises(UserError, match=r"\*nothing\*"):
+        QuantUNet(model.denoiser, QuantConfig(num_steps=4, float_layers=("*nothing*",)))
