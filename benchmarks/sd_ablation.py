@@ -62,13 +62,14 @@ def prompted_digits(prompts: list[str], labels: torch.Tensor) -> torch.Tensor:
     return torch.tensor([table[prompts[int(i)]] for i in labels])
 
 
-def calibrate(bits: str, variant: str, seed: int, a, ckpt_dir: Path) -> tuple[dict, object]:
+def calibrate(bits: str, variant: str, seed: int, a, ckpt_dir: Path,
+              variants: dict[str, list[str]] = VARIANTS) -> tuple[dict, object]:
     """dq-calibrate in a subprocess (skipped when the checkpoint exists: q.pt is written last, atomically)."""
     ckpt = ckpt_dir / f"{slug(bits, variant, seed)}.q.pt"
     cmd = [sys.executable, "-m", "dilatequant.cli", "calibrate", "--model", a.model, "--bits", bits,
            "--steps", str(a.steps), "--prompts", str(a.prompts), "--guidance", str(a.guidance),
            "--calib-samples", str(a.calib_samples), "--iters", str(a.iters), "--seed", str(seed),
-           "--out", str(ckpt)] + VARIANTS[variant]
+           "--out", str(ckpt)] + variants[variant]
     if not ckpt.is_file():
         subprocess.run(cmd + ["--resume"], check=True)
     ck = load_checkpoint(ckpt)

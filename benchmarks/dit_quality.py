@@ -1,0 +1,191 @@
+"""Quality of DilateQuant on the shipped diffusion transformer `sd3-digits`, over several seeds: does per-timestep
+quantization (TPQ) pay off on a DiT, and by how much beyond the seed spread?
+
+Rows: FP; at W8A8 and W4A8 each: DilateQuant (WD + TPQ + BKD), its static-scale twin (the same with one scale per
+activation, --no-tpq), static-scale PTQ in the style of NVIDIA ModelOpt's diffusers recipe (SmoothQuant scaling,
+one min-mean percentile scale per activation, no training) and naive PTQ (no scaling, one min/max scale); at W4A8
+also DilateQuant with the adaLN modulation linears in float (they read only the timestep and pooled text). Every
+quantized row of seed s is calibrated by dq-calibrate (its own subprocess) with --seed s on the same prompts,
+guidance and steps, on the pipeline's own FlowMatchEuler sampler, then sampled from evaluation noise seed 100 + s
+beside FP from the same noise: digit-FID and class accuracy by prompted digit (>= 1,000 samples), per-step noise
+SQNR on 16 FP trajectories (seed 107 + s), image PSNR/SSIM vs FP.
+
+Resumable (row files under <out>/rows_n<samples>/, checkpoints reused), as benchmarks/sd_ablation.py, whose
+calibration and evaluation it shares.
+
+    flock /tmp/dq-heavy.lock nice -n 10 python benchmarks/dit_quality.py --eval-samples 1000 --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dilatequant.core.metrics import digit_scores
+from dilatequant.core.models import load_model, make_prompt_bank
+from dilatequant.core.prompts import read_prompts
+from dilatequant.core.reporting import environment, write_json, write_text
+from dilatequant.core.sampling import sample
+from sd_ablation import calibrate, done, evaluate, fmt_paired, paired, prompted_digits, slug, stats
+
+MODULATION = ["*norm1*.linear", "norm_out.linear"]  # SD3's adaLN modulation linears (blocks' and the final norm's)
+VARIANTS = {
+    "dilatequant": [],
+    "dilatequant-static": ["--no-tpq"],
+    "static-ptq": ["--no-tpq", "--no-bkd", "--act-init", "minmean", "--scaling", "smoothquant"],
+    "naive-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd", "--act-init", "minmax"],
+    "dilatequant-float-modulation": ["--float-layers", "pos_embed.proj", *MODULATION],
+}
+DESCRIPTIONS = {
+    "fp": "full precision",
+    "dilatequant": "DilateQuant (WD + TPQ + BKD)",
+    "dilatequant-static": "DilateQuant's static twin (--no-tpq: one scale, same WD + BKD)",
+    "static-ptq": "static-scale PTQ, ModelOpt-style (SmoothQuant, min-mean, no training)",
+    "naive-ptq": "naive PTQ (no scaling, min/max, no training)",
+    "dilatequant-float-modulation": "DilateQuant, adaLN modulation linears in float",
+}
+ROWS = [("FP32", "fp"), *[(b, v) for b in ("W8A8", "W4A8") for v in
+                          ("dilatequant", "dilatequant-static", "static-ptq", "naive-ptq")],
+        ("W4A8", "dilatequant-float-modulation")]
+METRICS = ("digit_fid", "class_accuracy", "noise_mean_sqnr_db", "image_psnr_db", "image_ssim", "calib_wall_s",
+           "eval_s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd3-digits")
+    p.add_argument("--prompts", type=Path, default=Path("benchmarks/prompts/sd_digits.txt"))
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's own (its dilatequant.json)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--calib-samples", type=int, default=512)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--traj-samples", type=int, default=16, help="FP trajectories for the per-step noise error")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", nargs="+", default=[f"{b}:{v}" for b, v in ROWS], help="BITS:VARIANT (FP32:fp)")
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/dit_quality"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    rows = [tuple(r.split(":", 1)) for r in a.rows]
+    model = load_model(a.model)
+    a.guidance = a.guidance if a.guidance is not None else model.guidance_scale
+    settings = {"model": a.model, "prompts": str(a.prompts), "guidance": a.guidance, "steps": a.steps,
+                "calib_samples": a.calib_samples, "iters": a.iters, "eval_samples": a.eval_samples,
+                "traj_samples": a.traj_samples, "sampler": type(model.scheduler).__name__}
+    row_dir, ckpt_dir = a.out / f"rows_n{a.eval_samples}", a.out / "checkpoints"
+    row_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(a.prompts)
+    model.prompt_bank = make_prompt_bank(model, prompts)
+    for seed in a.seeds:
+        todo = [(b, v) for b, v in rows if not done(row_dir / f"{slug(b, v, seed)}.json", settings)]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        fp = sample(model, num_samples=a.eval_samples, steps=a.steps, seed=100 + seed, guidance_scale=a.guidance,
+                    batch_size=a.batch, progress=False)
+        traj = sample(model, num_samples=a.traj_samples, steps=a.steps, seed=107 + seed, guidance_scale=a.guidance,
+                      return_trajectory=True, progress=False, decode=False)
+        digits = prompted_digits(prompts, fp.labels)
+        fp_s = round(time.perf_counter() - t0, 1)
+        for bits, variant in todo:
+            row = {"bits": bits, "variant": variant, "seed": seed, "eval_noise_seed": 100 + seed,
+                   "settings": settings, "environment": environment(),
+                   "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:])}
+            if variant == "fp":
+                row.update(digit_scores(fp.images, digits), sampling_s=fp_s)
+            else:
+                cal, ck = calibrate(bits, variant, seed, a, ckpt_dir, VARIANTS)
+                row.update(cal, **evaluate(model, ck.qunet.predictor(), fp, traj, digits, a, seed))
+            write_json(row_dir / f"{slug(bits, variant, seed)}.json", row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("noise_per_step", "environment", "settings")}),
+                  flush=True)
+    write_summary(a.out, row_dir, settings)
+
+
+def find(table: list[dict], bits: str, variant: str) -> dict | None:
+    return next((r for r in table if (r["bits"], r["variant"]) == (bits, variant)), None)
+
+
+def comparisons(table: list[dict]) -> dict:
+    """Paired (same evaluation noise per seed) differences: DilateQuant minus each other row at its bit width.
+
+    `beyond_spread`: every seed's difference has the same sign and the mean difference exceeds the largest
+    seed-to-seed standard deviation of the two rows' own values."""
+    out: dict = {}
+    for bits in ("W8A8", "W4A8"):
+        dq = find(table, bits, "dilatequant")
+        for variant in ("dilatequant-static", "static-ptq", "naive-ptq", "dilatequant-float-modulation"):
+            other = find(table, bits, variant)
+            if not (dq and other):
+                continue
+            entry = {}
+            for metric, better in (("noise_mean_sqnr_db", 1), ("image_psnr_db", 1), ("digit_fid", -1),
+                                   ("class_accuracy", 1)):
+                d = paired(other[metric], dq[metric], other["seeds"], dq["seeds"])
+                spread = max(other[metric]["std"], dq[metric]["std"])
+                d["beyond_spread"] = (None if d["same_sign_every_seed"] is None else
+                                      bool(d["same_sign_every_seed"] and abs(d["mean"]) > spread))
+                d["dilatequant_better"] = None if d["mean"] is None else d["mean"] * better > 0
+                entry[metric] = d
+            out[f"{bits}: dilatequant vs {variant}"] = entry
+    return out
+
+
+def write_summary(out: Path, row_dir: Path, settings: dict) -> None:
+    files = sorted(row_dir.glob("*.json"))
+    runs = [json.loads(f.read_text()) for f in files]
+    runs = [r for r in runs if r["settings"] == settings]
+    table = []
+    for bits, variant in ROWS:
+        mine = sorted((r for r in runs if (r["bits"], r["variant"]) == (bits, variant)), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        agg = {m: stats([r[m] for r in mine]) for m in METRICS if all(m in r for r in mine)}
+        agg["class_accuracy_per_digit"] = [round(statistics.fmean(r["class_accuracy_per_class"][d] for r in mine), 4)
+                                           for d in range(10)]
+        table.append({"bits": bits, "variant": variant, "description": DESCRIPTIONS[variant],
+                      "seeds": [r["seed"] for r in mine], "num_samples": mine[0]["num_samples"], **agg,
+                      "calibrate_cmd": mine[0].get("calibrate_cmd")})
+    summary = {"settings": settings, "environment": environment(), "rows": table, "comparisons": comparisons(table),
+               "row_files": [f.name for f in files]}
+    n = settings["eval_samples"]
+    write_json(out / f"dit_quality_n{n}.json", summary)
+    write_text(out / f"dit_quality_n{n}.md", markdown(summary))
+
+
+def markdown(s: dict) -> str:
+    st = s["settings"]
+    pm = lambda r, k, fmt: ("-" if k not in r else  # noqa: E731
+                            f"{fmt.format(r[k]['mean'])} ± {fmt.format(r[k]['std'])}")
+    lines = [f"`{st['model']}` (StableDiffusion3Pipeline, {st['sampler']}-{st['steps']}), guidance {st['guidance']}, "
+             f"negative prompt \"\", prompts `{Path(st['prompts']).name}` (sample i: digit i % 10). Every cell: mean ± "
+             f"std over seeds. {st['eval_samples']} evaluation samples per row and seed; seed s = calibration --seed s "
+             f"({st['calib_samples']} samples, {st['iters']} BKD iterations per block), evaluation noise seed 100 + s, "
+             f"per-step noise SQNR on {st['traj_samples']} FP trajectories (seed 107 + s).", "",
+             "| bits | variant | seeds | digit-FID | class acc | noise SQNR dB | image PSNR dB | SSIM | calib s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        lines.append(f"| {r['bits']} | {r['description']} | {','.join(map(str, r['seeds']))} | "
+                     f"{pm(r, 'digit_fid', '{:.2f}')} | {pm(r, 'class_accuracy', '{:.3f}')} | "
+                     f"{pm(r, 'noise_mean_sqnr_db', '{:.2f}')} | {pm(r, 'image_psnr_db', '{:.2f}')} | "
+                     f"{pm(r, 'image_ssim', '{:.3f}')} | {pm(r, 'calib_wall_s', '{:.0f}')} |")
+    lines += ["", "DilateQuant minus each other row, paired per seed (same evaluation noise); 'beyond spread': the same "
+              "sign on every seed and a mean difference above both rows' seed-to-seed std:", ""]
+    for name, entry in s["comparisons"].items():
+        parts = [f"{m} {fmt_paired(d)}{' beyond spread' if d['beyond_spread'] else ''}" for m, d in entry.items()]
+        lines.append(f"- {name}: " + "; ".join(parts))
+    cmds = [r["calibrate_cmd"] for r in s["rows"] if r.get("calibrate_cmd")]
+    lines += ["", "Calibration of each row (seed 0 shown; seed s passes --seed s):", "", "```"] + cmds + ["```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
