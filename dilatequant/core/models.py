@@ -28,7 +28,8 @@ from .denoisers import GUIDANCE, PIPELINE_CLASSES, DenoiserFamily, cond_names, f
 from .errors import UserError
 from .sizes import parse_size  # noqa: F401  (re-exported: callers take it from here)
 
-EMBEDDED_MODELS = ("default", "default-cond", "sd-digits")  # sd-digits: a StableDiffusionPipeline folder
+# sd-digits: a StableDiffusionPipeline folder; sd3-digits: a StableDiffusion3Pipeline folder (a diffusion transformer)
+EMBEDDED_MODELS = ("default", "default-cond", "sd-digits", "sd3-digits")
 TRAINABLE_MODELS = ("default", "default-cond")  # fp_training.py; sd-digits is trained by sd_training.py
 NUM_CLASSES = 10
 
