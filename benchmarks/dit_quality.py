@@ -17,21 +17,12 @@ calibration and evaluation it shares.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import time
 from pathlib import Path
 
-import torch
-
-from dilatequant.core.metrics import digit_scores
-from dilatequant.core.models import load_model, make_prompt_bank
+from dilatequant.core.models import load_model
 from dilatequant.core.prompts import read_prompts
 from dilatequant.core.reporting import environment, write_json, write_text
-from dilatequant.core.sampling import sample
-from sd_ablation import calibrate, done, evaluate, fmt_paired, paired, prompted_digits, slug, stats
+from sd_ablation import aggregate, fmt_paired, paired, parse_args, run_rows
 
 MODULATION = ["*norm1*.linear", "norm_out.linear"]  # SD3's adaLN modulation linears (blocks' and the final norm's)
 VARIANTS = {
@@ -57,22 +48,7 @@ METRICS = ("digit_fid", "class_accuracy", "noise_mean_sqnr_db", "image_psnr_db",
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd3-digits")
-    p.add_argument("--prompts", type=Path, default=Path("benchmarks/prompts/sd_digits.txt"))
-    p.add_argument("--guidance", type=float, default=None, help="default: the model's own (its dilatequant.json)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--calib-samples", type=int, default=512)
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--eval-samples", type=int, default=1000)
-    p.add_argument("--traj-samples", type=int, default=16, help="FP trajectories for the per-step noise error")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", nargs="+", default=[f"{b}:{v}" for b, v in ROWS], help="BITS:VARIANT (FP32:fp)")
-    p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/dit_quality"))
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    a = parse_args(__doc__, "sd3-digits", None, 20, ROWS, Path("benchmarks/results/dit_quality"))
     rows = [tuple(r.split(":", 1)) for r in a.rows]
     model = load_model(a.model)
     a.guidance = a.guidance if a.guidance is not None else model.guidance_scale
@@ -82,31 +58,7 @@ def main() -> None:
     row_dir, ckpt_dir = a.out / f"rows_n{a.eval_samples}", a.out / "checkpoints"
     row_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompts(a.prompts)
-    model.prompt_bank = make_prompt_bank(model, prompts)
-    for seed in a.seeds:
-        todo = [(b, v) for b, v in rows if not done(row_dir / f"{slug(b, v, seed)}.json", settings)]
-        if not todo:
-            continue
-        t0 = time.perf_counter()
-        fp = sample(model, num_samples=a.eval_samples, steps=a.steps, seed=100 + seed, guidance_scale=a.guidance,
-                    batch_size=a.batch, progress=False)
-        traj = sample(model, num_samples=a.traj_samples, steps=a.steps, seed=107 + seed, guidance_scale=a.guidance,
-                      return_trajectory=True, progress=False, decode=False)
-        digits = prompted_digits(prompts, fp.labels)
-        fp_s = round(time.perf_counter() - t0, 1)
-        for bits, variant in todo:
-            row = {"bits": bits, "variant": variant, "seed": seed, "eval_noise_seed": 100 + seed,
-                   "settings": settings, "environment": environment(),
-                   "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:])}
-            if variant == "fp":
-                row.update(digit_scores(fp.images, digits), sampling_s=fp_s)
-            else:
-                cal, ck = calibrate(bits, variant, seed, a, ckpt_dir, VARIANTS)
-                row.update(cal, **evaluate(model, ck.qunet.predictor(), fp, traj, digits, a, seed))
-            write_json(row_dir / f"{slug(bits, variant, seed)}.json", row)
-            print(json.dumps({k: v for k, v in row.items() if k not in ("noise_per_step", "environment", "settings")}),
-                  flush=True)
+    run_rows(lambda: model, read_prompts(a.prompts), rows, a, settings, row_dir, ckpt_dir, VARIANTS)
     write_summary(a.out, row_dir, settings)
 
 
@@ -140,22 +92,11 @@ def comparisons(table: list[dict]) -> dict:
 
 
 def write_summary(out: Path, row_dir: Path, settings: dict) -> None:
-    files = sorted(row_dir.glob("*.json"))
-    runs = [json.loads(f.read_text()) for f in files]
-    runs = [r for r in runs if r["settings"] == settings]
-    table = []
-    for bits, variant in ROWS:
-        mine = sorted((r for r in runs if (r["bits"], r["variant"]) == (bits, variant)), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        agg = {m: stats([r[m] for r in mine]) for m in METRICS if all(m in r for r in mine)}
-        agg["class_accuracy_per_digit"] = [round(statistics.fmean(r["class_accuracy_per_class"][d] for r in mine), 4)
-                                           for d in range(10)]
-        table.append({"bits": bits, "variant": variant, "description": DESCRIPTIONS[variant],
-                      "seeds": [r["seed"] for r in mine], "num_samples": mine[0]["num_samples"], **agg,
-                      "calibrate_cmd": mine[0].get("calibrate_cmd")})
+    table, _, files, other = aggregate(row_dir, settings, ROWS, METRICS)
+    for r in table:
+        r["description"] = DESCRIPTIONS[r["variant"]]
     summary = {"settings": settings, "environment": environment(), "rows": table, "comparisons": comparisons(table),
-               "row_files": [f.name for f in files]}
+               "row_files": [f.name for f in files if f.name not in other], "ignored_row_files": other}
     n = settings["eval_samples"]
     write_json(out / f"dit_quality_n{n}.json", summary)
     write_text(out / f"dit_quality_n{n}.md", markdown(summary))

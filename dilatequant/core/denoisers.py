@@ -262,7 +262,7 @@ class FluxFamily(DenoiserFamily):
         cfg = scheduler.config
         kwargs: dict = {}
         if not cfg.get("use_flow_sigmas", False):
-            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps).tolist()  # JSON: q.pt records it
         if cfg.get("use_dynamic_shifting", False):
             kwargs["mu"] = flow_shift_mu(cfg, (latent_hw[0] // 2) * (latent_hw[1] // 2))
         return kwargs

@@ -27,7 +27,7 @@ from ..core.digits import CAPTION_TEMPLATES, captions_for, load_digits
 from ..core.errors import UserError
 from ..core.models import DEFAULTS_FILE, embedded_model_dir
 from ..core.reporting import write_json
-from .sd_training import CAPTION_DROPOUT, Checkpoint, _cosine, _loop, _loss_curve, _versions, encode_all
+from .sd_training import CAPTION_DROPOUT, Checkpoint, _cosine, _loop, _versions, encode_all, phase_record
 
 @dataclass(frozen=True)
 class DiTTrainConfig:
@@ -187,10 +187,7 @@ def train(cfg: DiTTrainConfig, out: Path, work: Path, threads: int, ckpt_every: 
         "reused_from_sd_digits": "VAE (shift_factor 0 added to its config), tokenizer, text encoder (frozen; "
                                  "CLIPTextModelWithProjection with an identity projection, in both CLIP slots)",
         "guidance_scale": guidance,
-        "transformer": {"iters": cfg.iters, "wall_s": log["wall_s"],
-                        "final_loss_mean_last_200": sum(log["losses"][-200:]) / max(1, len(log["losses"][-200:])),
-                        "loss_every_100": _loss_curve(log["losses"]),
-                        "parameters": sum(p.numel() for p in ema.parameters())},
+        "transformer": phase_record(cfg.iters, log, ema),
         "versions": _versions(),
     }
     write_json(out / "training.json", record)

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import call_cli
 from sd_pipelines import save, tiny_sd2, tiny_sdxl
 
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -23,13 +24,7 @@ from dilatequant.engines.pytorch.diffusers_unet import QuantizedUNet
 PROMPTS = "a red cat\na blue dog\na green tree\na yellow car\n"
 
 
-def _cli(main, *args):
-    """An entry point in-process; bad input must exit 2 (the message is checked by the caller via capsys)."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as err:
-        return err.code
-    return 0
+_cli = call_cli
 
 
 def _one_error(capsys, *needles):
