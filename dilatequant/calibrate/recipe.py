@@ -366,6 +366,7 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
     with stage("save"):  # its own time lands in the returned summary; q.pt records every stage before it
         dist.on_main(lambda: save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint,
                                              summary))
+    summary["wall_s"] = round(time.perf_counter() - start, 1)  # the returned wall includes the save, as its stages do
     if dist.is_main:
         remove_progress(progress)
     return summary

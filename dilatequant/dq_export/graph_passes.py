@@ -1,13 +1,10 @@
-"""Rewrites on the exported graph: metadata, INT4 weight blocks, clean-up."""
+"""Rewrites on the exported graph (onnx_ir, in place): clean-up, INT4 weight blocks, metadata."""
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx import helper, numpy_helper
 from onnx_ir.passes import common
-from onnxscript.optimizer import fold_constants
 
 
 def _never_fold_qdq(node) -> bool | None:
@@ -15,66 +12,92 @@ def _never_fold_qdq(node) -> bool | None:
     return False if node.op_type in ("QuantizeLinear", "DequantizeLinear") else None
 
 
-def simplify(model: ir.Model) -> onnx.ModelProto:
-    """Cheap clean-up of the raw export (the exporter's full optimizer takes minutes on a UNet)."""
+def simplify(model: ir.Model) -> ir.Model:
+    """Cheap clean-up of the raw export (the exporter's full optimizer takes minutes on a UNet).
+
+    The tensors end as the graph's own copies: the exporter's refer to the PyTorch module's, and with them to
+    the checkpoint's memory-mapped float weights (10.3 GB at SDXL size), which the caller then frees.
+    """
+    from onnxscript.optimizer import fold_constants  # a heavy import, needed by the export alone
+
     fold_constants(model, should_fold=_never_fold_qdq)
     for p in (common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(size_limit=1),
               common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
               common.IdentityEliminationPass(), common.RemoveUnusedNodesPass(),
               common.ClearMetadataAndDocStringPass()):
         p(model)
-    return ir.serde.serialize_model(model)
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.Tensor) and not isinstance(t.raw, np.ndarray):  # the exporter's TorchTensor
+            v.const_value = ir.Tensor(np.array(t.numpy()), name=v.name)
+    return model
 
 
-def finalize_graph(model: onnx.ModelProto, metadata: dict[str, str], int4_block: int | None) -> onnx.ModelProto:
+def finalize_graph(model: ir.Model, metadata: dict[str, str], int4_block: int | None) -> ir.Model:
     """INT4 weight blocks (when `int4_block` is set), then the graph's metadata (built by qdq_graph.metadata)."""
     if int4_block is not None:
         int4_weights(model, int4_block)
-    del model.metadata_props[:]
-    for k, v in metadata.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    model.metadata_props.clear()
+    model.metadata_props.update(metadata)
     model.producer_name = "dilatequant"
     return model
 
 
-def int4_weights(model: onnx.ModelProto, block: int) -> int:
+def int4_weights(model: ir.Model, block: int) -> int:
     """int8 [K, N] weight -> DequantizeLinear(axis 0, block_size) -> MatMul becomes INT4 blocks.
 
     The per-output-channel scale is replicated over every block of K, so values stay exact. Weights
     whose levels do not fit in 4 bits (8-bit first/last layers) or whose K is not a multiple of the
     block size stay int8.
     """
-    inits = {i.name: i for i in model.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    graph = model.graph
     converted = 0
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+    for node in graph:
+        w = node.inputs[0] if node.op_type == "DequantizeLinear" else None
+        if w is None or not w.is_initializer() or w.const_value is None:
             continue
-        w = inits[node.input[0]]
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        users = consumers.get(node.output[0], [])
-        if w.data_type != onnx.TensorProto.INT8 or len(w.dims) != 2 or axis != 1 \
-                or not users or any(u.op_type not in ("MatMul", "Gemm") for u in users):
+        axis = node.attributes.get_int("axis", 1)
+        users = list(node.outputs[0].uses())
+        if w.const_value.dtype != ir.DataType.INT8 or len(w.const_value.shape) != 2 or axis != 1 \
+                or not users or any(u.node.op_type not in ("MatMul", "Gemm") for u in users):
             continue
-        arr = numpy_helper.to_array(w)
+        arr = w.const_value.numpy()
         k, n_out = arr.shape
         if arr.min() < -8 or arr.max() > 7 or k % block:
             continue
         # per-channel [N], or the unit per-tensor scale of integer-weight layers: either becomes [N]
-        scale = np.broadcast_to(numpy_helper.to_array(inits[node.input[1]]).astype(np.float32).reshape(-1), (n_out,))
-        w4 = numpy_helper.from_array(arr.astype(ml_dtypes.int4), w.name + "_int4")
-        s4 = numpy_helper.from_array(np.tile(scale[None, :], (k // block, 1)), w.name + "_int4_scale")
-        model.graph.initializer.extend([w4, s4])
-        del node.input[:]
-        node.input.extend([w4.name, s4.name])  # no zero point: 0
-        del node.attribute[:]
-        node.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", block)])
+        scale = np.broadcast_to(node.inputs[1].const_value.numpy().astype(np.float32).reshape(-1), (n_out,))
+        w4 = add_initializer(graph, w.name + "_int4", arr.astype(ml_dtypes.int4))
+        s4 = add_initializer(graph, w.name + "_int4_scale", np.tile(scale[None, :], (k // block, 1)))
+        node.resize_inputs(2)  # no zero point: 0
+        node.replace_input_with(0, w4)
+        node.replace_input_with(1, s4)
+        node.attributes.clear()
+        node.attributes.update({"axis": ir.AttrInt64("axis", 0), "block_size": ir.AttrInt64("block_size", block)})
         converted += 1
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    remove_unused_initializers(graph)
     return converted
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding `array`, typed and shaped like it."""
+    t = ir.Tensor(array, name=name)
+    v = ir.Value(name=name, type=ir.TensorType(t.dtype), shape=t.shape, const_value=t)
+    graph.register_initializer(v)
+    return v
+
+
+def remove_unused_initializers(graph: ir.Graph) -> None:
+    """Drop the initializers no node reads (graph inputs and outputs stay)."""
+    for name, v in list(graph.initializers.items()):
+        if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+            del graph.initializers[name]
+
+
+def ensure_types(model: ir.Model) -> None:
+    """Every node output typed: ONNX shape inference fills what the graph does not say (hand-built graphs).
+
+    onnx_ir's pass infers on a copy without the large tensors, so it works at any model size.
+    """
+    if any(v.dtype is None for n in model.graph for v in n.outputs):
+        common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)

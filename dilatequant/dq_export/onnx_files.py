@@ -4,9 +4,10 @@ Protobuf cannot hold a message over 2 GiB, so an SD-XL-sized graph keeps its ten
 external-data format: `unet.onnx` names `unet.onnx.data` (beside it) and an offset per tensor. Every
 writer here goes through `save_model`, which writes both files under temporary names in the same folder
 and renames the data first and the graph last: a reader never sees a graph without its data, and a
-failed write leaves nothing behind (or the previous files, untouched). Readers that need structure only
-load with `load_external_data=False`; ONNX Runtime and TensorRT's parser take the path and find the data
-beside the graph themselves.
+failed write leaves nothing behind (or the previous files, untouched). `read_graph` gives the graph as an
+onnx_ir model whose external tensors stay on disk until a pass reads one (memory-mapped): a rule that
+needs the scales of an SDXL graph does not read its 2.6 GB of weights. ONNX Runtime and TensorRT's parser
+take the path and find the data beside the graph themselves.
 
 The size that switches to external data comes from DILATEQUANT_EXTERNAL_DATA_BYTES (tests force it down
 to a few KB), else DEFAULT_EXTERNAL_DATA_BYTES.
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, numpy_helper
+import onnx_ir as ir
+from onnx import external_data_helper
 
 from ..core.errors import UserError
 from ..core.reporting import atomic_write_bytes
@@ -58,12 +60,16 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return (int(np.prod(t.dims, dtype=np.int64)) * bits + 7) // 8
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
+def tensor_bytes(model: onnx.ModelProto | ir.Model) -> int:
     """Bytes of every tensor in the model (initializers and Constant attributes), without serializing it.
 
     ModelProto.ByteSize() would answer exactly but walks the whole message (45 s for 2.4 GB, measured).
     """
-    return sum(_nbytes(t) for t in external_data_helper._get_all_tensors(model))
+    if isinstance(model, onnx.ModelProto):
+        return sum(_nbytes(t) for t in external_data_helper._get_all_tensors(model))
+    constants = [n.attributes["value"].value for n in model.graph if n.op_type == "Constant" and "value" in n.attributes]
+    return sum(t.nbytes for t in [v.const_value for v in model.graph.initializers.values()] + constants
+               if t is not None)
 
 
 def data_path(graph: str | Path) -> Path:
@@ -72,17 +78,20 @@ def data_path(graph: str | Path) -> Path:
     return graph.with_name(graph.name + DATA_SUFFIX)
 
 
-def save_model(model: onnx.ModelProto, path: str | Path, threshold: int | None = None) -> dict:
+def save_model(model: onnx.ModelProto | ir.Model, path: str | Path, threshold: int | None = None) -> dict:
     """Write `model` to `path` atomically; over `threshold` tensor bytes, with its weights in `<path>.data`.
 
-    With external data the tensors' bytes move into the data file as they are written (the proto's
-    raw_data is cleared, so memory falls while writing): do not use `model`'s weights afterwards.
+    A ModelProto's tensors move into the data file as they are written (the proto's raw_data is cleared, so
+    memory falls while writing): do not use its weights afterwards. An onnx_ir model is streamed tensor by
+    tensor (external tensors it read from another graph's data file included) and left as it was.
     Returns {"bytes": graph + data bytes, "external_data": the data file or None}.
     """
     path = Path(path)
     threshold = external_data_threshold() if threshold is None else threshold
     stale = data_path(path)
     if tensor_bytes(model) <= threshold:
+        if isinstance(model, ir.Model):
+            model = ir.to_proto(ir.external_data.load_to_model(model))
         data = model.SerializeToString()
         atomic_write_bytes(path, data)
         stale.unlink(missing_ok=True)  # an earlier external-data export of this name, no longer referred to
@@ -93,8 +102,11 @@ def save_model(model: onnx.ModelProto, path: str | Path, threshold: int | None =
     except OSError as err:
         raise UserError(f"cannot write '{path}' ({err.strerror or err}); choose a writable location") from err
     try:
-        onnx.save_model(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=stale.name, size_threshold=TENSOR_MIN_BYTES, convert_attribute=False)
+        if isinstance(model, ir.Model):
+            ir.save(model, tmp / path.name, external_data=stale.name, size_threshold_bytes=TENSOR_MIN_BYTES - 1)
+        else:
+            onnx.save_model(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=stale.name, size_threshold=TENSOR_MIN_BYTES, convert_attribute=False)
         mode = 0o666 & ~_umask()  # mkdtemp's files get the permissions a plain open() would give
         for f in (tmp / stale.name, tmp / path.name):
             os.chmod(f, mode)
@@ -124,11 +136,31 @@ def load_model(path: str | Path, with_data: bool = True) -> onnx.ModelProto:
         return onnx.load(str(path), load_external_data=with_data)
     except Exception as err:  # noqa: BLE001 - onnx raises DecodeError, OSError, ValidationError, ...
         try:
-            missing = [str(f) for f in external_files(path) if not f.is_file()]
+            missing = _missing_data(path)
         except Exception:  # noqa: BLE001 - the graph itself is unreadable
             missing = []
-        hint = f" (its external data {', '.join(missing)} is missing: keep it beside the graph)" if missing else ""
-        raise UserError(f"'{path}' is not a readable ONNX model{hint} ({type(err).__name__}: {err})") from err
+        raise UserError(f"'{path}' is not a readable ONNX model{_missing_hint(missing)} "
+                        f"({type(err).__name__}: {err})") from err
+
+
+def read_graph(path: str | Path) -> ir.Model:
+    """The graph at `path` as an onnx_ir model; its external tensors are read from beside it when used."""
+    path = Path(path)
+    proto = load_model(path, with_data=False)
+    missing = _missing_data(path, proto)
+    if missing:
+        raise UserError(f"'{path}' is not a readable ONNX model{_missing_hint(missing)}")
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    return model
+
+
+def _missing_data(path: Path, model: onnx.ModelProto | None = None) -> list[str]:
+    return [str(f) for f in external_files(path, model) if not f.is_file()]
+
+
+def _missing_hint(missing: list[str]) -> str:
+    return f" (its external data {', '.join(missing)} is missing: keep it beside the graph)" if missing else ""
 
 
 def external_files(path: str | Path, model: onnx.ModelProto | None = None) -> list[Path]:
@@ -145,44 +177,3 @@ def external_files(path: str | Path, model: onnx.ModelProto | None = None) -> li
                             "data file sits beside the graph")
         out.append(path.parent / rel)
     return out
-
-
-def tensor_array(t: onnx.TensorProto, base_dir: str | Path | None) -> np.ndarray:
-    """A tensor's values, read from its external-data file (beside the graph in base_dir) if it has one."""
-    if t.data_location == onnx.TensorProto.EXTERNAL and base_dir is None:
-        raise UserError(f"tensor '{t.name}' is stored in external data, but the graph's folder is unknown; "
-                        "check the graph by path (dq-export --check unet.onnx)")
-    return numpy_helper.to_array(t, str(base_dir) if base_dir is not None else "")
-
-
-def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with every tensor of TENSOR_MIN_BYTES or more as an external stub (name, type, dims, no data).
-
-    What shape inference needs, at any model size: onnx.shape_inference serializes its argument, which
-    fails past protobuf's 2 GiB and costs a full copy below it. The stubs point at no file: never load them.
-    """
-    out = onnx.ModelProto()
-    _copy_fields(model, out, skip="graph")
-    _copy_fields(model.graph, out.graph, skip="initializer")
-    g = out.graph
-    for t in model.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL and _nbytes(t) < TENSOR_MIN_BYTES:
-            g.initializer.append(t)
-            continue
-        stub = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        stub.external_data.add(key="location", value="__not_loaded__")
-    return out
-
-
-def _copy_fields(src, dst, skip: str) -> None:
-    for field, value in src.ListFields():
-        if field.name == skip:
-            continue
-        # is_repeated in current protobuf (6.33 warns that label() is deprecated); label on older ones
-        if (field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED):
-            getattr(dst, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(dst, field.name).CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)

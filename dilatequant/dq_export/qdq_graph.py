@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -127,14 +128,15 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
     props = metadata(ck, cfg, checkpoint_hash(ckpt_path), use_t)
     if _fixed_spatial_size(model):  # the exporter specialised H and W (PixArt's position table is built per size)
         props["dilatequant.spatial_multiple"] = "0"
-    # The proto holds the weights now. The exporter's program, the deployment-form copy and the checkpoint (its
-    # mapped float32 pages: 10.3 GB at SDXL size) sit in reference cycles: collect them before the graph is written
+    # The graph holds its own copies of the weights now. The exporter's program, the deployment-form copy and the
+    # checkpoint (its mapped float32 pages: 10.3 GB at SDXL size) sit in reference cycles: collect them before the
+    # graph is written
     del program, wrapper, unet, ctx, ck
     gc.collect()
     model = finalize_graph(model, props, cfg.int4_block if cfg.precision == "int4" else None)
     _check_int4_blocks(model, w4a16)
     if cfg.dtype == "fp16":
-        model = to_fp16(model, inplace=True)
+        to_fp16(model)
     written = save_model(model, onnx_path)  # over ~2 GB: unet.onnx + unet.onnx.data (onnx_files.py)
     return {"onnx": str(onnx_path), "bytes": written["bytes"], "external_data": written["external_data"],
             "inputs": names, "precision": cfg.precision,
@@ -143,9 +145,9 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
 
 
 def _fixed_spatial_size(model) -> bool:
-    """Does the graph take one latent size only (static H and W on its sample input)?"""
-    sample = next(i for i in model.graph.input if i.name == "sample")
-    return all(d.HasField("dim_value") for d in sample.type.tensor_type.shape.dim[2:])
+    """Does the graph (onnx_ir) take one latent size only (static H and W on its sample input)?"""
+    sample = next(v for v in model.graph.inputs if v.name == "sample")
+    return all(isinstance(d, int) for d in list(sample.shape)[2:])
 
 
 def w4a16_layers(ck: QuantCheckpoint, cfg: ExportConfig) -> tuple[str, ...]:
@@ -160,12 +162,11 @@ def w4a16_layers(ck: QuantCheckpoint, cfg: ExportConfig) -> tuple[str, ...]:
     return names
 
 
-def _check_int4_blocks(model, w4a16: tuple[str, ...]) -> None:
+def _check_int4_blocks(model: ir.Model, w4a16: tuple[str, ...]) -> None:
     """Every weight-only layer got its INT4 blocks (else the graph would run it W8A16 under an int4 label)."""
     if not w4a16:
         return
-    blocked = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear"
-                  and any(a.name == "block_size" for a in n.attribute))
+    blocked = sum(1 for n in model.graph if n.op_type == "DequantizeLinear" and "block_size" in n.attributes)
     if blocked != len(w4a16):
         raise UserError(f"INT4 export: {blocked} INT4 weight blocks for {len(w4a16)} weight-only layers; "
                         "this is a bug in dq-export, please report it with the checkpoint")

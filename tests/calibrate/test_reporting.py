@@ -32,7 +32,7 @@ def test_peak_rss_of_a_subprocess_is_its_own():
     parent = (
         "import subprocess, sys, numpy as np\n"
         "big = np.ones(1536 * 2**20 // 8)\n"
-        "child = 'from dilatequant.core.reporting import peak_rss_mb; print(peak_rss_mb())'\n"
+        "child = 'import torch; from dilatequant.core.reporting import peak_rss_mb; print(peak_rss_mb())'\n"
         "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n"
     )
     child_peak = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
