@@ -145,9 +145,12 @@ def export_onnx(ckpt_path: str | Path, onnx_path: str | Path, cfg: ExportConfig)
 
 
 def _fixed_spatial_size(model) -> bool:
-    """Does the graph (onnx_ir) take one latent size only (static H and W on its sample input)?"""
+    """Does the graph (onnx_ir) take one latent size only (static H and W on its sample input)? A dimension the
+    exporter specialised comes out as a symbol named by its value ("8"): it is made the integer it is."""
     sample = next(v for v in model.graph.inputs if v.name == "sample")
-    return all(isinstance(d, int) for d in list(sample.shape)[2:])
+    dims = [int(str(d)) if not isinstance(d, int) and str(d).isdigit() else d for d in sample.shape]
+    sample.shape = ir.Shape(dims)
+    return all(isinstance(d, int) for d in dims[2:])
 
 
 def w4a16_layers(ck: QuantCheckpoint, cfg: ExportConfig) -> tuple[str, ...]:
