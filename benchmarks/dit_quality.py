@@ -4,7 +4,8 @@ quantization (TPQ) pay off on a DiT, and by how much beyond the seed spread?
 Rows: FP; at W8A8 and W4A8 each: DilateQuant (WD + TPQ + BKD), its static-scale twin (the same with one scale per
 activation, --no-tpq), static-scale PTQ in the style of NVIDIA ModelOpt's diffusers recipe (SmoothQuant scaling,
 one min-mean percentile scale per activation, no training) and naive PTQ (no scaling, one min/max scale); at W4A8
-also DilateQuant with the adaLN modulation linears in float (they read only the timestep and pooled text). Every
+also DilateQuant with the adaLN modulation linears in float (they read only the timestep and pooled text), and
+with the final projection in float (else 8-bit, --first-last-bits). Every
 quantized row of seed s is calibrated by dq-calibrate (its own subprocess) with --seed s on the same prompts,
 guidance and steps, on the pipeline's own FlowMatchEuler sampler, then sampled from evaluation noise seed 100 + s
 beside FP from the same noise: digit-FID and class accuracy by prompted digit (>= 1,000 samples), per-step noise
@@ -31,6 +32,7 @@ VARIANTS = {
     "static-ptq": ["--no-tpq", "--no-bkd", "--act-init", "minmean", "--scaling", "smoothquant"],
     "naive-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd", "--act-init", "minmax"],
     "dilatequant-float-modulation": ["--float-layers", "pos_embed.proj", *MODULATION],
+    "dilatequant-float-output": ["--float-layers", "pos_embed.proj", "proj_out"],
 }
 DESCRIPTIONS = {
     "fp": "full precision",
@@ -39,10 +41,11 @@ DESCRIPTIONS = {
     "static-ptq": "static-scale PTQ, ModelOpt-style (SmoothQuant, min-mean, no training)",
     "naive-ptq": "naive PTQ (no scaling, min/max, no training)",
     "dilatequant-float-modulation": "DilateQuant, adaLN modulation linears in float",
+    "dilatequant-float-output": "DilateQuant, final projection (proj_out) in float",
 }
 ROWS = [("FP32", "fp"), *[(b, v) for b in ("W8A8", "W4A8") for v in
                           ("dilatequant", "dilatequant-static", "static-ptq", "naive-ptq")],
-        ("W4A8", "dilatequant-float-modulation")]
+        ("W4A8", "dilatequant-float-modulation"), ("W4A8", "dilatequant-float-output")]
 METRICS = ("digit_fid", "class_accuracy", "noise_mean_sqnr_db", "image_psnr_db", "image_ssim", "calib_wall_s",
            "eval_s")
 
@@ -74,7 +77,8 @@ def comparisons(table: list[dict]) -> dict:
     out: dict = {}
     for bits in ("W8A8", "W4A8"):
         dq = find(table, bits, "dilatequant")
-        for variant in ("dilatequant-static", "static-ptq", "naive-ptq", "dilatequant-float-modulation"):
+        for variant in ("dilatequant-static", "static-ptq", "naive-ptq", "dilatequant-float-modulation",
+                        "dilatequant-float-output"):
             other = find(table, bits, variant)
             if not (dq and other):
                 continue
