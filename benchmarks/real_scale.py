@@ -326,6 +326,50 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def on_paper(target: str, measured: str) -> dict:
+    """A transformer too large to run here, estimated from a measured one's stages: each stage's peak RSS scaled by
+    the parameter ratio (its weights dominate every stage's memory), the files likewise; wall times are not
+    estimated (they depend on the device). Labelled as an estimate wherever it is written."""
+    from unet_configs import transformer_config
+
+    def params(name: str) -> int:
+        import diffusers
+        import torch
+
+        cfg = transformer_config(name)
+        with torch.device("meta"):
+            model = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+        return sum(p.numel() for p in model.parameters())
+
+    src = json.loads((OUT / f"{measured.replace('/', '_div')}.json").read_text())
+    n_src, n_dst = params(measured), params(target)
+    ratio = n_dst / n_src
+    stages = [{"stage": r["stage"], "measured_peak_rss_mb": r["peak_rss_mb"],
+               "estimated_peak_rss_gb": round(r["peak_rss_mb"] * ratio / 1024, 1),
+               "estimated_files_gb": {k: round(v * ratio / 1e9, 2) for k, v in r.get("files", {}).items()}}
+              for r in src["stages"] if r.get("peak_rss_mb")]
+    return {"target": target, "estimated_from": measured, "target_params": n_dst, "measured_params": n_src,
+            "param_ratio": round(ratio, 3), "stages": stages,
+            "weights_gb": {"fp32": round(4 * n_dst / 1e9, 1), "bf16": round(2 * n_dst / 1e9, 1),
+                           "int8": round(n_dst / 1e9, 1), "int4": round(n_dst / 2e9, 1)},
+            "measured_command": src["command"], "measured_environment": src["environment"]}
+
+
+def _paper_markdown(r: dict) -> str:
+    lines = [f"# {r['target']} on paper: an estimate from the measured {r['estimated_from']} chain", "",
+             f"Not run: {r['target_params'] / 1e9:.2f} B parameters, {r['param_ratio']}x {r['estimated_from']}'s "
+             f"{r['measured_params'] / 1e9:.3f} B. Each stage's peak RSS is the measured one scaled by that ratio "
+             "(weights dominate every stage), so read these as the memory a machine needs, not as measurements.", "",
+             "| stage | measured peak RSS | estimated peak RSS | estimated files |", "|---|---:|---:|---|"]
+    for s in r["stages"]:
+        files = ", ".join(f"{k} {v} GB" for k, v in s["estimated_files_gb"].items())
+        lines.append(f"| {s['stage']} | {s['measured_peak_rss_mb']:,.0f} MB | {s['estimated_peak_rss_gb']} GB | {files} |")
+    w = r["weights_gb"]
+    lines += ["", f"The weights alone: {w['fp32']} GB in FP32, {w['bf16']} GB in BF16, {w['int8']} GB as int8, "
+              f"{w['int4']} GB as int4. Measured with: `{r['measured_command']}`.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--unet", default="sd15-tiny", help="a name of benchmarks/unet_configs.py (UNets and transformers)")
@@ -342,10 +386,21 @@ def main() -> None:
     p.add_argument("--work", type=Path, help="scratch folder (default: results/real_scale/.work-<unet>)")
     p.add_argument("--resume", action="store_true", help="skip the stages an earlier run of this work folder finished")
     p.add_argument("--stages", nargs="*", help=f"run only these stages (of {', '.join(STAGES)}; speed = every speed_*)")
+    p.add_argument("--on-paper", metavar="TRANSFORMER", help="estimate TRANSFORMER (e.g. flux1-dev) from the measured "
+                   "--unet run's results instead of running anything")
     p.add_argument("--child", choices=("model", "graphs", "speed", "rtx"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     a = p.parse_args()
     tag = a.unet.replace("/", "_div")
+    if a.on_paper:
+        sys.path.insert(0, str(ROOT))
+        from dilatequant.core.reporting import write_json, write_text
+
+        est = on_paper(a.on_paper, a.unet)
+        write_json(OUT / f"{a.on_paper}-on-paper.json", est)
+        write_text(OUT / f"{a.on_paper}-on-paper.md", _paper_markdown(est))
+        print(_paper_markdown(est))
+        return
     work = (a.work or OUT / f".work-{tag}").resolve()
     if a.child == "model":
         print(json.dumps(build_model(a.unet, work / "model", a.t5_tokens)))
