@@ -320,7 +320,8 @@ def triton_main(argv: list[str] | None = None) -> None:
             repo=a.repo, onnx=a.onnx, engine=a.engine, ckpt=a.ckpt, model=a.model, kind=a.kind, name=a.name, max_batch=a.max_batch,
             instances=a.instances, pipeline_instances=a.pipeline_instances, max_queue_delay_us=a.max_queue_delay_us,
             intra_op_threads=a.threads, overwrite=a.overwrite, serving_tensorrt=a.serving_tensorrt))
-        kind = ("prompts: text_encoder -> unet -> vae_decoder" if s["prompts"] else
+        encoders = " + ".join(m for m in s["models"] if m.startswith("text_encoder"))
+        kind = (f"prompts: {encoders} -> unet -> vae_decoder" if s["prompts"] else
                 "class-conditional" if s["conditional"] else "unconditional")
         print(f"wrote {s['repo']}: '{a.name}' ({s['unet_backend']}, max batch {s['max_batch']}, inputs "
               f"{', '.join(s['inputs'])}) + 'pipeline' ({len(s['timesteps'])} calibrated timesteps, {kind}); "
@@ -331,23 +332,42 @@ def triton_main(argv: list[str] | None = None) -> None:
 
 
 def serve_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="dq-serve", description="Start Triton on a repository (127.0.0.1 only)")
-    p.add_argument("--repo", type=Path, required=True)
+    from .engines.triton.health import PROBES
+
+    p = argparse.ArgumentParser(prog="dq-serve", description="Start Triton on a repository (127.0.0.1 only) and keep "
+                                "it serving: crashed backends are reloaded, a dead server is restarted")
+    p.add_argument("--repo", type=Path, help="the model repository (dq-triton --repo)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--health-port", type=int, default=8003, help="dq-serve's health endpoint: /v2/health/ready and "
+                   "/live answer whether the models can serve (%(default)s)")
     p.add_argument("--log", type=Path, help="write the server log here")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+    p.add_argument("--drain-timeout", type=int, default=30, help="seconds Triton waits for requests in flight when "
+                   "stopped (%(default)s)")
+    p.add_argument("--probe", choices=PROBES, help="ask a running dq-serve (on --health-port) whether it is live or "
+                   "ready: one line, exit 0 (yes) or 1 (no); for orchestrators' exec probes")
     a = p.parse_args(argv)
 
     def go() -> None:
-        from .engines.triton.server import serve
+        if a.probe:
+            from .engines.triton.health import probe
 
-        serve(a.repo, a.http_port, a.grpc_port, a.log, a.timeout)
+            ok, line = probe(a.health_port, a.probe)
+            print(line, flush=True)
+            sys.exit(0 if ok else 1)
+        if a.repo is None:
+            raise UserError("pass --repo DIR (a repository written by dq-triton), or --probe live|ready")
+        from .engines.triton.serving import serve
+
+        serve(a.repo, a.http_port, a.grpc_port, a.health_port, a.log, a.timeout, a.drain_timeout)
 
     _run(go)
 
 
 def client_main(argv: list[str] | None = None) -> None:
+    from .engines.triton.retry import RetryPolicy
+
     p = argparse.ArgumentParser(prog="dq-client", description="Generate images with a served `pipeline` model")
     p.add_argument("--url", default="127.0.0.1:8000", help="host:port (HTTP 8000, gRPC 8001 by default)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
@@ -362,30 +382,35 @@ def client_main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the server's)")
     _add_seed(p)
     p.add_argument("--model", default="pipeline")
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--timeout", type=float, default=RetryPolicy.deadline_s,
+                   help="seconds for the whole call, retries included (%(default)s)")
+    p.add_argument("--retries", type=int, default=RetryPolicy.retries,
+                   help="attempts after the first when the server is restarting, recovering a model or timed out; "
+                   "waits 0.5 s, 1 s, 2 s ... (at most 8 s) between them (%(default)s)")
     p.add_argument("--out", type=Path, default=Path("img.png"))
     a = p.parse_args(argv)
 
     def go() -> None:
-        from .engines.triton.client import generate, generate_from_prompt, save_png
+        from .engines.triton.client import fetch_images, pipeline_inputs, prompt_inputs, save_png
 
+        policy = RetryPolicy(retries=a.retries, deadline_s=a.timeout)
         if a.prompt is not None:
             if a.label:
                 raise UserError("pass --prompt (Stable Diffusion repositories) or --label (class models), not both")
             from .core.sizes import parse_size  # torch-free, as the client is
 
-            images = generate_from_prompt(a.url, a.prompt, a.seed, a.protocol, a.model, a.timeout, steps=a.steps,
-                                          guidance=a.guidance, negative_prompt=a.negative_prompt,
-                                          num_images=a.num_images, scheduler=a.scheduler,
-                                          size=parse_size(a.size) if a.size else None)
+            arrays = prompt_inputs(a.prompt, a.seed, steps=a.steps, guidance=a.guidance,
+                                   negative_prompt=a.negative_prompt, num_images=a.num_images, scheduler=a.scheduler,
+                                   size=parse_size(a.size) if a.size else None)
         else:
             for flag, v in (("--negative-prompt", a.negative_prompt), ("--size", a.size), ("--scheduler", a.scheduler)):
                 if v is not None:
                     raise UserError(f"{flag} goes with --prompt (Stable Diffusion repositories)")
-            images = generate(a.url, a.label, a.seed, a.steps, a.guidance, a.num_images or 1, a.protocol, a.model,
-                              a.timeout)
+            arrays = pipeline_inputs(a.label, a.seed, a.steps, a.guidance, a.num_images or 1)
+        images, attempts = fetch_images(a.url, arrays, a.protocol, a.model, policy)
         save_png(images, a.out)
-        print(f"wrote {a.out}: {len(images)} image(s) {images.shape[1]}x{images.shape[2]} (seed {a.seed})")
+        print(f"wrote {a.out}: {len(images)} image(s) {images.shape[1]}x{images.shape[2]} (seed {a.seed}; "
+              f"{attempts.summary()})")
 
     _run(go)
 

@@ -53,3 +53,11 @@ def test_client_without_a_server_names_the_url(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"cannot reach Triton at 127.0.0.1:{port}" in err and err.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_serve_without_repo_or_probe_is_one_line_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        serve_main([])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: pass --repo DIR") and "--probe live|ready" in err
+    assert err.count("\n") == 1

@@ -12,24 +12,21 @@ import pytest
 pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] not installed: pip install 'dilatequant[serve]'")
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] not installed: pip install 'dilatequant[serve]'")
 
-from dilatequant.cli import client_main, generate_main, triton_main  # noqa: E402
+from dilatequant.cli import client_main, triton_main  # noqa: E402
 from dilatequant.engines.triton.client import (InferenceFailed, generate_from_prompt, prompt_inputs,  # noqa: E402
                                                request_images)
 from dilatequant.engines.triton.repository import validate_repository, write_repository  # noqa: E402
 from dilatequant.engines.triton.repository_config import RepositoryConfig  # noqa: E402
 from dilatequant.engines.triton.server import TritonServer, unavailable_reason  # noqa: E402
 
+from triton_fixtures import cli_exit_code, dq_generate_image  # noqa: E402
+
 TIMEOUT_S = 120
 STEPS = 4
 PROMPT = "a handwritten digit seven"
 
 
-def _cli(main, *args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as err:
-        return err.code
-    return 0
+_cli = cli_exit_code
 
 
 def _one_error(capsys, *needles) -> str:
@@ -76,14 +73,7 @@ def served(sd_export, tmp_path_factory, request):
 
 def _dq_generate(graph, tmp, name, **settings) -> np.ndarray:
     """dq-generate's own PNG, read back as uint8 [H, W]."""
-    from PIL import Image
-
-    out = tmp / f"{name}.png"
-    args = ["--model", "sd-digits", "--onnx", graph, "--prompt", settings.pop("prompt", PROMPT), "--out", out]
-    for k, v in settings.items():
-        args += [f"--{k.replace('_', '-')}", v]
-    assert _cli(generate_main, *args) == 0
-    return np.array(Image.open(out))
+    return dq_generate_image("sd-digits", graph, tmp / f"{name}.png", settings.pop("prompt", PROMPT), **settings)
 
 
 CASES = [  # (id, protocol, dq-generate flags); the client sends the same settings
@@ -242,11 +232,15 @@ def _with_metadata(graph, dest, **props):
     return dest
 
 
-def test_sdxl_graph_is_refused_in_one_line_and_nothing_is_written(sd_export, tmp_path, capsys):
+def test_other_pipeline_class_is_refused_in_one_line_and_nothing_is_written(sd_export, tmp_path, capsys):
     _, graph = sd_export
+    flux = _with_metadata(graph, tmp_path / "flux.onnx", **{"dilatequant.pipeline_class": "FluxPipeline"})
+    assert _cli(triton_main, "--onnx", flux, "--repo", tmp_path / "repo", "--kind", "cpu") == 2
+    _one_error(capsys, "'FluxPipeline'", "StableDiffusionPipeline and StableDiffusionXLPipeline")
+    # an SDXL graph with an SD 1.x folder: the folder must be the pipeline class the graph was calibrated on
     xl = _with_metadata(graph, tmp_path / "xl.onnx", **{"dilatequant.pipeline_class": "StableDiffusionXLPipeline"})
     assert _cli(triton_main, "--onnx", xl, "--repo", tmp_path / "repo", "--kind", "cpu") == 2
-    _one_error(capsys, "SDXL", "StableDiffusionPipeline (SD 1.x/2.x) only", "dq-generate")
+    _one_error(capsys, "is not a StableDiffusionXLPipeline folder", "--model FOLDER")
     assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo.*"))
 
 

@@ -1,4 +1,4 @@
-"""Shared by the Triton tests: a tiny conditional q.pt exported to ONNX, and an ORT NoisePredictor."""
+"""Shared by the Triton tests: tiny conditional and SDXL exports, an ORT NoisePredictor, dq-generate's image."""
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +53,44 @@ def ort_predictor(session, timesteps: list[int] | None = None):
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[N,C,H,W] in [-1,1] -> [N,H,W,C] uint8, the pipeline's conversion."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def cli_exit_code(main, *args) -> int:
+    """A console entry point in-process: its exit code (0 when it returns)."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as err:
+        return err.code
+    return 0
+
+
+def dq_generate_image(model, graph, out: Path, prompt: str, **settings) -> np.ndarray:
+    """dq-generate's own PNG for these settings (flags named as the keyword arguments), read back as uint8."""
+    from PIL import Image
+
+    from dilatequant.cli import generate_main
+
+    args = ["--model", model, "--onnx", graph, "--prompt", prompt, "--out", out]
+    for k, v in settings.items():
+        args += [f"--{k.replace('_', '-')}", v]
+    assert cli_exit_code(generate_main, *args) == 0
+    return np.array(Image.open(out))
+
+
+def tiny_sdxl_export(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(pipeline folder, q.pt, unet.onnx) of the tiny random SDXL pipeline (sd_pipelines.tiny_sdxl), W8A8 symmetric
+    PTQ (min/max activation ranges, 8 samples, 4 calibrated steps): made once per session, as tiny_cond_export."""
+    from sd_pipelines import save, tiny_sdxl
+
+    from dilatequant.calibrate.recipe import CalibrationJob, run_calibration
+
+    tmp = tmp_path_factory.getbasetemp() / "tiny-sdxl-export"
+    if (tmp / "unet.onnx").is_file():
+        return tmp / "pipe", tmp / "q.pt", tmp / "unet.onnx"
+    tmp.mkdir(exist_ok=True)
+    folder = save(tiny_sdxl(), tmp / "pipe")
+    config = QuantConfig(num_steps=STEPS, weight_bits=8, act_bits=8, symmetric=True, act_init="minmax")
+    run_calibration(CalibrationJob(model=str(folder), config=config, calib_samples=8, bkd=False, out=tmp / "q.pt",
+                                   prompts=["a red cat", "a blue dog"]))
+    export_onnx(tmp / "q.pt", tmp / "unet.onnx", ExportConfig())
+    return folder, tmp / "q.pt", tmp / "unet.onnx"

@@ -1,4 +1,4 @@
-"""dq-client: ask the `pipeline` model for images over HTTP or gRPC (tritonclient)."""
+"""dq-client: ask the `pipeline` model for images over HTTP or gRPC (tritonclient), retrying what is transient."""
 from __future__ import annotations
 
 import io
@@ -8,6 +8,7 @@ import numpy as np
 
 from ...core.errors import UserError
 from ...core.sizes import parse_size  # noqa: F401  (torch-free; dq-client parses --size with it)
+from .retry import Attempts, RetriesExhausted, RetryPolicy, call_with_retries
 
 PROTOCOLS = ("http", "grpc")
 
@@ -76,8 +77,11 @@ def pipeline_inputs(labels: list[int] | None, seed: int, steps: int | None = Non
 
 def prompt_inputs(prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                   negative_prompt: str | None = None, num_images: int | None = None,
-                  size: tuple[int, int] | None = None, scheduler: str | None = None) -> dict[str, np.ndarray]:
-    """The Stable Diffusion pipeline's inputs; what is None is left to the server's defaults."""
+                  size: tuple[int, int] | None = None, scheduler: str | None = None,
+                  original_size: tuple[int, int] | None = None,
+                  crops_coords_top_left: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """The Stable Diffusion pipeline's inputs; what is None is left to the server's defaults. original_size and
+    crops_coords_top_left are SDXL's time_ids micro-conditioning (an SD 1.x/2.x server rejects them)."""
     if not prompt.strip():
         raise UserError("--prompt is empty; pass the text to generate from")
 
@@ -91,22 +95,26 @@ def prompt_inputs(prompt: str, seed: int = 0, steps: int | None = None, guidance
                 "NUM_IMAGES": None if num_images is None else np.array([num_images], np.int32),
                 "HEIGHT": None if size is None else np.array([size[0]], np.int32),
                 "WIDTH": None if size is None else np.array([size[1]], np.int32),
-                "SCHEDULER": None if scheduler is None else text(scheduler)}
+                "SCHEDULER": None if scheduler is None else text(scheduler),
+                "ORIGINAL_SIZE": None if original_size is None else np.array(original_size, np.int32),
+                "CROPS_COORDS_TOP_LEFT": None if crops_coords_top_left is None else
+                np.array(crops_coords_top_left, np.int32)}
     arrays.update({k: v for k, v in optional.items() if v is not None})
     return arrays
 
 
 def generate(url: str, labels: list[int] | None = None, seed: int = 0, steps: int | None = None,
              guidance: float | None = None, num_images: int = 1, protocol: str = "http",
-             model: str = "pipeline", timeout_s: float = 300.0) -> np.ndarray:
+             model: str = "pipeline", timeout_s: float = 300.0, retries: int = 0) -> np.ndarray:
     """Images [N, H, W, C] uint8 from the pipeline model (labels for conditional models)."""
-    return request_images(url, pipeline_inputs(labels, seed, steps, guidance, num_images), protocol, model, timeout_s)
+    return request_images(url, pipeline_inputs(labels, seed, steps, guidance, num_images), protocol, model, timeout_s,
+                          retries)
 
 
 def generate_from_prompt(url: str, prompt: str, seed: int = 0, protocol: str = "http", model: str = "pipeline",
-                         timeout_s: float = 300.0, **settings) -> np.ndarray:
+                         timeout_s: float = 300.0, retries: int = 0, **settings) -> np.ndarray:
     """Images [N, H, W, C] uint8 from a Stable Diffusion pipeline model; settings: see prompt_inputs."""
-    return request_images(url, prompt_inputs(prompt, seed, **settings), protocol, model, timeout_s)
+    return request_images(url, prompt_inputs(prompt, seed, **settings), protocol, model, timeout_s, retries)
 
 
 WRONG_KIND = {  # a server message that means the request was for the other kind of pipeline -> the fix
@@ -119,10 +127,33 @@ WRONG_KIND_PROMPT = ("this server's pipeline takes class labels or nothing, not 
 
 
 def request_images(url: str, arrays: dict[str, np.ndarray], protocol: str = "http", model: str = "pipeline",
-                   timeout_s: float = 300.0) -> np.ndarray:
-    client = connect(url, protocol, timeout_s)
+                   timeout_s: float = 300.0, retries: int = 0) -> np.ndarray:
+    """IMAGES for these inputs; `timeout_s` bounds the whole call, `retries` transient failures are tried again."""
+    return fetch_images(url, arrays, protocol, model, RetryPolicy(retries=retries, deadline_s=timeout_s))[0]
+
+
+def fetch_images(url: str, arrays: dict[str, np.ndarray], protocol: str = "http", model: str = "pipeline",
+                 policy: RetryPolicy | None = None) -> tuple[np.ndarray, Attempts]:
+    """IMAGES and what it took to get them, under `policy` (retries with backoff, one deadline for all attempts)."""
+    policy = policy or RetryPolicy()
+
+    def attempt(seconds_left: float) -> np.ndarray:
+        client = connect(url, protocol, seconds_left)
+        try:
+            return infer(client, protocol, model, arrays, ["IMAGES"], seconds_left)["IMAGES"]
+        finally:
+            client.close()
+
     try:
-        return infer(client, protocol, model, arrays, ["IMAGES"], timeout_s)["IMAGES"]
+        return call_with_retries(attempt, policy)
+    except RetriesExhausted as err:
+        refused = {"connection refused", "connection reset"}
+        if set(err.attempts.failures) <= refused:
+            raise RetriesExhausted(f"cannot reach Triton at {url} over {protocol}: {err}; start it with dq-serve "
+                                   "--repo DIR", err.attempts) from err
+        hint = ("allow it more time with --timeout" if err.attempts.failures[-1] == "timed out" else
+                "the server may be recovering a model: try again, or allow more with --retries / --timeout")
+        raise RetriesExhausted(f"Triton at {url} did not serve '{model}': {err}; {hint}", err.attempts) from err
     except InferenceFailed as err:
         msg = str(err)
         if "PROMPT" in arrays and "unexpected inference input 'PROMPT'" in msg:
@@ -132,11 +163,11 @@ def request_images(url: str, arrays: dict[str, np.ndarray], protocol: str = "htt
                 if needle in msg:
                     raise InferenceFailed(f"{msg}; {fix}") from err
         raise
-    except Exception as err:  # connection refused, timeouts: name the URL
+    except UserError:
+        raise
+    except Exception as err:  # a bad host name, a protocol error: name the URL
         raise UserError(f"cannot reach Triton at {url} over {protocol} ({type(err).__name__}: {err}); "
                         "start it with dq-serve --repo DIR") from err
-    finally:
-        client.close()
 
 
 def save_png(images: np.ndarray, path: str | Path, scale: int = 4) -> Path:

@@ -3,10 +3,11 @@
     <repo>/unet/config.pbtxt      tensorrt_plan | onnxruntime_onnx (--kind gpu) or python+ORT (--kind cpu)
     <repo>/unet/1/model.plan | model.onnx (a folder model.onnx/ when weights are external) | model.py+model.onnx
     <repo>/pipeline/config.pbtxt  python backend: seed, steps, labels, guidance -> uint8 images
-    <repo>/pipeline/1/model.py, scheduler_config.json, class_tokens.npy (conditional models)
+    <repo>/pipeline/1/model.py, dq_bls.py, scheduler_config.json, class_tokens.npy (conditional models)
 
 A graph calibrated from a StableDiffusionPipeline gets, instead, `text_encoder` and `vae_decoder` models and a
-prompt `pipeline` (sd_repository.py); SDXL graphs are refused in one line.
+prompt `pipeline` (sd_repository.py); one from a StableDiffusionXLPipeline also `text_encoder_2`, and its pipeline
+adds the pooled embedding and time_ids.
 
 Every config is built as a tritonclient ModelConfig message, written as text, parsed back and
 checked against the UNet's I/O before the repository is renamed into place.
@@ -233,10 +234,10 @@ def write_repository(cfg: RepositoryConfig) -> dict:
     cond_meta = spec.metadata if spec else _sidecar_metadata(cfg.engine)
     sd = None
     if cond_meta.get("dilatequant.pipeline_class"):  # a Stable Diffusion graph: prompts, not class tokens
-        from .sd_parts import load_parts
+        from .sd_parts import PART_NAMES, load_parts
         from .sd_repository import dynamic_spatial
 
-        if cfg.name in ("text_encoder", "vae_decoder"):
+        if cfg.name in PART_NAMES:
             raise UserError(f"--name '{cfg.name}' is taken by the Stable Diffusion parts; choose another name")
         if cfg.ckpt is not None:  # not needed (prompts, not class tokens), but a wrong one is still an error
             check_checkpoint(cond_meta, cfg.ckpt)
@@ -296,8 +297,8 @@ def write_repository(cfg: RepositoryConfig) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"repo": str(cfg.repo), "kind": cfg.kind,
-            "models": [cfg.name, PIPELINE] + (["text_encoder", "vae_decoder"] if sd is not None else []),
-            "prompts": sd is not None,
+            "models": [cfg.name, PIPELINE] + ([*sd.encoders, "vae_decoder"] if sd is not None else []),
+            "prompts": sd is not None, "pipeline_class": sd.pipeline_class if sd is not None else None,
             "unet_backend": "python (ONNX Runtime)" if cfg.kind == "cpu" else
             ("tensorrt_plan" if cfg.engine else "onnxruntime_onnx"),
             "inputs": [t.name for t in spec.inputs], "timesteps": spec.timesteps, "conditional": spec.conditional,
@@ -307,6 +308,7 @@ def write_repository(cfg: RepositoryConfig) -> dict:
 def _write_class_pipeline(cfg: RepositoryConfig, spec: UnetSpec, cond: Conditioning, pipe_dir: Path) -> None:
     (pipe_dir / "1").mkdir(parents=True)
     atomic_write_bytes(pipe_dir / "1" / "model.py", _backend_source("pipeline"))
+    atomic_write_bytes(pipe_dir / "1" / "dq_bls.py", _backend_source("dq_bls"))
     (pipe_dir / "1" / "scheduler_config.json").write_text(json.dumps(cond.scheduler_config, indent=2) + "\n")
     if spec.conditional:
         np.save(pipe_dir / "1" / "class_tokens.npy", cond.class_tokens.astype(np.float32))

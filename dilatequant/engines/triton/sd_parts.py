@@ -1,4 +1,4 @@
-"""The Stable Diffusion parts a prompt pipeline needs besides the UNet: the text encoder and the VAE decoder as
+"""The Stable Diffusion parts a prompt pipeline needs besides the UNet: the text encoder(s) and the VAE decoder as
 ONNX graphs, and the tokenizer files, taken from the pipeline folder the UNet was calibrated from.
 
 The encoder and decoder are exported with torch's TorchScript exporter (under a second for sd-digits; the dynamo
@@ -6,7 +6,10 @@ exporter takes ~10x longer for the same graph), FP32, or converted to FP16 compu
 Runtime's float16 converter (inputs and outputs stay FP32, so the pipeline model feeds both kinds alike).
 They run the pipeline's own modules with the calls diffusers makes: `text_encoder(input_ids)[0]` (no attention
 mask, as StableDiffusionPipeline.encode_prompt calls CLIP) and `vae.decode(latents / scaling_factor)`, the division
-left to the pipeline model, exactly where diffusers does it. Imported only on the SD path (it imports torch).
+left to the pipeline model, exactly where diffusers does it. SDXL (StableDiffusionXLPipeline.encode_prompt) reads
+`hidden_states[-2]` of both encoders (concatenated by the pipeline model) and the pooled projection `[0]` of
+`text_encoder_2`; its VAE stays FP32 on the GPU kind when the VAE config says `force_upcast` (SDXL's VAE overflows
+in FP16: diffusers upcasts it for the same reason). Imported only on the SD path (it imports torch).
 """
 from __future__ import annotations
 
@@ -20,8 +23,11 @@ import torch
 from ...core.errors import UserError
 from .unet_spec import BATCH, TensorSpec
 
-SUPPORTED_PIPELINE = "StableDiffusionPipeline"
-TEXT_ENCODER, VAE_DECODER = "text_encoder", "vae_decoder"
+SD, SDXL = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
+SUPPORTED_PIPELINES = (SD, SDXL)
+TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER = "text_encoder", "text_encoder_2", "vae_decoder"
+PART_NAMES = (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER)
+LAST_HIDDEN, PENULTIMATE, POOLED = "last_hidden_state", "penultimate_hidden_state", "text_embeds"
 
 
 @dataclass
@@ -36,6 +42,16 @@ class SdParts:
     size_multiple: int                 # H and W must be multiples of this (0: the calibrated size only)
     scheduler_config: dict
     guidance_scale: float | None = None  # the folder's own default (dilatequant.json), if it names one
+    pipeline_class: str = SD
+
+    @property
+    def is_xl(self) -> bool:
+        return self.pipeline_class == SDXL
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        """The text encoder models, in the order encode_prompt concatenates their hidden states."""
+        return (TEXT_ENCODER, TEXT_ENCODER_2) if self.is_xl else (TEXT_ENCODER,)
 
     @property
     def max_tokens(self) -> int:
@@ -43,11 +59,23 @@ class SdParts:
 
     @property
     def text_dim(self) -> int:
-        return int(self.pipeline.text_encoder.config.hidden_size)
+        """encoder_hidden_states per token: SDXL concatenates both encoders' hidden states."""
+        return sum(int(getattr(self.pipeline, e).config.hidden_size) for e in self.encoders)
 
-    def text_encoder_io(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return ([TensorSpec("input_ids", "int64", (BATCH, self.max_tokens))],
-                [TensorSpec("last_hidden_state", "float32", (BATCH, self.max_tokens, self.text_dim))])
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.pipeline.text_encoder_2.config.projection_dim)
+
+    @property
+    def vae_fp32_on_gpu(self) -> bool:
+        """SDXL's pipeline runs an FP16 VAE in FP32 when its config says force_upcast; the GPU kind does the same."""
+        return self.is_xl and bool(getattr(self.pipeline.vae.config, "force_upcast", False))
+
+    def text_encoder_io(self, name: str = TEXT_ENCODER) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        dim = int(getattr(self.pipeline, name).config.hidden_size)
+        hidden = TensorSpec(PENULTIMATE if self.is_xl else LAST_HIDDEN, "float32", (BATCH, self.max_tokens, dim))
+        outs = [hidden] + ([TensorSpec(POOLED, "float32", (BATCH, self.pooled_dim))] if name == TEXT_ENCODER_2 else [])
+        return [TensorSpec("input_ids", "int64", (BATCH, self.max_tokens))], outs
 
     def vae_decoder_io(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         vae = self.pipeline.vae.config
@@ -56,13 +84,9 @@ class SdParts:
 
 
 def refuse_unsupported(pipeline_class: str) -> None:
-    if pipeline_class == "StableDiffusionXLPipeline":
-        raise UserError("this graph comes from an SDXL pipeline; the Triton prompt pipeline serves "
-                        "StableDiffusionPipeline (SD 1.x/2.x) only (SDXL's second text encoder, pooled text_embeds "
-                        "and time_ids are not wired): generate SDXL images with dq-generate --onnx")
-    if pipeline_class != SUPPORTED_PIPELINE:
+    if pipeline_class not in SUPPORTED_PIPELINES:
         raise UserError(f"the graph names pipeline class '{pipeline_class}'; the Triton prompt pipeline serves "
-                        f"{SUPPORTED_PIPELINE} graphs only: re-export from a StableDiffusionPipeline q.pt")
+                        f"{' and '.join(SUPPORTED_PIPELINES)} graphs: re-export from such a pipeline's q.pt")
 
 
 def load_parts(meta: dict[str, str], model: str | Path | None) -> SdParts:
@@ -72,22 +96,27 @@ def load_parts(meta: dict[str, str], model: str | Path | None) -> SdParts:
     from ...calibrate.calibration_data import model_fingerprint
     from ...core.models import EMBEDDED_MODELS, embedded_model_dir, load_model
 
-    refuse_unsupported(meta.get("dilatequant.pipeline_class", ""))
+    pipeline_class = meta.get("dilatequant.pipeline_class", "")
+    refuse_unsupported(pipeline_class)
     name = str(model) if model is not None else meta.get("dilatequant.base_model", "")
     try:
         m = load_model(name)
     except UserError as err:
         raise UserError(f"cannot load the pipeline folder '{name}' ({err}); pass --model FOLDER, the "
-                        "StableDiffusionPipeline the graph was calibrated from") from err
-    if m.pipeline_class != SUPPORTED_PIPELINE:
-        raise UserError(f"'{name}' is not a {SUPPORTED_PIPELINE} folder; pass --model FOLDER, the pipeline the "
-                        "graph was calibrated from")
+                        f"{pipeline_class} the graph was calibrated from") from err
+    if m.pipeline_class != pipeline_class:
+        raise UserError(f"'{name}' is not a {pipeline_class} folder (the graph was calibrated on one); pass "
+                        "--model FOLDER, the pipeline the graph was calibrated from")
     want = meta.get("dilatequant.fp_fingerprint")
     if want and want != model_fingerprint(m):
         raise UserError(f"the graph was calibrated on other weights than '{name}' (FP fingerprints differ); pass "
                         "--model FOLDER, the pipeline it was calibrated from")
     te_cfg = m.pipeline.text_encoder.config
-    if getattr(te_cfg, "use_attention_mask", False):
+    if pipeline_class == SDXL and m.pipeline.tokenizer_2.model_max_length != m.pipeline.tokenizer.model_max_length:
+        raise UserError(f"'{name}' has tokenizers of {m.pipeline.tokenizer.model_max_length} and "
+                        f"{m.pipeline.tokenizer_2.model_max_length} tokens; SDXL concatenates both encoders' hidden "
+                        "states per token, so they must agree")
+    if pipeline_class == SD and getattr(te_cfg, "use_attention_mask", False):
         raise UserError(f"'{name}' has a text encoder that takes an attention mask; the Triton pipeline feeds "
                         "input_ids only (as CLIP in SD 1.x/2.x): use dq-generate for this pipeline")
     folder = embedded_model_dir(name) if name in EMBEDDED_MODELS else Path(name)
@@ -96,18 +125,22 @@ def load_parts(meta: dict[str, str], model: str | Path | None) -> SdParts:
     image_size = (sample_shape[1] * f, sample_shape[2] * f) if len(sample_shape) == 3 else m.image_size
     spatial = int(meta.get("dilatequant.spatial_multiple", "0") or 0)
     sched = json.loads(json.dumps(dict(m.pipeline.scheduler.config), default=list))
-    return SdParts(m.pipeline, folder, name, image_size, f, spatial * f, sched, m.guidance_scale)
+    return SdParts(m.pipeline, folder, name, image_size, f, spatial * f, sched, m.guidance_scale, pipeline_class)
 
 
 class _TextEncoder(torch.nn.Module):
-    """`text_encoder(input_ids)[0]`, the call encode_prompt makes."""
+    """What encode_prompt reads: SD `text_encoder(input_ids)[0]`; SDXL `hidden_states[-2]` and, from
+    text_encoder_2 (CLIPTextModelWithProjection), the pooled projection `[0]` too."""
 
-    def __init__(self, text_encoder) -> None:
+    def __init__(self, text_encoder, penultimate: bool, pooled: bool) -> None:
         super().__init__()
-        self.te = text_encoder
+        self.te, self.penultimate, self.pooled = text_encoder, penultimate, pooled
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.te(input_ids, return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor):
+        if not self.penultimate:
+            return self.te(input_ids, return_dict=False)[0]
+        out = self.te(input_ids, output_hidden_states=True)
+        return (out.hidden_states[-2], out[0]) if self.pooled else out.hidden_states[-2]
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -121,10 +154,10 @@ class _VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
-def _export(module, example, path: Path, names: tuple[str, str], dynamic: dict) -> None:
+def _export(module, example, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(module, (example,), str(path), input_names=[names[0]], output_names=[names[1]],
+        torch.onnx.export(module, (example,), str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic, dynamo=False, opset_version=17)
 
 
@@ -137,10 +170,12 @@ def _to_fp16(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def export_text_encoder(parts: SdParts, path: Path, fp16: bool = False) -> Path:
+def export_text_encoder(parts: SdParts, path: Path, fp16: bool = False, name: str = TEXT_ENCODER) -> Path:
     ids = torch.zeros((1, parts.max_tokens), dtype=torch.int64)
-    _export(_TextEncoder(parts.pipeline.text_encoder).eval(), ids, path, ("input_ids", "last_hidden_state"),
-            {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}})
+    ins, outs = parts.text_encoder_io(name)
+    module = _TextEncoder(getattr(parts.pipeline, name), parts.is_xl, name == TEXT_ENCODER_2).eval()
+    _export(module, ids, path, [t.name for t in ins], [t.name for t in outs],
+            {t.name: {0: "batch"} for t in ins + outs})
     if fp16:
         _to_fp16(path)
     return path
@@ -150,18 +185,23 @@ def export_vae_decoder(parts: SdParts, path: Path, fp16: bool = False) -> Path:
     vae = parts.pipeline.vae
     h, w = (s // parts.vae_scale_factor for s in parts.image_size)
     z = torch.zeros((1, int(vae.config.latent_channels), h, w))
-    _export(_VaeDecoder(vae).eval(), z, path, ("latent", "image"),
+    _export(_VaeDecoder(vae).eval(), z, path, ["latent"], ["image"],
             {"latent": {0: "batch", 2: "height", 3: "width"},
              "image": {0: "batch", 2: "pixel_height", 3: "pixel_width"}})
-    if fp16:
+    if fp16 and not parts.vae_fp32_on_gpu:
         _to_fp16(path)
     return path
 
 
-def copy_tokenizer(parts: SdParts, dest: Path) -> Path:
+def tokenizer_folder(encoder: str) -> str:
+    """The tokenizer beside each text encoder in a pipeline folder (text_encoder_2 -> tokenizer_2)."""
+    return encoder.replace("text_encoder", "tokenizer")
+
+
+def copy_tokenizer(parts: SdParts, dest: Path, encoder: str = TEXT_ENCODER) -> Path:
     """The pipeline's own tokenizer files (vocab, merges, configs): the server tokenizes offline as diffusers does."""
-    src = parts.folder / "tokenizer"
+    src = parts.folder / tokenizer_folder(encoder)
     if not src.is_dir():
-        raise UserError(f"'{parts.folder}' has no tokenizer/ folder; save the whole pipeline with save_pretrained")
+        raise UserError(f"'{parts.folder}' has no {src.name}/ folder; save the whole pipeline with save_pretrained")
     shutil.copytree(src, dest)
     return dest

@@ -1,8 +1,10 @@
 """The Stable Diffusion half of dq-triton: `text_encoder` and `vae_decoder` models and the prompt `pipeline`.
 
     <repo>/text_encoder/1/model.onnx (+ model.py for --kind cpu)   input_ids -> last_hidden_state
+                                                                   (SDXL: penultimate_hidden_state)
+    <repo>/text_encoder_2/1/...      SDXL only                     input_ids -> penultimate_hidden_state, text_embeds
     <repo>/vae_decoder/1/model.onnx  (+ model.py for --kind cpu)   latent / scaling_factor -> image in [-1, 1]
-    <repo>/pipeline/1/model.py, scheduler_config.json, tokenizer/  PROMPT, ... -> IMAGES (uint8)
+    <repo>/pipeline/1/model.py, dq_bls.py, scheduler_config.json, tokenizer/ (SDXL: + tokenizer_2/)  PROMPT -> IMAGES
 
 --kind cpu: FP32 graphs in the Python backend with ONNX Runtime (what pytriton's bundled server runs);
 --kind gpu: FP16-compute graphs (FP32 I/O) on Triton's onnxruntime backend. Written into the staging folder of
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from ...core.reporting import atomic_write_bytes
 from . import config as C
-from .sd_parts import TEXT_ENCODER, VAE_DECODER, SdParts, copy_tokenizer, export_text_encoder, export_vae_decoder
+from .sd_parts import (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, SdParts, copy_tokenizer, export_text_encoder,
+                       export_vae_decoder, tokenizer_folder)
 from .unet_spec import TensorSpec, UnetSpec
 
 PIPELINE = "pipeline"
@@ -54,28 +57,46 @@ def pipeline_io(parts: SdParts) -> tuple[list[TensorSpec], list[TensorSpec], tup
     ins = [_t("PROMPT", "object", (1,)), _t("NEGATIVE_PROMPT", "object", (1,)), _t("SEED", "int64", (1,)),
            _t("STEPS", "int32", (1,)), _t("GUIDANCE_SCALE", "float32", (1,)), _t("NUM_IMAGES", "int32", (1,)),
            _t("HEIGHT", "int32", (1,)), _t("WIDTH", "int32", (1,)), _t("SCHEDULER", "object", (1,))]
+    if parts.is_xl:  # SDXL's micro-conditioning: time_ids = original size + crop top-left + target size
+        ins += [_t("ORIGINAL_SIZE", "int32", (2,)), _t("CROPS_COORDS_TOP_LEFT", "int32", (2,))]
     out_c = int(parts.pipeline.vae.config.out_channels)
     optional = tuple(t.name for t in ins if t.name not in ("PROMPT", "SEED"))
     return ins, [_t("IMAGES", "uint8", (-1, -1, -1, out_c))], optional
 
 
 PIPELINE_DOC = """\
-# Stable Diffusion prompt pipeline (Python backend): BLS calls to '{te}', '{unet}' and '{vae}'.
+# {title} prompt pipeline (Python backend): BLS calls to {te}, '{unet}' and '{vae}'.
 # The same seed and settings give dq-generate's images (see model.py's docstring for how each step matches).
 # Inputs (all [1]):
 #   PROMPT           BYTES  the text (tokenized here with the pipeline's own tokenizer, {tokens} tokens, truncated)
 #   SEED             INT64  latents = torch.randn((N, {c}, H/{f}, W/{f}), Generator().manual_seed(SEED))
 #                           * init_noise_sigma
-#   NEGATIVE_PROMPT  BYTES  optional; the unconditional half under guidance (default "")
+#   NEGATIVE_PROMPT  BYTES  optional; the unconditional half under guidance (default {negative})
 #   STEPS            INT32  optional; sampling steps (default {steps}; the unet uses the nearest calibrated timestep's
 #                           scales, calibrated: {timesteps})
 #   GUIDANCE_SCALE   FP32   optional; classifier-free guidance (default {guidance}; <= 1 turns it off)
 #   NUM_IMAGES       INT32  optional; images for the prompt (default 1, at most {max_images})
 #   HEIGHT, WIDTH    INT32  optional; pixels (default {h}x{w}; {size_rule})
 #   SCHEDULER        BYTES  optional; ddim (default) | euler | dpm (DPM-Solver++), on the pipeline's scheduler config
-# Output:
+{xl_doc}# Output:
 #   IMAGES           UINT8  [N, H, W, {out_c}]
 """
+XL_DOC = """\
+#   ORIGINAL_SIZE    INT32 [2]  optional; SDXL time_ids' original (H, W) (default HEIGHT, WIDTH)
+#   CROPS_COORDS_TOP_LEFT INT32 [2]  optional; SDXL time_ids' crop (top, left) (default 0, 0)
+#                           time_ids = ORIGINAL_SIZE + CROPS_COORDS_TOP_LEFT + (HEIGHT, WIDTH), for both CFG halves
+"""
+
+
+def _xl_params(parts: SdParts) -> dict[str, str]:
+    """What the SDXL pipeline computes beyond SD's: the negative rule, the VAE's latent statistics."""
+    vae = parts.pipeline.vae.config
+    stats = {k: json.dumps(list(getattr(vae, k))) for k in ("latents_mean", "latents_std")
+             if getattr(vae, k, None) is not None}
+    return {"pipeline_class": parts.pipeline_class, "text_encoder_2_model": TEXT_ENCODER_2,
+            "tokenizer_2_class": type(parts.pipeline.tokenizer_2).__name__,
+            "force_zeros_for_empty_prompt": str(bool(parts.pipeline.config.force_zeros_for_empty_prompt)).lower(),
+            **(stats if len(stats) == 2 else {})}
 
 
 def _pipeline_config(cfg, spec: UnetSpec, parts: SdParts):
@@ -91,20 +112,27 @@ def _pipeline_config(cfg, spec: UnetSpec, parts: SdParts):
               "scaling_factor": repr(float(vae.scaling_factor)), "image_size": json.dumps(list(parts.image_size)),
               "size_multiple": str(parts.size_multiple), "max_size": str(max_size), "default_steps": str(steps),
               "default_guidance": repr(guidance), "max_images": str(cfg.max_images), "torch_threads": "1",
-              "tokenizer_class": type(parts.pipeline.tokenizer).__name__, "source": parts.source}
+              "tokenizer_class": type(parts.pipeline.tokenizer).__name__, "source": parts.source,
+              "pipeline_class": parts.pipeline_class}
+    if parts.is_xl:
+        params.update(_xl_params(parts))
     for k, v in params.items():
         m.parameters[k].string_value = v
     h, w = parts.image_size
     size_rule = (f"multiples of {parts.size_multiple} up to {max_size}" if parts.size_multiple else
                  "the unet has static shapes: only this size")
-    doc = PIPELINE_DOC.format(te=TEXT_ENCODER, unet=cfg.name, vae=VAE_DECODER, tokens=parts.max_tokens,
+    negative = ('"" encoded; when left out and the pipeline forces zeros for an empty prompt (SDXL default), '
+                "zero embeddings" if parts.is_xl else '""')
+    doc = PIPELINE_DOC.format(title="SDXL" if parts.is_xl else "Stable Diffusion",
+                              te=" and ".join(f"'{e}'" for e in parts.encoders), unet=cfg.name, vae=VAE_DECODER,
+                              tokens=parts.max_tokens, negative=negative, xl_doc=XL_DOC if parts.is_xl else "",
                               c=int(vae.latent_channels), f=parts.vae_scale_factor, steps=steps,
                               timesteps=spec.timesteps, guidance=guidance, max_images=cfg.max_images, h=h, w=w,
                               size_rule=size_rule, out_c=int(vae.out_channels))
     return m, doc, C.Expected(ins, outs, optional)
 
 
-def _part_config(cfg, name: str, ins: list[TensorSpec], outs: list[TensorSpec]):
+def _part_config(cfg, name: str, ins: list[TensorSpec], outs: list[TensorSpec], fp16: bool):
     m = C.mc.ModelConfig(name=name, max_batch_size=cfg.max_batch)
     if cfg.kind == "cpu":
         m.backend = "python"
@@ -116,28 +144,33 @@ def _part_config(cfg, name: str, ins: list[TensorSpec], outs: list[TensorSpec]):
     group = m.instance_group.add()
     group.count = 1
     group.kind = C.mc.ModelInstanceGroup.KIND_CPU if cfg.kind == "cpu" else C.mc.ModelInstanceGroup.KIND_GPU
-    m.parameters["precision"].string_value = "fp32" if cfg.kind == "cpu" else "fp16 (fp32 inputs and outputs)"
+    m.parameters["precision"].string_value = "fp16 (fp32 inputs and outputs)" if fp16 else "fp32"
     if cfg.kind == "cpu":
         m.parameters["intra_op_threads"].string_value = str(cfg.intra_op_threads)
     return m, C.Expected(ins, outs)
 
 
 def write_sd_models(cfg, spec: UnetSpec, parts: SdParts, staging: Path, write_config, backend_source) -> None:
-    """text_encoder, vae_decoder and the prompt pipeline into `staging` (the unet is already there)."""
-    fp16 = cfg.kind == "gpu"
-    for name, export, io in ((TEXT_ENCODER, export_text_encoder, parts.text_encoder_io()),
-                             (VAE_DECODER, export_vae_decoder, parts.vae_decoder_io())):
+    """The text encoder(s), vae_decoder and the prompt pipeline into `staging` (the unet is already there)."""
+    gpu = cfg.kind == "gpu"
+    parts_to_write = [(e, lambda path, e=e: export_text_encoder(parts, path, gpu, e), parts.text_encoder_io(e), gpu)
+                      for e in parts.encoders]
+    parts_to_write.append((VAE_DECODER, lambda path: export_vae_decoder(parts, path, gpu), parts.vae_decoder_io(),
+                           gpu and not parts.vae_fp32_on_gpu))
+    for name, export, io, fp16 in parts_to_write:
         version = staging / name / "1"
         version.mkdir(parents=True)
-        export(parts, version / "model.onnx", fp16=fp16)
+        export(version / "model.onnx")
         if cfg.kind == "cpu":
             atomic_write_bytes(version / "model.py", backend_source("unet_ort"))
-        message, expected = _part_config(cfg, name, *io)
+        message, expected = _part_config(cfg, name, *io, fp16)
         write_config(staging / name, message, expected)
     version = staging / PIPELINE / "1"
     version.mkdir(parents=True)
     atomic_write_bytes(version / "model.py", backend_source("sd_pipeline"))
+    atomic_write_bytes(version / "dq_bls.py", backend_source("dq_bls"))
     (version / "scheduler_config.json").write_text(json.dumps(parts.scheduler_config, indent=2) + "\n")
-    copy_tokenizer(parts, version / "tokenizer")
+    for e in parts.encoders:
+        copy_tokenizer(parts, version / tokenizer_folder(e), e)
     message, doc, expected = _pipeline_config(cfg, spec, parts)
     write_config(staging / PIPELINE, message, expected, header=doc)

@@ -109,7 +109,7 @@ def python_backend_dir(root: Path, dest: Path) -> Path:
 
 
 def server_command(repo: Path, http_port: int, grpc_port: int, workdir: Path, binary: str | None = None,
-                   log_verbose: int = 0) -> ServerCommand:
+                   log_verbose: int = 0, exit_timeout_s: int = 30) -> ServerCommand:
     env = dict(os.environ)
     _prepend(env, "PYTHONPATH", [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     # The backend stub's embedded Python finds its prefix (and a venv's pyvenv.cfg) from `python3` on PATH.
@@ -133,7 +133,9 @@ def server_command(repo: Path, http_port: int, grpc_port: int, workdir: Path, bi
             "--grpc-address", LOCALHOST, "--grpc-port", str(grpc_port),
             "--allow-metrics", "false", "--allow-sagemaker", "false", "--allow-vertex-ai", "false",
             "--exit-on-error", "true", "--strict-readiness", "true", "--disable-auto-complete-config",
-            "--log-verbose", str(log_verbose), *extra]
+            # explicit model control: a model whose backend died can be reloaded over the API (supervisor.py)
+            "--model-control-mode", "explicit", "--load-model", "*",
+            "--exit-timeout-secs", str(exit_timeout_s), "--log-verbose", str(log_verbose), *extra]
     return ServerCommand(argv, env, source)
 
 
@@ -146,6 +148,8 @@ class TritonServer:
     grpc_port: int = 0
     binary: str | None = None
     log_path: Path | None = None
+    exit_timeout_s: int = 30  # Triton's own drain time on SIGTERM (--exit-timeout-secs); stop() waits a little longer
+    log_verbose: int = 0
     process: subprocess.Popen | None = field(default=None, repr=False)
     source: str = ""
     _workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
@@ -165,7 +169,8 @@ class TritonServer:
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self._workdir = tempfile.TemporaryDirectory(prefix="dq-serve-")
-        cmd = server_command(repo, self.http_port, self.grpc_port, Path(self._workdir.name), self.binary)
+        cmd = server_command(repo, self.http_port, self.grpc_port, Path(self._workdir.name), self.binary,
+                             self.log_verbose, self.exit_timeout_s)
         self.source = cmd.source
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(cmd.argv, env=cmd.env, stdout=log, stderr=subprocess.STDOUT,
@@ -194,8 +199,9 @@ class TritonServer:
         raise UserError(f"tritonserver not ready after {timeout_s:.0f} s; see its log"
                         + (f" {self.log_path}:\n{_tail(self.log_path)}" if self.log_path else ""))
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM (Triton drains and unloads), then SIGKILL of the whole process group if it hangs."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM (Triton drains and unloads for up to exit_timeout_s), then SIGKILL of the whole process group."""
+        timeout_s = self.exit_timeout_s + 10 if timeout_s is None else timeout_s
         p = self.process
         try:
             if p is not None and p.poll() is None:
@@ -228,28 +234,3 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def serve(repo: Path, http_port: int = 8000, grpc_port: int = 8001, log_path: Path | None = None,
-          timeout_s: float = 300.0) -> None:
-    """Run until Ctrl-C or SIGTERM, printing the endpoints once every model is ready."""
-    server = TritonServer(Path(repo), http_port, grpc_port, log_path=log_path)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        server.start(timeout_s)
-        print(f"Triton ({server.source}) serving {repo} on 127.0.0.1 only", flush=True)
-        print(f"  HTTP  http://{server.http_url}   (dq-client --url {server.http_url})", flush=True)
-        print(f"  gRPC  {server.grpc_url}          (dq-client --url {server.grpc_url} --protocol grpc)", flush=True)
-        print("Ctrl-C to stop", flush=True)
-        while server.process.poll() is None:
-            time.sleep(0.5)
-        raise UserError(f"tritonserver exited with code {server.process.returncode}")
-    except KeyboardInterrupt:
-        print("stopping Triton ...", file=sys.stderr, flush=True)
-    finally:
-        server.stop()
-        signal.signal(signal.SIGTERM, old)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from dq_bls import RequestError, call, error_response
 
 try:
     import torch
@@ -25,10 +26,6 @@ try:
 except ImportError as err:  # reported on every request: the model still loads and says what is missing
     torch = None
     IMPORT_ERROR = f"the pipeline needs torch and diffusers in the server's Python ({err}); pip install them there"
-
-
-class RequestError(ValueError):
-    """A request that cannot be served; its message goes back to the client."""
 
 
 def _scalar(request, name, default=None):
@@ -75,7 +72,7 @@ class TritonPythonModel:
                 images = self._generate(request)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGES", images)]))
             except RequestError as err:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
+                responses.append(error_response(err))
         return responses
 
     def t_index(self, t: int) -> int:
@@ -137,9 +134,5 @@ class TritonPythonModel:
                 inputs.append(pb_utils.Tensor("t_index", np.full((b, 1), t_index, np.int64)))
             if cond is not None:
                 inputs.append(pb_utils.Tensor("encoder_hidden_states", np.ascontiguousarray(cond[s:s + b])))
-            response = pb_utils.InferenceRequest(model_name=self.unet, inputs=inputs,
-                                                 requested_output_names=[self.unet_output]).exec()
-            if response.has_error():
-                raise RequestError(f"unet model '{self.unet}' failed: {response.error().message()}")
-            outs.append(pb_utils.get_output_tensor_by_name(response, self.unet_output).as_numpy())
+            outs.append(call(self.unet, inputs, [self.unet_output])[0])
         return np.concatenate(outs).astype(np.float32, copy=False)

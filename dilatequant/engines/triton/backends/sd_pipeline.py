@@ -12,6 +12,11 @@ and settings give the same images:
 - UNet: guidance > 1 doubles the batch as [uncond; cond]; float timesteps round to integers; t_index is the
   nearest calibrated timestep (first minimum of |t - timesteps|, so a tie takes the larger timestep);
 - decode: vae_decoder(latents / scaling_factor); image = clamp(x * 0.5 + 0.5, 0, 1); uint8 = round(image * 255).
+SDXL graphs (StableDiffusionXLPipeline.__call__): both tokenizers and text encoders, their penultimate hidden states
+concatenated per token, the pooled projection of text_encoder_2 as text_embeds; no NEGATIVE_PROMPT under
+force_zeros_for_empty_prompt gives zero embeddings for the unconditional half; time_ids = original size + crop
+top-left + target size (defaults: HEIGHT, WIDTH; 0, 0; HEIGHT, WIDTH), the same for both halves; decode with the
+VAE's latents_mean/latents_std when its config has them.
 
 Needs torch, diffusers and transformers in the server's Python. Inputs: see config.pbtxt's header.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from dq_bls import RequestError, call, error_response
 
 try:
     import torch
@@ -32,16 +38,14 @@ except ImportError as err:  # reported on every request: the model still loads a
                     "pip install them there")
 
 SCHEDULERS = ("ddim", "euler", "dpm")
+SDXL = "StableDiffusionXLPipeline"
+REQUIRED = object()
 
 
-class RequestError(ValueError):
-    """A request that cannot be served; its message goes back to the client."""
-
-
-def _value(request, name, default=None):
+def _value(request, name, default=REQUIRED):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
-        if default is None:
+        if default is REQUIRED:
             raise RequestError(f"missing input '{name}'")
         return default
     arr = tensor.as_numpy().reshape(-1)
@@ -54,6 +58,16 @@ def _value(request, name, default=None):
         except UnicodeDecodeError:
             raise RequestError(f"input '{name}' is not UTF-8 text") from None
     return v.item() if hasattr(v, "item") else v
+
+
+def _pair(request, name, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return tuple(default)
+    arr = tensor.as_numpy().reshape(-1)
+    if arr.size != 2 or (arr < 0).any():
+        raise RequestError(f"input '{name}' must hold two non-negative integers, got {arr.tolist()}")
+    return tuple(int(v) for v in arr)
 
 
 def make_scheduler(name, config):
@@ -71,6 +85,14 @@ class TritonPythonModel:
         p = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"]
         self.models = {"text_encoder": p["text_encoder_model"], "unet": p["unet_model"], "vae": p["vae_model"]}
+        self.xl = p.get("pipeline_class") == SDXL
+        self.encoders = ["text_encoder"]
+        if self.xl:
+            self.models["text_encoder_2"] = p["text_encoder_2_model"]
+            self.encoders.append("text_encoder_2")
+        self.force_zeros = p.get("force_zeros_for_empty_prompt") == "true"
+        stats = [p.get("latents_mean"), p.get("latents_std")]
+        self.latents_stats = [json.loads(v) for v in stats] if all(stats) else None
         self.unet_output = p["unet_output"]
         self.unet_batch = int(p["unet_max_batch"])
         self.t_index_input = p.get("t_index_input", "true") == "true"  # static-scale graphs take no t_index
@@ -88,8 +110,9 @@ class TritonPythonModel:
         self.num_train = int(self.scheduler_config["num_train_timesteps"])
         if torch is not None:
             torch.set_num_threads(int(p.get("torch_threads", "1")))
-            tok_cls = getattr(transformers, p["tokenizer_class"])
-            self.tokenizer = tok_cls.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+            classes = {"text_encoder": p["tokenizer_class"], "text_encoder_2": p.get("tokenizer_2_class")}
+            self.tokenizers = {e: getattr(transformers, classes[e]).from_pretrained(
+                str(folder / e.replace("text_encoder", "tokenizer")), local_files_only=True) for e in self.encoders}
 
     def execute(self, requests):
         responses = []
@@ -100,7 +123,7 @@ class TritonPythonModel:
                 images = self._generate(request)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGES", images)]))
             except RequestError as err:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
+                responses.append(error_response(err))
         return responses
 
     # --- requests -------------------------------------------------------------------------------------------
@@ -108,7 +131,7 @@ class TritonPythonModel:
         prompt = _value(request, "PROMPT")
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError("PROMPT is empty: send the text to generate from")
-        negative = _value(request, "NEGATIVE_PROMPT", "")
+        negative = _value(request, "NEGATIVE_PROMPT", None)  # None: SDXL may zero the unconditional half
         steps = int(_value(request, "STEPS", self.default_steps))
         if not 1 <= steps <= self.num_train:
             raise RequestError(f"STEPS {steps} out of range: use 1..{self.num_train}")
@@ -131,14 +154,35 @@ class TritonPythonModel:
         if scheduler not in SCHEDULERS:
             raise RequestError(f"unknown SCHEDULER '{scheduler}': choose one of {', '.join(SCHEDULERS)}")
         seed = int(_value(request, "SEED"))
-        return prompt, negative, steps, guidance, n, (h, w), scheduler, seed
+        time_ids = None
+        if self.xl:  # original size + crop top-left + target size, as StableDiffusionXLPipeline._get_add_time_ids
+            time_ids = (_pair(request, "ORIGINAL_SIZE", (h, w)) + _pair(request, "CROPS_COORDS_TOP_LEFT", (0, 0))
+                        + (h, w))
+        return prompt, negative, steps, guidance, n, (h, w), scheduler, seed, time_ids
+
+    def _condition(self, prompt, negative, n, guided, time_ids):
+        """The unet's condition inputs, [uncond; cond] under guidance, as the pipeline's encode_prompt makes them."""
+        emb, pooled = self._encode(prompt)
+        cond = {"encoder_hidden_states": emb.repeat(n, 1, 1)}
+        if self.xl:
+            cond["text_embeds"] = pooled.repeat(n, 1)
+        if guided:
+            if self.xl and negative is None and self.force_zeros:
+                neg, neg_pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
+            else:
+                neg, neg_pooled = self._encode(negative or "")
+            cond["encoder_hidden_states"] = torch.cat([neg.repeat(n, 1, 1), cond["encoder_hidden_states"]])
+            if self.xl:
+                cond["text_embeds"] = torch.cat([neg_pooled.repeat(n, 1), cond["text_embeds"]])
+        if self.xl:
+            rows = len(cond["text_embeds"])
+            cond["time_ids"] = torch.tensor([list(time_ids)], dtype=torch.float32).repeat(rows, 1)
+        return {k: v.numpy().astype(np.float32, copy=False) for k, v in cond.items()}
 
     def _generate(self, request):
-        prompt, negative, steps, guidance, n, (h, w), scheduler, seed = self._settings(request)
+        prompt, negative, steps, guidance, n, (h, w), scheduler, seed, time_ids = self._settings(request)
         guided = guidance > 1.0  # diffusers' do_classifier_free_guidance
-        emb = self._encode(prompt).repeat(n, 1, 1)
-        if guided:
-            emb = torch.cat([self._encode(negative).repeat(n, 1, 1), emb])
+        cond = self._condition(prompt, negative, n, guided, time_ids)
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
         gen = torch.Generator().manual_seed(seed)
@@ -150,7 +194,6 @@ class TritonPythonModel:
             step_kwargs["eta"] = 0.0
         if "generator" in params:
             step_kwargs["generator"] = gen
-        cond = emb.numpy().astype(np.float32, copy=False)
         for t in sched.timesteps:
             x = torch.cat([latents] * 2) if guided else latents
             x = sched.scale_model_input(x, t)
@@ -159,24 +202,34 @@ class TritonPythonModel:
                 uncond, text = eps.chunk(2)
                 eps = uncond + guidance * (text - uncond)
             latents = sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
-        image = torch.from_numpy(self._call("vae", "latent", (latents / self.scaling_factor).numpy(), "image"))
+        if self.latents_stats is not None:
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in self.latents_stats)
+            latents = latents * std / self.scaling_factor + mean
+        else:
+            latents = latents / self.scaling_factor
+        image = torch.from_numpy(self._call("vae", {"latent": latents.numpy()}, ["image"])[0])
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
     # --- BLS calls ------------------------------------------------------------------------------------------
     def _encode(self, text):
-        ids = self.tokenizer([text], padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="np").input_ids.astype(np.int64)
-        return torch.from_numpy(self._call("text_encoder", "input_ids", ids, "last_hidden_state"))
+        """(hidden states [1, T, D], pooled [1, P] or None): SD the last hidden state; SDXL both encoders'
+        penultimate ones concatenated, and text_encoder_2's pooled projection."""
+        hidden, pooled = [], None
+        for e in self.encoders:
+            tok = self.tokenizers[e]
+            ids = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="np").input_ids.astype(np.int64)
+            names = ["penultimate_hidden_state"] if self.xl else ["last_hidden_state"]
+            outs = self._call(e, {"input_ids": ids}, names + (["text_embeds"] if e == "text_encoder_2" else []))
+            hidden.append(torch.from_numpy(outs[0]))
+            if e == "text_encoder_2":
+                pooled = torch.from_numpy(outs[1])
+        return torch.cat(hidden, dim=-1), pooled
 
-    def _call(self, model, input_name, array, output_name):
-        name = self.models[model]
-        inputs = [pb_utils.Tensor(input_name, np.ascontiguousarray(array))]
-        response = pb_utils.InferenceRequest(model_name=name, inputs=inputs,
-                                             requested_output_names=[output_name]).exec()
-        if response.has_error():
-            raise RequestError(f"model '{name}' failed: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, output_name).as_numpy().astype(np.float32, copy=False)
+    def _call(self, model, arrays, output_names):
+        inputs = [pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in arrays.items()]
+        return [out.astype(np.float32, copy=False) for out in call(self.models[model], inputs, output_names)]
 
     def t_index(self, t):
         return int(np.abs(self.timesteps - t).argmin())
@@ -188,13 +241,9 @@ class TritonPythonModel:
         for s in range(0, len(sample), self.unet_batch):
             chunk = np.ascontiguousarray(sample[s:s + self.unet_batch], dtype=np.float32)
             b = len(chunk)
-            inputs = [pb_utils.Tensor("sample", chunk), pb_utils.Tensor("timestep", np.full((b, 1), t, np.int64)),
-                      pb_utils.Tensor("encoder_hidden_states", np.ascontiguousarray(cond[s:s + b]))]
+            inputs = [pb_utils.Tensor("sample", chunk), pb_utils.Tensor("timestep", np.full((b, 1), t, np.int64))]
+            inputs += [pb_utils.Tensor(k, np.ascontiguousarray(v[s:s + b])) for k, v in cond.items()]
             if self.t_index_input:
                 inputs.append(pb_utils.Tensor("t_index", np.full((b, 1), self.t_index(t), np.int64)))
-            response = pb_utils.InferenceRequest(model_name=self.models["unet"], inputs=inputs,
-                                                 requested_output_names=[self.unet_output]).exec()
-            if response.has_error():
-                raise RequestError(f"unet model '{self.models['unet']}' failed: {response.error().message()}")
-            outs.append(pb_utils.get_output_tensor_by_name(response, self.unet_output).as_numpy())
+            outs.append(call(self.models["unet"], inputs, [self.unet_output])[0])
         return np.concatenate(outs).astype(np.float32, copy=False)

@@ -1,5 +1,6 @@
 """Triton Python-backend model running an ONNX graph with ONNX Runtime (CPU): the QDQ `unet`, and for Stable
-Diffusion pipelines also `text_encoder` and `vae_decoder` (any graph with one output and a batch dimension).
+Diffusion pipelines also the text encoder(s) and `vae_decoder` (any graph whose inputs and outputs share a batch
+dimension).
 
 Copied into <repo>/<model>/1/model.py by dq-triton --kind cpu, so a server that has only the Python
 backend (e.g. the one bundled in nvidia-pytriton) serves the same repository. Self-contained on
@@ -54,7 +55,7 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(str(folder / params.get("onnx_file", "model.onnx")), options,
                                             providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS)
         self.inputs = {i.name: (ORT_TO_NP[i.type], i.shape) for i in self.session.get_inputs()}
-        self.output = self.session.get_outputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
     def _read(self, request):
         feeds = {}
@@ -102,7 +103,7 @@ class TritonPythonModel:
     def _run(self, members, responses):
         batch = {k: np.concatenate([f[k] for _, f in members]) for k in self.inputs}
         try:
-            out = self.session.run([self.output], batch)[0]
+            outs = self.session.run(self.outputs, batch)
         except Exception as err:  # ORT's own failure: report it to every request of the batch
             for i, _ in members:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ONNX Runtime failed: {err}"))
@@ -110,6 +111,7 @@ class TritonPythonModel:
         start = 0
         for i, f in members:
             n = len(next(iter(f.values())))
-            tensor = pb_utils.Tensor(self.output, np.ascontiguousarray(out[start:start + n]))
-            responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(out[start:start + n]))
+                       for name, out in zip(self.outputs, outs)]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start += n
