@@ -33,6 +33,11 @@ VARIANTS = {
     "naive-ptq": ["--scaling", "none", "--no-tpq", "--no-bkd", "--act-init", "minmax"],
     "dilatequant-float-modulation": ["--float-layers", "pos_embed.proj", *MODULATION],
     "dilatequant-float-output": ["--float-layers", "pos_embed.proj", "proj_out"],
+    # the same min-mean calibrator per timestep: what TPQ alone changes against the ModelOpt-style row
+    "tpq-ptq": ["--no-bkd", "--act-init", "minmean", "--scaling", "smoothquant"],
+    # the ModelOpt-style row with the per-sample vectors (adaLN modulation, timestep/text embeddings) in float
+    "static-ptq-float-modulation": ["--no-tpq", "--no-bkd", "--act-init", "minmean", "--scaling", "smoothquant",
+                                    "--float-layers", "pos_embed.proj", *MODULATION, "time_text_embed.*"],
 }
 DESCRIPTIONS = {
     "fp": "full precision",
@@ -42,10 +47,13 @@ DESCRIPTIONS = {
     "naive-ptq": "naive PTQ (no scaling, min/max, no training)",
     "dilatequant-float-modulation": "DilateQuant, adaLN modulation linears in float",
     "dilatequant-float-output": "DilateQuant, final projection (proj_out) in float",
+    "tpq-ptq": "per-timestep PTQ with the ModelOpt-style calibrator (SmoothQuant, min-mean per step, no training)",
+    "static-ptq-float-modulation": "static-scale PTQ, ModelOpt-style, adaLN modulation + embeddings in float",
 }
 ROWS = [("FP32", "fp"), *[(b, v) for b in ("W8A8", "W4A8") for v in
                           ("dilatequant", "dilatequant-static", "static-ptq", "naive-ptq")],
-        ("W4A8", "dilatequant-float-modulation"), ("W4A8", "dilatequant-float-output")]
+        ("W4A8", "dilatequant-float-modulation"), ("W4A8", "dilatequant-float-output"),
+        ("W8A8", "tpq-ptq"), ("W8A8", "static-ptq-float-modulation")]
 METRICS = ("digit_fid", "class_accuracy", "noise_mean_sqnr_db", "image_psnr_db", "image_ssim", "calib_wall_s",
            "eval_s")
 
@@ -69,29 +77,32 @@ def find(table: list[dict], bits: str, variant: str) -> dict | None:
     return next((r for r in table if (r["bits"], r["variant"]) == (bits, variant)), None)
 
 
+# (bits, row, baseline): the first row minus the second, paired per seed
+PAIRS = [(b, "dilatequant", v) for b in ("W8A8", "W4A8") for v in ("dilatequant-static", "static-ptq", "naive-ptq")] + [
+    ("W4A8", "dilatequant", "dilatequant-float-modulation"), ("W4A8", "dilatequant", "dilatequant-float-output"),
+    ("W8A8", "tpq-ptq", "static-ptq"), ("W8A8", "static-ptq-float-modulation", "static-ptq")]
+
+
 def comparisons(table: list[dict]) -> dict:
-    """Paired (same evaluation noise per seed) differences: DilateQuant minus each other row at its bit width.
+    """Paired (same evaluation noise per seed) differences of the PAIRS.
 
     `beyond_spread`: every seed's difference has the same sign and the mean difference exceeds the largest
     seed-to-seed standard deviation of the two rows' own values."""
     out: dict = {}
-    for bits in ("W8A8", "W4A8"):
-        dq = find(table, bits, "dilatequant")
-        for variant in ("dilatequant-static", "static-ptq", "naive-ptq", "dilatequant-float-modulation",
-                        "dilatequant-float-output"):
-            other = find(table, bits, variant)
-            if not (dq and other):
-                continue
-            entry = {}
-            for metric, better in (("noise_mean_sqnr_db", 1), ("image_psnr_db", 1), ("digit_fid", -1),
-                                   ("class_accuracy", 1)):
-                d = paired(other[metric], dq[metric], other["seeds"], dq["seeds"])
-                spread = max(other[metric]["std"], dq[metric]["std"])
-                d["beyond_spread"] = (None if d["same_sign_every_seed"] is None else
-                                      bool(d["same_sign_every_seed"] and abs(d["mean"]) > spread))
-                d["dilatequant_better"] = None if d["mean"] is None else d["mean"] * better > 0
-                entry[metric] = d
-            out[f"{bits}: dilatequant vs {variant}"] = entry
+    for bits, row, base in PAIRS:
+        a, b = find(table, bits, row), find(table, bits, base)
+        if not (a and b):
+            continue
+        entry = {}
+        for metric, better in (("noise_mean_sqnr_db", 1), ("image_psnr_db", 1), ("digit_fid", -1),
+                               ("class_accuracy", 1)):
+            d = paired(b[metric], a[metric], b["seeds"], a["seeds"])
+            spread = max(b[metric]["std"], a[metric]["std"])
+            d["beyond_spread"] = (None if d["same_sign_every_seed"] is None else
+                                  bool(d["same_sign_every_seed"] and abs(d["mean"]) > spread))
+            d["first_better"] = None if d["mean"] is None else d["mean"] * better > 0
+            entry[metric] = d
+        out[f"{bits}: {row} vs {base}"] = entry
     return out
 
 
@@ -122,8 +133,8 @@ def markdown(s: dict) -> str:
                      f"{pm(r, 'digit_fid', '{:.2f}')} | {pm(r, 'class_accuracy', '{:.3f}')} | "
                      f"{pm(r, 'noise_mean_sqnr_db', '{:.2f}')} | {pm(r, 'image_psnr_db', '{:.2f}')} | "
                      f"{pm(r, 'image_ssim', '{:.3f}')} | {pm(r, 'calib_wall_s', '{:.0f}')} |")
-    lines += ["", "DilateQuant minus each other row, paired per seed (same evaluation noise); 'beyond spread': the same "
-              "sign on every seed and a mean difference above both rows' seed-to-seed std:", ""]
+    lines += ["", "Row minus baseline, paired per seed (same evaluation noise); 'beyond spread': the same sign on every "
+              "seed and a mean difference above both rows' seed-to-seed std:", ""]
     for name, entry in s["comparisons"].items():
         parts = [f"{m} {fmt_paired(d)}{' beyond spread' if d['beyond_spread'] else ''}" for m, d in entry.items()]
         lines.append(f"- {name}: " + "; ".join(parts))
