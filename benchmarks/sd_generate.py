@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--model", default="sd-digits", help="the pipeline the runtimes were calibrated from")
     p.add_argument("--runtime", action="append", required=True, metavar="LABEL=PATH",
                    help="a dq-export graph (or q.pt) with its table label; repeat for more")
-    p.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS)
+    p.add_argument("--schedulers", nargs="+", default=["ddim", "euler", "dpm"], choices=SCHEDULERS)
     p.add_argument("--steps", type=int, nargs="+", default=[20])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--phrasing", type=int, default=0, help="caption template index (0: 'a handwritten digit <word>')")

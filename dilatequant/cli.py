@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .core.errors import UserError
+from .core.errors import CheckFailed, UserError
 
 
 def _run(fn: Callable[[], object]) -> None:
@@ -15,6 +15,9 @@ def _run(fn: Callable[[], object]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except CheckFailed as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -84,7 +87,10 @@ def calibrate_main(argv: list[str] | None = None) -> None:
                "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, "
                "PixArtSigmaPipeline", default="default")
     p.add_argument("--bits", default="W4A8", help="weight and activation bits, e.g. W8A8, W4A8, W4A4")
-    _add_steps(p, "DDIM steps to calibrate for (T)", q.num_steps)
+    _add_steps(p, "sampling steps to calibrate for (T)", q.num_steps)
+    p.add_argument("--scheduler", default="pipeline", help="sampler of the calibration trajectories: pipeline (the "
+                   "folder's own scheduler, what it is deployed with; DDIM for the embedded models) | ddim | euler | "
+                   "euler-a | dpm (DPM-Solver++) | lcm | unipc | pndm, on the folder's noise schedule")
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--iters", type=int, default=d.iters, help="BKD iterations per block (full QAT: in total)")
     p.add_argument("--batch", type=int, default=d.batch)
@@ -153,11 +159,14 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
                          negative_prompt=a.negative_prompt,
                          resolution=parse_size(a.resolution, "--resolution") if a.resolution else None,
                          sample_batch=a.sample_batch, device=a.device, autocast=a.autocast,
-                         teacher_dtype=a.teacher_dtype)
+                         teacher_dtype=a.teacher_dtype, scheduler=a.scheduler)
     s = run_calibration(job, dist)
     if not dist.is_main:
         return
     print(f"wrote {a.out}: {s['bits']} {s['distill']['mode']}, {s['wall_s']} s, peak RSS {s['peak_rss_mb']} MB")
+    ts = s["scheduler"]["timesteps"]
+    print(f"  calibrated for {s['scheduler']['sampler']}, {s['scheduler']['steps']} steps (--scheduler "
+          f"{s['scheduler']['name']}): {len(ts)} timesteps {ts[0]} .. {ts[-1]}")
     print("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items()))
     print(f"  noise SQNR vs FP on validation inputs: {s['val_before_training']['noise_sqnr_db']:.2f} dB before "
           f"training -> {s['val_after_training']['noise_sqnr_db']:.2f} dB after")
@@ -375,7 +384,8 @@ def client_main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", help="text to generate from (Stable Diffusion repositories)")
     p.add_argument("--negative-prompt", help="with --prompt: the unconditional half under guidance (default '')")
     p.add_argument("--size", metavar="HxW", help="with --prompt: image size in pixels (default: the calibrated size)")
-    p.add_argument("--scheduler", choices=("ddim", "euler", "dpm"), help="with --prompt: sampler (default ddim)")
+    p.add_argument("--scheduler", choices=("pipeline", "ddim", "euler", "dpm"), help="with --prompt: sampler (default: "
+                   "pipeline, the folder's own, as dq-generate)")
     p.add_argument("--num-images", type=int, help="unconditional models and prompts: images to generate (default 1)")
     _add_steps(p, "sampling steps (default: the server's; the calibrated count for class models, 20 for prompts as "
                "dq-generate)")
@@ -433,8 +443,11 @@ def verify_main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", type=Path, required=True, help="report folder")
     p.add_argument("--batch", default="1,4,8", help="batch sizes for UNet latency (default: %(default)s)")
     _add_device(p, "cpu | cuda (ONNX Runtime CUDA EP, PyTorch baselines on cuda)")
-    p.add_argument("--samples", type=int, default=16, help="DDIM images per runtime")
-    _add_steps(p, "DDIM steps for the images (default: the calibrated T)")
+    p.add_argument("--samples", type=int, default=16, help="images per runtime")
+    _add_steps(p, "sampling steps for the images (default: the calibrated count T)")
+    p.add_argument("--scheduler", default="pipeline", help="sampler of the images, the step-count table and the "
+                   "sampler timing: pipeline (the model's own, what it is deployed with) | ddim | euler | euler-a | dpm "
+                   "| lcm | unipc | pndm (default: %(default)s); the per-step SQNR always runs the calibrated sampler")
     p.add_argument("--mapped-steps", help="other step counts to measure schedule mapping at (default: T/2,2T)")
     p.add_argument("--traj-samples", type=int, default=4, help="FP trajectories for per-step SQNR")
     p.add_argument("--repeats", type=int, default=20, help="timed UNet calls per batch size")
@@ -445,6 +458,8 @@ def verify_main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline on CUDA")
     p.add_argument("--layer-per-step", type=int, default=2, help="calibration inputs per t_index for the teacher-forced "
                    "layer-wise parity (0: skip; default: %(default)s)")
+    p.add_argument("--report-only", action="store_true", help="report a failed layer-wise parity and exit 0 (default: "
+                   "exit 1 with one line naming the failed check; a runtime that cannot run the graph always fails)")
     a = p.parse_args(argv)
 
     def go() -> None:
@@ -453,12 +468,13 @@ def verify_main(argv: list[str] | None = None) -> None:
         mapped = _int_list(a.mapped_steps, "--mapped-steps") if a.mapped_steps else None
         if a.device not in ("cpu", "cuda"):
             raise UserError(f"unknown device '{a.device}': choose cpu or cuda")
-        from .engines.verify import VerifyConfig, run_verify
+        from .engines.verify import VerifyConfig, enforce, run_verify
 
         cfg = VerifyConfig(ckpt=a.ckpt, runtime=a.onnx or a.engine, report_dir=a.report, batches=batches,
                            device=a.device, num_samples=a.samples, steps=a.steps, traj_samples=a.traj_samples,
                            repeats=a.repeats, warmup=a.warmup, mapped_steps=mapped, threads=a.threads,
-                           model=a.model, seed=a.seed, compile=not a.no_compile, layer_per_step=a.layer_per_step)
+                           model=a.model, seed=a.seed, compile=not a.no_compile, layer_per_step=a.layer_per_step,
+                           scheduler=a.scheduler)
         r = run_verify(cfg)
         sq, img = r["accuracy"]["noise_sqnr_db"], r["accuracy"]["images"]
         print(f"{r['runtime']['name']}: per-step noise SQNR vs fake-quant mean "
@@ -473,6 +489,8 @@ def verify_main(argv: list[str] | None = None) -> None:
         for name, per_b in r["speed"]["speedup_of_runtime"].items():
             print(f"  speedup vs {name}: " + ", ".join(f"batch {b} {v:.2f}x" for b, v in per_b.items()))
         print(f"report written to {a.report}/README.md")
+        if not a.report_only:
+            enforce(r)
 
     _run(go)
 
@@ -490,8 +508,9 @@ def generate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--negative-prompt")
     _add_steps(p, "sampling steps (other counts than the calibrated one use the nearest calibrated timestep's "
                "scales; default: %(default)s)", GenerateConfig.steps)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="dpm: DPM-Solver++ (default: %(default)s; "
-                   "diffusion transformers sample with their pipeline's own scheduler)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="pipeline", help="sampler: pipeline (the folder's own "
+                   "scheduler; DDIM for sd-digits) or one on its noise schedule; dpm: DPM-Solver++ (default: "
+                   "%(default)s; diffusion transformers: only their own)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's own from its folder's dilatequant.json, e.g. 3.0 for sd-digits; else the pipeline's, 7.5)")
     _add_seed(p)
     p.add_argument("--size", metavar="HxW", help="image size in pixels (default: the calibrated size)")
@@ -509,8 +528,8 @@ def generate_main(argv: list[str] | None = None) -> None:
                              guidance=a.guidance, seed=a.seed, size=parse_size(a.size) if a.size else None,
                              compare_fp=a.compare_fp, device=a.device)
         r = generate(cfg)
-        print(f"wrote {a.out} ({r['settings']['size'][0]}x{r['settings']['size'][1]}, {a.scheduler} {a.steps} steps, "
-              f"{r['denoiser_calls']} denoiser calls on {r['runner']['name']})")
+        print(f"wrote {a.out} ({r['settings']['size'][0]}x{r['settings']['size'][1]}, {r['settings']['sampler']} {a.steps} "
+              f"steps, {r['denoiser_calls']} denoiser calls on {r['runner']['name']})")
         if "vs_fp" in r:
             v = r["vs_fp"]
             ssim_text = "n/a" if v["image_ssim"] is None else f"{v['image_ssim']:.4f}"

@@ -57,11 +57,12 @@ def tiny_sd2(seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
-def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
-    """SDXL-shaped: two text encoders (the second with projection -> pooled text_embeds) and time_ids."""
+def tiny_sdxl(seed: int = 0, channels: tuple[int, int] = (16, 32), sample_size: int = 8) -> StableDiffusionXLPipeline:
+    """SDXL-shaped: two text encoders (the second with projection -> pooled text_embeds) and time_ids; its scheduler
+    is SDXL's EulerDiscreteScheduler config (leading spacing, steps offset 1), saved without clip_sample."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
         norm_num_groups=8, attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True,
         transformer_layers_per_block=(1, 1), addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=32 + 6 * 8,

@@ -14,7 +14,8 @@ from ..core.conditioning import COND_NAMES, Condition, map_condition
 from ..core.errors import UserError
 from ..core.models import DiffusionModel
 from ..core.reporting import atomic_write_bytes
-from ..core.sampling import Trajectory, default_guidance, sample
+from ..core.sampling import SamplingSchedule, Trajectory, default_guidance, sample
+from ..core.schedulers import PIPELINE
 from .distributed import SINGLE, Dist
 
 CACHE_ENV = "DQ_CACHE_DIR"
@@ -92,9 +93,10 @@ def cache_dir() -> Path:
 
 
 def build_calibration_set(model: DiffusionModel, num_samples: int, steps: int, seed: int = 0,
-                          guidance_scale: float | None = None, use_cache: bool = True) -> CalibrationSet:
+                          guidance_scale: float | None = None, use_cache: bool = True,
+                          schedule: SamplingSchedule | None = None) -> CalibrationSet:
     """num_samples UNet inputs, an equal share from every one of the `steps` steps (stratified uniform)."""
-    return build_calibration_sets(model, num_samples, steps, 0, seed, guidance_scale, use_cache)[0]
+    return build_calibration_sets(model, num_samples, steps, 0, seed, guidance_scale, use_cache, schedule=schedule)[0]
 
 
 def validation_size(calib_samples: int, steps: int, floor: int = 32) -> int:
@@ -109,9 +111,12 @@ def validation_size(calib_samples: int, steps: int, floor: int = 32) -> int:
 
 def build_calibration_sets(model: DiffusionModel, num_samples: int, steps: int, val_samples: int, seed: int = 0,
                            guidance_scale: float | None = None, use_cache: bool = True,
-                           sample_batch: int = SAMPLE_BATCH,
-                           dist: Dist = SINGLE) -> tuple[CalibrationSet, CalibrationSet | None]:
+                           sample_batch: int = SAMPLE_BATCH, dist: Dist = SINGLE,
+                           schedule: SamplingSchedule | None = None) -> tuple[CalibrationSet, CalibrationSet | None]:
     """The calibration set and a validation set from the same trajectories' held-out inputs.
+
+    The trajectories come from `schedule` (default: the model's own sampler at `steps` steps); a sampler that
+    calls the UNet twice at one timestep (PNDM) gives that timestep's t_index two steps' share.
 
     The calibration draw leaves at least half of each step's latents unused (trajectories are
     2 * num_samples / steps); the validation set is a stratified draw of up to val_samples from those, so it
@@ -125,8 +130,9 @@ def build_calibration_sets(model: DiffusionModel, num_samples: int, steps: int, 
     differently at other batch sizes and thread counts). Rank 0 alone writes the disk cache.
     """
     guidance = _guidance(model, guidance_scale)
-    key = hashlib.sha256(calibration_setting(model, num_samples, steps, seed, guidance_scale,
-                                             sample_batch).encode()).hexdigest()[:20]
+    schedule = schedule or SamplingSchedule.build(model, PIPELINE, steps)
+    key = hashlib.sha256(calibration_setting(model, num_samples, steps, seed, guidance_scale, sample_batch,
+                                             schedule).encode()).hexdigest()[:20]
     paths = [cache_dir() / f"calib-{key}.pt"] + ([cache_dir() / f"calib-{key}-val{val_samples}.pt"]
                                                   if val_samples else [])
     if use_cache and all(dist.all_gather(all(p.is_file() for p in paths))):
@@ -142,12 +148,13 @@ def build_calibration_sets(model: DiffusionModel, num_samples: int, steps: int, 
     trajectories = trajectory_count(num_samples, steps)
     labels = torch.arange(trajectories) % model.num_labels if model.is_conditional else None
     mine = dist.shard(math.ceil(trajectories / sample_batch)) if dist.enabled else None
-    traj = sample(model, num_samples=trajectories, steps=steps, seed=seed, labels=labels, guidance_scale=guidance,
-                  return_trajectory=True, progress=dist.is_main, decode=False, batch_size=sample_batch,
-                  batches=mine).trajectory
+    traj = sample(model, num_samples=trajectories, steps=schedule.steps, seed=seed, labels=labels,
+                  guidance_scale=guidance, return_trajectory=True, progress=dist.is_main, decode=False,
+                  batch_size=sample_batch, batches=mine, scheduler=schedule.scheduler,
+                  timestep_kwargs=schedule.timestep_kwargs).trajectory
     if dist.enabled:
         traj = Trajectory.concat([p for p in dist.all_gather(traj) if p is not None])
-    per_step = traj.sample.shape[1]
+    steps, per_step = traj.sample.shape[:2]  # UNet calls per trajectory, and inputs per call
     gen = torch.Generator().manual_seed(seed + 1)
     picks = _stratified(num_samples, steps, per_step, gen, taken=None)
     sets = [_pick(traj, picks)]
@@ -171,10 +178,13 @@ def _guidance(model: DiffusionModel, guidance_scale: float | None) -> float:
 
 
 def calibration_setting(model: DiffusionModel, num_samples: int, steps: int, seed: int,
-                        guidance_scale: float | None, sample_batch: int = SAMPLE_BATCH) -> str:
+                        guidance_scale: float | None, sample_batch: int = SAMPLE_BATCH,
+                        schedule: SamplingSchedule | None = None) -> str:
     """Everything the calibration set depends on, as text: its disk-cache key, and part of a BKD run's identity
     (a progress file resumes only on the same set)."""
-    setting = f"{model_fingerprint(model)}|{num_samples}|{steps}|{seed}|{_guidance(model, guidance_scale)}"
+    schedule = schedule or SamplingSchedule.build(model, PIPELINE, steps)
+    setting = (f"{model_fingerprint(model)}|{num_samples}|{steps}|{seed}|{_guidance(model, guidance_scale)}"
+               f"|{schedule.key()}")
     if model.is_text_conditioned:
         if model.prompt_bank is None:
             raise UserError("a text-conditioned model needs calibration prompts (dq-calibrate --prompts FILE)")

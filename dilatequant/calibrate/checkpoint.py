@@ -1,14 +1,18 @@
 """q.pt: everything needed to rebuild the fake-quant model, loadable with weights_only=True.
 
 Layout (a plain dict of str/int/float/list/tensor): format, version, base model (class, config,
-source, FP weight fingerprint), quantization config, sampling schedule (scheduler config, T,
-timesteps in order: what each t_index means), the QuantUNet state dict (dilated weights, weight
+source, FP weight fingerprint), quantization config, sampling schedule (the model's scheduler config, and the
+sampler the calibration trajectories came from: its class and whole config, the steps it was set to, T and the
+timesteps in order - what each t_index means, floats where the sampler's are), the QuantUNet state dict (dilated weights, weight
 scales, 1/s vectors, TPQ tables, folded norms), the class encoder or, for Stable Diffusion pipelines,
 the pipeline class, resolution and the encoded calibration prompts, and a calibration summary.
 
 Memory (an SD 1.5 UNet is 3.4 GB of float32): save streams torch.save into the file (no in-memory copy of the
 payload), load memory-maps it and builds the model on the meta device, so the loaded tensors are the file's
 pages rather than a second copy (benchmarks/checkpoint_memory.py).
+
+Version 2 added the sampler's class and config (`schedule.sampler_config`); a version 1 file was calibrated with
+DDIMScheduler.from_config(its scheduler_config), which is what it loads as.
 """
 from __future__ import annotations
 
@@ -19,29 +23,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import diffusers
-from diffusers import DDPMScheduler
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..core.denoisers import model_class
 from ..core.errors import UserError
 from ..core.models import ClassTokenEncoder, DiffusionModel, PromptBank, load_model
 from ..core.reporting import atomic_write_stream, own_storage
+from ..core.sampling import STEP_NOISE_RULE, SamplingSchedule, timestep_value
+from ..core.schedulers import PIPELINE, config_json, from_config_json, scheduler_class
 from .quant_config import QuantConfig
 from .quant_unet import QuantUNet
 
 FORMAT = "dilatequant.q.pt"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
 class QuantCheckpoint:
     qunet: QuantUNet
     model: DiffusionModel      # the FP architecture with the checkpoint's class encoder and scheduler
-    timesteps: list[int]       # t_index i <-> timesteps[i]
+    timesteps: list[int | float]  # t_index i <-> timesteps[i]
     source: str
     source_fingerprint: str
     summary: dict
+    schedule: SamplingSchedule  # the sampler the calibration trajectories came from
 
 
 def _config_json(cfg) -> str:
@@ -50,10 +55,16 @@ def _config_json(cfg) -> str:
     return json.dumps(data, default=lambda o: str(o) if isinstance(o, Path) else list(o), sort_keys=True)
 
 
-def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, timesteps: list[int],
-                    source_fingerprint: str, summary: dict) -> Path:
+def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, timesteps: list[int | float],
+                    source_fingerprint: str, summary: dict, schedule: SamplingSchedule | None = None,
+                    seed: int | None = None) -> Path:
+    """schedule: the sampler of the calibration trajectories (default: the model's own at len(timesteps) steps);
+    seed: theirs (initial noise, and the step noise of stochastic samplers)."""
     if len(timesteps) != qunet.config.num_steps:
         raise ValueError(f"{len(timesteps)} timesteps for a model calibrated on {qunet.config.num_steps} steps")
+    schedule = schedule or SamplingSchedule.build(model, PIPELINE, len(timesteps))
+    if [timestep_value(t) for t in timesteps] != schedule.timesteps:
+        raise ValueError(f"timesteps {list(timesteps)[:4]}... are not the schedule's {schedule.timesteps[:4]}...")
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -72,7 +83,10 @@ def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, t
         "prompt_bank": model.prompt_bank.to_dict() if model.prompt_bank is not None else {},
         "quant_config": qunet.config.to_json(),
         "schedule": {"scheduler_config": _config_json(model.scheduler.config), "num_steps": len(timesteps),
-                     "timesteps": [int(t) for t in timesteps], "sampler": "DDIM"},
+                     "timesteps": list(schedule.timesteps), "sampler": type(schedule.scheduler).__name__,
+                     "sampler_name": schedule.name, "sampler_config": config_json(schedule.scheduler),
+                     "inference_steps": schedule.steps, "timestep_kwargs": json.dumps(schedule.timestep_kwargs or {}),
+                     "seed": seed, "step_noise": STEP_NOISE_RULE},
         "state_dict": {k: own_storage(v.detach().cpu()) for k, v in qunet.state_dict().items()},
         # buffers a model computes at init and never saves (PixArt's sin-cos position table): the meta-device
         # rebuild of load_checkpoint has no values for them otherwise
@@ -130,10 +144,7 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
         encoder.load_state_dict(p["class_encoder"])
         encoder.eval()
     sched_config = json.loads(p["schedule"]["scheduler_config"])
-    sched_cls = getattr(diffusers, str(sched_config.get("_class_name")), None)
-    if not (isinstance(sched_cls, type) and issubclass(sched_cls, SchedulerMixin)):
-        sched_cls = DDPMScheduler
-    scheduler = sched_cls.from_config(sched_config)
+    scheduler = (scheduler_class(sched_config.get("_class_name")) or DDPMScheduler).from_config(sched_config)
     model = DiffusionModel(qunet.unet, scheduler, encoder, source=base["source"],
                            pipeline_class=base.get("pipeline_class") or None,
                            vae_scale_factor=int(base.get("vae_scale_factor", 1)),
@@ -143,7 +154,16 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
     if base.get("guidance_scale") is not None:
         model.guidance_scale = float(base["guidance_scale"])
     return QuantCheckpoint(qunet, model, list(p["schedule"]["timesteps"]), base["source"], base["fp_fingerprint"],
-                           json.loads(p["summary"]))
+                           json.loads(p["summary"]), _schedule(p["schedule"], sched_config))
+
+
+def _schedule(rec: dict, model_scheduler_config: dict) -> SamplingSchedule:
+    """The calibration sampler a q.pt records; version 1 sampled DDIMScheduler.from_config(the model's config)."""
+    timesteps = [timestep_value(t) for t in rec["timesteps"]]
+    if "sampler_config" not in rec:
+        return SamplingSchedule(DDIMScheduler.from_config(model_scheduler_config), len(timesteps), timesteps, "ddim")
+    return SamplingSchedule(from_config_json(rec["sampler_config"]), int(rec["inference_steps"]), timesteps,
+                            rec.get("sampler_name", PIPELINE), json.loads(rec.get("timestep_kwargs") or "{}") or None)
 
 
 def _computed_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:

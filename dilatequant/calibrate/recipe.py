@@ -5,11 +5,12 @@ import hashlib
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
 from ..core.device import AUTOCAST, resolve_device
@@ -18,7 +19,8 @@ from ..core.metrics import mse, sqnr_db
 from ..core.models import load_model, make_prompt_bank
 from ..core.prompts import calibration_prompts
 from ..core.reporting import ensure_writable_dir, environment, peak_gpu_mb, peak_rss_mb, return_free_memory
-from ..core.sampling import default_guidance, sampling_timesteps
+from ..core.sampling import SamplingSchedule, default_guidance
+from ..core.schedulers import PIPELINE, check_name, config_json, describe
 from .calibration_data import (SAMPLE_BATCH, CalibrationSet, build_calibration_sets, calibration_setting,
                                model_fingerprint, trajectory_count, validation_size)
 from .checkpoint import save_checkpoint
@@ -185,6 +187,11 @@ class CalibrationJob:
     # place: one float32 copy of the UNet instead of two (SDXL: 10.3 + 5.2 GB, not 2 x 10.3). The calibration
     # data and the validation reference still come from the float32 model, before the teacher is made
     teacher_dtype: str = "fp32"
+    # the sampler of the calibration trajectories: the one the model is deployed with (core.schedulers: `pipeline`,
+    # the folder's own), a name (ddim, euler, euler-a, dpm, ...) or a scheduler instance, with its set_timesteps
+    # kwargs (flow matching: sigmas, mu)
+    scheduler: str | SchedulerMixin = PIPELINE
+    timestep_kwargs: dict | None = None
 
 
 def check_distributed(job: CalibrationJob, dist: Dist) -> None:
@@ -297,6 +304,8 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
     stage = StageTimer()
     torch.manual_seed(job.distill.seed)
     check_distributed(job, dist)
+    if isinstance(job.scheduler, str):
+        check_name(job.scheduler)
     sample_batch = sample_batch_for(job, dist)
     device = resolve_device(job.device, dist.local_rank)
     if job.autocast not in AUTOCAST:
@@ -309,24 +318,29 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         fingerprint = model.pinned_fingerprint = model_fingerprint(model)
         release_text_encoders(model)
         return_free_memory()
+        steps = job.config.num_steps
+        schedule = SamplingSchedule.build(model, job.scheduler, steps, job.timestep_kwargs)
+        config = job.config
+        if len(schedule.timesteps) != steps:  # a sampler that repeats a timestep: one table row per distinct one
+            config = replace(config, num_steps=len(schedule.timesteps))
         if job.teacher_dtype == "fp32":
-            qunet = QuantUNet(model.unet, job.config)  # unsupported layers or bad --float-layers fail here, before sampling
+            qunet = QuantUNet(model.unet, config)  # unsupported layers or bad --float-layers fail here, before sampling
             qunet.to(device)
         else:
-            check_quantizable(model.unet, job.config)  # the same failures, on a meta-device copy
+            check_quantizable(model.unet, config)  # the same failures, on a meta-device copy
         model.unet.to(device)  # the identity on the CPU
-    steps = job.config.num_steps
     guidance = job.guidance_scale if job.guidance_scale is not None else default_guidance(model)
     if model.is_conditional:
         model.guidance_scale = guidance  # recorded in q.pt: what verify, parity and generate sample with by default
     val_samples = validation_size(job.calib_samples, steps)
     with stage("calibration_data"):  # the validation set is held-out inputs of the same trajectories
         data, val = build_calibration_sets(model, job.calib_samples, steps, val_samples, seed=job.distill.seed,
-                                           guidance_scale=guidance, sample_batch=sample_batch, dist=dist)
+                                           guidance_scale=guidance, sample_batch=sample_batch, dist=dist,
+                                           schedule=schedule)
     if job.teacher_dtype != "fp32":
         with stage("teacher"):
             teacher = teacher_copy(model.unet, TEACHER_DTYPES[job.teacher_dtype])
-            qunet = QuantUNet(model.unet, job.config, copy_weights=False).to(device)
+            qunet = QuantUNet(model.unet, config, copy_weights=False).to(device)
             model.unet = teacher
             return_free_memory()
     with stage("scaling"):
@@ -342,9 +356,10 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
     distilled = {"mode": "none (PTQ)"}
     progress = Path(f"{job.out}.progress")
     if job.bkd:
-        data_key = calibration_setting(model, job.calib_samples, steps, job.distill.seed, guidance, sample_batch)
+        data_key = calibration_setting(model, job.calib_samples, steps, job.distill.seed, guidance, sample_batch,
+                                       schedule)
         teacher_key = "" if job.teacher_dtype == "fp32" else f"|teacher {job.teacher_dtype}"
-        key = run_fingerprint(fingerprint + teacher_key, job.config, job.distill, data_key)
+        key = run_fingerprint(fingerprint + teacher_key, config, job.distill, data_key)
         with stage("bkd"):
             distilled = distill(qunet, model.unet, data, job.distill, progress_path=progress, resume=job.resume,
                                 fingerprint=key, dist=dist, amp=job.autocast)
@@ -353,7 +368,9 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         with stage("validation"):
             after = noise_error(qunet, model.unet, val, dist=dist)
     summary = {
-        "model": job.model, "bits": job.config.bits_name, "quant_config": json.loads(job.config.to_json()),
+        "model": job.model, "bits": config.bits_name, "quant_config": json.loads(config.to_json()),
+        "scheduler": {"name": schedule.name, "sampler": describe(schedule.scheduler), "steps": schedule.steps,
+                      "timesteps": schedule.timesteps, "config": json.loads(config_json(schedule.scheduler))},
         "calib_samples": job.calib_samples, "guidance": guidance, "bkd": job.bkd, "scaling": scaling,
         "distill": distilled, "pipeline_class": model.pipeline_class, "resolution": list(model.image_size),
         "prompts": model.prompt_bank.prompts if model.prompt_bank else None,
@@ -364,8 +381,8 @@ def run_calibration(job: CalibrationJob, dist: Dist = SINGLE) -> dict:
         "teacher_dtype": job.teacher_dtype,
     }
     with stage("save"):  # its own time lands in the returned summary; q.pt records every stage before it
-        dist.on_main(lambda: save_checkpoint(job.out, qunet, model, sampling_timesteps(model, steps), fingerprint,
-                                             summary))
+        dist.on_main(lambda: save_checkpoint(job.out, qunet, model, schedule.timesteps, fingerprint, summary,
+                                             schedule, seed=job.distill.seed))
     summary["wall_s"] = round(time.perf_counter() - start, 1)  # the returned wall includes the save, as its stages do
     if dist.is_main:
         remove_progress(progress)

@@ -54,10 +54,12 @@ def requested_digits(model: DiffusionModel, labels) -> torch.Tensor | None:
     return torch.tensor([table[p] for p in labels])
 
 
-def fp_trajectories(model: DiffusionModel, steps: int, seed: int, guidance: float, num: int = 16) -> SampleResult:
-    """A short set of FP trajectories: the inputs at which per-step noise errors are measured."""
+def fp_trajectories(model: DiffusionModel, steps: int, seed: int, guidance: float, num: int = 16,
+                    scheduler=None, timestep_kwargs: dict | None = None) -> SampleResult:
+    """A short set of FP trajectories: the inputs at which per-step noise errors are measured (default sampler:
+    the model's own)."""
     return sample(model, num_samples=num, steps=steps, seed=seed + 7, guidance_scale=guidance,
-                  return_trajectory=True, progress=False)
+                  return_trajectory=True, progress=False, scheduler=scheduler, timestep_kwargs=timestep_kwargs)
 
 
 def fp_reference(model: DiffusionModel, num_samples: int, steps: int, seed: int, guidance: float,

@@ -145,6 +145,8 @@ class DiffusionModel:
     # keyword arguments the folder's dilatequant.json gives its pipeline's calls (e.g. SD3's max_sequence_length:
     # the number of T5 tokens a prompt is padded to, which the transformer sees); prompt encoding uses them too
     pipeline_kwargs: dict = field(default_factory=dict)
+    # the sampler a pipeline folder names in its dilatequant.json (a core.schedulers name); None: its own scheduler
+    sampler: str | None = None
     # the weights' fingerprint, pinned by calibration before it drops the text encoders and swaps the UNet for a
     # lower-precision teacher (calibration_data.model_fingerprint answers it from then on)
     pinned_fingerprint: str | None = None
@@ -448,7 +450,8 @@ def load_pipeline(folder: Path, source: str) -> DiffusionModel:
         guidance = float(inspect.signature(cls.__call__).parameters["guidance_scale"].default)
     return DiffusionModel(denoiser, pipe.scheduler, None, source=source, pipeline=pipe, pipeline_class=class_name,
                           vae_scale_factor=int(pipe.vae_scale_factor), guidance_scale=guidance,
-                          default_prompts=defaults.prompts, pipeline_kwargs=defaults.pipeline_kwargs)
+                          default_prompts=defaults.prompts, pipeline_kwargs=defaults.pipeline_kwargs,
+                          sampler=defaults.sampler)
 
 
 DEFAULTS_FILE = "dilatequant.json"
@@ -458,24 +461,29 @@ DEFAULTS_FILE = "dilatequant.json"
 class PipelineDefaults:
     guidance_scale: float | None = None
     prompts: list[str] | None = None
-    pipeline_kwargs: dict = field(default_factory=dict)  # e.g. {"max_sequence_length": 16}
+    sampler: str | None = None  # a core.schedulers name
+    pipeline_kwargs: dict = field(default_factory=dict)  # e.g. {"max_sequence_length": 0}
 
 
 def pipeline_defaults(folder: Path) -> PipelineDefaults:
     """What a pipeline folder names in its optional dilatequant.json: {"guidance_scale": 3.0,
-    "calibration_prompts": "prompts.txt", "pipeline_kwargs": {"max_sequence_length": 16}} (the prompt file
-    beside it; keyword arguments of its pipeline's calls that the weights were made for)."""
+    "calibration_prompts": "prompts.txt", "scheduler": "ddim", "pipeline_kwargs": {"max_sequence_length": 0}}
+    (the prompt file beside it; the sampler it is deployed with when that is not its scheduler/ class; keyword
+    arguments of its pipeline's calls that the weights were made for)."""
     from .prompts import read_prompts
+    from .schedulers import SCHEDULERS
 
     path = folder / DEFAULTS_FILE
     if not path.is_file():
         return PipelineDefaults()
-    example = '{"guidance_scale": 3.0, "calibration_prompts": "prompts.txt", "pipeline_kwargs": {...}}'
+    example = ('{"guidance_scale": 3.0, "calibration_prompts": "prompts.txt", "scheduler": "ddim", '
+               '"pipeline_kwargs": {...}}')
     try:
         spec = json.loads(path.read_text())
         guidance = spec.get("guidance_scale")
         prompts_file = spec.get("calibration_prompts")
         pipeline_kwargs = dict(spec.get("pipeline_kwargs") or {})
+        sampler = spec.get("scheduler")
         if guidance is not None:
             guidance = float(guidance)
     except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
@@ -483,7 +491,11 @@ def pipeline_defaults(folder: Path) -> PipelineDefaults:
     unknown = set(pipeline_kwargs) - {"max_sequence_length"}
     if unknown:
         raise ModelLoadError(f"'{path}' names pipeline_kwargs {sorted(unknown)}; supported is max_sequence_length")
-    return PipelineDefaults(guidance, read_prompts(folder / prompts_file) if prompts_file else None, pipeline_kwargs)
+    if sampler is not None and sampler not in SCHEDULERS:
+        raise ModelLoadError(f"'{path}' names the scheduler '{sampler}'; choose one of {', '.join(SCHEDULERS)} "
+                             "or leave it out (the folder's own scheduler)")
+    return PipelineDefaults(guidance, read_prompts(folder / prompts_file) if prompts_file else None, sampler,
+                            pipeline_kwargs)
 
 
 def load_model(name_or_path: str | Path, resolution: tuple[int, int] | None = None) -> DiffusionModel:

@@ -482,11 +482,12 @@ def layer_inputs(ck: QuantCheckpoint, per_step: int, fp_model=None, seed: int = 
         except UserError:
             fp_model = None
     if fp_model is not None:
-        data = build_calibration_set(fp_model, per_step * T, T, seed=seed)
-        return data.inputs(slice(None)), f"calibration set: {per_step * T} inputs from FP DDIM-{T} trajectories"
+        data = build_calibration_set(fp_model, per_step * T, ck.schedule.steps, seed=seed, schedule=ck.schedule)
+        return (data.inputs(slice(None)),
+                f"calibration set: {per_step * T} inputs from FP {ck.schedule.label} trajectories")
     from .parity import parity_inputs
 
-    return parity_inputs(ck, per_step, seed=seed), f"{per_step * T} inputs from fake-quant DDIM-{T} trajectories"
+    return parity_inputs(ck, per_step, seed=seed), f"{per_step * T} inputs from fake-quant {ck.schedule.label} trajectories"
 
 
 def feeds_for(batch: dict[str, torch.Tensor], captured: dict[str, Captured], sites: list[LayerSite],

@@ -59,8 +59,9 @@ def ort_session_from_bytes(model: str | bytes, threads: int = 0) -> ort.Inferenc
 
 def parity_inputs(ck: QuantCheckpoint, per_step: int = 2, seed: int = 1234) -> dict[str, torch.Tensor]:
     """per_step UNet inputs at every t_index, from trajectories of the fake-quant model itself."""
-    traj = sample(ck.model, ck.qunet.predictor(), num_samples=per_step, steps=len(ck.timesteps), seed=seed,
-                  guidance_scale=default_guidance(ck.model), return_trajectory=True, progress=False).trajectory
+    traj = sample(ck.model, ck.qunet.predictor(), num_samples=per_step, steps=ck.schedule.steps, seed=seed,
+                  guidance_scale=default_guidance(ck.model), return_trajectory=True, progress=False,
+                  scheduler=ck.schedule.scheduler, timestep_kwargs=ck.schedule.timestep_kwargs).trajectory
     flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731  [steps, B, ...] -> [steps*B, ...]
     out = {"sample": flat(traj.sample), "timestep": flat(traj.timestep), "t_index": flat(traj.t_index)}
     out.update(map_condition(traj.cond, flat) or {})

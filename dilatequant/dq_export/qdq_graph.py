@@ -72,13 +72,22 @@ def example_inputs(ck: QuantCheckpoint, batch: int, use_t_index: bool) -> dict[s
     c, h, w = ck.model.sample_shape
     gen = torch.Generator().manual_seed(0)
     ins = {"sample": torch.randn(batch, c, h, w, generator=gen),
-           "timestep": torch.tensor(ck.timesteps[:batch] + ck.timesteps[: max(0, batch - len(ck.timesteps))])[:batch]}
+           "timestep": _timestep_input(ck, batch)}
     if use_t_index:
         ins["t_index"] = torch.arange(batch) % len(ck.timesteps)
     if ck.model.is_conditional:
         guidance = ck.model.guidance_scale if ck.model.guidance_embedded else 1.0
         ins.update(ck.model.condition(torch.arange(batch) % ck.model.num_labels, guidance))
     return ins
+
+
+def _timestep_input(ck: QuantCheckpoint, batch: int) -> torch.Tensor:
+    """A UNet graph takes int64 timesteps (rounded); a transformer's takes them as its scheduler gives them
+    (flow matching's 1000 sigma floats: a float32 input)."""
+    values = (list(ck.timesteps) * batch)[:batch]
+    if ck.model.is_transformer:
+        return torch.tensor(values, dtype=torch.float32 if any(isinstance(t, float) for t in values) else torch.int64)
+    return torch.tensor([round(t) for t in values], dtype=torch.int64)
 
 
 def _dynamic_shapes(names: list[str], static: bool, spatial_multiple: int):

@@ -39,7 +39,7 @@ class RunnerMetadata:
     device: str                       # cpu | cuda
     dtype: str                        # fp32 | fp16 (the compute precision of what is not quantized)
     num_steps: int
-    timesteps: tuple[int, ...]
+    timesteps: tuple[int | float, ...]  # floats where the calibration sampler's are (Euler-type schedules)
     conditional: bool
     sample_shape: tuple[int, int, int]
     has_t_index: bool                 # False: static-scale graphs and FP models ignore t_index
@@ -63,7 +63,7 @@ class RunnerMetadata:
 def metadata_from_props(props: dict[str, str], name: str, runtime: str, device: str, source: str) -> RunnerMetadata:
     """RunnerMetadata from the graph's "dilatequant.*" metadata_props (ONNX, or an engine's sidecar)."""
     try:
-        timesteps = tuple(int(t) for t in json.loads(props[METADATA_PREFIX + "timesteps"]))
+        timesteps = tuple(_number(t) for t in json.loads(props[METADATA_PREFIX + "timesteps"]))
         num_steps = int(props.get(METADATA_PREFIX + "num_steps", len(timesteps)))
         return RunnerMetadata(
             name=name, runtime=runtime, device=device, dtype=props.get(METADATA_PREFIX + "dtype", "fp32"),
@@ -80,6 +80,13 @@ def metadata_from_props(props: dict[str, str], name: str, runtime: str, device: 
                         "export the checkpoint with dq-export --ckpt q.pt --onnx unet.onnx") from err
     except (ValueError, TypeError) as err:
         raise UserError(f"'{source}' has malformed dilatequant.* metadata ({err}); re-export it with dq-export") from err
+
+
+def _number(t) -> int | float:
+    """A timestep as JSON holds it: an integer, or a float where the sampler's are (never a string or bool)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise ValueError(f"timestep {t!r} is not a number")
+    return int(t) if float(t).is_integer() else float(t)
 
 
 def _check_device(device: str) -> str:

@@ -8,26 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from ..calibrate.calibration_data import model_fingerprint
 from ..core.errors import UserError
 from ..core.metrics import psnr_db, ssim
 from ..core.models import DiffusionModel, check_size, load_model
 from ..core.reporting import atomic_write_bytes
+from ..core.schedulers import PIPELINE, describe, resolve_scheduler
 from .base import Runner
 from .generate_config import GenerateConfig
 from .pytorch.diffusers_transformer import QuantizedTransformer
 from .pytorch.diffusers_unet import QuantizedUNet
 from .runners import open_runner
 
-def make_scheduler(name: str, config):
-    """The pipeline's own noise schedule (betas, prediction type, spacing) under another sampler."""
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
 
 
 def check_pairing(model: DiffusionModel, runner: Runner, source: str) -> None:
@@ -94,11 +87,12 @@ def run_pipeline(model: DiffusionModel, unet, cfg: GenerateConfig, prompts: list
         text, gen = cfg.prompt, torch.Generator().manual_seed(cfg.seed)
     else:
         text, gen = list(prompts), [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))]
-    sampler = (type(original_sched).from_config(original_sched.config) if model.is_transformer
-               else make_scheduler(cfg.scheduler, original_sched.config))
+    if model.is_transformer and cfg.scheduler != PIPELINE:
+        raise UserError(f"--scheduler {cfg.scheduler}: a {model.pipeline_class} samples with its own scheduler "
+                        f"({type(original_sched).__name__}); leave --scheduler out")
     try:
         setattr(pipe, slot, unet)
-        pipe.scheduler = sampler
+        pipe.scheduler = resolve_scheduler(model, cfg.scheduler)
         with torch.no_grad():
             if cfg.negative_prompt is not None:  # else the pipeline's own default (PixArt refuses None)
                 kwargs["negative_prompt"] = cfg.negative_prompt
@@ -121,7 +115,8 @@ def generate(cfg: GenerateConfig) -> dict:
     images = run_pipeline(model, qunet, cfg)
     out = Path(cfg.out)
     atomic_write_bytes(out, _png(images))
-    result = {"settings": {**asdict(cfg), "out": str(out), "runtime": str(cfg.runtime), "size": list(cfg.size or model.image_size)},
+    result = {"settings": {**asdict(cfg), "out": str(out), "runtime": str(cfg.runtime), "size": list(cfg.size or model.image_size),
+                           "sampler": describe(resolve_scheduler(model, cfg.scheduler))},
               "runner": runner.metadata.to_dict(), "denoiser_calls": qunet.calls, "images": {"quantized": str(out)}}
     if cfg.compare_fp:
         fp = run_pipeline(model, model.denoiser, cfg)

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.schedulers import CHOICES, PIPELINE, check_name
 
-SCHEDULERS = ("ddim", "euler", "dpm")
+SCHEDULERS = CHOICES
 
 
 @dataclass
@@ -17,7 +18,7 @@ class GenerateConfig:
     out: Path = Path("img.png")
     negative_prompt: str | None = None
     steps: int = 20
-    scheduler: str = "ddim"              # ddim | euler | dpm (DPM-Solver++)
+    scheduler: str = PIPELINE            # pipeline (the folder's own) | a core.schedulers name
     guidance: float | None = None        # None: the model's own (dilatequant.json), else the pipeline's (7.5)
     seed: int = 0
     size: tuple[int, int] | None = None  # (H, W) pixels; None: the calibrated size
@@ -25,8 +26,7 @@ class GenerateConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"unknown scheduler '{self.scheduler}': choose one of {', '.join(SCHEDULERS)}")
+        check_name(self.scheduler)
         if not self.prompt.strip():
             raise UserError("--prompt is empty; pass the text to generate from")
         if self.steps < 1:

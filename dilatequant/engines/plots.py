@@ -95,11 +95,14 @@ def sample_grid_plot(path: Path, columns: dict[str, torch.Tensor], title: str, n
 
 
 def schedule_plot(path: Path, rows: list[dict], title: str) -> Path:
-    """Image PSNR vs FP (same step count) against the number of inference steps."""
+    """Image PSNR vs FP (same sampler and step count) against the number of inference steps, one line per sampler."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    xs = [r["steps"] for r in rows]
-    ax.plot(xs, [r["runtime_vs_fp"]["image_psnr_db"] for r in rows], marker="o", label="runtime vs FP (same steps)")
+    xs = sorted({r["steps"] for r in rows})
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        mine = [r for r in rows if r["sampler"] == sampler]
+        ax.plot([r["steps"] for r in mine], [r["runtime_vs_fp"]["image_psnr_db"] for r in mine], marker="o",
+                label=f"{sampler}: runtime vs FP (same steps)")
     for r in rows:
         ax.annotate("calibrated schedule" if r["mapping"] == "exact" else
                     f"nearest t_index ({r['distinct_t_index_used']} used)",
@@ -109,7 +112,7 @@ def schedule_plot(path: Path, rows: list[dict], title: str) -> Path:
     ax.minorticks_off()
     ax.set_xticks(xs)
     ax.set_xticklabels([str(x) for x in xs])
-    ax.set_xlabel("DDIM steps at inference")
+    ax.set_xlabel("steps at inference")
     ax.set_ylabel("image PSNR vs FP (dB)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

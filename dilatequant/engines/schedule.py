@@ -1,9 +1,10 @@
-"""Running a sampler with S steps on a model calibrated for a T-step schedule.
+"""Running a sampler with another schedule than the one a model was calibrated for.
 
 TPQ stores one activation scale per calibrated timestep, addressed by t_index. A sampler on the
-same schedule passes its own step index; any other schedule has timesteps the model never saw, so
-each one uses the scales of the nearest calibrated timestep (ties go to the larger timestep, i.e.
-the earlier, noisier step). What that costs in accuracy is measured by dq-verify.
+same schedule passes its own step index; any other schedule (other step count, other sampler) has
+timesteps the model never saw, so each one uses the scales of the nearest calibrated timestep (ties go
+to the larger timestep, i.e. the earlier, noisier step). Timesteps may be floats (Euler-type samplers);
+distances are taken in float64. What the mapping costs in accuracy is measured by dq-verify.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Sequence
 import torch
 
 
-def nearest_t_index(calibrated: Sequence[int], timesteps: torch.Tensor) -> torch.Tensor:
+def nearest_t_index(calibrated: Sequence[float], timesteps) -> torch.Tensor:
     """t_index of the calibrated timestep nearest to each timestep (int64, same shape)."""
-    cal = torch.as_tensor(list(calibrated), dtype=torch.float64)  # flow matching's timesteps are floats
+    cal = torch.as_tensor([float(t) for t in calibrated], dtype=torch.float64)
     t = torch.as_tensor(timesteps).to(torch.float64)
     dist = (t.reshape(-1, 1) - cal.reshape(1, -1)).abs()
     # argmin returns the first minimum; calibrated timesteps are in sampling (descending) order, so a
@@ -22,11 +23,11 @@ def nearest_t_index(calibrated: Sequence[int], timesteps: torch.Tensor) -> torch
     return dist.argmin(dim=1).reshape(t.shape)
 
 
-def map_schedule(calibrated: Sequence[int], inference: Sequence[int]) -> list[int]:
+def map_schedule(calibrated: Sequence[float], inference: Sequence[float]) -> list[int]:
     """t_index for every step of an inference schedule: identity when it is the calibrated one."""
-    if [int(t) for t in inference] == [int(t) for t in calibrated]:
+    if [float(t) for t in inference] == [float(t) for t in calibrated]:
         return list(range(len(calibrated)))
-    return nearest_t_index(calibrated, torch.tensor([int(t) for t in inference])).tolist()
+    return nearest_t_index(calibrated, torch.tensor([float(t) for t in inference], dtype=torch.float64)).tolist()
 
 
 class ScheduleMapper:
@@ -36,8 +37,8 @@ class ScheduleMapper:
     the nearest calibrated timestep, which equals the sampler's index when the schedules match.
     """
 
-    def __init__(self, predict, calibrated: Sequence[int]):
-        self.predict, self.calibrated = predict, [int(t) for t in calibrated]
+    def __init__(self, predict, calibrated: Sequence[float]):
+        self.predict, self.calibrated = predict, list(calibrated)
         self.metadata = getattr(predict, "metadata", None)
 
     def __call__(self, sample, timestep, t_index, cond=None):

@@ -31,7 +31,7 @@ def unet_inputs(runner: Runner, batch: int, cond_len: int = 4, seed: int = 0, co
     gen = torch.Generator().manual_seed(seed)
     i = m.num_steps // 2
     sample = torch.randn((batch, *m.sample_shape), generator=gen)
-    timestep = torch.full((batch,), m.timesteps[i], dtype=torch.int64)
+    timestep = torch.full((batch,), round(m.timesteps[i]), dtype=torch.int64)
     t_index = torch.full((batch,), i, dtype=torch.int64)
     if cond is not None:
         cond = {k: v[:1].expand(batch, *v.shape[1:]).contiguous() for k, v in cond.items()}

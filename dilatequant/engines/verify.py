@@ -1,9 +1,12 @@
 """dq-verify: is the deployed runtime as accurate as the PyTorch fake-quant model, and how fast is it?
 
-One run, one device, one process: accuracy (per-step noise SQNR on FP trajectories, DDIM images,
-digit-FID), the cost of sampling with other step counts than the calibrated schedule, UNet latency
-and sampler wall time for the runtime and the PyTorch baselines, and memory. Every ratio is computed
-from numbers measured in this run. Output: report.json, README.md and PNG plots in one folder.
+One run, one device, one process, in steps: the runtime check (it loads and runs the graph), accuracy (per-step
+noise SQNR on FP trajectories of the calibrated schedule, images with the sampler the model is deployed with,
+digit-FID), teacher-forced layer-wise parity, the cost of sampling with other step counts and samplers than the
+calibrated schedule (calibrated with X, run with Y), UNet latency and sampler wall time for the runtime and the
+PyTorch baselines, and memory. Every ratio is computed from numbers measured in this run. Output: report.json,
+README.md and PNG plots in one folder. The hard checks (the runtime runs the graph; layer-wise parity) make the
+run fail (`enforce`, dq-verify's exit status) unless only a report is asked for.
 """
 from __future__ import annotations
 
@@ -14,13 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate.checkpoint import checkpoint_hash, load_checkpoint
-from ..core.errors import UserError
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ..calibrate.checkpoint import QuantCheckpoint, checkpoint_hash, load_checkpoint
+from ..core.errors import CheckFailed, UserError
 from ..core.evaluation import fp_trajectories, requested_digits
 from ..core.metrics import format_digit_fid, psnr_db, reported_digit_scores, sqnr_db, ssim
 from ..core.models import DiffusionModel, load_model
 from ..core.reporting import ensure_writable_dir, environment, peak_rss_mb, write_json, write_text
-from ..core.sampling import SampleResult, default_guidance, sample, sampling_timesteps
+from ..core.sampling import SampleResult, SamplingSchedule, default_guidance, sample, sampling_timesteps
+from ..core.schedulers import PIPELINE, check_name, describe, resolve_scheduler, same_scheduler
 from ..dq_export.export_config import ExportConfig
 from ..dq_export.fold import int4_layers, w4a16_reference
 from ..dq_export.layer_parity import layer_parity_report
@@ -31,7 +37,7 @@ from .pytorch.runner import TorchRunner
 from .runners import ENGINE_SUFFIXES, fp_model_of
 from .schedule import ScheduleMapper, map_schedule
 from .tensorrt.runner import TensorRTRunner
-from .timing import gpu_memory, unet_latency
+from .timing import gpu_memory, unet_inputs, unet_latency
 
 DIGIT_SHAPE = (1, 32, 32)  # digit-FID needs images the shipped digit classifier reads
 
@@ -43,8 +49,9 @@ class VerifyConfig:
     report_dir: Path = Path("dq-verify")
     batches: tuple[int, ...] = (1, 4, 8)
     device: str = "cpu"
-    num_samples: int = 16                      # DDIM images per runtime
-    steps: int | None = None                   # DDIM steps for the images (default: the calibrated T)
+    num_samples: int = 16                      # images per runtime
+    steps: int | None = None                   # sampling steps for the images (default: the calibrated count)
+    scheduler: str = PIPELINE                  # what images run with: the model's own sampler, or a name (ddim, ...)
     mapped_steps: tuple[int, ...] | None = None  # other step counts for the schedule-mapping cost (default T/2, 2T)
     traj_samples: int = 4                      # FP trajectories for the per-step SQNR
     warmup: int = 3
@@ -69,6 +76,7 @@ class VerifyConfig:
                 raise UserError(f"step counts must be >= 1, got {s}")
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"unknown device '{self.device}': choose cpu or cuda")
+        check_name(self.scheduler)
 
 
 def open_runtime(path: Path, device: str, threads: int) -> Runner:
@@ -120,12 +128,6 @@ def _digits(images: torch.Tensor, labels, model: DiffusionModel | None = None) -
     keys = ("num_samples", "digit_fid", "digit_fid_spread", "digit_fid_note", "classifier_mean_confidence",
             "class_accuracy")
     return {k: s[k] for k in keys if k in s}
-
-
-def _sample(model: DiffusionModel, predict, cfg: VerifyConfig, steps: int, labels=None) -> SampleResult:
-    guidance = cfg.guidance if model.is_conditional else 1.0
-    return sample(model, predict, num_samples=cfg.num_samples, steps=steps, seed=cfg.seed, labels=labels,
-                  guidance_scale=guidance, batch_size=max(cfg.batches), progress=False)
 
 
 def _weight_bytes(path: Path) -> int:
@@ -193,75 +195,142 @@ def _layer_parity(cfg: VerifyConfig, ck, rt: Runner, weight_only: list[str], fp_
         return {"error": str(err), "passed": False}
 
 
-def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dict:
-    """Run every measurement and write the report folder; returns the report dict."""
+@dataclass
+class VerifySession:
+    """What every step of a dq-verify run reads: the checkpoint, the opened runtime, the models and runners, and
+    the samplers (calibrated with X, run with Y)."""
+
+    cfg: VerifyConfig
+    ck: QuantCheckpoint
+    rt: Runner
+    fp_model: DiffusionModel
+    img_model: DiffusionModel      # text models sample latents; the FP model's pipeline decodes every runner's alike
+    fp: TorchRunner
+    fq: TorchRunner
+    run_scheduler: SchedulerMixin  # Y: what the images, the step-count table and the sampler timing run with
+    steps: int                     # image steps (default: the calibrated count)
+    mapped: list[int]              # other step counts of the schedule table
+    threads: int
+    weight_only: list[str]
+    rss_after_load: float = 0.0
+
+    @property
+    def calibrated(self) -> SamplingSchedule:
+        return self.ck.schedule
+
+    def mapped_predictor(self, runner: Runner) -> ScheduleMapper:
+        return ScheduleMapper(runner, self.ck.timesteps)
+
+    def sample(self, runner: Runner, steps: int, labels=None, scheduler: SchedulerMixin | None = None) -> SampleResult:
+        model = self.fp_model if runner is self.fp else self.img_model
+        guidance = self.cfg.guidance if model.is_conditional else 1.0
+        return sample(model, self.mapped_predictor(runner), num_samples=self.cfg.num_samples, steps=steps,
+                      seed=self.cfg.seed, labels=labels, guidance_scale=guidance, batch_size=max(self.cfg.batches),
+                      progress=False, scheduler=scheduler or self.run_scheduler)
+
+
+def open_session(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> VerifySession:
     cfg.check()
-    start = time.perf_counter()
-    out = ensure_writable_dir(cfg.report_dir)
+    ensure_writable_dir(cfg.report_dir)
     ck = load_checkpoint(cfg.ckpt)
     threads = cfg.threads or torch.get_num_threads()
     rt = open_runtime(Path(cfg.runtime), cfg.device, threads)
     _check_pairing(rt, ck, cfg.ckpt)
     fp_model = fp_model or (load_model(cfg.model) if cfg.model else fp_model_of(ck))
-    T = len(ck.timesteps)
-    steps = cfg.steps or T
-    mapped = list(cfg.mapped_steps if cfg.mapped_steps is not None else sorted({max(1, T // 2), 2 * T}))
+    S = ck.schedule.steps
+    mapped = list(cfg.mapped_steps if cfg.mapped_steps is not None else sorted({max(1, S // 2), 2 * S}))
     weight_only = _configure_reference(ck, Path(cfg.runtime))  # INT4 graphs: W4A16 layers read float inputs
     fq = TorchRunner.from_checkpoint(ck, cfg.device)
     fp = TorchRunner.fp(fp_model, ck.timesteps, cfg.device)
     guidance = (cfg.guidance if cfg.guidance is not None else default_guidance(ck.model)) if ck.model.is_conditional else 1.0
-    cfg = replace(cfg, guidance=guidance)
-    # text models sample latents; the FP model's pipeline decodes every runner's latents alike
-    img_model = fp_model if ck.model.is_text_conditioned else ck.model
-    rt.activate()
-    rss_after_load = peak_rss_mb()
+    return VerifySession(replace(cfg, guidance=guidance), ck, rt, fp_model,
+                         fp_model if ck.model.is_text_conditioned else ck.model, fp, fq,
+                         resolve_scheduler(fp_model, cfg.scheduler), cfg.steps or S, mapped, threads, weight_only)
 
-    # -- accuracy on the calibrated schedule ------------------------------------------------------
-    traj = fp_trajectories(fp_model, T, cfg.seed, guidance, cfg.traj_samples)
-    rows = per_step_errors(fp, fq, rt, traj)
+
+def check_runtime_runs(s: VerifySession) -> None:
+    """Hard check: the runtime loads the graph and runs one call. It fails the run in every mode (--report-only
+    too): nothing else can be measured."""
+    cond = s.ck.model.condition(torch.zeros(1, dtype=torch.long)) if s.ck.model.is_conditional else None
+    try:
+        s.rt.activate()
+        s.rt(*unet_inputs(s.rt, 1, cond=cond))
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the runtime raises is the finding
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckFailed(f"runtime check FAILED: {s.rt.metadata.name} cannot run '{s.cfg.runtime}' "
+                          f"({type(err).__name__}: {first})") from err
+
+
+def accuracy_step(s: VerifySession) -> tuple[dict, dict[str, SampleResult]]:
+    """Per-step noise SQNR on FP trajectories of the calibrated schedule (exact t_index), and images with Y."""
+    cal = s.calibrated
+    traj = fp_trajectories(s.fp_model, cal.steps, s.cfg.seed, s.cfg.guidance, s.cfg.traj_samples,
+                           scheduler=cal.scheduler, timestep_kwargs=cal.timestep_kwargs)
+    rows = per_step_errors(s.fp, s.fq, s.rt, traj)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    images = {"fp": _sample(fp_model, ScheduleMapper(fp, ck.timesteps), cfg, steps)}
+    images = {"fp": s.sample(s.fp, s.steps)}
     labels = images["fp"].labels
-    images["fake_quant"] = _sample(img_model, ScheduleMapper(fq, ck.timesteps), cfg, steps, labels)
-    images["runtime"] = _sample(img_model, ScheduleMapper(rt, ck.timesteps), cfg, steps, labels)
+    images["fake_quant"] = s.sample(s.fq, s.steps, labels)
+    images["runtime"] = s.sample(s.rt, s.steps, labels)
     accuracy = {
-        "trajectory_samples": cfg.traj_samples, "image_steps": steps, "num_samples": cfg.num_samples,
-        "guidance_scale": guidance, "per_step": rows,
+        "trajectory_samples": s.cfg.traj_samples, "image_steps": s.steps, "num_samples": s.cfg.num_samples,
+        "guidance_scale": s.cfg.guidance, "per_step": rows,
         "noise_sqnr_db": {k: {"mean": mean(k), "min": min(r[k] for r in rows)}
                           for k in ("runtime_vs_fake_quant_sqnr_db", "runtime_vs_fp_sqnr_db", "fake_quant_vs_fp_sqnr_db")},
         "images": {"runtime_vs_fake_quant": _image_metrics(images["runtime"].images, images["fake_quant"].images),
                    "runtime_vs_fp": _image_metrics(images["runtime"].images, images["fp"].images),
                    "fake_quant_vs_fp": _image_metrics(images["fake_quant"].images, images["fp"].images)},
-        "digits": {k: _digits(v.images, labels, fp_model) for k, v in images.items()},
+        "digits": {k: _digits(v.images, labels, s.fp_model) for k, v in images.items()},
         "fp_agreement": fp_agreement(rows),
+        "calibrated_with": cal.label, "trajectory_sampler": cal.label,
+        "image_sampler": f"{describe(s.run_scheduler)}-{s.steps}",
     }
-    layer_parity = _layer_parity(cfg, ck, rt, weight_only, fp_model)
+    return accuracy, images
 
-    # -- other step counts: nearest calibrated t_index --------------------------------------------
-    schedule_rows = []
-    for s in sorted(set(mapped) | {T}):
-        inference = sampling_timesteps(fp_model, s)
-        t_map = map_schedule(ck.timesteps, inference)
-        if s == steps:
-            fp_img, rt_img = images["fp"], images["runtime"]
-        else:
-            fp_img = _sample(fp_model, ScheduleMapper(fp, ck.timesteps), cfg, s)
-            rt_img = _sample(img_model, ScheduleMapper(rt, ck.timesteps), cfg, s, fp_img.labels)
-        schedule_rows.append({
-            "steps": s, "mapping": "exact" if t_map == list(range(T)) and s == T else "nearest",
-            "t_index_per_step": t_map, "distinct_t_index_used": len(set(t_map)),
-            "max_timestep_gap": max(abs(t - ck.timesteps[i]) for t, i in zip(inference, t_map)),
-            "runtime_vs_fp": _image_metrics(rt_img.images, fp_img.images),
-            "runtime_digits": _digits(rt_img.images, fp_img.labels, fp_model),
-            "fp_digits": _digits(fp_img.images, fp_img.labels, fp_model)})
 
-    # -- speed ------------------------------------------------------------------------------------
+def samplers_to_compare(s: VerifySession) -> list[tuple[str, SchedulerMixin]]:
+    """The schedule table's samplers: the calibrated one (X) and the one the run uses (Y), once each."""
+    out = [(describe(s.calibrated.scheduler), s.calibrated.scheduler)]
+    if not same_scheduler(s.run_scheduler, s.calibrated.scheduler):
+        out.append((describe(s.run_scheduler), s.run_scheduler))
+    return out
+
+
+def schedule_step(s: VerifySession, images: dict[str, SampleResult]) -> list[dict]:
+    """Other step counts and samplers: every call at the nearest calibrated t_index."""
+    cal, rows = s.calibrated, []
+    for name, sched in samplers_to_compare(s):
+        for steps in sorted(set(s.mapped) | {cal.steps}):
+            inference = sampling_timesteps(s.fp_model, steps, sched)
+            t_map = map_schedule(s.ck.timesteps, inference)
+            if steps == s.steps and same_scheduler(sched, s.run_scheduler):
+                fp_img, rt_img = images["fp"], images["runtime"]
+            else:
+                fp_img = s.sample(s.fp, steps, scheduler=sched)
+                rt_img = s.sample(s.rt, steps, fp_img.labels, scheduler=sched)
+            exact = steps == cal.steps and same_scheduler(sched, cal.scheduler)
+            rows.append({
+                "sampler": name, "calibrated_with": cal.label, "steps": steps,
+                "mapping": "exact" if exact and t_map == list(range(len(s.ck.timesteps))) else "nearest",
+                "t_index_per_step": t_map, "distinct_t_index_used": len(set(t_map)),
+                "max_timestep_gap": max(abs(t - s.ck.timesteps[i]) for t, i in zip(inference, t_map)),
+                "runtime_vs_fp": _image_metrics(rt_img.images, fp_img.images),
+                "runtime_digits": _digits(rt_img.images, fp_img.labels, s.fp_model),
+                "fp_digits": _digits(fp_img.images, fp_img.labels, s.fp_model)})
+    return rows
+
+
+def speed_step(s: VerifySession) -> tuple[dict, list[Runner]]:
+    """UNet latency of the runtime and the PyTorch baselines per batch, and the sampler's wall time (Y)."""
+    cfg, rt, fp, fq = s.cfg, s.rt, s.fp, s.fq
     baselines: list[Runner] = [fp, fq]
     if cfg.device == "cuda":
-        baselines.append(TorchRunner.fp(fp_model, ck.timesteps, "cuda", "fp16", name="torch-fp16"))
+        baselines.append(TorchRunner.fp(s.fp_model, s.ck.timesteps, "cuda", "fp16", name="torch-fp16"))
         if cfg.compile:
-            baselines.append(TorchRunner.fp(fp_model, ck.timesteps, "cuda", "fp32", compile=True))
-    cond = ck.model.condition(torch.zeros(1, dtype=torch.long)) if ck.model.is_conditional else None
+            baselines.append(TorchRunner.fp(s.fp_model, s.ck.timesteps, "cuda", "fp32", compile=True))
+    cond = s.ck.model.condition(torch.zeros(1, dtype=torch.long)) if s.ck.model.is_conditional else None
     latency: dict[str, dict[str, dict]] = {}
     for r in [rt, *baselines]:
         latency[r.metadata.name] = {}
@@ -280,56 +349,103 @@ def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dic
     sampler_batch = max(cfg.batches)
     sampler = {}
     for r in (rt, fp, fq):
-        model = fp_model if r is fp else ck.model
-        predict = ScheduleMapper(r, ck.timesteps)
+        model = s.fp_model if r is fp else s.ck.model
         t0 = time.perf_counter()
-        sample(model, predict, num_samples=sampler_batch, steps=steps, seed=cfg.seed, guidance_scale=guidance,
-               batch_size=sampler_batch, progress=False, decode=False)  # the UNet loop alike for every runner
+        sample(model, s.mapped_predictor(r), num_samples=sampler_batch, steps=s.steps, seed=cfg.seed,
+               guidance_scale=cfg.guidance, batch_size=sampler_batch, progress=False, decode=False,
+               scheduler=s.run_scheduler)  # the UNet loop alike for every runner
         r.synchronize()
         sampler[r.metadata.name] = round(time.perf_counter() - t0, 4)
     speed = {"unet_latency_ms": latency, "speedup_of_runtime": ratios,
              "speedup_note": "baseline median latency / runtime median latency at the same batch (>1: runtime faster)",
-             "sampler": {"steps": steps, "batch": sampler_batch, "wall_s": sampler,
+             "sampler": {"steps": s.steps, "batch": sampler_batch, "wall_s": sampler,
+                         "sampler": describe(s.run_scheduler),
                          "speedup_of_runtime": {k: round(v / sampler[rt.metadata.name], 3)
                                                 for k, v in sampler.items() if k != rt.metadata.name}}}
+    return speed, baselines
 
-    # -- memory -----------------------------------------------------------------------------------
-    memory = {"runtime_weight_bytes": _weight_bytes(Path(cfg.runtime)), "checkpoint_bytes": Path(cfg.ckpt).stat().st_size,
-              "fp_parameter_bytes": sum(p.numel() * p.element_size() for p in fp_model.unet.parameters()),
-              "fp_parameters": sum(p.numel() for p in fp_model.unet.parameters()),
-              "peak_host_rss_mb_after_runtime_load": rss_after_load, "peak_host_rss_mb": peak_rss_mb(),
-              "gpu": gpu_memory()}
 
-    # -- output -----------------------------------------------------------------------------------
-    name = rt.metadata.name
+def memory_step(s: VerifySession) -> dict:
+    params = list(s.fp_model.unet.parameters())
+    return {"runtime_weight_bytes": _weight_bytes(Path(s.cfg.runtime)), "checkpoint_bytes": Path(s.cfg.ckpt).stat().st_size,
+            "fp_parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+            "fp_parameters": sum(p.numel() for p in params),
+            "peak_host_rss_mb_after_runtime_load": s.rss_after_load, "peak_host_rss_mb": peak_rss_mb(),
+            "gpu": gpu_memory()}
+
+
+def hard_checks(layer_parity: dict) -> dict:
+    """dq-verify's gate: what must hold for the runtime to ship. `failed`: one line per failed check."""
+    lp = layer_parity or {}
+    if "skipped" in lp:
+        state = "skipped"
+    else:
+        state = "passed" if lp.get("passed") else "FAILED"
+    failed = []
+    if state == "FAILED":
+        detail = (f"max level diff {lp['max_level_diff']:.0f}, min layer SQNR {lp['min_layer_sqnr_db']:.1f} dB, worst "
+                  f"layer {lp.get('worst_layer')}" if "max_level_diff" in lp else lp.get("error", "no detail"))
+        failed.append(f"layer-wise parity FAILED ({detail})")
+    return {"runtime_runs": "passed", "layer_parity": state, "failed": failed}
+
+
+def run_verify(cfg: VerifyConfig, fp_model: DiffusionModel | None = None) -> dict:
+    """Run every measurement and write the report folder; returns the report dict. A runtime that cannot run the
+    graph raises CheckFailed; the other hard checks are reported in report["checks"] (see enforce)."""
+    start = time.perf_counter()
+    s = open_session(cfg, fp_model)
+    check_runtime_runs(s)
+    s.rss_after_load = peak_rss_mb()
+    accuracy, images = accuracy_step(s)
+    layer_parity = _layer_parity(s.cfg, s.ck, s.rt, s.weight_only, s.fp_model)
+    schedule_rows = schedule_step(s, images)
+    speed, baselines = speed_step(s)
+    memory = memory_step(s)
+    return write_report(s, accuracy, images, layer_parity, schedule_rows, speed, baselines, memory,
+                        time.perf_counter() - start)
+
+
+def write_report(s: VerifySession, accuracy: dict, images: dict[str, SampleResult], layer_parity: dict,
+                 schedule_rows: list[dict], speed: dict, baselines: list[Runner], memory: dict, wall_s: float) -> dict:
+    cfg, rt, ck, out = s.cfg, s.rt, s.ck, Path(s.cfg.report_dir)
+    name, T = rt.metadata.name, len(ck.timesteps)
+    run = describe(s.run_scheduler)
     figures = {
-        "sqnr": plots.sqnr_plot(out / "sqnr_vs_t_index.png", rows, {
+        "sqnr": plots.sqnr_plot(out / "sqnr_vs_t_index.png", accuracy["per_step"], {
             "runtime_vs_fake_quant_sqnr_db": f"{name} vs PyTorch fake-quant",
             "runtime_vs_fp_sqnr_db": f"{name} vs FP", "fake_quant_vs_fp_sqnr_db": "PyTorch fake-quant vs FP"},
-            f"Per-step noise SQNR on FP DDIM-{T} trajectories ({cfg.traj_samples} samples)").name,
-        "latency": plots.latency_plot(out / "latency.png", latency,
+            f"Per-step noise SQNR on FP {s.calibrated.label} trajectories ({cfg.traj_samples} samples)").name,
+        "latency": plots.latency_plot(out / "latency.png", speed["unet_latency_ms"],
                                       f"UNet latency on {cfg.device} ({environment_device(cfg.device)})").name,
         "samples": plots.sample_grid_plot(out / "samples.png", {
             "FP (PyTorch)": images["fp"].images[:16], "fake-quant (PyTorch)": images["fake_quant"].images[:16],
-            f"runtime ({name})": images["runtime"].images[:16]}, f"DDIM-{steps}, same seeds").name,
+            f"runtime ({name})": images["runtime"].images[:16]}, f"{run}-{s.steps}, same seeds").name,
         "schedule": plots.schedule_plot(out / "schedule_mapping.png", schedule_rows,
-                                        f"Sampling with other step counts on a T={T} checkpoint").name,
+                                        f"Other step counts and samplers on a {s.calibrated.label} checkpoint").name,
     }
     report = {
         "environment": environment(),
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                     "ort_threads": threads if isinstance(rt, OrtRunner) else None,
-                     "torch_threads": torch.get_num_threads(), "mapped_steps": mapped, "steps": steps},
+                     "ort_threads": s.threads if isinstance(rt, OrtRunner) else None,
+                     "torch_threads": torch.get_num_threads(), "mapped_steps": s.mapped, "steps": s.steps},
         "checkpoint": {"path": str(cfg.ckpt), "sha256": checkpoint_hash(cfg.ckpt), "source": ck.source,
-                       "bits": ck.qunet.config.bits_name, "num_steps": T, "timesteps": list(ck.timesteps)},
+                       "bits": ck.qunet.config.bits_name, "num_steps": T, "timesteps": list(ck.timesteps),
+                       "calibrated_with": s.calibrated.label},
         "runtime": {**rt.metadata.to_dict(), "path": str(cfg.runtime)},
         "baselines": [r.metadata.to_dict() for r in baselines],
-        "accuracy": accuracy, "layer_parity": layer_parity, "schedule_mapping": schedule_rows, "speed": speed, "memory": memory,
-        "figures": figures, "wall_s": round(time.perf_counter() - start, 1),
+        "accuracy": accuracy, "layer_parity": layer_parity, "schedule_mapping": schedule_rows, "speed": speed,
+        "memory": memory, "checks": hard_checks(layer_parity), "figures": figures, "wall_s": round(wall_s, 1),
     }
     write_json(out / "report.json", report)
     write_text(out / "README.md", summary_markdown(report))
     return report
+
+
+def enforce(report: dict) -> None:
+    """Raise CheckFailed (one line) when a hard check of the report failed: dq-verify as a deployment gate."""
+    failed = report.get("checks", {}).get("failed", [])
+    if failed:
+        raise CheckFailed(f"{failed[0]}; report: {Path(report['settings']['report_dir']) / 'README.md'}")
 
 
 def environment_device(device: str) -> str:
@@ -376,15 +492,19 @@ def summary_markdown(r: dict) -> str:
              f"runtime `{Path(rt['path']).name}` ({rt['runtime']}, {rt['device']}, {rt['dtype']}). "
              f"Wall time {r['wall_s']} s on {env['cpu']} ({env['cpu_count']} cores"
              f"{', ' + env['cuda'] if env.get('cuda') else ''}), torch {env['torch']}, onnxruntime {env['onnxruntime']}.", "",
+             f"Hard checks: the runtime runs the graph: {r['checks']['runtime_runs']}; layer-wise parity: "
+             f"**{r['checks']['layer_parity']}**. Calibrated with {ck['calibrated_with']}; images with "
+             f"{acc['image_sampler']}.", "",
              "## Accuracy", "",
-             f"Per-step noise-prediction SQNR on FP DDIM-{ck['num_steps']} trajectories "
+             f"Per-step noise-prediction SQNR on FP {acc['trajectory_sampler']} trajectories "
              f"({acc['trajectory_samples']} samples), mean / min over t_index:", "",
              "| pair | mean SQNR (dB) | min SQNR (dB) |", "|---|---|---|"]
     for key, label in (("runtime_vs_fake_quant_sqnr_db", "runtime vs PyTorch fake-quant"),
                        ("runtime_vs_fp_sqnr_db", "runtime vs FP"), ("fake_quant_vs_fp_sqnr_db", "PyTorch fake-quant vs FP")):
         lines.append(f"| {label} | {_f(sq[key]['mean'])} | {_f(sq[key]['min'])} |")
     lines += ["", f"![SQNR vs t_index]({r['figures']['sqnr']})", "",
-              f"DDIM-{acc['image_steps']} images from the same seeds ({acc['num_samples']} samples):", "",
+              f"{acc['image_sampler']} images from the same seeds "
+              f"({acc['num_samples']} samples):", "",
               "| pair | PSNR (dB) | SSIM |", "|---|---|---|"]
     for key, label in (("runtime_vs_fake_quant", "runtime vs PyTorch fake-quant"), ("runtime_vs_fp", "runtime vs FP"),
                        ("fake_quant_vs_fp", "PyTorch fake-quant vs FP")):
@@ -405,11 +525,16 @@ def summary_markdown(r: dict) -> str:
         lines += ["", f"Digit metrics: {d['fp'].get('skipped')}"]
     lines += layer_parity_markdown(r.get("layer_parity"), acc.get("fp_agreement"))
     lines += ["", f"![samples]({r['figures']['samples']})", "",
-              "## Other step counts (nearest calibrated t_index)", "",
-              "| DDIM steps | mapping | distinct t_index used | max timestep gap | PSNR vs FP (dB) | SSIM vs FP | runtime digit-FID | FP digit-FID |",
-              "|---|---|---|---|---|---|---|---|"]
+              "## Other step counts and samplers (nearest calibrated t_index)", "",
+              f"Calibrated with {ck['calibrated_with']}; each row runs the runtime and FP with the sampler and step "
+              "count named, every call at the nearest calibrated timestep's t_index.", "",
+              "| sampler | steps | mapping | distinct t_index used | max timestep gap | PSNR vs FP (dB) | SSIM vs FP | "
+              "runtime digit-FID | FP digit-FID |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for s in r["schedule_mapping"]:
-        lines.append(f"| {s['steps']} | {s['mapping']} | {s['distinct_t_index_used']} | {s['max_timestep_gap']} | "
+        gap = s["max_timestep_gap"]
+        lines.append(f"| {s['sampler']} | {s['steps']} | {s['mapping']} | {s['distinct_t_index_used']} | "
+                     f"{_f(gap, 1) if isinstance(gap, float) else gap} | "
                      f"{_f(s['runtime_vs_fp']['image_psnr_db'])} | {_f(s['runtime_vs_fp']['image_ssim'], 4)} | "
                      f"{format_digit_fid(s['runtime_digits'])} | {format_digit_fid(s['fp_digits'])} |")
     lines += ["", f"![schedule mapping]({r['figures']['schedule']})", "", "## Speed", "",
@@ -427,7 +552,7 @@ def summary_markdown(r: dict) -> str:
     for name, per_b in sp["speedup_of_runtime"].items():
         lines.append(f"| {name} | " + " | ".join(f"{per_b[b]:.2f}x" if b in per_b else "-" for b in batches) + " |")
     smp = sp["sampler"]
-    lines += ["", f"DDIM-{smp['steps']} sampler wall time, {smp['batch']} images: " +
+    lines += ["", f"{smp['sampler']}-{smp['steps']} sampler wall time, {smp['batch']} images: " +
               ", ".join(f"{k} {v:.2f} s" for k, v in smp["wall_s"].items()) + " (runtime speedup: " +
               ", ".join(f"{v:.2f}x vs {k}" for k, v in smp["speedup_of_runtime"].items()) + ").", "",
               f"![latency]({r['figures']['latency']})", "", "## Memory", "",

@@ -59,3 +59,32 @@ def test_foreign_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "text.pt")
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_records_the_sampler_with_float_timesteps_and_loads_version_1(uncond_model, tmp_path):
+    """q.pt v2 records the calibration sampler (class, whole config, steps); Euler with linspace spacing gives float
+    timesteps, kept as floats. A version 1 file (no sampler record) was calibrated with DDIM.from_config."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from dilatequant.core.sampling import SamplingSchedule
+    from dilatequant.core.schedulers import same_scheduler
+
+    euler = EulerDiscreteScheduler(timestep_spacing="linspace")
+    schedule = SamplingSchedule(euler, 6, sampling_timesteps(uncond_model, 6, euler), "euler")
+    data = build_calibration_set(uncond_model, 12, 6, use_cache=False, schedule=schedule)
+    assert sorted(set(data.t_index.tolist())) == list(range(6)) and data.timestep.dtype == torch.int64
+    q, _ = prepare(uncond_model.unet, QuantConfig(num_steps=6), data)
+    path = save_checkpoint(tmp_path / "q.pt", q, uncond_model, schedule.timesteps, "fp", {}, schedule, seed=3)
+    raw = torch.load(path, weights_only=True)
+    assert raw["version"] == 2 and raw["schedule"]["sampler"] == "EulerDiscreteScheduler"
+    assert raw["schedule"]["inference_steps"] == 6 and raw["schedule"]["seed"] == 3
+    ck = load_checkpoint(path)
+    assert ck.timesteps == schedule.timesteps and isinstance(ck.timesteps[1], float) and ck.timesteps[0] == 999
+    assert same_scheduler(ck.schedule.scheduler, euler) and ck.schedule.steps == 6 and ck.schedule.name == "euler"
+    for key in ("sampler_config", "sampler_name", "inference_steps", "timestep_kwargs", "seed", "step_noise"):
+        raw["schedule"].pop(key)
+    raw["version"], raw["schedule"]["sampler"] = 1, "DDIM"
+    torch.save(raw, tmp_path / "v1.pt")
+    v1 = load_checkpoint(tmp_path / "v1.pt")
+    assert same_scheduler(v1.schedule.scheduler, DDIMScheduler.from_config(uncond_model.scheduler.config))
+    assert v1.schedule.steps == 6 and v1.timesteps == ck.timesteps

@@ -1,7 +1,5 @@
 """Teacher-forced layer-wise parity: passes on correct exports, and a planted wrong scale, zero point or t_index
 table each make it - and dq-export - fail. INT4 runs weight-only (W4A16)."""
-import shutil
-
 import numpy as np
 import onnx
 import pytest
@@ -18,6 +16,7 @@ from dilatequant.dq_export.qdq_graph import export_onnx
 from dilatequant.dq_export.trt_rules import check_graph
 
 from conftest import tiny_checkpoint, tiny_cond, tiny_uncond
+from graph_faults import plant_fault
 
 STEPS = 4
 PLANT_LAYER = "down_blocks.0.resnets.0.conv1"
@@ -127,24 +126,7 @@ def test_trt_rule_int4_gemm_activation_must_not_pass_int8_qdq(w4a8_asym_int4, tm
 
 
 def _plant(src, dst, kind: str, t: int = 1) -> None:
-    """One layer's per-timestep tables edited in the ONNX: a row x1.25, a zero point off by one, rows swapped."""
-    m = onnx.load(str(src))
-    inits = {i.name: i for i in m.graph.initializer}
-    prefix = f"unet.{PLANT_LAYER}.tables."
-
-    def edit(name, fn):
-        arr = numpy_helper.to_array(inits[prefix + name]).copy()
-        inits[prefix + name].CopyFrom(numpy_helper.from_array(fn(arr), prefix + name))
-
-    if kind == "scale":
-        edit("mult", lambda a: np.concatenate([a[:t], a[t:t + 1] * np.float32(1.25), a[t + 1:]]))
-    elif kind == "zero_point":
-        edit("shift", lambda a: np.concatenate([a[:t], a[t:t + 1] + np.float32(1), a[t + 1:]]))
-    elif kind == "t_index":
-        order = [1, 0] + list(range(2, STEPS))
-        for name in ("mult", "shift", "correction", "delta"):
-            edit(name, lambda a: a[order])
-    shutil.copy(src, dst) if kind == "none" else onnx.save(m, str(dst))
+    plant_fault(src, dst, kind, PLANT_LAYER, STEPS, t)
 
 
 @pytest.fixture(scope="module")

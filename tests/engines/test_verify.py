@@ -40,7 +40,9 @@ def test_report_fields_and_bounds(tiny):
     assert acc["images"]["runtime_vs_fake_quant"]["image_ssim"] is None  # 8x8 is below SSIM's 11x11 window
     assert "skipped" in acc["digits"]["runtime"]  # 8x8 images: no digit-FID
     rows = {row["steps"]: row for row in r["schedule_mapping"]}
-    assert set(rows) == {2, STEPS, 8}
+    assert set(rows) == {2, STEPS, 8} and {row["sampler"] for row in rows.values()} == {"DDIM"}  # the model's own
+    assert acc["calibrated_with"] == r["checkpoint"]["calibrated_with"] == "DDIM-4"
+    assert r["checks"] == {"runtime_runs": "passed", "layer_parity": "passed", "failed": []}
     assert rows[STEPS]["mapping"] == "exact" and rows[STEPS]["t_index_per_step"] == [0, 1, 2, 3]
     assert rows[8]["t_index_per_step"] == [0, 0, 0, 1, 1, 2, 2, 3] and rows[8]["max_timestep_gap"] == 125
     assert rows[2]["t_index_per_step"] == [1, 3] and rows[2]["max_timestep_gap"] == 0
@@ -149,3 +151,54 @@ def test_fid_spread_table_is_the_committed_measurement():
     # below the threshold the spread is at least twice the threshold's (16: ~64, 100: ~12.5 vs 250: ~5)
     below = [int(n) for n in real if int(n) < FID_MIN_SAMPLES]
     assert all(real[str(n)]["std"] >= 2 * real[str(FID_MIN_SAMPLES)]["std"] for n in below)
+
+
+def _verify_cli(capsys, *args) -> tuple[int, list[str]]:
+    """dq-verify in process: (exit status, stderr lines without warnings)."""
+    from dilatequant.cli import verify_main
+
+    try:
+        verify_main([str(a) for a in args])
+        code = 0
+    except SystemExit as err:
+        code = err.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_dq_verify_is_a_gate(tiny, tmp_path, capsys, monkeypatch):
+    """A graph with one per-timestep scale row x1.25 fails layer-wise parity: exit 1 and one line naming the check;
+    the clean graph exits 0; --report-only exits 0 on the failed report; a graph the runtime cannot load fails
+    even then."""
+    import onnx
+
+    from dilatequant.engines import verify
+    from graph_faults import plant_fault
+
+    _, model, ck, onnx_path = tiny
+    folder = tmp_path / "fp"
+    model.save(folder)
+    bad = tmp_path / "bad.onnx"
+    plant_fault(onnx_path, bad, "scale", "down_blocks.0.resnets.0.conv1", STEPS)
+    light = ["--ckpt", ck, "--model", folder, "--samples", 2, "--traj-samples", 1, "--batch", 1, "--repeats", 1,
+             "--warmup", 0, "--mapped-steps", STEPS]
+    code, err = _verify_cli(capsys, *light, "--onnx", onnx_path, "--report", tmp_path / "clean")
+    assert code == 0, err
+    assert json.loads((tmp_path / "clean" / "report.json").read_text())["checks"]["layer_parity"] == "passed"
+    reports = []
+    real = verify.run_verify
+    monkeypatch.setattr(verify, "run_verify", lambda cfg: reports.append(real(cfg)) or reports[-1])
+    code, err = _verify_cli(capsys, *light, "--onnx", bad, "--report", tmp_path / "bad")
+    failed = [line for line in err if "FAILED" in line]
+    assert code == 1 and len(failed) == 1 and "Traceback" not in "\n".join(err), err
+    assert failed[0].startswith("layer-wise parity FAILED (max level diff") and "report:" in failed[0]
+    report = json.loads((tmp_path / "bad" / "report.json").read_text())
+    assert report["checks"]["layer_parity"] == "FAILED" and not report["layer_parity"]["passed"]
+    monkeypatch.setattr(verify, "run_verify", lambda cfg: reports[0])  # the same report, asked for as a report only
+    code, err = _verify_cli(capsys, *light, "--onnx", bad, "--report", tmp_path / "bad", "--report-only")
+    assert code == 0 and not [line for line in err if "FAILED" in line], err
+    monkeypatch.undo()
+    m = onnx.load(str(onnx_path))
+    next(n for n in m.graph.node if n.op_type == "Conv").op_type = "NoSuchOp"
+    onnx.save(m, str(tmp_path / "broken.onnx"))
+    code, err = _verify_cli(capsys, *light, "--onnx", tmp_path / "broken.onnx", "--report", tmp_path / "x", "--report-only")
+    assert code == 1 and len(err) == 1 and err[0].startswith("runtime check FAILED: onnxruntime-cpu cannot run"), err

@@ -3,8 +3,9 @@
 diffusers' SD and SDXL pipelines read a UNet through a few attributes (`config`, `dtype`, `device`, SDXL's
 `add_embedding.linear_1.in_features`) and call it with keyword arguments; this adapter answers those and
 sends every call to a runner (ONNX Runtime, TensorRT or PyTorch fake-quant). Each timestep (integer, or float
-as Euler passes them) is mapped to the nearest calibrated timestep's t_index, as engines.schedule does for
-our own samplers; a float timestep is rounded to the integer the graph takes.
+as Euler passes them) is mapped to the nearest calibrated timestep's t_index (calibrated timesteps may be
+floats too), as engines.schedule does for our own samplers; a float timestep is then rounded to the integer the
+graph takes.
 """
 from __future__ import annotations
 
@@ -48,8 +49,7 @@ class QuantizedUNet(torch.nn.Module):
             t = t.expand(batch)
         if t.numel() != batch:
             raise UserError(f"timestep has {t.numel()} values for a batch of {batch}")
-        t = t.double().round().to(torch.int64) if t.is_floating_point() else t.to(torch.int64)
-        return t, nearest_t_index(self.runner.metadata.timesteps, t)
+        return t.double().round().to(torch.int64), nearest_t_index(self.runner.metadata.timesteps, t)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
                 class_labels=None, timestep_cond=None, attention_mask=None, cross_attention_kwargs=None,

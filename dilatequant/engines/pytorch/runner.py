@@ -38,14 +38,14 @@ class TorchRunner(Runner):
             return self._fn(sample, timestep, t_index, cond)
 
     @classmethod
-    def fp(cls, model: DiffusionModel, timesteps: list[int], device: str = "cpu", dtype: str = "fp32",
+    def fp(cls, model: DiffusionModel, timesteps: list[int | float], device: str = "cpu", dtype: str = "fp32",
            compile: bool = False, name: str = "torch-fp") -> "TorchRunner":
         """The FP model; `timesteps` is the calibrated schedule its t_index inputs refer to (it ignores them)."""
         _check_device(device)
         if dtype not in TORCH_DTYPES:
             raise UserError(f"unknown dtype '{dtype}': choose fp32 or fp16")
         meta = RunnerMetadata(name=name + ("-compile" if compile else ""), runtime="torch", device=device, dtype=dtype,
-                              num_steps=len(timesteps), timesteps=tuple(int(t) for t in timesteps),
+                              num_steps=len(timesteps), timesteps=tuple(timesteps),
                               has_t_index=False, **_model_fields(model))
 
         def build():

@@ -16,6 +16,7 @@ Imported only on the SD path (it imports torch).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ class SdParts:
     image_size: tuple[int, int]        # the calibrated (H, W) in pixels
     vae_scale_factor: int
     size_multiple: int                 # H and W must be multiples of this (0: the calibrated size only)
-    scheduler_config: dict
+    schedulers: dict[str, dict]        # the samplers a request may name -> their whole configs (core.schedulers)
     guidance_scale: float | None = None  # the folder's own default (dilatequant.json), if it names one
     pipeline_class: str = SD
     t5_tokens: int = 0                 # SD3: max_sequence_length, T5's share of the prompt tokens
@@ -129,8 +130,6 @@ def refuse_unsupported(pipeline_class: str) -> None:
 
 def load_parts(meta: dict[str, str], model: str | Path | None) -> SdParts:
     """The pipeline folder (`model`, else the graph's base model), checked to be the one the graph was calibrated on."""
-    import json
-
     from ...calibrate.calibration_data import model_fingerprint
     from ...core.models import EMBEDDED_MODELS, embedded_model_dir, load_model
 
@@ -163,10 +162,22 @@ def load_parts(meta: dict[str, str], model: str | Path | None) -> SdParts:
     f = m.vae_scale_factor
     image_size = (sample_shape[1] * f, sample_shape[2] * f) if len(sample_shape) == 3 else m.image_size
     spatial = int(meta.get("dilatequant.spatial_multiple", "0") or 0)
-    sched = json.loads(json.dumps(dict(m.pipeline.scheduler.config), default=list))
     t5_tokens = int(m.pipeline_kwargs.get("max_sequence_length", SD3_T5_TOKENS)) if pipeline_class == SD3 else 0
-    return SdParts(m.pipeline, folder, name, image_size, f, spatial * f, sched, m.guidance_scale, pipeline_class,
-                   t5_tokens)
+    return SdParts(m.pipeline, folder, name, image_size, f, spatial * f, served_schedulers(m), m.guidance_scale,
+                   pipeline_class, t5_tokens)
+
+
+SERVED_SCHEDULERS = ("pipeline", "ddim", "euler", "dpm")
+
+
+def served_schedulers(model) -> dict[str, dict]:
+    """The samplers the prompt pipeline serves, built here (core.schedulers: the folder's own as `pipeline`, the
+    others on its noise schedule without another class's defaults) so the backend only instantiates them. A
+    diffusion transformer's pipeline samples with its own scheduler only."""
+    from ...core.schedulers import config_json, resolve_scheduler
+
+    names = ("pipeline",) if model.is_transformer else SERVED_SCHEDULERS
+    return {name: json.loads(config_json(resolve_scheduler(model, name))) for name in names}
 
 
 class _TextEncoder(torch.nn.Module):

@@ -5,7 +5,7 @@
     <repo>/text_encoder_2/1/...      SDXL only                     input_ids -> penultimate_hidden_state, text_embeds
                                      (SD3: both CLIP encoders give both; text_encoder_3, T5 -> last_hidden_state)
     <repo>/vae_decoder/1/model.onnx  (+ model.py for --kind cpu)   latent / scaling_factor -> image in [-1, 1]
-    <repo>/pipeline/1/model.py, dq_bls.py, scheduler_config.json, tokenizer/ (SDXL: + tokenizer_2/)  PROMPT -> IMAGES
+    <repo>/pipeline/1/model.py, dq_bls.py, schedulers.json, tokenizer/ (SDXL: + tokenizer_2/)  PROMPT -> IMAGES
 
 --kind cpu: FP32 graphs in the Python backend with ONNX Runtime (what pytriton's bundled server runs);
 --kind gpu: FP16-compute graphs (FP32 I/O) on Triton's onnxruntime backend. Written into the staging folder of
@@ -113,7 +113,7 @@ def _sd3_params(parts: SdParts) -> dict[str, str]:
     out = {"text_encoder_2_model": TEXT_ENCODER_2, "tokenizer_2_class": type(p.tokenizer_2).__name__,
            "joint_attention_dim": str(parts.text_dim), "t5_tokens": str(parts.t5_tokens),
            "shift_factor": repr(float(p.vae.config.shift_factor or 0.0)),
-           "patch_size": str(int(p.transformer.config.patch_size)), "scheduler_class": type(p.scheduler).__name__}
+           "patch_size": str(int(p.transformer.config.patch_size))}
     if TEXT_ENCODER_3 in parts.encoders:
         out.update(text_encoder_3_model=TEXT_ENCODER_3, tokenizer_3_class=type(p.tokenizer_3).__name__)
     return out
@@ -149,8 +149,10 @@ def _pipeline_config(cfg, spec: UnetSpec, parts: SdParts):
     if parts.is_sd3:
         extra = SD3_DOC.format(joint=parts.text_dim, t5=parts.t5_tokens,
                                t5_source="text_encoder_3" if TEXT_ENCODER_3 in parts.encoders else "zeros: no T5")
-    scheduler_doc = ("the pipeline's own (FlowMatchEuler) only" if parts.is_sd3 else
-                     "ddim (default) | euler | dpm (DPM-Solver++), on the pipeline's scheduler config")
+    own = parts.schedulers["pipeline"]["_class_name"]
+    scheduler_doc = (f"pipeline only: the folder's own, {own}" if parts.is_sd3 else
+                     f"pipeline (default: the folder's own, {own}) | ddim | euler | dpm (DPM-Solver++),\n"
+                     "#                           on the pipeline's noise schedule (schedulers.json holds each one's config)")
     title = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3"}.get(parts.pipeline_class,
                                                                                        "Stable Diffusion")
     doc = PIPELINE_DOC.format(title=title, scheduler_doc=scheduler_doc,
@@ -199,7 +201,7 @@ def write_sd_models(cfg, spec: UnetSpec, parts: SdParts, staging: Path, write_co
     version.mkdir(parents=True)
     atomic_write_bytes(version / "model.py", backend_source("sd_pipeline"))
     atomic_write_bytes(version / "dq_bls.py", backend_source("dq_bls"))
-    (version / "scheduler_config.json").write_text(json.dumps(parts.scheduler_config, indent=2) + "\n")
+    (version / "schedulers.json").write_text(json.dumps(parts.schedulers, indent=2) + "\n")
     for e in parts.encoders:
         copy_tokenizer(parts, version / tokenizer_folder(e), e)
     message, doc, expected = _pipeline_config(cfg, spec, parts)

@@ -31,8 +31,9 @@ class UnetSpec:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
-    def timesteps(self) -> list[int]:
-        return [int(t) for t in json.loads(self.metadata["dilatequant.timesteps"])]
+    def timesteps(self) -> list[int | float]:
+        """The calibrated timesteps (floats where the calibration sampler's are: Euler-type schedules)."""
+        return [int(t) if float(t).is_integer() else float(t) for t in json.loads(self.metadata["dilatequant.timesteps"])]
 
     @property
     def conditional(self) -> bool:

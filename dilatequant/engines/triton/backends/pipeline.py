@@ -48,7 +48,7 @@ class TritonPythonModel:
         self.unet = p["unet_model"]
         self.unet_output = p.get("unet_output", "noise_pred")
         self.unet_batch = int(p["unet_max_batch"])
-        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.int64)
+        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.float64)  # floats: Euler-type calibration
         self.sample_shape = tuple(json.loads(p["sample_shape"]))
         self.conditional = p["conditional"] == "true"
         self.t_index_input = p["t_index_input"] == "true"

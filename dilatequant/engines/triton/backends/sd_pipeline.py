@@ -7,10 +7,12 @@ and settings give the same images:
 - tokens: the pipeline's own tokenizer (files in tokenizer/ beside this file), padded to model_max_length and
   truncated; the prompt and the negative prompt ("" when none) are encoded by separate calls, as encode_prompt does;
 - latents: torch.randn((N, C, H/f, W/f), generator=torch.Generator().manual_seed(SEED)) * init_noise_sigma;
-- scheduler: the pipeline's scheduler config (scheduler_config.json) under DDIM (default), Euler or DPM-Solver++,
-  set_timesteps(STEPS), scale_model_input, step(..., eta=0 / generator where the step takes them);
-- UNet: guidance > 1 doubles the batch as [uncond; cond]; float timesteps round to integers; t_index is the
-  nearest calibrated timestep (first minimum of |t - timesteps|, so a tie takes the larger timestep);
+- scheduler: the one SCHEDULER names in schedulers.json (written by dq-triton with dilatequant.core.schedulers, as
+  dq-generate builds it: `pipeline`, the folder's own, by default), set_timesteps(STEPS), scale_model_input,
+  step(..., eta=0 / generator where the step takes them);
+- UNet: guidance > 1 doubles the batch as [uncond; cond]; t_index is the nearest calibrated timestep (first
+  minimum of |t - timesteps| on the unrounded t, so a tie takes the larger timestep); float timesteps then round
+  to the integers the graph takes;
 - decode: vae_decoder(latents / scaling_factor); image = clamp(x * 0.5 + 0.5, 0, 1); uint8 = round(image * 255).
 SDXL graphs (StableDiffusionXLPipeline.__call__): both tokenizers and text encoders, their penultimate hidden states
 concatenated per token, the pooled projection of text_encoder_2 as text_embeds; no NEGATIVE_PROMPT under
@@ -37,15 +39,13 @@ try:
     import diffusers
     import torch
     import transformers
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 except ImportError as err:  # reported on every request: the model still loads and says what is missing
     torch = None
     IMPORT_ERROR = (f"the pipeline needs torch, diffusers and transformers in the server's Python ({err}); "
                     "pip install them there")
 
-SCHEDULERS = ("ddim", "euler", "dpm")
+DEFAULT_SCHEDULER = "pipeline"  # the folder's own; SD3 samples with it only
 SDXL, SD3 = "StableDiffusionXLPipeline", "StableDiffusion3Pipeline"
-OWN = "pipeline"  # SD3 samples with its folder's own scheduler only
 REQUIRED = object()
 
 
@@ -77,13 +77,9 @@ def _pair(request, name, default):
     return tuple(int(v) for v in arr)
 
 
-def make_scheduler(name, config):
-    """dilatequant.engines.generate.make_scheduler, repeated here (this file runs without dilatequant)."""
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+def make_scheduler(config):
+    """A scheduler from its whole config (every setting is in it, so no class default fills anything in)."""
+    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 class TritonPythonModel:
@@ -104,14 +100,13 @@ class TritonPythonModel:
         if self.sd3:
             self.joint_dim, self.t5_tokens = int(p["joint_attention_dim"]), int(p["t5_tokens"])
             self.shift_factor, self.patch_size = float(p["shift_factor"]), int(p["patch_size"])
-            self.scheduler_class = p["scheduler_class"]
         self.force_zeros = p.get("force_zeros_for_empty_prompt") == "true"
         stats = [p.get("latents_mean"), p.get("latents_std")]
         self.latents_stats = [json.loads(v) for v in stats] if all(stats) else None
         self.unet_output = p["unet_output"]
         self.unet_batch = int(p["unet_max_batch"])
         self.t_index_input = p.get("t_index_input", "true") == "true"  # static-scale graphs take no t_index
-        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.float64)  # SD3's are floats
+        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.float64)  # floats: Euler-type, SD3
         self.latent_channels = int(p["latent_channels"])
         self.vae_scale_factor = int(p["vae_scale_factor"])
         self.scaling_factor = float(p["scaling_factor"])
@@ -121,8 +116,8 @@ class TritonPythonModel:
         self.default_steps = int(p["default_steps"])
         self.default_guidance = float(p["default_guidance"])
         self.max_images = int(p["max_images"])
-        self.scheduler_config = json.loads((folder / "scheduler_config.json").read_text())
-        self.num_train = int(self.scheduler_config["num_train_timesteps"])
+        self.schedulers = json.loads((folder / "schedulers.json").read_text())
+        self.num_train = int(self.schedulers[DEFAULT_SCHEDULER]["num_train_timesteps"])
         if torch is not None:
             torch.set_num_threads(int(p.get("torch_threads", "1")))
             classes = {"text_encoder": p["tokenizer_class"], "text_encoder_2": p.get("tokenizer_2_class"),
@@ -166,12 +161,12 @@ class TritonPythonModel:
             if h < m or w < m or h % m or w % m or max(h, w) > self.max_size:
                 raise RequestError(f"HEIGHT x WIDTH {h}x{w} cannot be taken: both must be multiples of {m} up to "
                                    f"{self.max_size} (default {self.size[0]}x{self.size[1]})")
-        scheduler = _value(request, "SCHEDULER", OWN if self.sd3 else "ddim")
-        if self.sd3 and scheduler != OWN:
+        scheduler = _value(request, "SCHEDULER", DEFAULT_SCHEDULER)
+        if self.sd3 and scheduler != DEFAULT_SCHEDULER:
             raise RequestError(f"SCHEDULER '{scheduler}': an SD3 pipeline samples with its own scheduler only; "
                                "leave SCHEDULER out")
-        if not self.sd3 and scheduler not in SCHEDULERS:
-            raise RequestError(f"unknown SCHEDULER '{scheduler}': choose one of {', '.join(SCHEDULERS)}")
+        if scheduler not in self.schedulers:
+            raise RequestError(f"unknown SCHEDULER '{scheduler}': choose one of {', '.join(self.schedulers)}")
         seed = int(_value(request, "SEED"))
         time_ids = None
         if self.xl:  # original size + crop top-left + target size, as StableDiffusionXLPipeline._get_add_time_ids
@@ -203,14 +198,13 @@ class TritonPythonModel:
         prompt, negative, steps, guidance, n, (h, w), scheduler, seed, time_ids = self._settings(request)
         guided = guidance > 1.0  # diffusers' do_classifier_free_guidance
         cond = self._condition(prompt, negative, n, guided, time_ids)
+        sched = make_scheduler(self.schedulers[scheduler])
         gen = torch.Generator().manual_seed(seed)
         shape = (n, self.latent_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
         if self.sd3:  # StableDiffusion3Pipeline: its own scheduler, unscaled noise, no scale_model_input
-            sched = getattr(diffusers, self.scheduler_class).from_config(self.scheduler_config)
-            sched.set_timesteps(steps, **self._mu(shape))
+            sched.set_timesteps(steps, **self._mu(sched.config, shape))
             latents, step_kwargs, scale = torch.randn(shape, generator=gen), {}, (lambda x, t: x)
         else:
-            sched = make_scheduler(scheduler, self.scheduler_config)
             sched.set_timesteps(steps)
             latents = torch.randn(shape, generator=gen) * sched.init_noise_sigma
             step_kwargs, scale = {}, sched.scale_model_input
@@ -238,9 +232,8 @@ class TritonPythonModel:
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
-    def _mu(self, shape):
+    def _mu(self, cfg, shape):
         """StableDiffusion3Pipeline's mu (diffusers' calculate_shift) when its scheduler shifts dynamically."""
-        cfg = self.scheduler_config
         if not cfg.get("use_dynamic_shifting"):
             return {}
         tokens = (shape[2] // self.patch_size) * (shape[3] // self.patch_size)
@@ -297,6 +290,7 @@ class TritonPythonModel:
         return int(np.abs(self.timesteps - t).argmin())
 
     def _unet(self, sample, t, cond):
+        t_index = self.t_index(float(t))
         # a UNet graph takes integer timesteps; SD3's transformer the scheduler's float as it is
         t, t_type = (float(t), np.float32) if self.sd3 else (int(round(float(t))), np.int64)
         outs = []
@@ -306,6 +300,6 @@ class TritonPythonModel:
             inputs = [pb_utils.Tensor("sample", chunk), pb_utils.Tensor("timestep", np.full((b, 1), t, t_type))]
             inputs += [pb_utils.Tensor(k, np.ascontiguousarray(v[s:s + b])) for k, v in cond.items()]
             if self.t_index_input:
-                inputs.append(pb_utils.Tensor("t_index", np.full((b, 1), self.t_index(t), np.int64)))
+                inputs.append(pb_utils.Tensor("t_index", np.full((b, 1), t_index, np.int64)))
             outs.append(call(self.models["unet"], inputs, [self.unet_output])[0])
         return np.concatenate(outs).astype(np.float32, copy=False)
