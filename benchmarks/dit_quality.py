@@ -12,7 +12,8 @@ beside FP from the same noise: digit-FID and class accuracy by prompted digit (>
 SQNR on 16 FP trajectories (seed 107 + s), image PSNR/SSIM vs FP.
 
 Resumable (row files under <out>/rows_n<samples>/, checkpoints reused), as benchmarks/sd_ablation.py, whose
-calibration and evaluation it shares.
+calibration and evaluation it shares; --summary-only rewrites the summary from the row files there (the declared
+rows and seeds without one are listed as not run).
 
     flock /tmp/dq-heavy.lock nice -n 10 python benchmarks/dit_quality.py --eval-samples 1000 --seeds 0 1 2
 """
@@ -69,7 +70,8 @@ def main() -> None:
     row_dir, ckpt_dir = a.out / f"rows_n{a.eval_samples}", a.out / "checkpoints"
     row_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    run_rows(lambda: model, read_prompts(a.prompts), rows, a, settings, row_dir, ckpt_dir, VARIANTS)
+    if not a.summary_only:
+        run_rows(lambda: model, read_prompts(a.prompts), rows, a, settings, row_dir, ckpt_dir, VARIANTS)
     write_summary(a.out, row_dir, settings)
 
 
@@ -106,12 +108,33 @@ def comparisons(table: list[dict]) -> dict:
     return out
 
 
+DECLARED_SEEDS = (0, 1, 2)
+
+
+def not_run(table: list[dict]) -> list[str]:
+    """Every declared (row, seed) without a row file: the table says what it lacks instead of leaving it out."""
+    have = {(r["bits"], r["variant"]): set(r["seeds"]) for r in table}
+    return [f"{b}:{v} seed {s}" for b, v in ROWS for s in DECLARED_SEEDS if s not in have.get((b, v), set())]
+
+
+def machine(runs: list[dict]) -> dict:
+    """Where the rows ran (each row file records its own environment)."""
+    envs = [r["environment"] for r in runs]
+    return {k: sorted({str(e.get(k)) for e in envs}) for k in ("cpu", "cpu_count", "torch_threads", "torch",
+                                                                  "diffusers")}
+
+
 def write_summary(out: Path, row_dir: Path, settings: dict) -> None:
-    table, _, files, other = aggregate(row_dir, settings, ROWS, METRICS)
+    table, runs, files, other = aggregate(row_dir, settings, ROWS, METRICS)
     for r in table:
         r["description"] = DESCRIPTIONS[r["variant"]]
-    summary = {"settings": settings, "environment": environment(), "rows": table, "comparisons": comparisons(table),
-               "row_files": [f.name for f in files if f.name not in other], "ignored_row_files": other}
+    seeds = " ".join(map(str, DECLARED_SEEDS))
+    summary = {"settings": settings, "environment": environment(), "rows_machine": machine(runs),
+               "command": f"flock /tmp/dq-heavy.lock nice -n 10 python benchmarks/dit_quality.py --eval-samples "
+                          f"{settings['eval_samples']} --steps {settings['steps']} --seeds {seeds}",
+               "declared_seeds": list(DECLARED_SEEDS), "rows": table, "comparisons": comparisons(table),
+               "not_run": not_run(table), "row_files": [f.name for f in files if f.name not in other],
+               "ignored_row_files": other}
     n = settings["eval_samples"]
     write_json(out / f"dit_quality_n{n}.json", summary)
     write_text(out / f"dit_quality_n{n}.md", markdown(summary))
@@ -138,6 +161,13 @@ def markdown(s: dict) -> str:
     for name, entry in s["comparisons"].items():
         parts = [f"{m} {fmt_paired(d)}{' beyond spread' if d['beyond_spread'] else ''}" for m, d in entry.items()]
         lines.append(f"- {name}: " + "; ".join(parts))
+    m = s["rows_machine"]
+    lines += ["", f"Rows measured on {', '.join(m['cpu'])} ({', '.join(m['cpu_count'])} cores, torch threads "
+              f"{', '.join(m['torch_threads'])}; torch {', '.join(m['torch'])}, diffusers {', '.join(m['diffusers'])}). "
+              f"Command (resumes: rows with a file are kept): `{s['command']}`"]
+    if s["not_run"]:
+        lines += ["", f"Not run ({len(s['not_run'])} of {len(ROWS) * len(s['declared_seeds'])} declared row-seeds): "
+                  + ", ".join(s["not_run"]) + "."]
     cmds = [r["calibrate_cmd"] for r in s["rows"] if r.get("calibrate_cmd")]
     lines += ["", "Calibration of each row (seed 0 shown; seed s passes --seed s):", "", "```"] + cmds + ["```"]
     return "\n".join(lines) + "\n"

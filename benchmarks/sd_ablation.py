@@ -102,7 +102,8 @@ def main() -> None:
     row_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(a.prompts)
-    run_rows(lambda: load_model(a.model), prompts, rows, a, settings, row_dir, ckpt_dir, VARIANTS)
+    if not a.summary_only:
+        run_rows(lambda: load_model(a.model), prompts, rows, a, settings, row_dir, ckpt_dir, VARIANTS)
     write_summary(a.out, row_dir, settings)
 
 
@@ -123,6 +124,8 @@ def parse_args(doc: str, model: str, guidance: float | None, steps: int, rows, o
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--summary-only", action="store_true", help="rewrite the summary from the row files there, "
+                   "running nothing (rows not run are listed as such)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     return a
