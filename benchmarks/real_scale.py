@@ -21,9 +21,19 @@ Every stage is the user's own command in a fresh process, timed by /usr/bin/time
                  sample_size (64x64 latents for SD 1.5), batch 1 and 2: the graphs first (speed_graphs), then each
                  variant in its own process (at SD 1.5 width four sessions do not fit one process), on the same feeds
 
-SDXL needs pooled text embeddings and time ids, which only a pipeline folder provides (not built here yet).
+SDXL's UNet gets an SDXL pipeline folder (its text towers at full size, pooled text embeddings and time ids).
+
+Diffusion transformers (`--unet sd3-medium`, or a narrower `sd3-medium/8`): an SD3 pipeline folder around
+SD3-medium's transformer (public config, random weights from seed 0), CLIP-L and CLIP-G text towers at full
+depth and width with projections, SD3's 16-channel VAE, FlowMatchEuler (shift 3). The T5-XXL slot is empty
+(SD3's documented no-T5 mode: the pipeline appends `max_sequence_length` zero tokens, --t5-tokens, written to
+the folder's dilatequant.json), so the transformer sees [B, 77 + t5_tokens, 4096] prompts and [B, 2048] pooled
+embeddings from the pipeline's own encode_prompt. Its stages: model, calibrate (bf16 teacher), export_int8
+(external data, rules, layer-wise parity), export_int4, fp16_fallback, rules_check and build_rtx (dq-build-engine --backend tensorrt-rtx: an engine
+built ahead of time on the CPU, no GPU needed).
 
     nice -n 19 python benchmarks/real_scale.py --unet sd15-tiny
+    flock /tmp/dq-heavy.lock python benchmarks/real_scale.py --unet sd3-medium --teacher-dtype bf16 --calib-latent 16
 """
 from __future__ import annotations
 
@@ -41,18 +51,28 @@ HERE = Path(__file__).resolve().parent
 TOKENS = 77  # CLIP's sequence length: encoder_hidden_states [B, 77, cross_attention_dim]
 STAGES = ("model", "calibrate", "export_int8", "export_int4", "fp16_fallback", "rules_check", "build_rtx",
           "verify_ort", "triton_repository", "speed")
+# a transformer's chain: dq-verify, the Triton SD repository and cpu_speed are UNet-only here
+TRANSFORMER_STAGES = ("model", "calibrate", "export_int8", "export_int4", "fp16_fallback", "rules_check", "build_rtx")
 
 
-def build_model(unet_name: str, folder: Path) -> dict:
+def build_model(unet_name: str, folder: Path, t5_tokens: int = 0) -> dict:
     """The folder dq-calibrate loads: SD 1.5's UNet with class-token conditioning (core/models.py: unet/ +
-    class_encoder/ + scheduler), SDXL's (text_time conditioning) in an SDXL pipeline folder (sdxl_pipeline)."""
+    class_encoder/ + scheduler), SDXL's (text_time conditioning) in an SDXL pipeline folder (sdxl_pipeline), a
+    transformer in an SD3 pipeline folder (sd3_pipeline)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from dilatequant.core.models import ClassTokenEncoder, default_scheduler
-    from unet_configs import unet_config
+    from unet_configs import is_transformer, transformer_config, unet_config
 
     torch.manual_seed(0)
+    if is_transformer(unet_name):
+        import diffusers
+
+        cfg = transformer_config(unet_name)
+        transformer = getattr(diffusers, cfg["_class_name"]).from_config(cfg).eval()
+        info = {"unet_params": sum(p.numel() for p in transformer.parameters()), "sample_size": cfg["sample_size"]}
+        return {**info, **sd3_pipeline(transformer, folder, t5_tokens)}
     unet = UNet2DConditionModel.from_config(unet_config(unet_name)).eval()
     info = {"unet_params": sum(p.numel() for p in unet.parameters()), "sample_size": unet.config.sample_size,
             "vae_scale_factor": 1}
@@ -77,19 +97,11 @@ def sdxl_pipeline(unet, folder: Path) -> dict:
     model's tokenizer (573 tokens, no downloads), so the token embeddings are smaller than CLIP's 49,408 rows.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    tok = CLIPTokenizer.from_pretrained(ROOT / "dilatequant" / "assets" / "sd-digits" / "tokenizer",
-                                        model_max_length=TOKENS)
-
-    def tower(hidden: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
-                              num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=TOKENS,
-                              projection_dim=hidden, hidden_act=act, bos_token_id=tok.bos_token_id,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-    te1 = CLIPTextModel(tower(768, 12, 12, "quick_gelu")).eval()
-    te2 = CLIPTextModelWithProjection(tower(1280, 32, 20, "gelu")).eval()
+    tok = clip_tokenizer()
+    te1 = CLIPTextModel(clip_tower(tok, 768, 12, 12, "quick_gelu")).eval()
+    te2 = CLIPTextModelWithProjection(clip_tower(tok, 1280, 32, 20, "gelu")).eval()
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         sample_size=1024, scaling_factor=0.13025).eval()
@@ -102,7 +114,53 @@ def sdxl_pipeline(unet, folder: Path) -> dict:
             "vae_params": sum(p.numel() for p in vae.parameters()), "vae_scale_factor": int(pipe.vae_scale_factor)}
 
 
+def clip_tokenizer():
+    """The embedded sd-digits model's CLIP tokenizer (573 tokens, no downloads), padding to CLIP's 77."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(ROOT / "dilatequant" / "assets" / "sd-digits" / "tokenizer",
+                                         model_max_length=TOKENS)
+
+
+def clip_tower(tok, hidden: int, layers: int, heads: int, act: str):
+    """A CLIP text tower of the public width and depth (CLIP ViT-L/14: 768 x 12; OpenCLIP bigG/14: 1280 x 32)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=TOKENS,
+                          projection_dim=hidden, hidden_act=act, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def sd3_pipeline(transformer, folder: Path, t5_tokens: int) -> dict:
+    """An SD3 pipeline folder around `transformer`: CLIP-L and CLIP-G with projections (pooled 768 + 1280 = 2048,
+    hidden states 768 + 1280 zero-padded to 4096 by the pipeline), no T5 (t5_tokens zero tokens instead, in the
+    folder's dilatequant.json), SD3's VAE (16 latent channels, scaling 1.5305, shift 0.0609), FlowMatchEuler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tok = clip_tokenizer()
+    te1 = CLIPTextModelWithProjection(clip_tower(tok, 768, 12, 12, "quick_gelu")).eval()
+    te2 = CLIPTextModelWithProjection(clip_tower(tok, 1280, 32, 20, "gelu")).eval()
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                        sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False).eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder, max_shard_size=SHARD)
+    (folder / "dilatequant.json").write_text(json.dumps({"pipeline_kwargs": {"max_sequence_length": t5_tokens}}))
+    return {"text_encoder_params": sum(p.numel() for m in (te1, te2) for p in m.parameters()),
+            "vae_params": sum(p.numel() for p in vae.parameters()), "vae_scale_factor": int(pipe.vae_scale_factor),
+            "t5_tokens": t5_tokens}
+
+
 def conditioning(info: dict) -> str:
+    if "t5_tokens" in info:
+        return (f"an SD3 pipeline folder: CLIP-L and CLIP-G at full depth and width ({info['text_encoder_params'] / 1e6:.0f} "
+                f"M parameters, a 573-token vocabulary), no T5 ({info['t5_tokens']} zero tokens): prompts {TOKENS} + "
+                f"{info['t5_tokens']} x 4096, pooled 2048; VAE {info['vae_params'] / 1e6:.0f} M")
     if "text_encoder_params" in info:
         return (f"an SDXL pipeline folder: SDXL's two text towers at full depth and width "
                 f"({info['text_encoder_params'] / 1e6:.0f} M parameters, a 573-token vocabulary), encoder_hidden_states "
@@ -241,28 +299,85 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def on_paper(target: str, measured: str) -> dict:
+    """A transformer too large to run here, estimated from a measured one's stages: each stage's peak RSS scaled by
+    the parameter ratio (its weights dominate every stage's memory), the files likewise; wall times are not
+    estimated (they depend on the device). Labelled as an estimate wherever it is written."""
+    from unet_configs import transformer_config
+
+    def params(name: str) -> int:
+        import diffusers
+        import torch
+
+        cfg = transformer_config(name)
+        with torch.device("meta"):
+            model = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+        return sum(p.numel() for p in model.parameters())
+
+    src = json.loads((OUT / f"{measured.replace('/', '_div')}.json").read_text())
+    n_src, n_dst = params(measured), params(target)
+    ratio = n_dst / n_src
+    stages = [{"stage": r["stage"], "measured_peak_rss_mb": r["peak_rss_mb"],
+               "estimated_peak_rss_gb": round(r["peak_rss_mb"] * ratio / 1024, 1),
+               "estimated_files_gb": {k: round(v * ratio / 1e9, 2) for k, v in r.get("files", {}).items()}}
+              for r in src["stages"] if r.get("peak_rss_mb")]
+    return {"target": target, "estimated_from": measured, "target_params": n_dst, "measured_params": n_src,
+            "param_ratio": round(ratio, 3), "stages": stages,
+            "weights_gb": {"fp32": round(4 * n_dst / 1e9, 1), "bf16": round(2 * n_dst / 1e9, 1),
+                           "int8": round(n_dst / 1e9, 1), "int4": round(n_dst / 2e9, 1)},
+            "measured_command": src["command"], "measured_environment": src["environment"]}
+
+
+def _paper_markdown(r: dict) -> str:
+    lines = [f"# {r['target']} on paper: an estimate from the measured {r['estimated_from']} chain", "",
+             f"Not run: {r['target_params'] / 1e9:.2f} B parameters, {r['param_ratio']}x {r['estimated_from']}'s "
+             f"{r['measured_params'] / 1e9:.3f} B. Each stage's peak RSS is the measured one scaled by that ratio "
+             "(weights dominate every stage), so read these as the memory a machine needs, not as measurements.", "",
+             "| stage | measured peak RSS | estimated peak RSS | estimated files |", "|---|---:|---:|---|"]
+    for s in r["stages"]:
+        files = ", ".join(f"{k} {v} GB" for k, v in s["estimated_files_gb"].items())
+        lines.append(f"| {s['stage']} | {s['measured_peak_rss_mb']:,.0f} MB | {s['estimated_peak_rss_gb']} GB | {files} |")
+    w = r["weights_gb"]
+    lines += ["", f"The weights alone: {w['fp32']} GB in FP32, {w['bf16']} GB in BF16, {w['int8']} GB as int8, "
+              f"{w['int4']} GB as int4. Measured with: `{r['measured_command']}`.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default="sd15-tiny", help="a name of benchmarks/unet_configs.py")
+    p.add_argument("--unet", default="sd15-tiny", help="a name of benchmarks/unet_configs.py (UNets and transformers)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--iters", type=int, default=2, help="BKD iterations per block (0: PTQ, dq-calibrate --no-bkd)")
     p.add_argument("--calib-latent", type=int, default=16, help="latent size to calibrate at (CPU)")
     p.add_argument("--teacher-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="dq-calibrate --teacher-dtype (bf16: one float32 UNet copy; SDXL needs it in 24 GB)")
+    p.add_argument("--t5-tokens", type=int, default=0, help="transformers: zero tokens in place of T5 (SD3's "
+                   "max_sequence_length; its default 256 adds compute, not weights)")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--work", type=Path, help="scratch folder (default: results/real_scale/.work-<unet>)")
     p.add_argument("--resume", action="store_true", help="skip the stages an earlier run of this work folder finished")
     p.add_argument("--stages", nargs="*", help=f"run only these stages (of {', '.join(STAGES)}; speed = every speed_*)")
     p.add_argument("--name", help="results file name (default: the UNet's); a partial run (--stages) writes its own")
+    p.add_argument("--on-paper", metavar="TRANSFORMER", help="estimate TRANSFORMER (e.g. flux1-dev) from the measured "
+                   "--unet run's results instead of running anything")
     p.add_argument("--child", choices=("model", "graphs", "speed"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     a = p.parse_args()
     tag = a.unet.replace("/", "_div")
+    if a.on_paper:
+        sys.path.insert(0, str(ROOT))
+        from dilatequant.core.reporting import write_json, write_text
+
+        est = on_paper(a.on_paper, a.unet)
+        write_json(OUT / f"{a.on_paper}-on-paper.json", est)
+        write_text(OUT / f"{a.on_paper}-on-paper.md", _paper_markdown(est))
+        print(_paper_markdown(est))
+        return
     work = (a.work or OUT / f".work-{tag}").resolve()
     if a.child == "model":
-        print(json.dumps(build_model(a.unet, work / "model")))
+        print(json.dumps(build_model(a.unet, work / "model", a.t5_tokens)))
         return
     if a.child == "graphs":
         graphs_child(work / "q.pt", work / "model", work, a.batches)
@@ -279,7 +394,10 @@ def main() -> None:
     done_file = work / "stages.json"  # every finished stage, so --resume skips them after an interruption
     done = {r["stage"]: r for r in json.loads(done_file.read_text())} if a.resume and done_file.is_file() else {}
 
-    wanted = set(a.stages or STAGES)
+    from unet_configs import is_transformer
+
+    dit = is_transformer(a.unet)
+    wanted = set(a.stages or (TRANSFORMER_STAGES if dit else STAGES))
     unknown = wanted - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stages {sorted(unknown)}: choose from {', '.join(STAGES)}")
@@ -301,7 +419,7 @@ def main() -> None:
         return row
 
     common = [me, "--unet", a.unet, "--work", str(work)]
-    stage("model", [py, *common, "--child", "model"])
+    stage("model", [py, *common, "--child", "model", "--t5-tokens", str(a.t5_tokens)])
     info = json.loads(next(line for line in (logs / "model.log").read_text().splitlines() if line.startswith("{")))
     pixels = a.calib_latent * info.get("vae_scale_factor", 1)  # --resolution is in pixels (8 per latent for SDXL)
     res = f"{pixels}x{pixels}"
@@ -315,10 +433,11 @@ def main() -> None:
     stage("export_int4", [*cli, "export", "--ckpt", str(q), "--onnx", str(g4), "--precision", "int4"], [g4])
     stage("fp16_fallback", [*cli, "export", "--fp16-from", str(g8), "--onnx", str(g16)], [g16])
     stage("rules_check", [*cli, "export", "--check", str(g8)])
-    from unet_configs import unet_config
+    from unet_configs import transformer_config, unet_config
 
     plan = work / "unet_qdq.plan"
-    side = f"{unet_config(a.unet)['in_channels']}x{info['sample_size']}x{info['sample_size']}"  # the UNet's own size
+    channels = (transformer_config(a.unet) if dit else unet_config(a.unet))["in_channels"]
+    side = f"{channels}x{info['sample_size']}x{info['sample_size']}"  # the denoiser's own latent size
     stage("build_rtx", [*cli, "build-engine", "--onnx", str(g8), "--engine", str(plan), "--backend", "tensorrt-rtx",
                         "--min-shapes", f"sample:1x{side}", "--opt-shapes", f"sample:2x{side}",
                         "--max-shapes", f"sample:8x{side}"], [plan])
@@ -328,10 +447,12 @@ def main() -> None:
     stage("triton_repository", [*cli, "triton", "--onnx", str(g8), "--ckpt", str(q), "--repo", str(work / "triton"),
                                 "--kind", "cpu", "--overwrite"])
     batches = ["--batches", *map(str, a.batches)]
-    stage("speed_graphs", [py, *common, "--child", "graphs", *batches], [work / "unet_fp32.onnx", work / "unet_ort.onnx"])
-    import cpu_speed
-    for v in cpu_speed.VARIANTS:  # one process each, one after another (not interleaved: memory)
-        stage(f"speed_{v}", [py, *common, "--child", "speed", "--variant", v, *batches, "--rounds", str(a.rounds)])
+    if "speed" in wanted:
+        stage("speed_graphs", [py, *common, "--child", "graphs", *batches],
+              [work / "unet_fp32.onnx", work / "unet_ort.onnx"])
+        import cpu_speed
+        for v in cpu_speed.VARIANTS:  # one process each, one after another (not interleaved: memory)
+            stage(f"speed_{v}", [py, *common, "--child", "speed", "--variant", v, *batches, "--rounds", str(a.rounds)])
 
     sys.path.insert(0, str(ROOT))
     import torch
@@ -352,7 +473,8 @@ def main() -> None:
         return d
     report = {"unet": a.unet, "command": "python benchmarks/real_scale.py " + " ".join(sys.argv[1:]),
               "unet_params": info["unet_params"], "sample_size": info["sample_size"],
-              "cross_attention_dim": unet_config(a.unet)["cross_attention_dim"], "steps": a.steps,
+              "cross_attention_dim": (transformer_config(a.unet)["joint_attention_dim"] if dit
+                                      else unet_config(a.unet)["cross_attention_dim"]), "steps": a.steps,
               "calib_samples": a.calib_samples, "iters": a.iters, "calib_resolution": f"{a.calib_latent}x{a.calib_latent}",
               "calib_pixels": res, "teacher_dtype": a.teacher_dtype, "conditioning": conditioning(info), "stages": stages,
               "calibration_stages_s": summary.get("stages"), "calibration_peak_rss_mb": summary.get("peak_rss_mb"),

@@ -62,13 +62,14 @@ def prompted_digits(prompts: list[str], labels: torch.Tensor) -> torch.Tensor:
     return torch.tensor([table[prompts[int(i)]] for i in labels])
 
 
-def calibrate(bits: str, variant: str, seed: int, a, ckpt_dir: Path) -> tuple[dict, object]:
+def calibrate(bits: str, variant: str, seed: int, a, ckpt_dir: Path,
+              variants: dict[str, list[str]] = VARIANTS) -> tuple[dict, object]:
     """dq-calibrate in a subprocess (skipped when the checkpoint exists: q.pt is written last, atomically)."""
     ckpt = ckpt_dir / f"{slug(bits, variant, seed)}.q.pt"
     cmd = [sys.executable, "-m", "dilatequant.cli", "calibrate", "--model", a.model, "--bits", bits,
            "--steps", str(a.steps), "--prompts", str(a.prompts), "--guidance", str(a.guidance),
            "--calib-samples", str(a.calib_samples), "--iters", str(a.iters), "--seed", str(seed),
-           "--out", str(ckpt)] + VARIANTS[variant]
+           "--out", str(ckpt)] + variants[variant]
     if not ckpt.is_file():
         subprocess.run(cmd + ["--resume"], check=True)
     ck = load_checkpoint(ckpt)
@@ -101,22 +102,7 @@ def evaluate(model, predict, fp, traj, digits: torch.Tensor | None, a, seed: int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd-digits")
-    p.add_argument("--prompts", type=Path, default=Path("benchmarks/prompts/sd_digits.txt"))
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--calib-samples", type=int, default=512)
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--eval-samples", type=int, default=1000)
-    p.add_argument("--traj-samples", type=int, default=16, help="FP trajectories for the per-step noise error")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", nargs="+", default=[f"{b}:{v}" for b, v in ROWS], help="BITS:VARIANT (FP32:fp)")
-    p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/sd_ablation"))
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    a = parse_args(__doc__, "sd-digits", 3.0, 50, ROWS, Path("benchmarks/results/sd_ablation"))
     rows = [tuple(r.split(":", 1)) for r in a.rows]
     settings = {"model": a.model, "prompts": str(a.prompts), "guidance": a.guidance, "steps": a.steps,
                 "calib_samples": a.calib_samples, "iters": a.iters, "eval_samples": a.eval_samples,
@@ -127,13 +113,46 @@ def main() -> None:
     row_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(a.prompts)
+    if not a.summary_only:
+        run_rows(lambda: load_model(a.model), prompts, rows, a, settings, row_dir, ckpt_dir, VARIANTS)
+    write_summary(a.out, row_dir, settings)
+
+
+def parse_args(doc: str, model: str, guidance: float | None, steps: int, rows, out: Path) -> argparse.Namespace:
+    """The flags of a digits quality table (this script's and dit_quality.py's), with the given defaults;
+    torch threads set from --threads."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=model)
+    p.add_argument("--prompts", type=Path, default=Path("benchmarks/prompts/sd_digits.txt"))
+    p.add_argument("--guidance", type=float, default=guidance, help="default: %(default)s (None: the model's own)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--calib-samples", type=int, default=512)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--traj-samples", type=int, default=16, help="FP trajectories for the per-step noise error")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", nargs="+", default=[f"{b}:{v}" for b, v in rows], help="BITS:VARIANT (FP32:fp)")
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--summary-only", action="store_true", help="rewrite the summary from the row files there, "
+                   "running nothing (rows not run are listed as such)")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    return a
+
+
+def run_rows(load, prompts: list[str], rows: list[tuple[str, str]], a, settings: dict, row_dir: Path,
+             ckpt_dir: Path, variants: dict[str, list[str]]) -> None:
+    """Every (row, seed) not yet in row_dir: FP images and trajectories once per seed, each quantized row
+    calibrated (its own process) and evaluated against them; one JSON file per (row, seed)."""
     model = None
     for seed in a.seeds:
         todo = [(b, v) for b, v in rows if not done(row_dir / f"{slug(b, v, seed)}.json", settings)]
         if not todo:
             continue
         if model is None:
-            model = load_model(a.model)
+            model = load()
             model.prompt_bank = make_prompt_bank(model, prompts)
         fp, traj, fp_s = fp_reference(model, a, seed)
         digits = prompted_digits(prompts, fp.labels)
@@ -144,12 +163,11 @@ def main() -> None:
             if variant == "fp":
                 row.update(digit_scores(fp.images, digits), sampling_s=fp_s)
             else:
-                cal, ck = calibrate(bits, variant, seed, a, ckpt_dir)
+                cal, ck = calibrate(bits, variant, seed, a, ckpt_dir, variants)
                 row.update(cal, **evaluate(model, ck.qunet.predictor(), fp, traj, digits, a, seed))
             write_json(row_dir / f"{slug(bits, variant, seed)}.json", row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("noise_per_step", "environment", "settings")}),
                   flush=True)
-    write_summary(a.out, row_dir, settings)
 
 
 def done(path: Path, settings: dict) -> bool:
@@ -177,23 +195,30 @@ METRICS = ("digit_fid", "class_accuracy", "noise_mean_sqnr_db", "noise_mean_mse_
            "image_ssim", "calib_wall_s", "eval_s")
 
 
-def write_summary(out: Path, row_dir: Path, settings: dict) -> None:
-    """Aggregate every row file made with these settings: mean, std and range over seeds; the acceptance checks."""
+def aggregate(row_dir: Path, settings: dict, rows, metrics) -> tuple[list[dict], list[dict], list[Path], list[str]]:
+    """Every row file made with these settings, aggregated per (bits, variant) in `rows` order: mean, std and
+    range over seeds. Returns (table, runs, files, names of row files made with other settings)."""
     files = sorted(row_dir.glob("*.json"))
     runs = [json.loads(f.read_text()) for f in files]
     other = [f.name for f, r in zip(files, runs) if r["settings"] != settings]
     runs = [r for r in runs if r["settings"] == settings]
     table = []
-    for bits, variant in ROWS:
+    for bits, variant in rows:
         mine = sorted((r for r in runs if (r["bits"], r["variant"]) == (bits, variant)), key=lambda r: r["seed"])
         if not mine:
             continue
-        agg = {m: stats([r[m] for r in mine]) for m in METRICS if all(m in r for r in mine)}
+        agg = {m: stats([r[m] for r in mine]) for m in metrics if all(m in r for r in mine)}
         per_digit = [[r["class_accuracy_per_class"][d] for r in mine] for d in range(10)]
         agg["class_accuracy_per_digit"] = [round(statistics.fmean(v), 4) for v in per_digit]
         table.append({"bits": bits, "variant": variant, "seeds": [r["seed"] for r in mine],
                       "num_samples": mine[0]["num_samples"], **agg,
                       "calibrate_cmd": mine[0].get("calibrate_cmd")})
+    return table, runs, files, other
+
+
+def write_summary(out: Path, row_dir: Path, settings: dict) -> None:
+    """Aggregate every row file made with these settings: mean, std and range over seeds; the acceptance checks."""
+    table, runs, files, other = aggregate(row_dir, settings, ROWS, METRICS)
     checks = acceptance(table)
     summary = {"settings": settings, "environment": environment(), "rows": table, "acceptance": checks,
                "row_files": [f.name for f in files if f.name not in other], "ignored_row_files": other,

@@ -1,8 +1,10 @@
-"""Quality of a Stable Diffusion digits pipeline (issue 13's bar): prompted samples -> VAE -> digit classifier.
+"""Quality of a digits pipeline (issue 13's bar): prompted samples -> VAE -> digit classifier.
 
 Each sample i asks for digit i % 10 in one of the training phrasings (cycled; --phrasing canonical uses only
-"a handwritten digit <word>"), through diffusers' StableDiffusionPipeline with DDIM and classifier-free
-guidance (negative prompt ""). Reports class accuracy by prompted digit and by phrasing, and digit-FID.
+"a handwritten digit <word>"), through the folder's own diffusers pipeline with classifier-free guidance
+(negative prompt ""): StableDiffusionPipeline with DDIM (sd-digits), a diffusion-transformer pipeline with its own
+scheduler and its folder's pipeline keywords (sd3-digits). Reports class accuracy by prompted digit and by
+phrasing, and digit-FID.
 
     python benchmarks/sd_quality.py --model /tmp/sd-digits --samples 200 --guidance 1.5 3 5   # a sweep
     python benchmarks/sd_quality.py --samples 1000                                            # the bar
@@ -35,26 +37,32 @@ def prompts(n: int, phrasing: str) -> tuple[list[str], torch.Tensor, list[int]]:
 
 
 def load_pipeline(folder: Path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The folder's pipeline (DDIM for a UNet pipeline, as sd-digits was measured) and its call keywords."""
+    from diffusers import DDIMScheduler
+
+    from dilatequant.core.models import load_model
+    from dilatequant.engines.generate import pipeline_call_kwargs
 
     if not (folder / "model_index.json").is_file():
         raise UserError(f"'{folder}' is not a diffusers pipeline folder (no model_index.json); "
-                        "pass --model with the folder sd_training wrote")
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+                        "pass --model with the folder sd_training or dit_training wrote")
+    model = load_model(folder)
+    pipe = model.pipeline
+    if not model.is_transformer:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe, pipeline_call_kwargs(model)
 
 
 @torch.no_grad()
-def generate(pipe, prompt_list: list[str], steps: int, guidance: float, seed: int, batch: int) -> torch.Tensor:
+def generate(pipe, prompt_list: list[str], steps: int, guidance: float, seed: int, batch: int,
+             call_kwargs: dict | None = None) -> torch.Tensor:
     """Images in [-1, 1], [N,1,32,32]; sample i's noise comes from seed*1_000_003 + i, whatever the batching."""
     out = []
     for start in range(0, len(prompt_list), batch):
         chunk = prompt_list[start:start + batch]
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + j) for j in range(len(chunk))]
         images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      output_type="pt").images  # [0, 1]
+                      output_type="pt", **(call_kwargs or {})).images  # [0, 1]
         out.append(images * 2.0 - 1.0)
     images = torch.cat(out)
     if images.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
@@ -79,13 +87,14 @@ def main() -> None:
         raise SystemExit("error: --samples must be at least 10 (one per digit), --steps and --batch at least 1")
     torch.set_num_threads(a.threads)
     try:
-        pipe = load_pipeline(a.model)
+        pipe, call_kwargs = load_pipeline(a.model)
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
     prompt_list, labels, which = prompts(a.samples, a.phrasing)
     training = a.model / "training.json"
     out = {"settings": {k: str(v) for k, v in vars(a).items()}, "environment": environment(),
-           "unet_sha256": checkpoint_hash(a.model / "unet" / "diffusion_pytorch_model.safetensors"),
+           "denoiser_sha256": checkpoint_hash(next((a.model / d / "diffusion_pytorch_model.safetensors" for d in
+                                                    ("unet", "transformer") if (a.model / d).is_dir()))),
            "training_command": json.loads(training.read_text())["command"] if training.is_file() else None,
            "bar": BAR, "rows": {}}
     digits = load_digits()
@@ -93,7 +102,7 @@ def main() -> None:
     out["real_train_digits"] = digit_scores(digits.train_images[pick], digits.train_labels[pick])
     for g in a.guidance:
         start = time.perf_counter()
-        images = generate(pipe, prompt_list, a.steps, g, a.seed, a.batch)
+        images = generate(pipe, prompt_list, a.steps, g, a.seed, a.batch, call_kwargs)
         scores = digit_scores(images, labels)
         hit = (classify(images)[1].argmax(-1) == labels).double()
         per_phrasing = {CAPTION_TEMPLATES[k]: round(hit[torch.tensor(which) == k].mean().item(), 4)
@@ -105,7 +114,8 @@ def main() -> None:
         out["rows"][key] = scores
         print(key, {k: v for k, v in scores.items() if k not in ("class_share",)}, flush=True)
     write_json(a.out / "sd_quality.json", out)
-    rows = [f"Model `{a.model.name}`, DDIM-{a.steps}, negative prompt \"\", phrasing `{a.phrasing}`, seed {a.seed}.", "",
+    sampler = "DDIM" if type(pipe).__name__.startswith("StableDiffusionPipeline") else type(pipe.scheduler).__name__
+    rows = [f"Model `{a.model.name}`, {sampler}-{a.steps}, negative prompt \"\", phrasing `{a.phrasing}`, seed {a.seed}.", "",
             "| guidance | samples | class accuracy | min..max by prompted digit | digit-FID | mean confidence | >= 90% |",
             "|---|---|---|---|---|---|---|"]
     for s in out["rows"].values():

@@ -5,7 +5,9 @@ error matters next to weight error. Per model and bit width this calibrates two 
 the MSE-searched initial scales are compared before training blends them): per-timestep tables and one
 static scale calibrated on all timesteps pooled (--no-tpq). It reports, per activation quantizer,
 max_t delta / min_t delta over the per-timestep table (the worst head of a per-head row), and both
-checkpoints' noise SQNR against FP on the held-out validation latents.
+checkpoints' noise SQNR against FP on the held-out validation latents. The ratios are also given per kind of
+layer input (`layer_kind`): a diffusion transformer's adaLN modulation linears read only the timestep and pooled
+text embedding, its attention and MLP projections read tokens modulated by them.
 
     python benchmarks/timestep_ranges.py --models sd-digits default --bits W4A8 W4A4 \
         --out benchmarks/results/timestep_ranges
@@ -23,7 +25,27 @@ import torch
 
 from dilatequant.core.reporting import environment, write_json, write_text
 
-PROMPTED = {"sd-digits": ["--prompts", "benchmarks/prompts/sd_digits.txt", "--guidance", "3.0"]}
+PROMPTED = {"sd-digits": ["--prompts", "benchmarks/prompts/sd_digits.txt", "--guidance", "3.0"],
+            "sd3-digits": ["--prompts", "benchmarks/prompts/sd_digits.txt"]}
+# (kind, substrings of the first layer name that reads the quantizer's tensor), first match wins
+KINDS = (
+    ("adaLN modulation / timestep + text embedding", ("norm1.linear", "norm1_context.linear", "norm.linear",
+                                                       "norm_out.linear", "adaln_single", "time_text_embed",
+                                                       "time_embedding", "timestep_embedder", "add_embedding")),
+    ("text embedding", ("context_embedder", "caption_projection")),
+    ("attention q/k/v", ("to_q", "to_k", "add_q_proj", "add_k_proj", "proj_mlp")),
+    ("attention out", ("to_out", "to_add_out")),
+    ("MLP in", ("ff.net.0", "ff_context.net.0")),
+    ("MLP out", ("ff.net.2", "ff_context.net.2", "single_transformer_blocks")),  # single blocks: proj_out
+    ("patch embedding / output", ("pos_embed", "x_embedder", "proj_out", "conv_in", "conv_out")),
+)
+
+
+def layer_kind(quantizer: str) -> str:
+    """The kind of layer input an activation quantizer (key 'a/b/c+...') feeds, from its first layer's name."""
+    name = quantizer.split("+")[0].replace("/", ".")
+    return next((kind for kind, keys in KINDS if any(k in name for k in keys)),
+                "conv (ResNet, up/down-samplers)" if "resnets" in name or "samplers" in name else "other")
 
 
 def calibrate(model: str, bits: str, tpq: bool, a, out: Path) -> tuple[Path, list[str]]:
@@ -50,11 +72,16 @@ def spread(path: Path) -> dict:
             ratios[key.removeprefix("act_quantizers.").removesuffix(".delta")] = (d.max(0).values / d.min(0).values).max().item()
     vals = sorted(ratios.values())
     widest = sorted(ratios.items(), key=lambda kv: -kv[1])[:5]
+    kinds: dict[str, list[float]] = {}
+    for key, v in ratios.items():
+        kinds.setdefault(layer_kind(key), []).append(v)
+    per_kind = {k: {"quantizers": len(v), "median_ratio": round(statistics.median(v), 3), "max_ratio": round(max(v), 3)}
+                for k, v in sorted(kinds.items())}
     return {"quantizers": len(vals), "median_ratio": round(statistics.median(vals), 3),
             "p90_ratio": round(vals[int(0.9 * len(vals))], 3), "max_ratio": round(vals[-1], 3),
             "share_above_1.5": round(sum(v > 1.5 for v in vals) / len(vals), 3),
             "share_above_2": round(sum(v > 2 for v in vals) / len(vals), 3),
-            "widest": [{"quantizer": k, "ratio": round(v, 3)} for k, v in widest]}
+            "widest": [{"quantizer": k, "ratio": round(v, 3)} for k, v in widest], "per_kind": per_kind}
 
 
 def markdown(res: dict) -> str:
@@ -67,6 +94,12 @@ def markdown(res: dict) -> str:
                      f"{r['max_ratio']:.2f} | {r['share_above_2']:.2f} | {r['widest'][0]['quantizer']} | "
                      f"{r['val_sqnr_db_tpq']:.2f} | {r['val_sqnr_db_static']:.2f} | "
                      f"{r['val_sqnr_db_tpq'] - r['val_sqnr_db_static']:+.2f} |")
+    lines += ["", "By kind of layer input (median / max of max_t delta / min_t delta):", "",
+              "| model | bits | kind | quantizers | median | max |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        for kind, k in r.get("per_kind", {}).items():
+            lines.append(f"| {r['model']} | {r['bits']} | {kind} | {k['quantizers']} | {k['median_ratio']:.2f} | "
+                         f"{k['max_ratio']:.2f} |")
     lines += ["", "Checkpoints:", ""] + [f"    {' '.join(c)}" for r in res["rows"] for c in r["commands"]]
     return "\n".join(lines) + "\n"
 

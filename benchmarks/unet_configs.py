@@ -5,6 +5,10 @@ block_out_channels divided. Random weights only: no weights are downloadable her
     sd15, sdxl            the public configs (859,520,964 and 2,567,463,684 parameters)
     sd15/2.5, sdxl/4      block_out_channels divided by 2.5 or 4 (any divisor keeping 32 norm groups)
     sd15-tiny, sdxl-tiny  divided by 10: the whole chain runs in minutes on 2 cores
+
+The diffusion transformers (transformer_config): SD3-medium's SD3Transformer2DModel and FLUX.1-dev's
+FluxTransformer2DModel (2,028,328,000 and 11,901,408,320 parameters), and narrower ones (`sd3-medium/8`: an
+eighth of the attention heads, the 64-wide heads, depth and text shapes kept).
 """
 from __future__ import annotations
 
@@ -14,6 +18,27 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).parent / "configs"
 FILES = {"sd15": "sd15_unet.json", "sdxl": "sdxl_unet.json"}
+TRANSFORMER_FILES = {"sd3-medium": "sd3_medium_transformer.json", "flux1-dev": "flux1_dev_transformer.json"}
+
+
+def is_transformer(name: str) -> bool:
+    return name.partition("/")[0] in TRANSFORMER_FILES
+
+
+def transformer_config(name: str) -> dict:
+    """A diffusers transformer config by name: the public one, or `NAME/N` with 1/N of its attention heads."""
+    base, _, div = name.partition("/")
+    if base not in TRANSFORMER_FILES:
+        raise SystemExit(f"unknown transformer '{name}': use {', '.join(TRANSFORMER_FILES)} or NAME/DIVISOR")
+    cfg = json.loads((CONFIGS / TRANSFORMER_FILES[base]).read_text())
+    if div:
+        heads = cfg["num_attention_heads"]
+        if heads % int(div):
+            raise SystemExit(f"{name}: {heads} attention heads do not divide by {div}")
+        cfg["num_attention_heads"] = heads // int(div)
+        if "caption_projection_dim" in cfg:  # SD3: must equal heads x head_dim
+            cfg["caption_projection_dim"] = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    return cfg
 TINY_DIVISOR = 10.0
 NORM_GROUPS = 32
 

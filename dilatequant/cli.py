@@ -83,8 +83,9 @@ def calibrate_main(argv: list[str] | None = None) -> None:
 
     d, q = DistillConfig(), QuantConfig()
     p = argparse.ArgumentParser(prog="dq-calibrate", description="DilateQuant QAT (WD + TPQ + BKD) -> q.pt")
-    _add_model(p, "default | default-cond | a diffusers UNet folder | a StableDiffusionPipeline / "
-               "StableDiffusionXLPipeline folder", default="default")
+    _add_model(p, "default | default-cond | sd-digits | a diffusers UNet folder | a pipeline folder: "
+               "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, "
+               "PixArtSigmaPipeline", default="default")
     p.add_argument("--bits", help="weight and activation bits, e.g. W8A8, W4A8, W4A4 (default: W4A8; fp8: W8A8)")
     p.add_argument("--format", choices=FORMATS, default=q.format, help="int: integer levels; fp8: FP8 E4M3 (W8A8, "
                    "symmetric, per-timestep scales; FP8 GEMM/conv needs compute capability 8.9+). The static FP8 "
@@ -108,16 +109,19 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn-matmul", action="store_true", help="also quantize q, k, v and softmax output per head")
     p.add_argument("--act-init", choices=INIT_METHODS, default=q.act_init, help="activation range rule (minmean: ModelOpt's diffusers calibrator)")
     p.add_argument("--first-last-bits", type=int, default=q.first_last_bits, help="0: same as the rest")
-    p.add_argument("--float-layers", nargs="+", default=list(q.float_layers), metavar="LAYER",
-                   help="layers left unquantized, weights and input (default: %(default)s, whose input is x_t; "
-                        "'none': quantize every layer)")
-    p.add_argument("--guidance", type=float, help="CFG scale of the calibration trajectories (default: "
-                   f"{DEFAULT_GUIDANCE} for class-token models, {TEXT_GUIDANCE} for Stable Diffusion pipelines)")
-    p.add_argument("--prompts", type=Path, metavar="FILE", help="Stable Diffusion pipelines: calibration prompts, one "
+    p.add_argument("--float-layers", nargs="+", metavar="LAYER",
+                   help="layers left unquantized, weights and input: module names or shell patterns such as "
+                        "'*norm1*.linear' (default: the layer whose input is x_t: conv_in of a UNet, pos_embed.proj "
+                        "of SD3/PixArt, x_embedder of FLUX; 'none': quantize every layer)")
+    p.add_argument("--guidance", type=float, help="guidance scale of the calibration trajectories (default: "
+                   f"{DEFAULT_GUIDANCE} for class-token models, the folder's dilatequant.json, else {TEXT_GUIDANCE} "
+                   "for SD 1.x/2.x/SDXL and the pipeline's own default for SD3, FLUX (its embedded guidance) and "
+                   "PixArt)")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="pipeline folders: calibration prompts, one "
                    "per line (default: a small general set shipped with the package)")
     p.add_argument("--negative-prompt", default="", help="the unconditional half of every guided batch (default: '')")
-    p.add_argument("--resolution", metavar="HxW", help="image size to calibrate at (default: the UNet's sample_size "
-                   "x the VAE factor)")
+    p.add_argument("--resolution", metavar="HxW", help="image size to calibrate at (default: the denoiser's "
+                   "sample_size x the VAE factor; FLUX: 1024x1024)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run at its next unfinished block")
     _add_seed(p)
     p.add_argument("--sample-batch", type=int, help="trajectories per sampling batch (default: 250 in one process, "
@@ -150,7 +154,8 @@ def _calibrate(a: argparse.Namespace, dist) -> None:
                          scaling=a.scaling, smoothquant_alpha=a.smoothquant_alpha, tpq=not a.no_tpq,
                          num_steps=a.steps, attn_matmul=a.attn_matmul, act_init=a.act_init,
                          first_last_bits=a.first_last_bits or None,
-                         float_layers=tuple(n for n in a.float_layers if n != "none"), format=a.format)
+                         float_layers=None if a.float_layers is None else tuple(n for n in a.float_layers if n != "none"),
+                         format=a.format)
     distill = DistillConfig(iters=a.iters, batch=a.batch, lr_weight=a.lr_weight, lr_weight_scale=a.lr_quant,
                             lr_act=a.lr_quant, full_model=a.full_qat, seed=a.seed)
     job = CalibrationJob(model=a.model, config=config, distill=distill, calib_samples=a.calib_samples,
@@ -502,17 +507,18 @@ def generate_main(argv: list[str] | None = None) -> None:
     from .core.sizes import parse_size
     from .engines.generate_config import SCHEDULERS, GenerateConfig
 
-    p = argparse.ArgumentParser(prog="dq-generate", description="a prompt through the Stable Diffusion pipeline "
-                                "with the quantized UNet dropped into it (pipe.unet)")
-    _add_model(p, "the StableDiffusionPipeline / StableDiffusionXLPipeline folder the runtime was calibrated from",
-               required=True)
+    p = argparse.ArgumentParser(prog="dq-generate", description="a prompt through the model's own diffusers pipeline "
+                                "with the quantized denoiser dropped into it (pipe.unet, or pipe.transformer for "
+                                "SD3, FLUX.1 and PixArt-Sigma)")
+    _add_model(p, "the pipeline folder the runtime was calibrated from", required=True)
     _add_runtime(p, "graph written by dq-export (ONNX Runtime)", ckpt_help="q.pt (PyTorch fake-quant)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
     _add_steps(p, "sampling steps (other counts than the calibrated one use the nearest calibrated timestep's "
                "scales; default: %(default)s)", GenerateConfig.steps)
     p.add_argument("--scheduler", choices=SCHEDULERS, default="pipeline", help="sampler: pipeline (the folder's own "
-                   "scheduler; DDIM for sd-digits) or one on its noise schedule; dpm: DPM-Solver++ (default: %(default)s)")
+                   "scheduler; DDIM for sd-digits) or one on its noise schedule; dpm: DPM-Solver++ (default: "
+                   "%(default)s; diffusion transformers: only their own)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's own from its folder's dilatequant.json, e.g. 3.0 for sd-digits; else the pipeline's, 7.5)")
     _add_seed(p)
     p.add_argument("--size", metavar="HxW", help="image size in pixels (default: the calibrated size)")
@@ -530,8 +536,8 @@ def generate_main(argv: list[str] | None = None) -> None:
                              guidance=a.guidance, seed=a.seed, size=parse_size(a.size) if a.size else None,
                              compare_fp=a.compare_fp, device=a.device)
         r = generate(cfg)
-        print(f"wrote {a.out} ({r['settings']['size'][0]}x{r['settings']['size'][1]}, {r['settings']['sampler']} {a.steps} steps, "
-              f"{r['unet_calls']} UNet calls on {r['runner']['name']})")
+        print(f"wrote {a.out} ({r['settings']['size'][0]}x{r['settings']['size'][1]}, {r['settings']['sampler']} {a.steps} "
+              f"steps, {r['denoiser_calls']} denoiser calls on {r['runner']['name']})")
         if "vs_fp" in r:
             v = r["vs_fp"]
             ssim_text = "n/a" if v["image_ssim"] is None else f"{v['image_ssim']:.4f}"

@@ -49,6 +49,15 @@ def run_cli(*args, timeout=300):
                           timeout=timeout)
 
 
+def call_cli(main, *args) -> int:
+    """An entry point in-process, its exit code; bad input must exit 2 (the caller checks the message via capsys)."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as err:
+        return err.code
+    return 0
+
+
 def assert_clean_error(proc, *needles):
     """Bad input: exit 2, exactly one `error:` line naming the problem, no traceback."""
     assert proc.returncode == 2, proc.stderr

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 
+from ..core.denoisers import model_class
 from ..core.errors import UserError
 from ..core.models import ClassTokenEncoder, DiffusionModel, PromptBank, load_model
 from ..core.reporting import atomic_write_stream, own_storage
@@ -36,7 +37,6 @@ from .quant_unet import QuantUNet
 
 FORMAT = "dilatequant.q.pt"
 VERSION = 2
-UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 
 
 @dataclass
@@ -97,6 +97,9 @@ def save_checkpoint(path: str | Path, qunet: QuantUNet, model: DiffusionModel, t
                      "inference_steps": schedule.steps, "timestep_kwargs": json.dumps(schedule.timestep_kwargs or {}),
                      "seed": seed, "step_noise": STEP_NOISE_RULE},
         "state_dict": {k: own_storage(v.detach().cpu()) for k, v in qunet.state_dict().items()},
+        # buffers a model computes at init and never saves (PixArt's sin-cos position table): the meta-device
+        # rebuild of load_checkpoint has no values for them otherwise
+        "computed_buffers": {k: own_storage(v.detach().cpu()) for k, v in _computed_buffers(qunet).items()},
         "class_encoder": {k: own_storage(v) for k, v in model.class_encoder.state_dict().items()} if model.class_encoder else {},
         "summary": json.dumps(summary, default=str),
     }
@@ -129,9 +132,10 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
     path = Path(path)
     p = _read(path)
     base = p["base_model"]
-    cls = UNET_CLASSES.get(base["unet_class"])
-    if cls is None:
-        raise UserError(f"'{path}' was made from a {base['unet_class']}, which this version cannot rebuild")
+    try:
+        cls = model_class(base["unet_class"])
+    except UserError as err:
+        raise UserError(f"'{path}' was made from a {base['unet_class']}, which this version cannot rebuild") from err
     config = QuantConfig.from_json(p["quant_config"])
     with torch.device("meta"):  # shapes only: the tensors come from the file, not from a random init
         qunet = QuantUNet(cls.from_config(json.loads(base["unet_config"])), config)
@@ -139,6 +143,7 @@ def load_checkpoint(path: str | Path) -> QuantCheckpoint:
     if missing or unexpected:
         raise UserError(f"'{path}' does not match the model it names (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); it was written by an incompatible version")
+    _assign_buffers(qunet, p.get("computed_buffers", {}))
     _check_materialized(qunet, path)
     qunet.eval()
     qunet.set_quant(weights=True, acts="quant")
@@ -168,6 +173,19 @@ def _schedule(rec: dict, model_scheduler_config: dict) -> SamplingSchedule:
         return SamplingSchedule(DDIMScheduler.from_config(model_scheduler_config), len(timesteps), timesteps, "ddim")
     return SamplingSchedule(from_config_json(rec["sampler_config"]), int(rec["inference_steps"]), timesteps,
                             rec.get("sampler_name", PIPELINE), json.loads(rec.get("timestep_kwargs") or "{}") or None)
+
+
+def _computed_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers: left out of state_dict() by their module."""
+    saved = module.state_dict(keep_vars=True)
+    return {k: v for k, v in module.named_buffers() if k not in saved}
+
+
+def _assign_buffers(module: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    for name, value in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        target._buffers[attr] = value  # keeps the buffer non-persistent, as the model declared it
 
 
 def _check_materialized(module: torch.nn.Module, path: Path) -> None:

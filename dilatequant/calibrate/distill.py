@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..core.conditioning import unet_kwargs
+from ..core.denoisers import predict
 from ..core.device import autocast, module_device, to_device
 from ..core.errors import UserError
 from ..core.reporting import atomic_write_stream, own_storage
@@ -38,8 +38,20 @@ class _Stop(Exception):
     pass
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]
+def block_outputs(out: Any) -> tuple[torch.Tensor, ...]:
+    """What a unit hands on: its tensor, or every tensor of its tuple (a UNet unit returns one; an SD3 or FLUX
+    block returns the text and the image stream, SD3's last block None for the text it no longer updates)."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    return tuple(v for v in out if isinstance(v, torch.Tensor))
+
+
+def block_loss(outputs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """MSE over every element a unit hands on (both streams of a DiT block weigh by their element counts)."""
+    if len(outputs) == 1:
+        return torch.nn.functional.mse_loss(outputs[0].float(), targets[0].float())
+    sq = sum(torch.nn.functional.mse_loss(o.float(), t.float(), reduction="sum") for o, t in zip(outputs, targets))
+    return sq / sum(o.numel() for o in outputs)
 
 
 @torch.no_grad()
@@ -59,7 +71,7 @@ def capture(run: Callable[[dict], Any], unit: nn.Module, data: CalibrationSet, b
             raise _Stop
 
     def post(mod, args, kwargs, output):
-        cache.append(_first_tensor(output).detach(), size)
+        cache.append(tuple(o.detach() for o in block_outputs(output)), size)
         raise _Stop
 
     h = unit.register_forward_pre_hook(pre, with_kwargs=True) if not want_output else \
@@ -83,11 +95,11 @@ def capture(run: Callable[[dict], Any], unit: nn.Module, data: CalibrationSet, b
     return cache.finish()
 
 
-_EMBEDDED_AS_FLOAT32 = ("timestep", "time_ids")  # diffusers' sinusoidal embeddings compute these in float32
+_EMBEDDED_AS_FLOAT32 = ("timestep", "time_ids", "guidance")  # diffusers' sinusoidal embeddings take float32
 
 
-def fp_runner(fp_unet: nn.Module, amp: str = "none") -> Callable[[dict], Any]:
-    """The FP model on a chunk of UNet inputs (moved to its device; amp: see device.autocast).
+def fp_runner(fp_unet: nn.Module, amp: str = "none") -> Callable[[dict], torch.Tensor]:
+    """The FP denoiser's prediction on a chunk of its inputs (moved to its device; amp: see device.autocast).
 
     A teacher held in a lower precision (recipe's --teacher-dtype bf16) gets its float inputs in its own dtype;
     its outputs stay in that dtype (a block's captured target too: half the cache) and the losses upcast them."""
@@ -100,7 +112,7 @@ def fp_runner(fp_unet: nn.Module, amp: str = "none") -> Callable[[dict], Any]:
             chunk = {k: v.to(dtype) if torch.is_floating_point(v) and k not in _EMBEDDED_AS_FLOAT32 else v
                      for k, v in chunk.items()}
         with autocast(dev, amp):
-            return fp_unet(chunk["sample"], chunk["timestep"], return_dict=False, **unet_kwargs(condition_of(chunk)))
+            return predict(fp_unet, chunk["sample"], chunk["timestep"], condition_of(chunk))
     return run
 
 
@@ -313,10 +325,10 @@ def distill(qunet: QuantUNet, fp_unet: nn.Module, data: CalibrationSet, cfg: Dis
                     qunet.ctx.t_index = data.t_index[idx].to(dev)  # once, not once per quantizer
                     try:
                         with autocast(dev, amp):
-                            out = _first_tensor(block(*args, **kwargs))
+                            out = block_outputs(block(*args, **kwargs))
                     finally:
                         qunet.ctx.t_index = None
-                    return torch.nn.functional.mse_loss(out.float(), to_device(target.rows(idx), dev).float())
+                    return block_loss(out, to_device(target.rows(idx), dev))
 
                 if dist.enabled:
                     quantizers = extra + [qunet.layers()[name].input_quantizer for name in layers_of[unit]]
@@ -353,8 +365,8 @@ class _Unit(nn.Module):
         self.block = block
         self.quantizers = nn.ModuleList(list({id(q): q for q in quantizers}.values()))
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return _first_tensor(self.block(*args, **kwargs))
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, ...]:
+        return block_outputs(self.block(*args, **kwargs))
 
 
 def _ddp_step(qunet: QuantUNet, block: nn.Module, quantizers: list[nn.Module], data: CalibrationSet,
@@ -385,11 +397,12 @@ def _ddp_step(qunet: QuantUNet, block: nn.Module, quantizers: list[nn.Module], d
         qunet.ctx.t_index = data.t_index[mine].to(dev)
         try:
             with autocast(dev, amp):
-                out = ddp[0](*args, **kwargs).float()
+                out = tuple(o.float() for o in ddp[0](*args, **kwargs))
         finally:
             qunet.ctx.t_index = None
-        sq = torch.nn.functional.mse_loss(out, to_device(target.rows(mine - a), dev).float(), reduction="sum")
-        return sq * (weight * dist.world / (len(idx) * out[0].numel()))
+        targets = to_device(target.rows(mine - a), dev)
+        sq = sum(torch.nn.functional.mse_loss(o, t.float(), reduction="sum") for o, t in zip(out, targets))
+        return sq * (weight * dist.world / (len(idx) * sum(o[0].numel() for o in out)))
 
     def report(loss: torch.Tensor) -> float:
         return float(dist.sum(loss.detach())) / dist.world
@@ -451,7 +464,7 @@ def bkd_divergence_bound(qunet: QuantUNet, cfg: DistillConfig) -> dict[str, floa
 def _distill_full(qunet, fp_unet, data, cfg, gen) -> list[float]:
     with torch.no_grad():
         run = fp_runner(fp_unet)
-        target = torch.cat([run(c)[0] for c in data.chunks(cfg.batch * 4)])
+        target = torch.cat([run(c) for c in data.chunks(cfg.batch * 4)])
     groups = _param_groups(qunet, list(qunet.layers()), cfg, _attn_quantizers(qunet, None))
     n = len(data)
 

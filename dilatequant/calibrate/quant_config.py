@@ -26,16 +26,18 @@ class QuantConfig:
     num_steps: int = 50              # T: sampling steps the tables are calibrated for
     attn_matmul: bool = False        # quantize q, k, v and softmax output (per head)
     act_init: str = "mse"            # mse | percentile | minmax | minmean
-    # layers left entirely in float (weights and input). conv_in's input is x_t itself, the one tensor whose
-    # 8-bit error the noise prediction amplifies (benchmarks/layer_sensitivity.py: 6.3 dB of noise SQNR at W8A8
-    # on `default`; README "DilateQuant against its baselines"). A 3x3 conv from the image channels: a plain
-    # float (FP16) Conv in the graph, a negligible share of the UNet's FLOPs.
-    float_layers: tuple[str, ...] = ("conv_in",)
+    # layers left entirely in float (weights and input). None: the layer that reads x_t itself (a UNet's conv_in,
+    # a transformer's patch embedding: denoisers.DenoiserFamily.input_layer), the one tensor whose 8-bit error the
+    # noise prediction amplifies (benchmarks/layer_sensitivity.py: 6.3 dB of noise SQNR at W8A8 on `default`;
+    # README "DilateQuant against its baselines"). A conv or linear from the latent channels: a plain float
+    # (FP16) op in the graph, a negligible share of the FLOPs.
+    float_layers: tuple[str, ...] | None = None
     # int: uniform integer levels; fp8: FP8 E4M3 (W8A8, symmetric; per-out-channel weights, per-tensor TPQ rows)
     format: str = "int"
 
     def __post_init__(self) -> None:
-        self.float_layers = tuple(self.float_layers)  # JSON gives a list
+        if self.float_layers is not None:
+            self.float_layers = tuple(self.float_layers)  # JSON gives a list
         if self.format not in FORMATS:
             raise UserError(f"unknown format '{self.format}': choose one of {', '.join(FORMATS)}")
         for name in ("weight_bits", "act_bits") + (("first_last_bits",) if self.first_last_bits else ()):

@@ -1,33 +1,33 @@
-"""A diffusers UNet with every Conv2d and Linear fake-quantized, driven by a per-sample t_index.
+"""A diffusers denoiser (UNet or diffusion transformer) with every Conv2d and Linear fake-quantized, driven by a
+per-sample t_index.
 
-Layers that read the same tensor inside one block (q/k/v of self-attention, k/v of cross-attention)
-share one input quantizer and one dilation vector: in a deployed graph that is one Q/DQ pair, which
-is also what lets TensorRT fuse the QKV GEMMs. Nothing else in the model changes.
+Layers that read the same tensor inside one block (q/k/v of self-attention, k/v of cross-attention, a FLUX
+single-stream block's q/k/v and MLP input) share one input quantizer and one dilation vector: in a deployed graph
+that is one Q/DQ pair, which is also what lets TensorRT fuse the QKV GEMMs. Nothing else in the model changes.
+What a BKD unit is, which layer reads the noisy sample and how the denoiser is called come from its family
+(core/denoisers.py).
 """
 from __future__ import annotations
 
 import copy
+import fnmatch
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import TimestepEmbedding
-from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from ..core.conditioning import ConditionLike, cond_names, unet_kwargs
+from ..core.conditioning import ConditionLike
+from ..core.denoisers import UNetFamily, family_of
 from ..core.device import module_device, to_device
 from ..core.errors import UserError
 from .quant_config import QuantConfig
 from .quantizers import WeightQuantizer
 from .timestep_quantizer import StepContext, TimestepActQuantizer
 
-UNIT_TYPES = (ResnetBlock2D, Transformer2DModel, Attention, Downsample2D, Upsample2D, TimestepEmbedding)
-FIRST_LAST = ("conv_in", "conv_out")
 EXACT_FLOAT32 = 2**24  # every integer up to 2^24 in magnitude is a float32; 2^24 + 1 is not
 
 
@@ -230,37 +230,30 @@ def _unit_of(name: str, units: set[str]) -> str:
     return name
 
 
-def example_inputs(unet: nn.Module, batch: int = 1) -> dict[str, torch.Tensor]:
-    """Random inputs of the right shapes (a trace only needs them to reach every layer)."""
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    inputs = {"sample": torch.randn(batch, cfg.in_channels, size, size), "timestep": torch.full((batch,), 500)}
-    cond = example_condition(unet, batch)
-    return {**inputs, **unet_kwargs(cond)}
+def example_inputs(denoiser: nn.Module, batch: int = 1) -> dict:
+    """Random (sample, timestep, cond) of the right shapes at the denoiser's smallest size (a trace only needs
+    them to reach every layer)."""
+    family = family_of(denoiser)
+    size = family.latent_size(denoiser) if isinstance(family, UNetFamily) else 2 * family.patch_multiple(denoiser)
+    sample = torch.randn(batch, family.latent_channels(denoiser), size, size)
+    return {"sample": sample, "timestep": family.example_timestep(batch),
+            "cond": family.example_condition(denoiser, batch)}
 
 
-def example_condition(unet: nn.Module, batch: int, tokens: int = 4, generator=None) -> dict[str, torch.Tensor] | None:
-    """A random condition of the shapes the UNet takes (SDXL: pooled text_embeds and time_ids as well)."""
-    names = cond_names(unet)
-    if not names:
-        return None
-    cfg = unet.config
-    cond = {"encoder_hidden_states": torch.randn(batch, tokens, cfg.cross_attention_dim, generator=generator)}
-    if "text_embeds" in names:
-        time_dims = 6 * cfg.addition_time_embed_dim
-        pooled = cfg.projection_class_embeddings_input_dim - time_dims
-        cond["text_embeds"] = torch.randn(batch, pooled, generator=generator)
-        cond["time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1)
-    return cond
+def example_condition(denoiser: nn.Module, batch: int, tokens: int = 4, generator=None) -> dict[str, torch.Tensor] | None:
+    """A random condition of the shapes the denoiser takes (SDXL: pooled text_embeds and time_ids as well)."""
+    return family_of(denoiser).example_condition(denoiser, batch, tokens, generator)
 
 
 def _trace(unet: nn.Module) -> tuple[list[str], dict[str, int], list[str]]:
     """One forward with hooks: which layer reads which tensor, and the order units run in."""
+    family = family_of(unet)
     readers: dict[str, int] = {}
     keep: list[torch.Tensor] = []
     order: list[str] = []
     hooks = []
-    unit_names = {n for n, m in unet.named_modules() if isinstance(m, UNIT_TYPES) and n}
+    unit_types = family.block_types
+    unit_names = {n for n, m in unet.named_modules() if isinstance(m, unit_types) and n}
     for name, m in unet.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             def pre(mod, args, name=name):
@@ -272,7 +265,8 @@ def _trace(unet: nn.Module) -> tuple[list[str], dict[str, int], list[str]]:
             hooks.append(m.register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
-            unet(**to_device(example_inputs(unet), module_device(unet)))  # bf16 teacher: the UNet is on its device
+            ins = to_device(example_inputs(unet), module_device(unet))  # bf16 teacher: the model is on its device
+            family.predict(unet, ins["sample"], ins["timestep"], ins["cond"])
     finally:
         for h in hooks:
             h.remove()
@@ -281,12 +275,16 @@ def _trace(unet: nn.Module) -> tuple[list[str], dict[str, int], list[str]]:
 
 
 def _check_float_layers(names: tuple[str, ...], layers: list[str], groups) -> set[str]:
-    """The layers to keep in float; a shared input quantizer (q/k/v) must stay whole, in or out."""
-    unknown = [n for n in names if n not in layers]
+    """The layers to keep in float; a shared input quantizer (q/k/v) must stay whole, in or out.
+
+    A name with * ? [ is a shell-style pattern over the module names (`*norm1*.linear`: every adaLN modulation
+    linear of an SD3 or FLUX block); each name or pattern must match a layer."""
+    unknown = [n for n in names if not fnmatch.filter(layers, n)]
     if unknown:
         raise UserError(f"float layer(s) {unknown} are not Conv2d/Linear layers of this model; "
-                        f"use names such as {', '.join(layers[:3])}, ... (the module names of the UNet)")
-    chosen = set(names)
+                        f"use names such as {', '.join(layers[:3])}, ... (the module names of the denoiser, "
+                        "or shell patterns over them)")
+    chosen = {layer for n in names for layer in fnmatch.filter(layers, n)}
     for group in groups:
         partial = chosen.intersection(group)
         if partial and len(partial) != len(group):
@@ -295,27 +293,33 @@ def _check_float_layers(names: tuple[str, ...], layers: list[str], groups) -> se
     return chosen
 
 
-class QuantUNet(nn.Module):
-    """forward(sample, timestep, t_index, cond=None) -> noise prediction (cond: see conditioning.py)."""
+class QuantDenoiser(nn.Module):
+    """forward(sample, timestep, t_index, cond=None) -> the denoiser's prediction (cond: see conditioning.py).
 
-    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, config: QuantConfig, copy_weights: bool = True) -> None:
+    `unet` holds the wrapped denoiser, UNet or transformer (`denoiser` names it too): the attribute is the
+    prefix of every q.pt state-dict key and exported initializer name, so it keeps its first name."""
+
+    def __init__(self, unet: nn.Module, config: QuantConfig, copy_weights: bool = True) -> None:
         """copy_weights=False wraps `unet` itself (its layers are replaced): no second full-precision copy, for a
         caller that keeps its teacher elsewhere (recipe's --teacher-dtype bf16) or builds a meta-device check."""
         super().__init__()
-        if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
-            raise UserError(f"unsupported model {type(unet).__name__}: expected a diffusers UNet2DModel or UNet2DConditionModel")
+        self.family = family_of(unet)  # an unsupported model fails here, naming the supported classes
+        if config.attn_matmul and not isinstance(self.family, UNetFamily):
+            raise UserError(f"--attn-matmul quantizes UNet attention only; a {self.family.name} keeps its attention "
+                            "matmuls in float (as NVIDIA's INT8 recipe does): drop --attn-matmul")
         self.config = config
         self.ctx = StepContext()
         self.unet = (copy.deepcopy(unet) if copy_weights else unet).eval().requires_grad_(False)
         self.act_quantizers = nn.ModuleDict()
         layers, readers, self.unit_order = _trace(self.unet)
         modules = dict(self.unet.named_modules())
-        unit_names = {n for n, m in modules.items() if isinstance(m, UNIT_TYPES) and n}
+        unit_names = {n for n, m in modules.items() if isinstance(m, self.family.block_types) and n}
         by_input: dict[tuple[str, int], list[str]] = {}
         for name in layers:
             by_input.setdefault((_unit_of(name, unit_names), readers[name]), []).append(name)
         folds = _fold_patterns(self.unet)
-        float_layers = _check_float_layers(config.float_layers, layers, by_input.values())
+        float_names = (self.family.input_layer,) if config.float_layers is None else config.float_layers
+        float_layers = _check_float_layers(float_names, layers, by_input.values())
         self.groups: list[InputGroup] = []
         for (unit, _), names in by_input.items():
             if names[0] in float_layers:
@@ -329,8 +333,12 @@ class QuantUNet(nn.Module):
         quantized_units = set(self.unit_of_layer.values())
         self.unit_order = [u for u in self.unit_order if u in quantized_units]  # a float-only unit has nothing to train
 
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet
+
     def _bits(self, layer: str) -> tuple[int, int]:
-        if layer in FIRST_LAST and self.config.first_last_bits:
+        if layer in (self.family.input_layer, self.family.output_layer) and self.config.first_last_bits:
             return self.config.first_last_bits, self.config.first_last_bits
         return self.config.weight_bits, self.config.act_bits
 
@@ -384,7 +392,7 @@ class QuantUNet(nn.Module):
                             f"0..{self.config.num_steps - 1} ({self.config.num_steps} steps)")
         self.ctx.t_index = t_index
         try:
-            return self.unet(sample, timestep, return_dict=False, **unet_kwargs(cond))[0]
+            return self.family.predict(self.unet, sample, timestep, cond)
         finally:
             self.ctx.t_index = None
 
@@ -396,3 +404,6 @@ class QuantUNet(nn.Module):
             return self(x, timestep, t_index, cond)
 
         return predict
+
+
+QuantUNet = QuantDenoiser  # the name every UNet-era caller and test uses

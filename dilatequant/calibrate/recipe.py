@@ -268,7 +268,7 @@ def noise_error(qunet: QuantUNet, fp_unet: torch.nn.Module, data: CalibrationSet
     def fp_of(i: int, chunk: dict) -> torch.Tensor:
         if data.fp_output is not None:
             return data.fp_output[i * batch:(i + 1) * batch]
-        return fp_runner(fp_unet)(chunk)[0].float().cpu()
+        return fp_runner(fp_unet)(chunk).float().cpu()
 
     total = -(-len(data) // batch)
     mine = dist.shard(total)

@@ -1,9 +1,12 @@
-"""What conditions a UNet besides (sample, timestep): named tensors, one per extra graph input.
+"""What conditions a denoiser besides (sample, timestep): named tensors, one per extra graph input.
 
 A class-token model and an SD 1.x/2.x UNet take `encoder_hidden_states` [B, L, D]; an SDXL UNet also
 takes `text_embeds` [B, 1280] (the pooled second-encoder embedding) and `time_ids` [B, 6] (original size,
-crop, target size) through diffusers' `added_cond_kwargs`. Every runtime, the calibration set and the
-exported graph carry them as one ordered dict under these names, so nothing downstream special-cases SDXL.
+crop, target size) through diffusers' `added_cond_kwargs`. Diffusion transformers (denoisers.py) take
+`encoder_hidden_states` with SD3's and FLUX's pooled text embedding `pooled_projections` [B, P], FLUX-dev's
+embedded guidance scale `guidance` [B], or PixArt's token mask `encoder_attention_mask` [B, L] (1 keeps a
+token, as float). Every runtime, the calibration set and the exported graph carry them as one ordered dict
+under these names, so nothing downstream special-cases an architecture.
 A bare tensor is accepted wherever a condition is: it means `encoder_hidden_states`.
 """
 from __future__ import annotations
@@ -14,19 +17,23 @@ import torch
 
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 ADDED_COND = ("text_embeds", "time_ids")
-COND_NAMES = (ENCODER_HIDDEN_STATES, *ADDED_COND)
+DIT_COND = ("pooled_projections", "guidance", "encoder_attention_mask")
+COND_NAMES = (ENCODER_HIDDEN_STATES, *ADDED_COND, *DIT_COND)
+# the shape of each condition input, as error messages name it
+COND_SHAPES = {ENCODER_HIDDEN_STATES: "[B, L, D]", "text_embeds": "[B, P]", "time_ids": "[B, 6]",
+               "pooled_projections": "[B, P]", "guidance": "[B]", "encoder_attention_mask": "[B, L]"}
 
 Condition = dict[str, torch.Tensor]
 ConditionLike = Union[Condition, Mapping[str, torch.Tensor], torch.Tensor, None]
 
 
-def cond_names(unet: torch.nn.Module) -> tuple[str, ...]:
+def unet_cond_names(unet: torch.nn.Module) -> tuple[str, ...]:
     """The condition inputs a diffusers UNet takes, in graph order."""
     cfg = unet.config
     if getattr(cfg, "cross_attention_dim", None) is None or not hasattr(cfg, "addition_embed_type"):
         return ()  # UNet2DModel: unconditional
     if cfg.addition_embed_type == "text_time":
-        return COND_NAMES
+        return (ENCODER_HIDDEN_STATES, *ADDED_COND)
     if cfg.addition_embed_type is not None:
         from .errors import UserError
 

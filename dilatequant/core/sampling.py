@@ -15,10 +15,11 @@ them rounded to integers, as the exported graph takes them (an int64 `timestep` 
 same way inside diffusers' pipelines); for integer schedules (DDIM, leading/trailing Euler, DPM-Solver) the
 two are the same.
 
-Flow matching (diffusion transformers, FlowMatchEulerDiscreteScheduler) slots into the same loop: pass the
-scheduler object and its set_timesteps kwargs (`sigmas`, and SD3/FLUX's `mu` for the resolution-dependent
-shift). Its timesteps are sigma x 1000 floats and t_index is again the position among them; a transformer
-takes the float timestep itself, so its predictor would be handed `timestep` unrounded.
+Flow matching (diffusion transformers, FlowMatchEulerDiscreteScheduler) slots into the same loop: its
+set_timesteps kwargs default to what the model's pipeline passes (`DiffusionModel.timestep_kwargs`: FLUX's
+sigmas and the resolution-dependent shift `mu`). Its timesteps are sigma x 1000 floats and t_index is again the
+position among them; a transformer takes the timestep as the scheduler gives it (unrounded). A guidance-embedded
+transformer (FLUX-dev) gets its scale as an input and no unconditional batch (`DiffusionModel.classifier_free`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
-from .conditioning import Condition, ConditionLike, cat_conditions, map_condition, unet_kwargs
+from .conditioning import Condition, ConditionLike, cat_conditions, map_condition
+from .denoisers import predict as denoiser_predict
 from .device import module_device, to_device
 from .guidance import DEFAULT_GUIDANCE, TEXT_GUIDANCE
 from .models import DiffusionModel
@@ -72,9 +74,12 @@ def timestep_value(t) -> int | float:
 
 def sampling_timesteps(model: DiffusionModel, steps: int, scheduler: SchedulerMixin | None = None,
                        timestep_kwargs: dict | None = None) -> list[int | float]:
-    """The distinct timesteps of a `steps`-step schedule (default: the model's own sampler)."""
+    """The distinct timesteps of a `steps`-step schedule (default: the model's own sampler; timestep_kwargs
+    default: what the model's pipeline passes to set_timesteps)."""
     sched = _scheduler_for(model, scheduler, steps)
-    sched.set_timesteps(steps, **(timestep_kwargs or {}))
+    if timestep_kwargs is None:
+        timestep_kwargs = model.timestep_kwargs(sched, steps)
+    sched.set_timesteps(steps, **timestep_kwargs)
     return distinct_timesteps(sched.timesteps)
 
 
@@ -104,6 +109,8 @@ class SamplingSchedule:
         scheduler instance used as it is (a flow-matching scheduler, an SDE variant, ...)."""
         given = isinstance(scheduler, SchedulerMixin)
         sched = scheduler if given else resolve_scheduler(model, scheduler)
+        if timestep_kwargs is None:
+            timestep_kwargs = model.timestep_kwargs(sched, steps) or None
         return SamplingSchedule(sched, steps, sampling_timesteps(model, steps, sched, timestep_kwargs),
                                 "given" if given else scheduler, timestep_kwargs)
 
@@ -129,8 +136,8 @@ def fp_predictor(model: DiffusionModel) -> NoisePredictor:
 
     @torch.no_grad()
     def predict(x, timestep, t_index, cond=None):
-        dev = module_device(model.unet)  # the sampler's tensors stay on the CPU (identity moves there)
-        return model.unet(x.to(dev), timestep.to(dev), **to_device(unet_kwargs(cond), dev)).sample.to(x.device)
+        dev = module_device(model.denoiser)  # the sampler's tensors stay on the CPU (identity moves there)
+        return denoiser_predict(model.denoiser, x.to(dev), timestep.to(dev), to_device(cond, dev)).to(x.device)
 
     return predict
 
@@ -192,13 +199,16 @@ def sample(
     timestep_kwargs: dict[str, Any] | None = None,
 ) -> SampleResult:
     """`steps` steps of `scheduler` (default: the model's own, core.schedulers.own_scheduler; it is copied, never
-    changed) from seeded noise; timestep_kwargs go to its set_timesteps. Conditional models get labels: class
+    changed) from seeded noise; timestep_kwargs go to its set_timesteps (default: what the model's pipeline passes,
+    DiffusionModel.timestep_kwargs). Conditional models get labels: class
     labels, prompt-bank labels or prompt strings (default: the labels cycling). Latent models are decoded by the
     VAE when `decode` and the pipeline is loaded; otherwise `images` are the final latents. `batches`: only these
     batches of batch_size (one rank's share of a distributed run; the samples of batch b are rows b*batch_size..
     of the full run)."""
     predict = predict or fp_predictor(model)
     sched = _scheduler_for(model, scheduler, steps)
+    if timestep_kwargs is None:
+        timestep_kwargs = model.timestep_kwargs(sched, steps)
     if model.is_conditional and labels is None:
         labels = torch.arange(num_samples) % model.num_labels
     if labels is not None and len(labels) != num_samples:
@@ -215,8 +225,10 @@ def sample(
         if model.is_conditional:
             cond = model.condition(labels[start:start + batch_size], guidance_scale)
         gens = step_generators(seed, range(start, start + len(x)))
-        img, traj = _sampling_loop(copy.deepcopy(sched), steps, timestep_kwargs or {}, predict, x, cond,
-                                   guidance_scale, gens, return_trajectory, bar)
+        img, traj = _sampling_loop(copy.deepcopy(sched), steps, timestep_kwargs, predict, x, cond,
+                                   guidance_scale, gens, return_trajectory, bar,
+                                   guided=cond is not None and model.classifier_free(guidance_scale),
+                                   exact_timesteps=model.is_transformer)
         if model.is_text_conditioned and decode and model.pipeline is not None:
             img = model.decode(img)
         else:
@@ -230,18 +242,23 @@ def sample(
 
 
 def _sampling_loop(sched: SchedulerMixin, steps: int, timestep_kwargs: dict, predict: NoisePredictor,
-                   x: torch.Tensor, cond, guidance_scale: float, generators: list[torch.Generator], keep: bool, bar):
-    """One batch through a diffusers pipeline's denoising loop; returns (final sample, trajectory or None)."""
+                   x: torch.Tensor, cond, guidance_scale: float, generators: list[torch.Generator], keep: bool, bar,
+                   guided: bool, exact_timesteps: bool = False):
+    """One batch through a diffusers pipeline's denoising loop; returns (final sample, trajectory or None).
+
+    guided: [cond; uncond] in one batch; exact_timesteps: the predictor gets the scheduler's timestep as it is
+    (a transformer's float), else rounded to int64 (a UNet graph's input)."""
     sched.set_timesteps(steps, **timestep_kwargs)
     schedule = distinct_timesteps(sched.timesteps)
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
-    x = x * sched.init_noise_sigma
-    guided = cond is not None and guidance_scale != 1.0
+    x = x * getattr(sched, "init_noise_sigma", 1.0)  # flow matching has neither: its noise is unscaled
+    scale = getattr(sched, "scale_model_input", lambda sample, t: sample)
     record = []
     for t in sched.timesteps:
-        x_in = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        x_in = scale(torch.cat([x, x]) if guided else x, t)
         n = len(x_in)
-        timestep = torch.full((n,), round(float(t)), dtype=torch.int64)
+        timestep = (torch.full((n,), t.item(), dtype=sched.timesteps.dtype) if exact_timesteps
+                    else torch.full((n,), round(float(t)), dtype=torch.int64))
         t_idx = torch.full((n,), schedule.index(timestep_value(t)), dtype=torch.int64)
         kept_in = x_in.clone() if keep else None
         eps = predict(x_in, timestep, t_idx, cond)

@@ -1,4 +1,5 @@
-"""q.pt -> QDQ ONNX: the deployment-form UNet exported with torch.onnx (dynamo), then annotated."""
+"""q.pt -> QDQ ONNX: the deployment-form denoiser (UNet or transformer) exported with torch.onnx (dynamo), then
+annotated."""
 from __future__ import annotations
 
 import gc
@@ -15,9 +16,11 @@ import torch
 from torch import nn
 
 from ..calibrate.checkpoint import QuantCheckpoint, load_checkpoint
-from ..core.conditioning import as_condition, unet_kwargs
+from ..core.conditioning import COND_NAMES, as_condition
+from ..core.denoisers import UNetFamily, family_of
 from ..core.errors import UserError
 from .export_config import FP8_MIN_COMPUTE_CAPABILITY, ExportConfig
+from .export_fixes import transformer_export
 from .fold import ExportContext, deploy_unet, int4_layers
 from .fp8_ops import TRANSLATIONS
 from .fp16 import to_fp16
@@ -29,28 +32,41 @@ OPSET = 21
 
 
 class ExportWrapper(nn.Module):
-    """Graph interface: (sample, timestep, t_index[, encoder_hidden_states[, text_embeds, time_ids]]) -> noise_pred."""
+    """Graph interface: (sample, timestep, t_index, <the denoiser's condition inputs>) -> noise_pred.
+
+    The inputs are keyword arguments (conditioning.COND_NAMES), so every family's subset keeps its names:
+    SDXL's text_embeds/time_ids, SD3's pooled_projections, FLUX's guidance, PixArt's encoder_attention_mask."""
 
     def __init__(self, unet: nn.Module, ctx: ExportContext, num_steps: int, use_t_index: bool) -> None:
         super().__init__()
         self.unet, self.ctx, self.num_steps, self.use_t_index = unet, ctx, num_steps, use_t_index
+        self.family = family_of(unet)
 
-    def forward(self, sample, timestep, t_index=None, encoder_hidden_states=None, text_embeds=None, time_ids=None):
+    def forward(self, sample, timestep, t_index=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
+                pooled_projections=None, guidance=None, encoder_attention_mask=None):
         # An out-of-range t_index must never index out of bounds in any runtime: clamp in the graph.
         self.ctx.t_index = torch.clamp(t_index, 0, self.num_steps - 1) if self.use_t_index else None
-        cond = {"encoder_hidden_states": encoder_hidden_states, "text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, return_dict=False, **unet_kwargs(as_condition(cond)))[0]
+        cond = {"encoder_hidden_states": encoder_hidden_states, "text_embeds": text_embeds, "time_ids": time_ids,
+                "pooled_projections": pooled_projections, "guidance": guidance,
+                "encoder_attention_mask": encoder_attention_mask}
+        return self.family.predict(self.unet, sample, timestep, as_condition(cond))
 
 
 class StaticExportWrapper(ExportWrapper):
     """The static-scale twin's interface: (sample, timestep[, condition inputs]), no t_index."""
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, text_embeds=None, time_ids=None):
-        return super().forward(sample, timestep, None, encoder_hidden_states, text_embeds, time_ids)
+    def forward(self, sample, timestep, encoder_hidden_states=None, text_embeds=None, time_ids=None,
+                pooled_projections=None, guidance=None, encoder_attention_mask=None):
+        return super().forward(sample, timestep, None, encoder_hidden_states, text_embeds, time_ids,
+                               pooled_projections, guidance, encoder_attention_mask)
+
+
+assert tuple(COND_NAMES) == ("encoder_hidden_states", "text_embeds", "time_ids", "pooled_projections", "guidance",
+                             "encoder_attention_mask"), "ExportWrapper.forward takes COND_NAMES in this order"
 
 
 def input_names(cond_inputs: Sequence[str], use_t_index: bool) -> list[str]:
-    """Graph input names in order: sample, timestep, [t_index], then the UNet's condition inputs."""
+    """Graph input names in order: sample, timestep, [t_index], then the denoiser's condition inputs."""
     return ["sample", "timestep"] + (["t_index"] if use_t_index else []) + list(cond_inputs)
 
 
@@ -58,12 +74,22 @@ def example_inputs(ck: QuantCheckpoint, batch: int, use_t_index: bool) -> dict[s
     c, h, w = ck.model.sample_shape
     gen = torch.Generator().manual_seed(0)
     ins = {"sample": torch.randn(batch, c, h, w, generator=gen),
-           "timestep": torch.tensor([round(t) for t in (ck.timesteps * batch)[:batch]], dtype=torch.int64)}
+           "timestep": _timestep_input(ck, batch)}
     if use_t_index:
         ins["t_index"] = torch.arange(batch) % len(ck.timesteps)
     if ck.model.is_conditional:
-        ins.update(ck.model.condition(torch.arange(batch) % ck.model.num_labels))
+        guidance = ck.model.guidance_scale if ck.model.guidance_embedded else 1.0
+        ins.update(ck.model.condition(torch.arange(batch) % ck.model.num_labels, guidance))
     return ins
+
+
+def _timestep_input(ck: QuantCheckpoint, batch: int) -> torch.Tensor:
+    """A UNet graph takes int64 timesteps (rounded); a transformer's takes them as its scheduler gives them
+    (flow matching's 1000 sigma floats: a float32 input)."""
+    values = (list(ck.timesteps) * batch)[:batch]
+    if ck.model.is_transformer:
+        return torch.tensor(values, dtype=torch.float32 if any(isinstance(t, float) for t in values) else torch.int64)
+    return torch.tensor([round(t) for t in values], dtype=torch.int64)
 
 
 def _dynamic_shapes(names: list[str], static: bool, spatial_multiple: int):
@@ -76,14 +102,13 @@ def _dynamic_shapes(names: list[str], static: bool, spatial_multiple: int):
     batch = torch.export.Dim("batch", min=1, max=63)
     h = spatial_multiple * torch.export.Dim("h_blocks", min=1, max=4096 // spatial_multiple)
     w = spatial_multiple * torch.export.Dim("w_blocks", min=1, max=4096 // spatial_multiple)
-    shapes = {"sample": {0: batch, 2: h, 3: w}, "timestep": {0: batch}, "t_index": {0: batch},
-              "encoder_hidden_states": {0: batch}, "text_embeds": {0: batch}, "time_ids": {0: batch}}
-    return {n: shapes[n] for n in names}
+    shapes = {"sample": {0: batch, 2: h, 3: w}, "timestep": {0: batch}, "t_index": {0: batch}}
+    return {n: shapes.get(n, {0: batch}) for n in names}  # condition inputs: dynamic batch, fixed token count
 
 
-def spatial_multiple(unet: nn.Module) -> int:
-    """2^(number of downsampling blocks): the sizes a diffusers UNet accepts without padding."""
-    return 2 ** (len(unet.config.block_out_channels) - 1)
+def spatial_multiple(denoiser: nn.Module) -> int:
+    """Latent sizes the denoiser takes without padding: a UNet's 2^downsamplings, a transformer's patch."""
+    return family_of(denoiser).patch_multiple(denoiser)
 
 
 def export_onnx(ckpt: str | Path | QuantCheckpoint, onnx_path: str | Path, cfg: ExportConfig) -> dict:
@@ -98,18 +123,25 @@ def export_onnx(ckpt: str | Path | QuantCheckpoint, onnx_path: str | Path, cfg: 
     wrapper = (ExportWrapper if use_t else StaticExportWrapper)(unet.eval(), ctx, len(ck.timesteps), use_t).eval()
     names = input_names(ck.model.cond_names, use_t)
     ins = example_inputs(ck, cfg.batch, use_t)
+    shapes = _dynamic_shapes(names, cfg.static_shapes, spatial_multiple(ck.qunet.unet))
     with torch.no_grad(), warnings.catch_warnings(), _without_stack_traces():
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(
-                wrapper, tuple(ins[n] for n in names), input_names=names, output_names=["noise_pred"],
-                dynamo=True, opset_version=OPSET,
-                dynamic_shapes=_dynamic_shapes(names, cfg.static_shapes, spatial_multiple(ck.qunet.unet)),
-                verbose=False, optimize=False, custom_translation_table=TRANSLATIONS)
+            if isinstance(family_of(ck.qunet.unet), UNetFamily):
+                program = torch.onnx.export(
+                    wrapper, tuple(ins[n] for n in names), input_names=names, output_names=["noise_pred"],
+                    dynamo=True, opset_version=OPSET, dynamic_shapes=shapes, verbose=False, optimize=False,
+                    custom_translation_table=TRANSLATIONS)
+            else:
+                program = transformer_export(wrapper, {n: ins[n] for n in names}, names, shapes, OPSET, TRANSLATIONS)
+        except UserError:
+            raise
         except Exception as err:  # the exporter's own errors are long; keep the cause
             raise UserError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     model = simplify(program.model)
     props = metadata(ck, cfg, ck.sha256, use_t)
+    if _fixed_spatial_size(model):  # the exporter specialised H and W (PixArt's position table is built per size)
+        props["dilatequant.spatial_multiple"] = "0"
     # The graph holds its own copies of the weights now. The exporter's program, the deployment-form copy and (when
     # no caller holds it) the checkpoint, its mapped float32 pages 10.3 GB at SDXL size, sit in reference cycles:
     # collect them before the graph is written
@@ -141,6 +173,15 @@ def _without_stack_traces() -> Iterator[None]:
         yield
     finally:
         config.do_not_emit_stack_traces = before
+
+
+def _fixed_spatial_size(model) -> bool:
+    """Does the graph (onnx_ir) take one latent size only (static H and W on its sample input)? A dimension the
+    exporter specialised comes out as a symbol named by its value ("8"): it is made the integer it is."""
+    sample = next(v for v in model.graph.inputs if v.name == "sample")
+    dims = [int(str(d)) if not isinstance(d, int) and str(d).isdigit() else d for d in sample.shape]
+    sample.shape = ir.Shape(dims)
+    return all(isinstance(d, int) for d in dims[2:])
 
 
 def w4a16_layers(ck: QuantCheckpoint, cfg: ExportConfig) -> tuple[str, ...]:

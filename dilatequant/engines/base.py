@@ -5,11 +5,12 @@ model lazily on first use (`activate()`), and describes itself with `RunnerMetad
 inputs before running, because a runtime given a wrong t_index silently uses the wrong activation scales (the
 exported graph clamps it) and a wrong shape fails deep inside the engine.
 
-    runner.infer(sample [B,C,H,W] float, timestep [B] int, t_index [B] int, cond)
+    runner.infer(sample [B,C,H,W] float, timestep [B] int (float: flow matching's 1000 sigma), t_index [B] int, cond)
         -> noise_pred [B,C,H,W] float32 on the CPU
 
 `cond` is None (unconditional), a dict of the graph's condition inputs (`encoder_hidden_states` [B,L,D]; SDXL
-adds `text_embeds` [B,P] and `time_ids` [B,6]) or a bare encoder_hidden_states tensor.
+adds `text_embeds` [B,P] and `time_ids` [B,6]; SD3 and FLUX `pooled_projections` [B,P], FLUX-dev `guidance` [B],
+PixArt `encoder_attention_mask` [B,L]) or a bare encoder_hidden_states tensor.
 
 A runner is also a `sampling.NoisePredictor` (`__call__`), so `sampling.sample(model, runner)` runs
 on any of them.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..core.conditioning import ENCODER_HIDDEN_STATES, as_condition
+from ..core.conditioning import COND_SHAPES, ENCODER_HIDDEN_STATES, as_condition
 from ..core.errors import UserError
 
 METADATA_PREFIX = "dilatequant."
@@ -129,7 +130,8 @@ class Runner:
 
     # -- inference -------------------------------------------------------------------------------
     def validate(self, sample, timestep, t_index, cond=None):
-        """Checked, normalised inputs: sample float [B,C,H,W], timestep/t_index int64 [B], cond dict | None."""
+        """Checked, normalised inputs: sample float [B,C,H,W], timestep int64 or float32 [B], t_index int64 [B],
+        cond dict | None."""
         m = self.metadata
         sample, timestep, t_index = (_as_tensor(sample, "sample"), _as_tensor(timestep, "timestep"),
                                      _as_tensor(t_index, "t_index"))
@@ -140,7 +142,7 @@ class Runner:
             raise UserError(f"sample must have shape [B, {', '.join(map(str, m.sample_shape))}]{other} for {m.name}, "
                             f"got {list(sample.shape)}")
         batch = sample.shape[0]
-        timestep = self._batch_vector(timestep, "timestep", batch)
+        timestep = self._batch_vector(timestep, "timestep", batch, floats=True)
         t_index = self._batch_vector(t_index, "t_index", batch)
         if timestep.numel() and timestep.min() < 0:
             raise UserError(f"timestep must be >= 0, got {timestep.tolist()}")
@@ -167,7 +169,7 @@ class Runner:
                 and all(v > 0 and v % m.spatial_multiple == 0 for v in chw[1:]))
 
     def _cond_tensor(self, name: str, v: torch.Tensor, batch: int) -> torch.Tensor:
-        doc = {ENCODER_HIDDEN_STATES: "[B, L, D]", "text_embeds": "[B, P]", "time_ids": "[B, 6]"}[name]
+        doc = COND_SHAPES[name]
         if not v.is_floating_point() or v.dim() != doc.count(",") + 1:
             raise UserError(f"{name} must be a float tensor {doc}, got {v.dtype} {list(v.shape)}")
         if v.shape[0] != batch:
@@ -180,8 +182,9 @@ class Runner:
         return v
 
     @staticmethod
-    def _batch_vector(x: torch.Tensor, name: str, batch: int) -> torch.Tensor:
-        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+    def _batch_vector(x: torch.Tensor, name: str, batch: int, floats: bool = False) -> torch.Tensor:
+        """floats: a float vector stays float (flow matching's timesteps are 1000 sigma); else int64."""
+        if x.is_complex() or x.dtype == torch.bool or (x.is_floating_point() and not floats):
             raise UserError(f"{name} must be an integer tensor (int64), got {x.dtype}")
         if x.dim() == 0 or (x.dim() == 1 and x.shape[0] == 1):
             x = x.reshape(1).expand(batch)
@@ -189,7 +192,7 @@ class Runner:
             raise UserError(f"{name} must have shape [B], got {list(x.shape)}")
         if x.shape[0] != batch:
             raise UserError(f"batch mismatch: sample has batch {batch}, {name} has {x.shape[0]}")
-        return x.to(torch.int64).contiguous()
+        return (x.to(torch.float32) if x.is_floating_point() else x.to(torch.int64)).contiguous()
 
     def infer(self, sample, timestep, t_index, cond=None) -> torch.Tensor:
         args = self.validate(sample, timestep, t_index, cond)

@@ -368,6 +368,13 @@ def _loss_curve(losses: list[float], every: int = 100) -> list[float]:
     return [round(sum(losses[i:i + every]) / len(losses[i:i + every]), 5) for i in range(0, len(losses), every)]
 
 
+def phase_record(iters: int, log: dict, module: torch.nn.Module) -> dict:
+    """What training.json records of one phase: iterations, wall time, final loss, loss curve, parameters."""
+    return {"iters": iters, "wall_s": log["wall_s"],
+            "final_loss_mean_last_200": sum(log["losses"][-200:]) / max(1, len(log["losses"][-200:])),
+            "loss_every_100": _loss_curve(log["losses"]), "parameters": sum(p.numel() for p in module.parameters())}
+
+
 def train(cfg: SDTrainConfig, out: Path, work: Path, threads: int, ckpt_every: int) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(threads)
@@ -397,14 +404,8 @@ def train(cfg: SDTrainConfig, out: Path, work: Path, threads: int, ckpt_every: i
         "captions": {"templates": list(CAPTION_TEMPLATES), "dropout_to_empty": CAPTION_DROPOUT,
                      "model_max_length": MODEL_MAX_LENGTH, "vocab_size": len(tokenizer)},
         "text_encoder": "trained jointly with the UNet (no pretrained encoder exists to freeze); EMA weights shipped",
-        "vae": {"iters": cfg.vae_iters, "wall_s": vae_log["wall_s"], "scaling_factor": scale,
-                "final_loss_mean_last_200": sum(vae_log["losses"][-200:]) / max(1, len(vae_log["losses"][-200:])),
-                "loss_every_100": _loss_curve(vae_log["losses"]), **vae_scores,
-                "parameters": sum(p.numel() for p in vae.parameters())},
-        "unet": {"iters": cfg.unet_iters, "wall_s": unet_log["wall_s"],
-                 "final_loss_mean_last_200": sum(unet_log["losses"][-200:]) / max(1, len(unet_log["losses"][-200:])),
-                 "loss_every_100": _loss_curve(unet_log["losses"]),
-                 "parameters": sum(p.numel() for p in unet.parameters()),
+        "vae": {**phase_record(cfg.vae_iters, vae_log, vae), "scaling_factor": scale, **vae_scores},
+        "unet": {**phase_record(cfg.unet_iters, unet_log, unet),
                  "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters())},
         "versions": _versions(),
     }

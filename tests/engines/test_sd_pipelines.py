@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from conftest import call_cli
 from sd_pipelines import save, tiny_sd2, tiny_sdxl
 
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -26,13 +27,7 @@ from dilatequant.engines.runners import open_runner
 PROMPTS = "a red cat\na blue dog\na green tree\na yellow car\n"
 
 
-def _cli(main, *args):
-    """An entry point in-process; bad input must exit 2 (the message is checked by the caller via capsys)."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as err:
-        return err.code
-    return 0
+_cli = call_cli
 
 
 def _one_error(capsys, *needles):
@@ -162,7 +157,7 @@ def test_graph_inside_the_diffusers_pipeline_agrees_with_fp(chain, name, schedul
     assert _cli(generate_main, "--model", folder, "--onnx", onnx, "--prompt", "a red cat", "--scheduler", scheduler,
                 "--steps", 20, "--seed", 3, "--compare-fp", "--out", out) == 0
     r = json.loads(out.with_suffix(".png.json").read_text())
-    assert r["unet_calls"] == 20 and out.is_file() and (tmp_path / "img-side-by-side.png").is_file()
+    assert r["denoiser_calls"] == 20 and out.is_file() and (tmp_path / "img-side-by-side.png").is_file()
     assert r["vs_fp"]["image_psnr_db"] >= 30, r["vs_fp"]  # measured 33.6-43.4 dB
 
 
@@ -210,11 +205,11 @@ def test_bad_input_gets_one_clear_line(chain, tmp_path, capsys):
     shutil.rmtree(no_te2 / "text_encoder_2")
     assert _cli(calibrate_main, "--model", no_te2, "--out", tmp_path / "q.pt") == 2
     _one_error(capsys, "text_encoder_2")
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    assert _cli(calibrate_main, "--model", flux, "--out", tmp_path / "q.pt") == 2
-    _one_error(capsys, "FluxPipeline", "supported pipelines")
+    alpha = tmp_path / "pixart-alpha"
+    alpha.mkdir()
+    (alpha / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    assert _cli(calibrate_main, "--model", alpha, "--out", tmp_path / "q.pt") == 2
+    _one_error(capsys, "PixArtAlphaPipeline", "supported pipelines", "FluxPipeline", "PixArtSigmaPipeline")
     # a q.pt / graph of one pipeline with another's folder: other class, and same class with other weights
     assert _cli(generate_main, "--model", sdxl, "--ckpt", sd2_ckpt, "--prompt", "a cat", "--out", tmp_path / "x.png") == 2
     _one_error(capsys, "StableDiffusionPipeline", "StableDiffusionXLPipeline")

@@ -7,7 +7,8 @@ from typing import Callable
 
 import torch
 
-from ...core.conditioning import map_condition, unet_kwargs
+from ...core.conditioning import map_condition
+from ...core.denoisers import family_of
 from ...core.errors import UserError
 from ...core.models import DiffusionModel
 from ..base import TORCH_DTYPES, Runner, RunnerMetadata, _check_device
@@ -48,11 +49,11 @@ class TorchRunner(Runner):
                               has_t_index=False, **_model_fields(model))
 
         def build():
-            unet = _placed(model.unet, device, dtype)
-            call = torch.compile(unet) if compile else unet
+            denoiser = _placed(model.denoiser, device, dtype)
+            call, family = (torch.compile(denoiser) if compile else denoiser), family_of(denoiser)
 
             def fn(x, t, ti, c):
-                return call(x, t, return_dict=False, **unet_kwargs(c))[0]
+                return family.predict(call, x, t, c)
             return fn
 
         return cls(meta, build, compile)
@@ -87,10 +88,11 @@ class TorchRunner(Runner):
 
 def _model_fields(model: DiffusionModel) -> dict:
     """RunnerMetadata fields that come from the model: conditioning and sample shape."""
+    cond = model.family.example_condition(model.denoiser, 1) if model.is_conditional else None
     return {"conditional": model.is_conditional, "sample_shape": tuple(model.sample_shape),
-            "cond_dim": getattr(model.unet.config, "cross_attention_dim", None) if model.is_conditional else None,
+            "cond_dim": cond["encoder_hidden_states"].shape[-1] if cond else None,
             "cond_inputs": tuple(model.cond_names), "pipeline_class": model.pipeline_class or "",
-            "spatial_multiple": 2 ** (len(model.unet.config.block_out_channels) - 1)}
+            "spatial_multiple": model.patch_multiple}
 
 
 def _placed(module: torch.nn.Module, device: str, dtype: str) -> torch.nn.Module:

@@ -255,7 +255,7 @@ def write_repository(cfg: RepositoryConfig) -> dict:
         if cfg.ckpt is not None:  # not needed (prompts, not class tokens), but a wrong one is still an error
             check_checkpoint(cond_meta, cfg.ckpt)
         sd = load_parts(cond_meta, cfg.model)
-        cond = Conditioning(sd.schedulers["pipeline"], token_shape=(sd.max_tokens, sd.text_dim), source=sd.source)
+        cond = Conditioning(sd.schedulers["pipeline"], token_shape=(sd.prompt_tokens, sd.text_dim), source=sd.source)
         if spec is None:
             spec = spec_from_plan(cfg.engine, cond.token_shape)
             sd.size_multiple = 0  # a plan serves the sizes of its profile; keep to the calibrated one

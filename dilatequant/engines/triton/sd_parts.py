@@ -9,7 +9,10 @@ mask, as StableDiffusionPipeline.encode_prompt calls CLIP) and `vae.decode(laten
 left to the pipeline model, exactly where diffusers does it. SDXL (StableDiffusionXLPipeline.encode_prompt) reads
 `hidden_states[-2]` of both encoders (concatenated by the pipeline model) and the pooled projection `[0]` of
 `text_encoder_2`; its VAE stays FP32 on the GPU kind when the VAE config says `force_upcast` (SDXL's VAE overflows
-in FP16: diffusers upcasts it for the same reason). Imported only on the SD path (it imports torch).
+in FP16: diffusers upcasts it for the same reason). SD3 (StableDiffusion3Pipeline.encode_prompt) reads
+`hidden_states[-2]` and the pooled projection of both CLIP encoders, and T5's last hidden state at
+`max_sequence_length` tokens (zeros when the folder has no T5); its VAE decodes `latents / scaling + shift`.
+Imported only on the SD path (it imports torch).
 """
 from __future__ import annotations
 
@@ -24,10 +27,12 @@ import torch
 from ...core.errors import UserError
 from .unet_spec import BATCH, TensorSpec
 
-SD, SDXL = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
-SUPPORTED_PIPELINES = (SD, SDXL)
-TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER = "text_encoder", "text_encoder_2", "vae_decoder"
-PART_NAMES = (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER)
+SD, SDXL, SD3 = "StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline"
+SUPPORTED_PIPELINES = (SD, SDXL, SD3)
+TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3 = "text_encoder", "text_encoder_2", "text_encoder_3"
+VAE_DECODER = "vae_decoder"
+PART_NAMES = (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, VAE_DECODER)
+SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length unless the folder names another
 LAST_HIDDEN, PENULTIMATE, POOLED = "last_hidden_state", "penultimate_hidden_state", "text_embeds"
 
 
@@ -44,14 +49,22 @@ class SdParts:
     schedulers: dict[str, dict]        # the samplers a request may name -> their whole configs (core.schedulers)
     guidance_scale: float | None = None  # the folder's own default (dilatequant.json), if it names one
     pipeline_class: str = SD
+    t5_tokens: int = 0                 # SD3: max_sequence_length, T5's share of the prompt tokens
 
     @property
     def is_xl(self) -> bool:
         return self.pipeline_class == SDXL
 
     @property
+    def is_sd3(self) -> bool:
+        return self.pipeline_class == SD3
+
+    @property
     def encoders(self) -> tuple[str, ...]:
         """The text encoder models, in the order encode_prompt concatenates their hidden states."""
+        if self.is_sd3:
+            t5 = self.pipeline.text_encoder_3 is not None and self.t5_tokens > 0
+            return (TEXT_ENCODER, TEXT_ENCODER_2) + ((TEXT_ENCODER_3,) if t5 else ())
         return (TEXT_ENCODER, TEXT_ENCODER_2) if self.is_xl else (TEXT_ENCODER,)
 
     @property
@@ -59,24 +72,49 @@ class SdParts:
         return int(self.pipeline.tokenizer.model_max_length)
 
     @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the denoiser's encoder_hidden_states: SD3 appends T5's to CLIP's."""
+        return self.max_tokens + (self.t5_tokens if self.is_sd3 else 0)
+
+    def tokens(self, encoder: str) -> int:
+        """Tokens an encoder reads: CLIP's model_max_length, SD3's T5 max_sequence_length."""
+        return self.t5_tokens if encoder == TEXT_ENCODER_3 else self.max_tokens
+
+    @property
     def text_dim(self) -> int:
-        """encoder_hidden_states per token: SDXL concatenates both encoders' hidden states."""
+        """encoder_hidden_states per token: SDXL concatenates both encoders' hidden states; SD3 pads them (and T5's
+        tokens) to the transformer's joint_attention_dim."""
+        if self.is_sd3:
+            return int(self.pipeline.transformer.config.joint_attention_dim)
         return sum(int(getattr(self.pipeline, e).config.hidden_size) for e in self.encoders)
 
     @property
     def pooled_dim(self) -> int:
+        """SDXL: text_encoder_2's pooled projection; SD3: both CLIP encoders' concatenated."""
+        if self.is_sd3:
+            return sum(int(getattr(self.pipeline, e).config.projection_dim) for e in (TEXT_ENCODER, TEXT_ENCODER_2))
         return int(self.pipeline.text_encoder_2.config.projection_dim)
+
+    def pooled(self, encoder: str) -> bool:
+        """Does this encoder's graph also give its pooled projection (text_embeds)?"""
+        return encoder == TEXT_ENCODER_2 or (self.is_sd3 and encoder == TEXT_ENCODER)
 
     @property
     def vae_fp32_on_gpu(self) -> bool:
         """SDXL's pipeline runs an FP16 VAE in FP32 when its config says force_upcast; the GPU kind does the same."""
         return self.is_xl and bool(getattr(self.pipeline.vae.config, "force_upcast", False))
 
+    def penultimate(self, encoder: str) -> bool:
+        """SDXL and SD3 read CLIP's penultimate hidden state; SD 1.x/2.x CLIP and SD3's T5 the last one."""
+        return (self.is_xl or self.is_sd3) and encoder != TEXT_ENCODER_3
+
     def text_encoder_io(self, name: str = TEXT_ENCODER) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        dim = int(getattr(self.pipeline, name).config.hidden_size)
-        hidden = TensorSpec(PENULTIMATE if self.is_xl else LAST_HIDDEN, "float32", (BATCH, self.max_tokens, dim))
-        outs = [hidden] + ([TensorSpec(POOLED, "float32", (BATCH, self.pooled_dim))] if name == TEXT_ENCODER_2 else [])
-        return [TensorSpec("input_ids", "int64", (BATCH, self.max_tokens))], outs
+        te = getattr(self.pipeline, name).config
+        dim = int(getattr(te, "hidden_size", None) or te.d_model)  # CLIP | T5
+        tokens = self.tokens(name)
+        hidden = TensorSpec(PENULTIMATE if self.penultimate(name) else LAST_HIDDEN, "float32", (BATCH, tokens, dim))
+        pooled = [TensorSpec(POOLED, "float32", (BATCH, int(te.projection_dim)))] if self.pooled(name) else []
+        return [TensorSpec("input_ids", "int64", (BATCH, tokens))], [hidden, *pooled]
 
     def vae_decoder_io(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         vae = self.pipeline.vae.config
@@ -111,10 +149,11 @@ def load_parts(meta: dict[str, str], model: str | Path | None) -> SdParts:
         raise UserError(f"the graph was calibrated on other weights than '{name}' (FP fingerprints differ); pass "
                         "--model FOLDER, the pipeline it was calibrated from")
     te_cfg = m.pipeline.text_encoder.config
-    if pipeline_class == SDXL and m.pipeline.tokenizer_2.model_max_length != m.pipeline.tokenizer.model_max_length:
+    if pipeline_class in (SDXL, SD3) and \
+            m.pipeline.tokenizer_2.model_max_length != m.pipeline.tokenizer.model_max_length:
         raise UserError(f"'{name}' has tokenizers of {m.pipeline.tokenizer.model_max_length} and "
-                        f"{m.pipeline.tokenizer_2.model_max_length} tokens; SDXL concatenates both encoders' hidden "
-                        "states per token, so they must agree")
+                        f"{m.pipeline.tokenizer_2.model_max_length} tokens; {pipeline_class} concatenates both CLIP "
+                        "encoders' hidden states per token, so they must agree")
     if pipeline_class == SD and getattr(te_cfg, "use_attention_mask", False):
         raise UserError(f"'{name}' has a text encoder that takes an attention mask; the Triton pipeline feeds "
                         "input_ids only (as CLIP in SD 1.x/2.x): use dq-generate for this pipeline")
@@ -123,8 +162,9 @@ def load_parts(meta: dict[str, str], model: str | Path | None) -> SdParts:
     f = m.vae_scale_factor
     image_size = (sample_shape[1] * f, sample_shape[2] * f) if len(sample_shape) == 3 else m.image_size
     spatial = int(meta.get("dilatequant.spatial_multiple", "0") or 0)
+    t5_tokens = int(m.pipeline_kwargs.get("max_sequence_length", SD3_T5_TOKENS)) if pipeline_class == SD3 else 0
     return SdParts(m.pipeline, folder, name, image_size, f, spatial * f, served_schedulers(m), m.guidance_scale,
-                   pipeline_class)
+                   pipeline_class, t5_tokens)
 
 
 SERVED_SCHEDULERS = ("pipeline", "ddim", "euler", "dpm")
@@ -132,15 +172,18 @@ SERVED_SCHEDULERS = ("pipeline", "ddim", "euler", "dpm")
 
 def served_schedulers(model) -> dict[str, dict]:
     """The samplers the prompt pipeline serves, built here (core.schedulers: the folder's own as `pipeline`, the
-    others on its noise schedule without another class's defaults) so the backend only instantiates them."""
+    others on its noise schedule without another class's defaults) so the backend only instantiates them. A
+    diffusion transformer's pipeline samples with its own scheduler only."""
     from ...core.schedulers import config_json, resolve_scheduler
 
-    return {name: json.loads(config_json(resolve_scheduler(model, name))) for name in SERVED_SCHEDULERS}
+    names = ("pipeline",) if model.is_transformer else SERVED_SCHEDULERS
+    return {name: json.loads(config_json(resolve_scheduler(model, name))) for name in names}
 
 
 class _TextEncoder(torch.nn.Module):
     """What encode_prompt reads: SD `text_encoder(input_ids)[0]`; SDXL `hidden_states[-2]` and, from
-    text_encoder_2 (CLIPTextModelWithProjection), the pooled projection `[0]` too."""
+    text_encoder_2 (CLIPTextModelWithProjection), the pooled projection `[0]` too; SD3 that of both CLIP encoders,
+    and T5's `[0]`."""
 
     def __init__(self, text_encoder, penultimate: bool, pooled: bool) -> None:
         super().__init__()
@@ -181,9 +224,9 @@ def _to_fp16(path: Path) -> None:
 
 
 def export_text_encoder(parts: SdParts, path: Path, fp16: bool = False, name: str = TEXT_ENCODER) -> Path:
-    ids = torch.zeros((1, parts.max_tokens), dtype=torch.int64)
+    ids = torch.zeros((1, parts.tokens(name)), dtype=torch.int64)
     ins, outs = parts.text_encoder_io(name)
-    module = _TextEncoder(getattr(parts.pipeline, name), parts.is_xl, name == TEXT_ENCODER_2).eval()
+    module = _TextEncoder(getattr(parts.pipeline, name), parts.penultimate(name), parts.pooled(name)).eval()
     _export(module, ids, path, [t.name for t in ins], [t.name for t in outs],
             {t.name: {0: "batch"} for t in ins + outs})
     if fp16:

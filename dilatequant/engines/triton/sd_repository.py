@@ -3,6 +3,7 @@
     <repo>/text_encoder/1/model.onnx (+ model.py for --kind cpu)   input_ids -> last_hidden_state
                                                                    (SDXL: penultimate_hidden_state)
     <repo>/text_encoder_2/1/...      SDXL only                     input_ids -> penultimate_hidden_state, text_embeds
+                                     (SD3: both CLIP encoders give both; text_encoder_3, T5 -> last_hidden_state)
     <repo>/vae_decoder/1/model.onnx  (+ model.py for --kind cpu)   latent / scaling_factor -> image in [-1, 1]
     <repo>/pipeline/1/model.py, dq_bls.py, schedulers.json, tokenizer/ (SDXL: + tokenizer_2/)  PROMPT -> IMAGES
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from ...core.reporting import atomic_write_bytes
 from . import config as C
-from .sd_parts import (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, SdParts, copy_tokenizer, export_text_encoder,
-                       export_vae_decoder, tokenizer_folder)
+from .sd_parts import (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, VAE_DECODER, SdParts, copy_tokenizer,
+                       export_text_encoder, export_vae_decoder, tokenizer_folder)
 from .unet_spec import TensorSpec, UnetSpec
 
 PIPELINE = "pipeline"
@@ -77,8 +78,7 @@ PIPELINE_DOC = """\
 #   GUIDANCE_SCALE   FP32   optional; classifier-free guidance (default {guidance}; <= 1 turns it off)
 #   NUM_IMAGES       INT32  optional; images for the prompt (default 1, at most {max_images})
 #   HEIGHT, WIDTH    INT32  optional; pixels (default {h}x{w}; {size_rule})
-#   SCHEDULER        BYTES  optional; pipeline (default: the folder's own, {own}) | ddim | euler | dpm (DPM-Solver++),
-#                           on the pipeline's noise schedule (schedulers.json holds each one's config)
+#   SCHEDULER        BYTES  optional; {scheduler_doc}
 {xl_doc}# Output:
 #   IMAGES           UINT8  [N, H, W, {out_c}]
 """
@@ -100,6 +100,25 @@ def _xl_params(parts: SdParts) -> dict[str, str]:
             **(stats if len(stats) == 2 else {})}
 
 
+SD3_DOC = """\
+# SD3: the prompt is both CLIP encoders' penultimate hidden states (concatenated, zero-padded to {joint}) followed by
+#      {t5} T5 tokens ({t5_source}); pooled_projections = both CLIP pooled projections; FlowMatchEuler timesteps
+#      (1000 sigma, floats) go to the transformer as they are; decode: latents / scaling_factor + shift_factor
+"""
+
+
+def _sd3_params(parts: SdParts) -> dict[str, str]:
+    """What the SD3 pipeline computes beyond SD's: the second CLIP (and T5), the joint width, the VAE shift."""
+    p = parts.pipeline
+    out = {"text_encoder_2_model": TEXT_ENCODER_2, "tokenizer_2_class": type(p.tokenizer_2).__name__,
+           "joint_attention_dim": str(parts.text_dim), "t5_tokens": str(parts.t5_tokens),
+           "shift_factor": repr(float(p.vae.config.shift_factor or 0.0)),
+           "patch_size": str(int(p.transformer.config.patch_size))}
+    if TEXT_ENCODER_3 in parts.encoders:
+        out.update(text_encoder_3_model=TEXT_ENCODER_3, tokenizer_3_class=type(p.tokenizer_3).__name__)
+    return out
+
+
 def _pipeline_config(cfg, spec: UnetSpec, parts: SdParts):
     ins, outs, optional = pipeline_io(parts)
     m = C.python_model(PIPELINE, ins, outs, optional, cfg.pipeline_instances)
@@ -117,6 +136,8 @@ def _pipeline_config(cfg, spec: UnetSpec, parts: SdParts):
               "pipeline_class": parts.pipeline_class}
     if parts.is_xl:
         params.update(_xl_params(parts))
+    if parts.is_sd3:
+        params.update(_sd3_params(parts))
     for k, v in params.items():
         m.parameters[k].string_value = v
     h, w = parts.image_size
@@ -124,13 +145,22 @@ def _pipeline_config(cfg, spec: UnetSpec, parts: SdParts):
                  "the unet has static shapes: only this size")
     negative = ('"" encoded; when left out and the pipeline forces zeros for an empty prompt (SDXL default), '
                 "zero embeddings" if parts.is_xl else '""')
-    doc = PIPELINE_DOC.format(title="SDXL" if parts.is_xl else "Stable Diffusion",
+    extra = XL_DOC if parts.is_xl else ""
+    if parts.is_sd3:
+        extra = SD3_DOC.format(joint=parts.text_dim, t5=parts.t5_tokens,
+                               t5_source="text_encoder_3" if TEXT_ENCODER_3 in parts.encoders else "zeros: no T5")
+    own = parts.schedulers["pipeline"]["_class_name"]
+    scheduler_doc = (f"pipeline only: the folder's own, {own}" if parts.is_sd3 else
+                     f"pipeline (default: the folder's own, {own}) | ddim | euler | dpm (DPM-Solver++),\n"
+                     "#                           on the pipeline's noise schedule (schedulers.json holds each one's config)")
+    title = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3"}.get(parts.pipeline_class,
+                                                                                       "Stable Diffusion")
+    doc = PIPELINE_DOC.format(title=title, scheduler_doc=scheduler_doc,
                               te=" and ".join(f"'{e}'" for e in parts.encoders), unet=cfg.name, vae=VAE_DECODER,
-                              tokens=parts.max_tokens, negative=negative, xl_doc=XL_DOC if parts.is_xl else "",
+                              tokens=parts.max_tokens, negative=negative, xl_doc=extra,
                               c=int(vae.latent_channels), f=parts.vae_scale_factor, steps=steps,
                               timesteps=spec.timesteps, guidance=guidance, max_images=cfg.max_images, h=h, w=w,
-                              size_rule=size_rule, out_c=int(vae.out_channels),
-                              own=parts.schedulers["pipeline"]["_class_name"])
+                              size_rule=size_rule, out_c=int(vae.out_channels))
     return m, doc, C.Expected(ins, outs, optional)
 
 

@@ -19,6 +19,11 @@ concatenated per token, the pooled projection of text_encoder_2 as text_embeds; 
 force_zeros_for_empty_prompt gives zero embeddings for the unconditional half; time_ids = original size + crop
 top-left + target size (defaults: HEIGHT, WIDTH; 0, 0; HEIGHT, WIDTH), the same for both halves; decode with the
 VAE's latents_mean/latents_std when its config has them.
+SD3 graphs (StableDiffusion3Pipeline.__call__, the graph is its transformer): both CLIP encoders' penultimate hidden
+states concatenated and zero-padded to joint_attention_dim, then T5's last hidden state at t5_tokens tokens (zeros
+without T5); pooled_projections = both CLIP pooled projections; the negative prompt "" encoded the same way; the
+folder's own FlowMatchEuler (mu from the image tokens when it shifts dynamically), unscaled noise, no
+scale_model_input, float timesteps to the transformer as they are; decode latents / scaling_factor + shift_factor.
 
 Needs torch, diffusers and transformers in the server's Python. Inputs: see config.pbtxt's header.
 """
@@ -31,16 +36,16 @@ import triton_python_backend_utils as pb_utils
 from dq_bls import RequestError, call, error_response
 
 try:
+    import diffusers
     import torch
     import transformers
-    import diffusers
 except ImportError as err:  # reported on every request: the model still loads and says what is missing
     torch = None
     IMPORT_ERROR = (f"the pipeline needs torch, diffusers and transformers in the server's Python ({err}); "
                     "pip install them there")
 
-DEFAULT_SCHEDULER = "pipeline"
-SDXL = "StableDiffusionXLPipeline"
+DEFAULT_SCHEDULER = "pipeline"  # the folder's own; SD3 samples with it only
+SDXL, SD3 = "StableDiffusionXLPipeline", "StableDiffusion3Pipeline"
 REQUIRED = object()
 
 
@@ -84,17 +89,24 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         self.models = {"text_encoder": p["text_encoder_model"], "unet": p["unet_model"], "vae": p["vae_model"]}
         self.xl = p.get("pipeline_class") == SDXL
+        self.sd3 = p.get("pipeline_class") == SD3
         self.encoders = ["text_encoder"]
-        if self.xl:
+        if self.xl or self.sd3:
             self.models["text_encoder_2"] = p["text_encoder_2_model"]
             self.encoders.append("text_encoder_2")
+        if p.get("text_encoder_3_model"):
+            self.models["text_encoder_3"] = p["text_encoder_3_model"]
+            self.encoders.append("text_encoder_3")
+        if self.sd3:
+            self.joint_dim, self.t5_tokens = int(p["joint_attention_dim"]), int(p["t5_tokens"])
+            self.shift_factor, self.patch_size = float(p["shift_factor"]), int(p["patch_size"])
         self.force_zeros = p.get("force_zeros_for_empty_prompt") == "true"
         stats = [p.get("latents_mean"), p.get("latents_std")]
         self.latents_stats = [json.loads(v) for v in stats] if all(stats) else None
         self.unet_output = p["unet_output"]
         self.unet_batch = int(p["unet_max_batch"])
         self.t_index_input = p.get("t_index_input", "true") == "true"  # static-scale graphs take no t_index
-        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.float64)  # floats: Euler-type calibration
+        self.timesteps = np.array(json.loads(p["timesteps"]), dtype=np.float64)  # floats: Euler-type, SD3
         self.latent_channels = int(p["latent_channels"])
         self.vae_scale_factor = int(p["vae_scale_factor"])
         self.scaling_factor = float(p["scaling_factor"])
@@ -108,7 +120,8 @@ class TritonPythonModel:
         self.num_train = int(self.schedulers[DEFAULT_SCHEDULER]["num_train_timesteps"])
         if torch is not None:
             torch.set_num_threads(int(p.get("torch_threads", "1")))
-            classes = {"text_encoder": p["tokenizer_class"], "text_encoder_2": p.get("tokenizer_2_class")}
+            classes = {"text_encoder": p["tokenizer_class"], "text_encoder_2": p.get("tokenizer_2_class"),
+                       "text_encoder_3": p.get("tokenizer_3_class")}
             self.tokenizers = {e: getattr(transformers, classes[e]).from_pretrained(
                 str(folder / e.replace("text_encoder", "tokenizer")), local_files_only=True) for e in self.encoders}
 
@@ -149,6 +162,9 @@ class TritonPythonModel:
                 raise RequestError(f"HEIGHT x WIDTH {h}x{w} cannot be taken: both must be multiples of {m} up to "
                                    f"{self.max_size} (default {self.size[0]}x{self.size[1]})")
         scheduler = _value(request, "SCHEDULER", DEFAULT_SCHEDULER)
+        if self.sd3 and scheduler != DEFAULT_SCHEDULER:
+            raise RequestError(f"SCHEDULER '{scheduler}': an SD3 pipeline samples with its own scheduler only; "
+                               "leave SCHEDULER out")
         if scheduler not in self.schedulers:
             raise RequestError(f"unknown SCHEDULER '{scheduler}': choose one of {', '.join(self.schedulers)}")
         seed = int(_value(request, "SEED"))
@@ -162,16 +178,17 @@ class TritonPythonModel:
         """The unet's condition inputs, [uncond; cond] under guidance, as the pipeline's encode_prompt makes them."""
         emb, pooled = self._encode(prompt)
         cond = {"encoder_hidden_states": emb.repeat(n, 1, 1)}
-        if self.xl:
-            cond["text_embeds"] = pooled.repeat(n, 1)
+        pooled_name = "pooled_projections" if self.sd3 else "text_embeds"
+        if self.xl or self.sd3:
+            cond[pooled_name] = pooled.repeat(n, 1)
         if guided:
             if self.xl and negative is None and self.force_zeros:
                 neg, neg_pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
             else:
                 neg, neg_pooled = self._encode(negative or "")
             cond["encoder_hidden_states"] = torch.cat([neg.repeat(n, 1, 1), cond["encoder_hidden_states"]])
-            if self.xl:
-                cond["text_embeds"] = torch.cat([neg_pooled.repeat(n, 1), cond["text_embeds"]])
+            if self.xl or self.sd3:
+                cond[pooled_name] = torch.cat([neg_pooled.repeat(n, 1), cond[pooled_name]])
         if self.xl:
             rows = len(cond["text_embeds"])
             cond["time_ids"] = torch.tensor([list(time_ids)], dtype=torch.float32).repeat(rows, 1)
@@ -182,19 +199,23 @@ class TritonPythonModel:
         guided = guidance > 1.0  # diffusers' do_classifier_free_guidance
         cond = self._condition(prompt, negative, n, guided, time_ids)
         sched = make_scheduler(self.schedulers[scheduler])
-        sched.set_timesteps(steps)
         gen = torch.Generator().manual_seed(seed)
         shape = (n, self.latent_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
-        latents = torch.randn(shape, generator=gen) * sched.init_noise_sigma
-        step_kwargs = {}
-        params = set(inspect.signature(sched.step).parameters)
-        if "eta" in params:
-            step_kwargs["eta"] = 0.0
-        if "generator" in params:
-            step_kwargs["generator"] = gen
+        if self.sd3:  # StableDiffusion3Pipeline: its own scheduler, unscaled noise, no scale_model_input
+            sched.set_timesteps(steps, **self._mu(sched.config, shape))
+            latents, step_kwargs, scale = torch.randn(shape, generator=gen), {}, (lambda x, t: x)
+        else:
+            sched.set_timesteps(steps)
+            latents = torch.randn(shape, generator=gen) * sched.init_noise_sigma
+            step_kwargs, scale = {}, sched.scale_model_input
+            params = set(inspect.signature(sched.step).parameters)
+            if "eta" in params:
+                step_kwargs["eta"] = 0.0
+            if "generator" in params:
+                step_kwargs["generator"] = gen
         for t in sched.timesteps:
             x = torch.cat([latents] * 2) if guided else latents
-            x = sched.scale_model_input(x, t)
+            x = scale(x, t)
             eps = torch.from_numpy(self._unet(x.numpy(), t, cond))
             if guided:
                 uncond, text = eps.chunk(2)
@@ -203,16 +224,30 @@ class TritonPythonModel:
         if self.latents_stats is not None:
             mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in self.latents_stats)
             latents = latents * std / self.scaling_factor + mean
+        elif self.sd3:
+            latents = latents / self.scaling_factor + self.shift_factor
         else:
             latents = latents / self.scaling_factor
         image = torch.from_numpy(self._call("vae", {"latent": latents.numpy()}, ["image"])[0])
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
+    def _mu(self, cfg, shape):
+        """StableDiffusion3Pipeline's mu (diffusers' calculate_shift) when its scheduler shifts dynamically."""
+        if not cfg.get("use_dynamic_shifting"):
+            return {}
+        tokens = (shape[2] // self.patch_size) * (shape[3] // self.patch_size)
+        base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        base, top = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16)
+        m = (top - base) / (max_len - base_len)
+        return {"mu": tokens * m + base - m * base_len}
+
     # --- BLS calls ------------------------------------------------------------------------------------------
     def _encode(self, text):
         """(hidden states [1, T, D], pooled [1, P] or None): SD the last hidden state; SDXL both encoders'
-        penultimate ones concatenated, and text_encoder_2's pooled projection."""
+        penultimate ones concatenated, and text_encoder_2's pooled projection; SD3 see _encode_sd3."""
+        if self.sd3:
+            return self._encode_sd3(text)
         hidden, pooled = [], None
         for e in self.encoders:
             tok = self.tokenizers[e]
@@ -225,6 +260,28 @@ class TritonPythonModel:
                 pooled = torch.from_numpy(outs[1])
         return torch.cat(hidden, dim=-1), pooled
 
+    def _encode_sd3(self, text):
+        """StableDiffusion3Pipeline.encode_prompt: CLIP-L || CLIP-G penultimate hidden states, zero-padded to the joint
+        width, then T5 (or zeros); both pooled projections concatenated."""
+        hidden, pooled = [], []
+        for e in ("text_encoder", "text_encoder_2"):
+            tok = self.tokenizers[e]
+            ids = tok([text], padding="max_length", max_length=self.tokenizers["text_encoder"].model_max_length,
+                      truncation=True, return_tensors="np").input_ids.astype(np.int64)
+            outs = self._call(e, {"input_ids": ids}, ["penultimate_hidden_state", "text_embeds"])
+            hidden.append(torch.from_numpy(outs[0]))
+            pooled.append(torch.from_numpy(outs[1]))
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
+        if "text_encoder_3" in self.models:
+            ids = self.tokenizers["text_encoder_3"]([text], padding="max_length", max_length=self.t5_tokens,
+                                                    truncation=True, add_special_tokens=True,
+                                                    return_tensors="np").input_ids.astype(np.int64)
+            t5 = torch.from_numpy(self._call("text_encoder_3", {"input_ids": ids}, ["last_hidden_state"])[0])
+        else:
+            t5 = torch.zeros((1, self.t5_tokens, self.joint_dim))
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
     def _call(self, model, arrays, output_names):
         inputs = [pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in arrays.items()]
         return [out.astype(np.float32, copy=False) for out in call(self.models[model], inputs, output_names)]
@@ -234,12 +291,13 @@ class TritonPythonModel:
 
     def _unet(self, sample, t, cond):
         t_index = self.t_index(float(t))
-        t = int(round(float(t)))
+        # a UNet graph takes integer timesteps; SD3's transformer the scheduler's float as it is
+        t, t_type = (float(t), np.float32) if self.sd3 else (int(round(float(t))), np.int64)
         outs = []
         for s in range(0, len(sample), self.unet_batch):
             chunk = np.ascontiguousarray(sample[s:s + self.unet_batch], dtype=np.float32)
             b = len(chunk)
-            inputs = [pb_utils.Tensor("sample", chunk), pb_utils.Tensor("timestep", np.full((b, 1), t, np.int64))]
+            inputs = [pb_utils.Tensor("sample", chunk), pb_utils.Tensor("timestep", np.full((b, 1), t, t_type))]
             inputs += [pb_utils.Tensor(k, np.ascontiguousarray(v[s:s + b])) for k, v in cond.items()]
             if self.t_index_input:
                 inputs.append(pb_utils.Tensor("t_index", np.full((b, 1), t_index, np.int64)))
