@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import rtx_build, tiny_cond
+from conftest import tiny_cond
 
 STEPS = 4
 
@@ -190,8 +190,11 @@ def test_fp8_calibrate_export_rtx_plan_verify(model_folder, tmp_path, capsys):
     assert lp["max_level_diff"] == 0 and 0 < lp["max_error_over_bound"] <= 1, lp
 
     plan = tmp_path / "unet.plan"
-    built = rtx_build(graph, "89", plan)  # until dq-build-engine --backend tensorrt-rtx: a direct parse + build
-    assert built["parsed"] and built["plan_bytes"] > 0 and plan.stat().st_size == built["plan_bytes"], built
+    _ok(_cli(capsys, "build-engine", "--onnx", graph, "--engine", plan, "--backend", "tensorrt-rtx",
+             "--compute-capability", "8.9"))
+    side = _load(Path(f"{plan}.json"))
+    assert side["backend"] == "tensorrt-rtx" and side["targets"]["compute_capabilities"] == ["8.9"], side["targets"]
+    assert side["targets"]["required"]["compute_capability"] == "8.9" and plan.stat().st_size == side["engine_bytes"]
 
     rep = tmp_path / "verify"
     _ok(_cli(capsys, "verify", "--ckpt", q, "--onnx", graph, "--report", rep, "--batch", "1,2", "--samples", 2,

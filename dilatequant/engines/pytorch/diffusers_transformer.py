@@ -13,22 +13,20 @@ this adapter's config says out_channels == in_channels and the pipeline takes th
 """
 from __future__ import annotations
 
-import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from ...core.denoisers import UNetFamily, family_of_pipeline, null_cache_context
 from ...core.errors import UserError
 from ..base import Runner
-from ..schedule import nearest_t_index
+from .diffusers_unet import RunnerDenoiser
 
 
-class QuantizedTransformer(torch.nn.Module):
+class QuantizedTransformer(RunnerDenoiser):
     """diffusers' SD3 / FLUX / PixArt transformer interface over any runner."""
 
     def __init__(self, runner: Runner, config, pipeline_class: str) -> None:
-        super().__init__()
-        self.runner = runner
+        super().__init__(runner)
         self.family = family_of_pipeline(pipeline_class)
         if self.family is None or isinstance(self.family, UNetFamily):
             raise UserError(f"'{pipeline_class}' has no diffusion transformer; use engines.pytorch.diffusers_unet")
@@ -38,23 +36,6 @@ class QuantizedTransformer(torch.nn.Module):
         self.config = FrozenDict(cfg)
         self.calls = 0
         self.cache_context = null_cache_context  # FluxPipeline wraps each call in it
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32  # the runner's inputs and outputs; what runs inside is the graph's business
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")  # runners take and return host tensors
-
-    def t_index(self, timestep, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timesteps [B], t_index [B]) for a pipeline's timestep (scalar or [B], float or int)."""
-        t = torch.as_tensor(timestep).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch)
-        if t.numel() != batch:
-            raise UserError(f"timestep has {t.numel()} values for a batch of {batch}")
-        return t, nearest_t_index(self.runner.metadata.timesteps, t)
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         sample, timestep, cond, layout = self.family.from_pipeline_call(args, kwargs)

@@ -21,18 +21,13 @@ from ..base import Runner
 from ..schedule import nearest_t_index
 
 
-class QuantizedUNet(torch.nn.Module):
-    """diffusers' UNet2DConditionModel interface over any runner."""
+class RunnerDenoiser(torch.nn.Module):
+    """What every diffusers pipeline reads of its denoiser, answered for a runner: float32 host tensors, and each
+    pipeline timestep mapped to its calibrated t_index."""
 
-    def __init__(self, runner: Runner, config) -> None:
+    def __init__(self, runner: Runner) -> None:
         super().__init__()
         self.runner = runner
-        self.config = FrozenDict(dict(config))
-        cfg = self.config
-        if cfg.get("addition_embed_type") == "text_time":  # read by SDXL's _get_add_time_ids
-            dim = cfg["projection_class_embeddings_input_dim"]
-            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=dim))
-        self.calls = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -43,13 +38,31 @@ class QuantizedUNet(torch.nn.Module):
         return torch.device("cpu")  # runners take and return host tensors
 
     def t_index(self, timestep, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(integer timesteps [B], t_index [B]) for a pipeline's timestep (scalar or [B], int or float)."""
+        """(timesteps [B], t_index [B]) for a pipeline's timestep (scalar or [B], float or int)."""
         t = torch.as_tensor(timestep).reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch)
         if t.numel() != batch:
             raise UserError(f"timestep has {t.numel()} values for a batch of {batch}")
-        return t.double().round().to(torch.int64), nearest_t_index(self.runner.metadata.timesteps, t)
+        return t, nearest_t_index(self.runner.metadata.timesteps, t)
+
+
+class QuantizedUNet(RunnerDenoiser):
+    """diffusers' UNet2DConditionModel interface over any runner."""
+
+    def __init__(self, runner: Runner, config) -> None:
+        super().__init__(runner)
+        self.config = FrozenDict(dict(config))
+        cfg = self.config
+        if cfg.get("addition_embed_type") == "text_time":  # read by SDXL's _get_add_time_ids
+            dim = cfg["projection_class_embeddings_input_dim"]
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=dim))
+        self.calls = 0
+
+    def t_index(self, timestep, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer timesteps [B], t_index [B]) for a pipeline's timestep (scalar or [B], int or float)."""
+        t, t_index = super().t_index(timestep, batch)
+        return t.double().round().to(torch.int64), t_index
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
                 class_labels=None, timestep_cond=None, attention_mask=None, cross_attention_kwargs=None,
