@@ -111,6 +111,11 @@ def rtx_build(path, cc: tuple[int, int], plan=None):
     """NVIDIA's own parse + CPU-only ahead-of-time build (TensorRT-RTX) for one compute capability, with no rules
     check in front: what the builder itself says of a graph (engines.tensorrt.rtx's child process)."""
     pytest.importorskip("tensorrt_rtx")
+    import onnx
+
+    from dilatequant.engines.tensorrt.profiles import profile_from_flags
     from dilatequant.engines.tensorrt.rtx import RtxJob, run_jobs
 
-    return run_jobs([RtxJob(Path(path), Path(plan) if plan else None, compute_capabilities=(cc,))], timeout_s=300)[0]
+    profile = profile_from_flags(onnx.load(str(path), load_external_data=False), None, None, None)  # dq's default
+    job = RtxJob(Path(path), Path(plan) if plan else None, profile.to_json(), compute_capabilities=(cc,))
+    return run_jobs([job], timeout_s=300)[0]

@@ -23,7 +23,6 @@ import onnx
 import onnx_ir as ir
 
 from ..core.errors import UserError
-from .export_config import FP8_MIN_COMPUTE_CAPABILITY
 from .onnx_files import read_graph
 from .graph_passes import ensure_types
 
@@ -164,6 +163,7 @@ def check_blocks_supported(model: ir.Model, opset: int) -> list[Violation]:
         elif data == onnx.TensorProto.INT4 and block not in INT4_BLOCK_SIZES:
             v.append(Violation("int4-block-size", name, f"INT4 blocks of {block}; TensorRT supports blocks of "
                                f"{' and '.join(map(str, INT4_BLOCK_SIZES))}: export with int4_block 64 or 128"))
+    return v
 
 
 def _quantized_type(n: ir.Node) -> int | None:
@@ -175,8 +175,8 @@ def _quantized_type(n: ir.Node) -> int | None:
 
 
 def _check_fp8(model: ir.Model, opset: int) -> list[Violation]:
-    """FP8 types TensorRT runs (E4M3FN), the opset that has them, one quantized type per conv/GEMM, and the
-    compute-capability metadata of a dilatequant FP8 graph."""
+    """FP8 types TensorRT runs (E4M3FN), the opset that has them, one quantized type per conv/GEMM. (The compute
+    capability an FP8 graph needs, 8.9, is read from its tensor types by engines.tensorrt.targets at build time.)"""
     v = []
     fp8_nodes = 0
     for n in model.graph:
@@ -195,12 +195,6 @@ def _check_fp8(model: ir.Model, opset: int) -> list[Violation]:
                                    "convolutions and GEMMs take FP8 activations with FP8 weights"))
     if fp8_nodes and opset < FP8_MIN_OPSET:
         v.append(Violation("fp8-opset", "<model>", f"FP8 Q/DQ needs opset {FP8_MIN_OPSET} or later (got {opset})"))
-    props = model.metadata_props
-    if fp8_nodes and "dilatequant.format_version" in props \
-            and props.get("dilatequant.min_compute_capability") != FP8_MIN_COMPUTE_CAPABILITY:
-        v.append(Violation("fp8-metadata", "<model>", f"FP8 graph without dilatequant.min_compute_capability "
-                           f"{FP8_MIN_COMPUTE_CAPABILITY}: engine builders could target GPUs without FP8 (Ampere); "
-                           "re-export it with dq-export"))
     return v
 
 

@@ -197,7 +197,13 @@ def test_fp8_rules(graph, rule):
     assert {v.rule for v in check_graph(m)} == ({rule} if rule else set())
 
 
-def test_fp8_graph_without_its_compute_capability_is_a_violation():
+def test_fp8_graph_without_its_metadata_still_needs_compute_capability_8_9():
+    """The builders read the requirement from the tensor types too: a graph from another tool, or one whose
+    metadata was stripped, is not built for a GPU without FP8."""
+    from dilatequant.engines.tensorrt.targets import graph_requirement
+
     m = _fp8_conv_graph()
     del m.metadata_props[1]  # dilatequant.min_compute_capability
-    assert {v.rule for v in check_graph(m)} == {"fp8-metadata"}
+    assert check_graph(m) == []
+    need = graph_requirement(m, {})
+    assert need.cc == (8, 9) and "FP8" in need.reason, need

@@ -139,8 +139,8 @@ def test_int4_and_static_variants(cond_asym, tmp_path):
 
 
 def test_bad_precision_is_a_clear_error():
-    with pytest.raises(UserError, match="unknown precision"):
-        ExportConfig(precision="fp8")
+    with pytest.raises(UserError, match=r"unknown precision 'fp4': choose one of int8, int4, fp8"):
+        ExportConfig(precision="fp4")
 
 
 def test_spatial_sizes_are_dynamic(cond_asym):
