@@ -118,3 +118,25 @@ def test_quantized_transformer_answers_what_pipelines_read(chain):
         with t.cache_context("cond"):  # FluxPipeline wraps every call in it
             pass
         assert pipeline_call_kwargs(model)["max_sequence_length"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tensorrt_rtx_parses_and_builds_each_family(chain, name, tmp_path):
+    """NVIDIA's parser and builder (TensorRT-RTX, CPU-only ahead of time) take each family's graph through
+    dq-build-engine: every Q/DQ node becomes a Q/DQ layer, a plan is written for compute capability 8.9."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is the test extra's: pip install -e '.[test,rtx]'")
+    import onnx as onnx_lib
+
+    from dilatequant.engines.tensorrt.build import BuildConfig, build_engine
+
+    _, _, graph = chain[name]
+    engine = tmp_path / "transformer.plan"
+    side = build_engine(BuildConfig(onnx=graph, engine=engine, backend="tensorrt-rtx", compute_capabilities="8.9"))
+    assert side["backend"] == "tensorrt-rtx" and side["rules_check"] == "passed"
+    assert engine.stat().st_size == side["engine_bytes"] > 10_000
+    nodes = [n.op_type for n in onnx_lib.load(str(graph), load_external_data=False).graph.node]
+    layers = side["network"]["layer_types"]
+    assert (layers.get("QUANTIZE", 0), layers.get("DEQUANTIZE", 0)) == \
+        (nodes.count("QuantizeLinear"), nodes.count("DequantizeLinear")) and nodes.count("QuantizeLinear") > 0
+    assert [i["name"] for i in side["network"]["inputs"]] == ["sample", "timestep", "t_index", *COND[name]]
