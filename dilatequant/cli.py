@@ -83,7 +83,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
 
     d, q = DistillConfig(), QuantConfig()
     p = argparse.ArgumentParser(prog="dq-calibrate", description="DilateQuant QAT (WD + TPQ + BKD) -> q.pt")
-    _add_model(p, "default | default-cond | sd-digits | a diffusers UNet folder | a pipeline folder: "
+    _add_model(p, "default | default-cond | sd-digits | sd3-digits | a diffusers UNet folder | a pipeline folder: "
                "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, "
                "PixArtSigmaPipeline", default="default")
     p.add_argument("--bits", help="weight and activation bits, e.g. W8A8, W4A8, W4A4 (default: W4A8; fp8: W8A8)")
@@ -313,8 +313,9 @@ def triton_main(argv: list[str] | None = None) -> None:
     p.add_argument("--repo", type=Path, required=True, help="repository folder to write")
     p.add_argument("--ckpt", type=Path, help="q.pt the graph came from (class tokens, scheduler); "
                    "default: the base model named in the graph's metadata")
-    _add_model(p, "Stable Diffusion graphs: the StableDiffusionPipeline folder it was calibrated from (text encoder, "
-               "VAE, tokenizer; default: the base model named in the graph's metadata)")
+    _add_model(p, "prompted graphs: the pipeline folder it was calibrated from (StableDiffusionPipeline, "
+               "StableDiffusionXLPipeline or StableDiffusion3Pipeline: text encoders, VAE, tokenizers; default: the "
+               "base model named in the graph's metadata)")
     p.add_argument("--max-batch", type=int, default=d["max_batch"].default, help="unet max_batch_size (%(default)s)")
     p.add_argument("--instances", type=int, default=d["instances"].default, help="unet instances (%(default)s)")
     p.add_argument("--pipeline-instances", type=int, default=d["pipeline_instances"].default,
