@@ -108,6 +108,9 @@ def _rng():
     return np.random.default_rng(0)
 
 
+FP8_TYPES = {"fp8": TP.FLOAT8E4M3FN, "fp8e5m2": TP.FLOAT8E5M2}  # TensorRT's E4M3 and ONNX's other FP8 type
+
+
 def _zp(g: G, qtype: str, shape: tuple, value=0) -> str:
     if qtype == "int8":
         return g.init(np.full(shape, value, np.int8))
@@ -115,8 +118,8 @@ def _zp(g: G, qtype: str, shape: tuple, value=0) -> str:
         return g.init(np.full(shape, value, np.uint8))
     if qtype == "int4":
         return g.init(np.full(shape, value, np.int64), TP.INT4)
-    if qtype == "fp8":
-        return g.init(np.full(shape, float(value), np.float32), TP.FLOAT8E4M3FN)
+    if qtype in FP8_TYPES:
+        return g.init(np.full(shape, float(value), np.float32), FP8_TYPES[qtype])
     raise ValueError(qtype)
 
 
@@ -143,9 +146,9 @@ def conv_weight(g: G, wtype="int8", axis=0, n_scales=C_OUT, scale: str | None = 
         return g.init((r.standard_normal((C_OUT, c_in, 3, 3)) * 0.1).astype(np.float32))
     if wtype == "int8":
         wq, zp = g.init(r.integers(-127, 128, (C_OUT, c_in, 3, 3)).astype(np.int8)), _zp(g, "int8", (n_scales,))
-    elif wtype == "fp8":
-        wq = g.init((r.standard_normal((C_OUT, c_in, 3, 3)) * 50).astype(np.float32), TP.FLOAT8E4M3FN)
-        zp = _zp(g, "fp8", (n_scales,), zp_value)
+    elif wtype in FP8_TYPES:
+        wq = g.init((r.standard_normal((C_OUT, c_in, 3, 3)) * 50).astype(np.float32), FP8_TYPES[wtype])
+        zp = _zp(g, wtype, (n_scales,), zp_value)
     elif wtype == "int4":
         wq = g.init(r.integers(-8, 8, (C_OUT, c_in, 3, 3)), TP.INT4)
         if block:
@@ -374,7 +377,8 @@ DEFECTS: list[Defect] = [
     Defect("int4_act_gemm", "INT4 activation Q/DQ before an INT4 GEMM weight (W4A4)", lambda: matmul_graph(act="int4"),
            docs="int4-weight-only"),
     Defect("w4a8_gemm", "int8 activation Q/DQ before an INT4 GEMM weight (W4A8)", lambda: matmul_graph(act="int8"),
-           note="INT4 is weight-only in TensorRT: no W4A8 kernel is documented"),
+           docs="int4-weight-only", note="TensorRT-RTX's builder takes it; TensorRT documents INT4 as weight-only: "
+           "no W4A8 kernel (int4_conv_a8 is the same pattern on a Conv)"),
     Defect("w4_fp8_gemm", "FP8 activation Q/DQ before an INT4 GEMM weight", lambda: matmul_graph(act="fp8")),
     Defect("int4_conv_channel", "INT4 Conv weight per output channel, weight-only", lambda: conv_graph(
         act=None, weight="int4"), docs="int4-blocks"),
@@ -402,6 +406,13 @@ DEFECTS: list[Defect] = [
     Defect("int4_odd", "INT4 GEMM weight with an odd last dimension (15)", int4_odd_graph),
     Defect("int8_blocked", "int8 GEMM weight in blocks of 128 along K (opset 21)",
            lambda: matmul_graph(weight="int8_blocked"), docs="q-block-types"),
+    # FP8
+    Defect("fp8_e5m2", "FP8 Conv in E5M2 (activation and weight), not E4M3", lambda: conv_graph(
+        act="fp8e5m2", weight="fp8e5m2"), note="valid ONNX; TensorRT-RTX's parser cannot import an E5M2 tensor"),
+    Defect("fp8_opset18", "clean FP8 (E4M3) Conv in an opset 18 graph", lambda: conv_graph(
+        opset=18, act="fp8", weight="fp8"), note="ONNX has FP8 Q/DQ from opset 19; TensorRT-RTX builds it anyway"),
+    Defect("fp8_act_int8_weight", "FP8 activation Q/DQ (then the step-size Mul) before an int8 Conv weight",
+           lambda: conv_graph(act="fp8", weight="int8")),
     # opsets and operators
     Defect("opset20_int4", "INT4 GEMM weight in an opset 20 graph", lambda: matmul_graph(opset=20)),
     Defect("opset20_blocked", "blocked int8 DQ in an opset 20 graph", lambda: matmul_graph(

@@ -186,8 +186,8 @@ def _check_fp8(model: ir.Model, opset: int) -> list[Violation]:
                 v.append(Violation("fp8-type", _name(n), f"{onnx.TensorProto.DataType.Name(qt)}: TensorRT quantizes "
                                    "to FLOAT8E4M3FN (E4M3) only"))
             fp8_nodes += qt == FP8
-        if n.op_type in CHANNEL_OPS:
-            srcs = [i.producer() if i is not None else None for i in n.inputs[:2]]
+        if n.op_type in CHANNEL_OPS:  # through the Mul(step size) the export puts between a DQ and its layer
+            srcs = [_through(i.producer()) if i is not None else None for i in n.inputs[:2]]
             kinds = {_quantized_type(p) for p in srcs if p is not None and p.op_type == "DequantizeLinear"}
             if len(kinds) == 2 and FP8 in kinds:
                 named = sorted(onnx.TensorProto.DataType.Name(k) for k in kinds if k)

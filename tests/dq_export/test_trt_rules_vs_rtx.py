@@ -47,13 +47,17 @@ def test_the_checker_rejects_everything_the_builder_the_docs_or_onnx_refuse(rows
     # the corpus is what it claims: the real parser and builder refuse these, and pass the references
     refused = {i for i, r in by.items() if r.builder.verdict != "built"}
     assert {"scale_zero", "zp_nonzero", "scale_count", "int4_block_96", "int4_conv_blocked", "qlinear_op",
-            "weight_scale_runtime", "w4_fp8_gemm", "fp8_gemm_sm86"} <= refused
+            "weight_scale_runtime", "w4_fp8_gemm", "fp8_gemm_sm86", "fp8_e5m2", "fp8_act_int8_weight"} <= refused
     assert "Non-zero zero point is not supported" in by["zp_nonzero"].builder.reason
     assert "Cannot compile for target(s) sm86" in by["fp8_gemm_sm86"].builder.reason
     assert by["fp8_gemm_sm86"].target_check.startswith("refuses") and by["fp8_gemm_sm86"].violations == []
+    assert by["fp8_e5m2"].builder.verdict == "parser refused" and by["fp8_e5m2"].onnx == "ok"
+    assert "dtype == W.type()" in by["fp8_act_int8_weight"].builder.reason
     # ... and accept these, which only the checker (with the docs, ONNX, or the numerics) stops
+    built = {i for i, r in by.items() if r.builder.verdict == "built"}
     assert {"scale_gather_vector", "act_per_channel", "zp_fp8_act", "int4_block_32", "int8_blocked",
-            "opset20_blocked", "zp_missing"} <= {i for i, r in by.items() if r.builder.verdict == "built"}
+            "opset20_blocked", "zp_missing", "fp8_opset18"} <= built
+    assert "float8e4m3fn" in by["fp8_opset18"].onnx  # ONNX has no FP8 type before opset 19
     assert by["ok_w4a16"].builder.details["network"]["layer_types"]["DEQUANTIZE"] == 1
 
 
