@@ -53,6 +53,15 @@ class RunnerMetadata:
         if self.conditional and not self.cond_inputs:  # class-token graphs written before SDXL inputs existed
             object.__setattr__(self, "cond_inputs", (ENCODER_HIDDEN_STATES,))
 
+    @property
+    def float_timesteps(self) -> bool:
+        """A diffusion transformer's graph takes its scheduler's float timesteps (flow matching's 1000 sigma); a
+        UNet's takes integers (diffusers' pipelines round them before the UNet: QuantizedUNet does)."""
+        from ..core.denoisers import UNetFamily, family_of_pipeline
+
+        family = family_of_pipeline(self.pipeline_class) if self.pipeline_class else None
+        return family is not None and not isinstance(family, UNetFamily)
+
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["timesteps"], d["sample_shape"] = list(self.timesteps), list(self.sample_shape)
@@ -142,7 +151,7 @@ class Runner:
             raise UserError(f"sample must have shape [B, {', '.join(map(str, m.sample_shape))}]{other} for {m.name}, "
                             f"got {list(sample.shape)}")
         batch = sample.shape[0]
-        timestep = self._batch_vector(timestep, "timestep", batch, floats=True)
+        timestep = self._batch_vector(timestep, "timestep", batch, floats=m.float_timesteps)
         t_index = self._batch_vector(t_index, "t_index", batch)
         if timestep.numel() and timestep.min() < 0:
             raise UserError(f"timestep must be >= 0, got {timestep.tolist()}")
