@@ -4,8 +4,8 @@ graphs of every flavor on every run).
 
     python benchmarks/rtx_default_builds.py --out benchmarks/results/rtx_default_builds
 
-Runs, each in a fresh process: dq-calibrate (W8A8 --sym, PTQ: the builds need valid tables, not good ones),
-dq-export (int8), dq-export --precision int4, dq-export --fp16-from, then dq-build-engine --onnx G --engine P
+Runs, each in a fresh process: dq-calibrate W8A8 and W4A8 (--sym, PTQ: the builds need valid tables, not good
+ones), dq-export (int8, of the W8A8 q.pt), dq-export --precision int4 (of the W4A8 one), dq-export --fp16-from, then dq-build-engine --onnx G --engine P
 (no --backend: `auto` must pick TensorRT-RTX here) for each graph. Writes <out>/rtx_default_builds.{json,md}
 with each build's sidecar summary (backend, version, built without a GPU, targets, plan size, Q/DQ layers) and
 wall time.
@@ -42,12 +42,15 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="dq-rtx-default-"))
     work.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "dilatequant.cli"]
-    q = work / "q.pt"
+    q, q4 = work / "q.pt", work / "q_w4a8.pt"
     graphs = {"int8": work / "unet.onnx", "int4": work / "unet_int4.onnx", "fp16": work / "unet_fp16.onnx"}
     steps = {"calibrate": run([*cli, "calibrate", "--model", "default", "--bits", "W8A8", "--sym", "--steps", "10",
                                "--calib-samples", "32", "--no-bkd", "--seed", "0", "--out", str(q)])}
+    steps["calibrate W4A8"] = run([*cli, "calibrate", "--model", "default", "--bits", "W4A8", "--sym", "--steps", "10",
+                                   "--calib-samples", "32", "--no-bkd", "--seed", "0", "--out", str(q4)])
     steps["export int8"] = run([*cli, "export", "--ckpt", str(q), "--onnx", str(graphs["int8"])])
-    steps["export int4"] = run([*cli, "export", "--ckpt", str(q), "--onnx", str(graphs["int4"]), "--precision", "int4"])
+    steps["export int4"] = run([*cli, "export", "--ckpt", str(q4), "--onnx", str(graphs["int4"]), "--precision",
+                                 "int4"])
     steps["export --fp16-from"] = run([*cli, "export", "--fp16-from", str(graphs["int8"]), "--onnx",
                                        str(graphs["fp16"])])
     builds = {}
@@ -75,7 +78,7 @@ def main() -> None:
     write_text(a.out / "README.md", "\n".join([
         "# TensorRT-RTX plans of `default`'s graphs, built without a GPU", "",
         "`dq-build-engine --onnx G --engine P` with no `--backend` (auto picked TensorRT-RTX: no TensorRT 11 and no "
-        "GPU here), on the graphs `dq-export` writes from a W8A8 PTQ q.pt of the embedded `default` model.", "",
+        "GPU here), on the graphs `dq-export` writes from W8A8 (int8, FP16) and W4A8 (int4) PTQ q.pt files of the embedded `default` model.", "",
         "| graph | backend | built without a GPU | targets | plan MiB | Q / DQ layers | build wall s |",
         "|---|---|---|---|---|---|---|", *rows, "",
         f"Machine: {env.get('cpu')}, {env.get('cpu_count')} cores; torch {env.get('torch')}. Command: "
