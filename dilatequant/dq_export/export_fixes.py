@@ -1,4 +1,4 @@
-"""Exporting diffusers transformers with torch.onnx (dynamo): three workarounds, each for a measured failure.
+"""Exporting diffusers transformers with torch.onnx (dynamo): four workarounds, each for a measured failure.
 
 1. Capture: the ONNX exporter runs torch.export with size-oblivious reasoning (backed_size_oblivious), under
    which PixArt's cross-attention mask reshape (`attention_mask.view(B, heads, -1, L_txt)`) cannot prove its -1
