@@ -69,7 +69,9 @@ def main() -> None:
                f"{res['demo_peak_rss_mb']} MB; load average before {res['loadavg_before']}, after "
                f"{res['loadavg_after']}.\n" + (tests_line(res["tests"]) if a.tests else ""))
     print(json.dumps({k: v for k, v in res.items() if k != "environment"}), flush=True)
-    if not a.keep:
+    if a.keep or res.get("tests", {}).get("exit"):
+        print(f"kept {work} (the clones and their logs)", flush=True)
+    else:
         shutil.rmtree(work)
 
 
@@ -95,16 +97,18 @@ def time_tests(command: str, work: Path) -> dict:
     text = log.read_text(errors="replace")
     summary = next((ln.strip("= ") for ln in reversed(text.splitlines()) if " passed" in ln and " in " in ln), "")
     took = re.search(r" in ([0-9.]+)s", summary)
-    return {"command": command, "exit": rc, "wall_s": wall, "pytest_s": float(took.group(1)) if took else None,
+    failed = [ln.strip() for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+    return {"command": command, "exit": rc, "failed": failed, "wall_s": wall, "pytest_s": float(took.group(1)) if took else None,
             "install_s": round(wall - float(took.group(1)), 1) if took else None, "summary": summary,
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def tests_line(t: dict) -> str:
+    failed = f" Failed: {'; '.join(t['failed'])}." if t.get("failed") else ""
     return (f"README's second command on another clean clone: exit {t['exit']}, {t['wall_s'] / 60:.1f} min in all "
             f"(install {t['install_s']} s, pytest {t['pytest_s']} s): {t['summary']}; load average before "
-            f"{t['loadavg_before']}, after {t['loadavg_after']}.\n")
+            f"{t['loadavg_before']}, after {t['loadavg_after']}.{failed}\n")
 
 
 if __name__ == "__main__":
