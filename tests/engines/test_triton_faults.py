@@ -268,6 +268,7 @@ def test_killed_server_is_restarted_and_a_retrying_client_is_served(serve, capsy
 
 def test_a_deadline_that_expires_ends_in_one_line_naming_the_attempts(serve, tmp_path, capsys):
     """1000 steps take longer than a 1 s budget: the attempt times out and no other fits; the last line says so."""
+    serve.wait_ready(60)  # a server still restarting would refuse the connection instead
     t = time.monotonic()
     code = cli_exit_code(client_main, "--url", serve.url, "--label", 3, "--steps", 1000, "--timeout", 1,
                          "--retries", 3, "--out", tmp_path / "x.png")

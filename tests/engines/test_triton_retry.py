@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("tritonclient.utils", reason="tritonclient not installed: pip install 'dilatequant[serve]'")
 
+from geventhttpclient.response import HTTPConnectionClosed  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from dilatequant.core.errors import UserError  # noqa: E402
@@ -40,6 +41,7 @@ def _wrapped(err):
     (_server_error("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED"), "timed out"),
     (ConnectionRefusedError(111, "Connection refused"), "connection refused"),
     (ConnectionResetError(104, "Connection reset by peer"), "connection reset"),
+    (HTTPConnectionClosed("connection closed."), "connection reset"),  # a restarting server, over HTTP
     (TimeoutError("timed out"), "timed out"),
     (_wrapped(_server_error(STUB_DEAD, "500")), "backend crashed"),
     # not transient: bad input, a model's own error, a model name that does not exist

@@ -8,7 +8,8 @@ What counts as transient, from Triton 2.51's answers (docs/triton.md, "Client re
 - "Stub process '<instance>' is not healthy." (HTTP 500 / gRPC INTERNAL): a Python-backend process died and the
   request reached it before dq-serve unloaded it;
 - "... has no available versions" / "... is not ready" (HTTP 404 / NOT_FOUND, 400): a model between unload and load;
-- connection refused or reset (HTTP), and timeouts (HTTP socket timeout, gRPC DEADLINE_EXCEEDED).
+- connection refused or reset (HTTP; also a connection the server closed before it answered, as a restarting server
+  does: geventhttpclient's HTTPConnectionClosed), and timeouts (HTTP socket timeout, gRPC DEADLINE_EXCEEDED).
 A model name that is not in the repository at all ("is not found") is not transient: it is a typo.
 """
 from __future__ import annotations
@@ -69,12 +70,22 @@ def transient_reason(err: BaseException) -> str | None:
             return next((reason for needle, reason in TRANSIENT_MESSAGES.items() if needle in message), None)
         if isinstance(err, ConnectionRefusedError):
             return "connection refused"
-        if isinstance(err, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        if isinstance(err, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)) or _closed_by_server(err):
             return "connection reset"
         if isinstance(err, TimeoutError):
             return "timed out"
         err = err.__cause__
     return None
+
+
+def _closed_by_server(err: BaseException) -> bool:
+    """tritonclient's HTTP transport (geventhttpclient) reports a connection closed without an answer in its own
+    exception, not as ConnectionResetError."""
+    try:
+        from geventhttpclient.response import HTTPConnectionClosed
+    except ImportError:
+        return False
+    return isinstance(err, HTTPConnectionClosed)
 
 
 @dataclass
