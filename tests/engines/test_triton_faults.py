@@ -29,7 +29,8 @@ from dilatequant.engines.triton.retry import RetriesExhausted, RetryPolicy  # no
 from dilatequant.engines.triton.server import free_port, unavailable_reason  # noqa: E402
 from dilatequant.engines.triton.stubs import alive, children, stubs_of  # noqa: E402
 
-from triton_fixtures import cli_exit_code, tiny_cond_export  # noqa: E402
+from conftest import call_cli  # noqa: E402
+from triton_fixtures import tiny_cond_export  # noqa: E402
 
 if unavailable_reason():
     pytest.skip(f"no Triton server can start here: {unavailable_reason()}", allow_module_level=True)
@@ -169,15 +170,15 @@ def _load(server, clients, per_client, fault, start=0):
 def test_probe_and_health_endpoint_answer_ready(serve, capsys):
     from dilatequant.cli import serve_main
 
-    assert cli_exit_code(serve_main, "--probe", "ready", "--health-port", serve.health_port) == 0
+    assert call_cli(serve_main, "--probe", "ready", "--health-port", serve.health_port) == 0
     assert capsys.readouterr().out.strip() == "ready: 2 models (pipeline, unet)"
-    assert cli_exit_code(serve_main, "--probe", "live", "--health-port", serve.health_port) == 0
+    assert call_cli(serve_main, "--probe", "live", "--health-port", serve.health_port) == 0
     code, body = serve.health()
     assert code == 200 and body["ready"] and body["live"] and body["faults"] == 0
     assert serve.health("/v2/models/pipeline/ready")[0] == 200
     assert serve.health("/v2/models/nope/ready")[0] == 404
     nothing = free_port()
-    assert cli_exit_code(serve_main, "--probe", "live", "--health-port", nothing) == 1
+    assert call_cli(serve_main, "--probe", "live", "--health-port", nothing) == 1
     assert f"not live: nothing answers at http://127.0.0.1:{nothing}/v2/health/live" in capsys.readouterr().out
 
 
@@ -253,9 +254,9 @@ def test_killed_server_is_restarted_and_a_retrying_client_is_served(serve, capsy
         deadline = time.monotonic() + 10
         while not serve.lines("fault", "tritonserver exited") and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert cli_exit_code(serve_main, "--probe", "ready", "--health-port", serve.health_port) == 1
+        assert call_cli(serve_main, "--probe", "ready", "--health-port", serve.health_port) == 1
         assert "tritonserver restarting (tritonserver exited with code -9)" in capsys.readouterr().out
-        assert cli_exit_code(serve_main, "--probe", "live", "--health-port", serve.health_port) == 0  # restarting: live
+        assert call_cli(serve_main, "--probe", "live", "--health-port", serve.health_port) == 0  # restarting: live
         outcome = pending.result(timeout=300)
     assert outcome.error is None, outcome.error
     assert outcome.images.shape == (1, 8, 8, 1) and "connection refused" in outcome.attempts.failures
@@ -270,7 +271,7 @@ def test_a_deadline_that_expires_ends_in_one_line_naming_the_attempts(serve, tmp
     """1000 steps take longer than a 1 s budget: the attempt times out and no other fits; the last line says so."""
     serve.wait_ready(60)  # a server still restarting would refuse the connection instead
     t = time.monotonic()
-    code = cli_exit_code(client_main, "--url", serve.url, "--label", 3, "--steps", 1000, "--timeout", 1,
+    code = call_cli(client_main, "--url", serve.url, "--label", 3, "--steps", 1000, "--timeout", 1,
                          "--retries", 3, "--out", tmp_path / "x.png")
     elapsed = time.monotonic() - t
     err = capsys.readouterr().err.strip().splitlines()

@@ -12,10 +12,8 @@ import pytest
 pytest.importorskip("tritonclient.http", reason="tritonclient[http,grpc] not installed: pip install 'dilatequant[serve]'")
 
 from dilatequant.engines.triton.client import InferenceFailed, generate_from_prompt  # noqa: E402
-from dilatequant.engines.triton.repository import RepositoryConfig, validate_repository, write_repository  # noqa: E402
-from dilatequant.engines.triton.server import TritonServer, unavailable_reason  # noqa: E402
 
-from triton_fixtures import dq_generate_image  # noqa: E402
+from triton_fixtures import dq_generate_image, serve_prompt_pipeline  # noqa: E402
 
 TIMEOUT_S = 120
 PROMPT = "a red cat"
@@ -43,20 +41,13 @@ def sd3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(sd3, tmp_path_factory, request):
-    if unavailable_reason():
-        pytest.skip(f"no Triton server can start here: {unavailable_reason()}")
     folder, _, graph = sd3
     tmp = tmp_path_factory.mktemp("sd3-triton")
-    s = write_repository(RepositoryConfig(repo=tmp / "repo", onnx=graph, model=str(folder), kind="cpu", max_batch=8,
-                                          intra_op_threads=1))
-    assert s["pipeline_class"] == "StableDiffusion3Pipeline"
-    assert set(s["models"]) == {"unet", "pipeline", "text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder"}
-    assert validate_repository(tmp / "repo") == []
+    server = serve_prompt_pipeline(folder, graph, tmp, request, "StableDiffusion3Pipeline",
+                                   {"unet", "pipeline", "text_encoder", "text_encoder_2", "text_encoder_3",
+                                    "vae_decoder"})
     header = (tmp / "repo" / "pipeline" / "config.pbtxt").read_text()
     assert "SD3 prompt pipeline" in header and "8 T5 tokens (text_encoder_3)" in header
-    server = TritonServer(tmp / "repo", log_path=tmp / "server.log", exit_timeout_s=3)
-    request.addfinalizer(server.stop)
-    server.start(timeout_s=240)
     return server, tmp
 
 

@@ -15,9 +15,8 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] not ins
 
 from dilatequant.engines.triton.client import InferenceFailed, generate_from_prompt  # noqa: E402
 from dilatequant.engines.triton.repository import RepositoryConfig, validate_repository, write_repository  # noqa: E402
-from dilatequant.engines.triton.server import TritonServer, unavailable_reason  # noqa: E402
 
-from triton_fixtures import dq_generate_image, tiny_sdxl_export  # noqa: E402
+from triton_fixtures import dq_generate_image, serve_prompt_pipeline, tiny_sdxl_export  # noqa: E402
 
 TIMEOUT_S = 120
 PROMPT = "a red cat"
@@ -30,17 +29,10 @@ def sdxl(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(sdxl, tmp_path_factory, request):
-    if unavailable_reason():
-        pytest.skip(f"no Triton server can start here: {unavailable_reason()}")
     folder, _, graph = sdxl
     tmp = tmp_path_factory.mktemp("sdxl-triton")
-    s = write_repository(RepositoryConfig(repo=tmp / "repo", onnx=graph, model=str(folder), kind="cpu", max_batch=8,
-                                          intra_op_threads=1))
-    assert s["pipeline_class"] == "StableDiffusionXLPipeline"
-    assert set(s["models"]) == {"unet", "pipeline", "text_encoder", "text_encoder_2", "vae_decoder"}
-    server = TritonServer(tmp / "repo", log_path=tmp / "server.log", exit_timeout_s=3)
-    request.addfinalizer(server.stop)
-    server.start(timeout_s=240)
+    server = serve_prompt_pipeline(folder, graph, tmp, request, "StableDiffusionXLPipeline",
+                                   {"unet", "pipeline", "text_encoder", "text_encoder_2", "vae_decoder"})
     return server, tmp
 
 

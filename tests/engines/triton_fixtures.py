@@ -12,7 +12,7 @@ from dilatequant.core.sampling import sampling_timesteps
 from dilatequant.dq_export.export_config import ExportConfig
 from dilatequant.dq_export.qdq_graph import export_onnx
 
-from conftest import tiny_cond
+from conftest import call_cli, tiny_cond
 
 STEPS = 4
 
@@ -55,15 +55,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def cli_exit_code(main, *args) -> int:
-    """A console entry point in-process: its exit code (0 when it returns)."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as err:
-        return err.code
-    return 0
-
-
 def dq_generate_image(model, graph, out: Path, prompt: str, **settings) -> np.ndarray:
     """dq-generate's own PNG for these settings (flags named as the keyword arguments), read back as uint8."""
     from PIL import Image
@@ -73,7 +64,7 @@ def dq_generate_image(model, graph, out: Path, prompt: str, **settings) -> np.nd
     args = ["--model", model, "--onnx", graph, "--prompt", prompt, "--out", out]
     for k, v in settings.items():
         args += [f"--{k.replace('_', '-')}", v]
-    assert cli_exit_code(generate_main, *args) == 0
+    assert call_cli(generate_main, *args) == 0
     return np.array(Image.open(out))
 
 
@@ -94,3 +85,24 @@ def tiny_sdxl_export(tmp_path_factory) -> tuple[Path, Path, Path]:
                                    prompts=["a red cat", "a blue dog"]))
     export_onnx(tmp / "q.pt", tmp / "unet.onnx", ExportConfig())
     return folder, tmp / "q.pt", tmp / "unet.onnx"
+
+
+def serve_prompt_pipeline(folder: Path, graph: Path, tmp: Path, request, pipeline_class: str, models: set[str]):
+    """A real Triton server on the CPU prompt repository of this pipeline folder and graph, stopped after the
+    module; the repository is checked for the pipeline class and its models first."""
+    import pytest
+
+    from dilatequant.engines.triton.repository import RepositoryConfig, validate_repository, write_repository
+    from dilatequant.engines.triton.server import TritonServer, unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(f"no Triton server can start here: {unavailable_reason()}")
+    s = write_repository(RepositoryConfig(repo=tmp / "repo", onnx=graph, model=str(folder), kind="cpu", max_batch=8,
+                                          intra_op_threads=1))
+    assert s["pipeline_class"] == pipeline_class
+    assert set(s["models"]) == models
+    assert validate_repository(tmp / "repo") == []
+    server = TritonServer(tmp / "repo", log_path=tmp / "server.log", exit_timeout_s=3)
+    request.addfinalizer(server.stop)
+    server.start(timeout_s=240)
+    return server
