@@ -14,6 +14,8 @@ import torch
 
 from conftest import tiny_cond
 
+from dilatequant.core.reporting import read_json
+
 STEPS = 4
 
 
@@ -39,17 +41,6 @@ def _ok(result: tuple[int, str, str]) -> str:
     assert code == 0, err[-3000:]
     assert "Traceback" not in err
     return out
-
-
-def _load(path: Path):
-    """A report as numbers: write_json stores inf/nan as the strings "inf"/"nan" (JSON has no literal for them)."""
-    def num(o):
-        if isinstance(o, dict):
-            return {k: num(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [num(v) for v in o]
-        return float(o) if o in ("inf", "-inf", "nan") else o
-    return num(json.loads(Path(path).read_text()))
 
 
 def _sha256(path: Path) -> str:
@@ -88,7 +79,7 @@ def test_calibrate_export_verify_triton(model_folder, tmp_path, capsys):
     # -- dq-export (layer-wise parity, TensorRT rules, ORT parity) -----------------------------------
     graph = tmp_path / "unet.onnx"
     out = _ok(_cli(capsys, "export", "--ckpt", q, "--onnx", graph))
-    ex = _load(Path(f"{graph}.export.json"))
+    ex = read_json(Path(f"{graph}.export.json"))
     assert ex["trt_rules"] == "passed" and f"TensorRT rules: {ex['trt_rules']}" in out
     lp = ex["layer_parity"]
     assert lp["passed"] and lp["max_level_diff"] <= 1 and lp["t_index_values"] == STEPS and lp["layers"] > 10
@@ -110,7 +101,7 @@ def test_calibrate_export_verify_triton(model_folder, tmp_path, capsys):
     assert "Traceback" not in err, err
     if have_rtx and importlib.util.find_spec("tensorrt") is None:
         assert code == 0, err
-        side = _load(Path(f"{tmp_path / 'unet.plan'}.json"))
+        side = read_json(Path(f"{tmp_path / 'unet.plan'}.json"))
         assert side["backend"] == "tensorrt-rtx" and side["built_without_gpu"] is True, side
         assert (tmp_path / "unet.plan").stat().st_size > 100_000
     elif not have_rtx:
@@ -123,7 +114,7 @@ def test_calibrate_export_verify_triton(model_folder, tmp_path, capsys):
     rep = tmp_path / "verify"
     out = _ok(_cli(capsys, "verify", "--ckpt", q, "--onnx", graph, "--report", rep, "--batch", "1,2", "--samples", 2,
                    "--traj-samples", 1, "--repeats", 1, "--warmup", 0, "--mapped-steps", "2", "--layer-per-step", 1))
-    r = _load(rep / "report.json")
+    r = read_json(rep / "report.json")
     assert r["checkpoint"]["sha256"] == checkpoint_hash(q) and r["checkpoint"]["timesteps"] == ck.timesteps
     assert Path(r["runtime"]["path"]) == graph and r["runtime"]["name"] == "onnxruntime-cpu"
     acc = r["accuracy"]
@@ -182,7 +173,7 @@ def test_fp8_calibrate_export_rtx_plan_verify(model_folder, tmp_path, capsys):
 
     graph = tmp_path / "unet.onnx"
     out = _ok(_cli(capsys, "export", "--ckpt", q, "--onnx", graph))
-    ex = _load(Path(f"{graph}.export.json"))
+    ex = read_json(Path(f"{graph}.export.json"))
     assert ex["precision"] == "fp8" and ex["trt_rules"] == "passed" and ", fp8, fp32, " in out
     assert "FP8 sums at most" in out and "x their float32 bound: passed" in out
     lp = ex["layer_parity"]
@@ -192,14 +183,14 @@ def test_fp8_calibrate_export_rtx_plan_verify(model_folder, tmp_path, capsys):
     plan = tmp_path / "unet.plan"
     _ok(_cli(capsys, "build-engine", "--onnx", graph, "--engine", plan, "--backend", "tensorrt-rtx",
              "--compute-capability", "8.9"))
-    side = _load(Path(f"{plan}.json"))
+    side = read_json(Path(f"{plan}.json"))
     assert side["backend"] == "tensorrt-rtx" and side["targets"]["compute_capabilities"] == ["8.9"], side["targets"]
     assert side["targets"]["required"]["compute_capability"] == "8.9" and plan.stat().st_size == side["engine_bytes"]
 
     rep = tmp_path / "verify"
     _ok(_cli(capsys, "verify", "--ckpt", q, "--onnx", graph, "--report", rep, "--batch", "1,2", "--samples", 2,
              "--traj-samples", 1, "--repeats", 1, "--warmup", 0, "--layer-per-step", 1))
-    r = _load(rep / "report.json")
+    r = read_json(rep / "report.json")
     assert Path(r["runtime"]["path"]) == graph and r["runtime"]["name"] == "onnxruntime-cpu"
     per_step = sorted(row["runtime_vs_fake_quant_sqnr_db"] for row in r["accuracy"]["per_step"])
     assert len(per_step) == STEPS and per_step[len(per_step) // 2] >= 60, per_step

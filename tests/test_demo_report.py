@@ -1,28 +1,19 @@
 """dq-demo's README: every cell it shows is a measurement (no "not computed" placeholders)."""
 import copy
-import json
 from pathlib import Path
 
 import pytest
 
 from dilatequant.core.metrics import FID_MIN_SAMPLES
+from dilatequant.core.reporting import read_json
 from dilatequant.demo import summary_markdown
 
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "demo" / "report.json"
 
 
-def _floats(o):
-    """report.json stores inf as the string "inf" (JSON has no literal for it)."""
-    if isinstance(o, dict):
-        return {k: _floats(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_floats(v) for v in o]
-    return float(o) if o in ("inf", "-inf", "nan") else o
-
-
 @pytest.fixture(scope="module")
 def report() -> dict:
-    return _floats(json.loads(REPORT.read_text()))
+    return read_json(REPORT)
 
 
 def test_too_few_samples_drop_the_fid_column_with_one_line_saying_where_it_is_measured(report):

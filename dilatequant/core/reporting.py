@@ -162,6 +162,18 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
 
 
+def read_json(path: str | Path) -> Any:
+    """What write_json wrote, with its "inf" / "-inf" / "nan" strings read back as floats."""
+    def floats(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: floats(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [floats(v) for v in o]
+        return float(o) if o in ("inf", "-inf", "nan") else o
+
+    return floats(json.loads(Path(path).read_text()))
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 

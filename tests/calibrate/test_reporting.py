@@ -1,3 +1,4 @@
+import math
 import os
 import stat
 import subprocess
@@ -5,7 +6,7 @@ import sys
 
 import pytest
 
-from dilatequant.core.reporting import atomic_write_bytes
+from dilatequant.core.reporting import atomic_write_bytes, read_json, write_json
 
 
 def test_atomic_write_has_plain_file_permissions_and_leaves_no_temp(tmp_path):
@@ -17,6 +18,15 @@ def test_atomic_write_has_plain_file_permissions_and_leaves_no_temp(tmp_path):
     assert p.read_bytes() == b"abc"
     assert stat.S_IMODE(p.stat().st_mode) == 0o644, "readable by a server running as another user"
     assert [f.name for f in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_json_keeps_inf_and_nan_through_a_round_trip(tmp_path):
+    p = write_json(tmp_path / "r.json", {"sqnr_db": [float("inf"), 31.5], "x": {"y": float("-inf"), "z": float("nan")},
+                                         "name": "inf-free"})
+    assert '"inf"' in p.read_text()  # JSON has no literal: stored as a string
+    r = read_json(p)
+    assert r["sqnr_db"] == [math.inf, 31.5] and r["x"]["y"] == -math.inf and math.isnan(r["x"]["z"])
+    assert r["name"] == "inf-free"
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
