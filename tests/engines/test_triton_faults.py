@@ -272,7 +272,7 @@ def test_a_deadline_that_expires_ends_in_one_line_naming_the_attempts(serve, tmp
     serve.wait_ready(60)  # a server still restarting would refuse the connection instead
     t = time.monotonic()
     code = call_cli(client_main, "--url", serve.url, "--label", 3, "--steps", 1000, "--timeout", 1,
-                         "--retries", 3, "--out", tmp_path / "x.png")
+                    "--retries", 3, "--out", tmp_path / "x.png")
     elapsed = time.monotonic() - t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err

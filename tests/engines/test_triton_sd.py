@@ -26,6 +26,7 @@ TIMEOUT_S = 120
 STEPS = 4
 PROMPT = "a handwritten digit seven"
 
+_cli = call_cli
 
 
 def _one_error(capsys, *needles) -> str:
@@ -179,20 +180,20 @@ def test_dq_client_prompt_writes_the_png(served, capsys):
 
     server, graph, tmp = served
     out = tmp / "client.png"
-    assert call_cli(client_main, "--url", server.http_url, "--prompt", PROMPT, "--seed", 3, "--steps", STEPS,
+    assert _cli(client_main, "--url", server.http_url, "--prompt", PROMPT, "--seed", 3, "--steps", STEPS,
                 "--out", out) == 0
     assert "1 image(s) 32x32" in capsys.readouterr().out
     png = np.array(Image.open(out))[::4, ::4]  # saved 4x enlarged
     np.testing.assert_array_equal(png, _dq_generate(graph, tmp, "client-ref", seed=3, steps=STEPS))
-    assert call_cli(client_main, "--url", server.http_url, "--prompt", PROMPT, "--size", "30x30", "--out", out) == 2
+    assert _cli(client_main, "--url", server.http_url, "--prompt", PROMPT, "--size", "30x30", "--out", out) == 2
     _one_error(capsys, "server rejected the request to 'pipeline'", "multiples of 16")
-    assert call_cli(client_main, "--url", server.http_url, "--prompt", PROMPT, "--label", 3, "--out", out) == 2
+    assert _cli(client_main, "--url", server.http_url, "--prompt", PROMPT, "--label", 3, "--out", out) == 2
     _one_error(capsys, "--prompt", "--label", "not both")
-    assert call_cli(client_main, "--url", server.http_url, "--label", 3, "--size", "32", "--out", out) == 2
+    assert _cli(client_main, "--url", server.http_url, "--label", 3, "--size", "32", "--out", out) == 2
     _one_error(capsys, "--size goes with --prompt")
-    assert call_cli(client_main, "--url", server.http_url, "--label", 3, "--out", out) == 2  # a class-label request
+    assert _cli(client_main, "--url", server.http_url, "--label", 3, "--out", out) == 2  # a class-label request
     _one_error(capsys, "unexpected inference input 'CLASS_LABELS'", "pass --prompt TEXT")
-    assert call_cli(client_main, "--url", server.grpc_url, "--protocol", "grpc", "--out", out) == 2  # no prompt at all
+    assert _cli(client_main, "--url", server.grpc_url, "--protocol", "grpc", "--out", out) == 2  # no prompt at all
     _one_error(capsys, "'PROMPT'", "pass --prompt TEXT")
 
 
@@ -234,11 +235,11 @@ def _with_metadata(graph, dest, **props):
 def test_other_pipeline_class_is_refused_in_one_line_and_nothing_is_written(sd_export, tmp_path, capsys):
     _, graph = sd_export
     flux = _with_metadata(graph, tmp_path / "flux.onnx", **{"dilatequant.pipeline_class": "FluxPipeline"})
-    assert call_cli(triton_main, "--onnx", flux, "--repo", tmp_path / "repo", "--kind", "cpu") == 2
+    assert _cli(triton_main, "--onnx", flux, "--repo", tmp_path / "repo", "--kind", "cpu") == 2
     _one_error(capsys, "'FluxPipeline'", "StableDiffusionPipeline and StableDiffusionXLPipeline")
     # an SDXL graph with an SD 1.x folder: the folder must be the pipeline class the graph was calibrated on
     xl = _with_metadata(graph, tmp_path / "xl.onnx", **{"dilatequant.pipeline_class": "StableDiffusionXLPipeline"})
-    assert call_cli(triton_main, "--onnx", xl, "--repo", tmp_path / "repo", "--kind", "cpu") == 2
+    assert _cli(triton_main, "--onnx", xl, "--repo", tmp_path / "repo", "--kind", "cpu") == 2
     _one_error(capsys, "is not a StableDiffusionXLPipeline folder", "--model FOLDER")
     assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo.*"))
 
@@ -248,19 +249,19 @@ def test_other_pipeline_weights_are_refused(sd_export, tmp_path, capsys):
 
     _, graph = sd_export
     other = save(tiny_sd2(), tmp_path / "tiny-sd2")
-    assert call_cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--model", other) == 2
+    assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--model", other) == 2
     _one_error(capsys, "calibrated on other weights", "--model FOLDER")
     unmarked = _with_metadata(graph, tmp_path / "unmarked.onnx", **{"dilatequant.fp_fingerprint": ""})
-    assert call_cli(triton_main, "--onnx", unmarked, "--repo", tmp_path / "repo", "--kind", "cpu", "--model", other) == 2
+    assert _cli(triton_main, "--onnx", unmarked, "--repo", tmp_path / "repo", "--kind", "cpu", "--model", other) == 2
     _one_error(capsys, "encoder_hidden_states is [16, 64] per sample", "makes [16, 32]")
-    assert call_cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--model",
+    assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--model",
                 tmp_path / "missing") == 2
     _one_error(capsys, "cannot load the pipeline folder", "--model FOLDER")
     (tmp_path / "other.pt").write_bytes(b"not the q.pt")
-    assert call_cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--ckpt",
+    assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--ckpt",
                 tmp_path / "other.pt") == 2
     _one_error(capsys, "is not the checkpoint this graph was exported from")
-    assert call_cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--ckpt",
+    assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu", "--ckpt",
                 tmp_path / "missing.pt") == 2
     _one_error(capsys, "does not exist")
     assert not (tmp_path / "repo").exists()
@@ -283,7 +284,7 @@ def test_a_failure_while_writing_leaves_nothing(sd_export, tmp_path, monkeypatch
 
 def test_cli_summary_names_the_prompt_models(sd_export, tmp_path, capsys):
     _, graph = sd_export
-    assert call_cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu") == 0
+    assert _cli(triton_main, "--onnx", graph, "--repo", tmp_path / "repo", "--kind", "cpu") == 0
     out = capsys.readouterr().out
     assert "prompts: text_encoder -> unet -> vae_decoder" in out
     header = (tmp_path / "repo" / "pipeline" / "config.pbtxt").read_text()
