@@ -26,11 +26,19 @@ from dilatequant.core.reporting import environment, write_json, write_text
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(cmd: str, cwd: Path, log: Path) -> float:
+def run_timed(cmd: str, cwd: Path, log: Path) -> tuple[float, int]:
+    """cmd in bash, its output appended to log: (wall seconds, exit status)."""
     start = time.perf_counter()
     with open(log, "ab") as f:
-        subprocess.run(["bash", "-c", cmd], cwd=cwd, check=True, stdout=f, stderr=subprocess.STDOUT)
-    return round(time.perf_counter() - start, 1)
+        rc = subprocess.run(["bash", "-c", cmd], cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
+    return round(time.perf_counter() - start, 1), rc
+
+
+def timed(cmd: str, cwd: Path, log: Path) -> float:
+    wall, rc = run_timed(cmd, cwd, log)
+    if rc:
+        raise SystemExit(f"error: `{cmd}` exited {rc}; its output is in {log}")
+    return wall
 
 
 def main() -> None:
@@ -90,16 +98,14 @@ def time_tests(command: str, work: Path) -> dict:
     clone, log = work / "repo-tests", work / "tests.txt"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     load_before = os.getloadavg()
-    start = time.perf_counter()
-    with open(log, "wb") as f:
-        rc = subprocess.run(["bash", "-c", command], cwd=clone, stdout=f, stderr=subprocess.STDOUT).returncode
-    wall = round(time.perf_counter() - start, 1)
+    wall, rc = run_timed(command, clone, log)
     text = log.read_text(errors="replace")
     summary = next((ln.strip("= ") for ln in reversed(text.splitlines()) if " passed" in ln and " in " in ln), "")
     took = re.search(r" in ([0-9.]+)s", summary)
+    pytest_s = float(took.group(1)) if took else None
     failed = [ln.strip() for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
-    return {"command": command, "exit": rc, "failed": failed, "wall_s": wall, "pytest_s": float(took.group(1)) if took else None,
-            "install_s": round(wall - float(took.group(1)), 1) if took else None, "summary": summary,
+    return {"command": command, "exit": rc, "failed": failed, "wall_s": wall, "pytest_s": pytest_s,
+            "install_s": round(wall - pytest_s, 1) if took else None, "summary": summary,
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 

@@ -5,9 +5,9 @@ graphs of every flavor on every run).
     python benchmarks/rtx_default_builds.py --out benchmarks/results/rtx_default_builds
 
 Runs, each in a fresh process: dq-calibrate W8A8 and W4A8 (--sym, PTQ: the builds need valid tables, not good
-ones), dq-export (int8, of the W8A8 q.pt), dq-export --precision int4 (of the W4A8 one), dq-export --fp16-from, then dq-build-engine --onnx G --engine P
-(no --backend: `auto` must pick TensorRT-RTX here) for each graph. Writes <out>/rtx_default_builds.{json,md}
-with each build's sidecar summary (backend, version, built without a GPU, targets, plan size, Q/DQ layers) and
+ones), dq-export (int8, of the W8A8 q.pt), dq-export --precision int4 (of the W4A8 one), dq-export --fp16-from,
+then dq-build-engine --onnx G --engine P (no --backend: `auto` must pick TensorRT-RTX here) for each graph. Writes
+<out>/rtx_default_builds.json and <out>/README.md with each build's sidecar summary (backend, version, built without a GPU, targets, plan size, Q/DQ layers) and
 wall time.
 """
 from __future__ import annotations
@@ -44,10 +44,10 @@ def main() -> None:
     cli = [sys.executable, "-m", "dilatequant.cli"]
     q, q4 = work / "q.pt", work / "q_w4a8.pt"
     graphs = {"int8": work / "unet.onnx", "int4": work / "unet_int4.onnx", "fp16": work / "unet_fp16.onnx"}
-    steps = {"calibrate": run([*cli, "calibrate", "--model", "default", "--bits", "W8A8", "--sym", "--steps", "10",
-                               "--calib-samples", "32", "--no-bkd", "--seed", "0", "--out", str(q)])}
-    steps["calibrate W4A8"] = run([*cli, "calibrate", "--model", "default", "--bits", "W4A8", "--sym", "--steps", "10",
-                                   "--calib-samples", "32", "--no-bkd", "--seed", "0", "--out", str(q4)])
+    steps = {}
+    for step, bits, ckpt in (("calibrate", "W8A8", q), ("calibrate W4A8", "W4A8", q4)):
+        steps[step] = run([*cli, "calibrate", "--model", "default", "--bits", bits, "--sym", "--steps", "10",
+                           "--calib-samples", "32", "--no-bkd", "--seed", "0", "--out", str(ckpt)])
     steps["export int8"] = run([*cli, "export", "--ckpt", str(q), "--onnx", str(graphs["int8"])])
     steps["export int4"] = run([*cli, "export", "--ckpt", str(q4), "--onnx", str(graphs["int4"]), "--precision",
                                  "int4"])

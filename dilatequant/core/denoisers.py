@@ -336,6 +336,12 @@ def family_of_pipeline(class_name: str) -> DenoiserFamily | None:
     return next((f for f in FAMILIES if class_name in f.pipeline_classes), None)
 
 
+def transformer_family_of_pipeline(class_name: str) -> DenoiserFamily | None:
+    """The diffusion-transformer family of a pipeline class; None for a UNet pipeline or an unknown class."""
+    family = family_of_pipeline(class_name)
+    return None if family is None or isinstance(family, UNetFamily) else family
+
+
 def model_class(name: str) -> type[nn.Module]:
     """A supported diffusers denoiser class by name (q.pt records it)."""
     import diffusers

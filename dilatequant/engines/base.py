@@ -57,10 +57,9 @@ class RunnerMetadata:
     def float_timesteps(self) -> bool:
         """A diffusion transformer's graph takes its scheduler's float timesteps (flow matching's 1000 sigma); a
         UNet's takes integers (diffusers' pipelines round them before the UNet: QuantizedUNet does)."""
-        from ..core.denoisers import UNetFamily, family_of_pipeline
+        from ..core.denoisers import transformer_family_of_pipeline
 
-        family = family_of_pipeline(self.pipeline_class) if self.pipeline_class else None
-        return family is not None and not isinstance(family, UNetFamily)
+        return bool(self.pipeline_class) and transformer_family_of_pipeline(self.pipeline_class) is not None
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)

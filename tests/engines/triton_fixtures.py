@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from dilatequant.calibrate.calibration_data import build_calibration_set
@@ -90,8 +91,6 @@ def tiny_sdxl_export(tmp_path_factory) -> tuple[Path, Path, Path]:
 def serve_prompt_pipeline(folder: Path, graph: Path, tmp: Path, request, pipeline_class: str, models: set[str]):
     """A real Triton server on the CPU prompt repository of this pipeline folder and graph, stopped after the
     module; the repository is checked for the pipeline class and its models first."""
-    import pytest
-
     from dilatequant.engines.triton.repository import RepositoryConfig, validate_repository, write_repository
     from dilatequant.engines.triton.server import TritonServer, unavailable_reason
 

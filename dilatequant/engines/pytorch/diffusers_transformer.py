@@ -16,7 +16,7 @@ from __future__ import annotations
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from ...core.denoisers import UNetFamily, family_of_pipeline, null_cache_context
+from ...core.denoisers import null_cache_context, transformer_family_of_pipeline
 from ...core.errors import UserError
 from ..base import Runner
 from .diffusers_unet import RunnerDenoiser
@@ -27,8 +27,8 @@ class QuantizedTransformer(RunnerDenoiser):
 
     def __init__(self, runner: Runner, config, pipeline_class: str) -> None:
         super().__init__(runner)
-        self.family = family_of_pipeline(pipeline_class)
-        if self.family is None or isinstance(self.family, UNetFamily):
+        self.family = transformer_family_of_pipeline(pipeline_class)
+        if self.family is None:
             raise UserError(f"'{pipeline_class}' has no diffusion transformer; use engines.pytorch.diffusers_unet")
         cfg = dict(config)
         if cfg.get("out_channels") == 2 * cfg.get("in_channels", 0):  # PixArt's learned sigma: the graph drops it
